@@ -1,0 +1,43 @@
+# Two entry points a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+PYTHON := $(VENV)/bin/python
+# The CPU build of torch 2.13.0 is on local disk here; an unpinned torch would pull GBs of CUDA.
+TORCH_SPEC ?= torch==2.13.0
+BUILD_LOCK := /tmp/mtgrpo-build.lock
+
+.PHONY: setup build demo test bench info clean
+
+$(VENV)/.torch-installed:
+	$(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.deps-installed: $(VENV)/.torch-installed pyproject.toml
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake
+	touch $@
+
+# Editable install without build isolation (build deps above); the native build lives in
+# build/<wheel tag>, so a rebuild after a C++ change is incremental. flock serialises
+# concurrent builds of the same tree.
+build: $(VENV)/.deps-installed
+	flock $(BUILD_LOCK) $(PIP) install -q --no-build-isolation -e ".[test]"
+
+setup: build
+
+demo: setup
+	$(VENV)/bin/mtgrpo demo
+
+test: setup
+	$(PYTHON) -m pytest -q tests
+
+bench: setup
+	$(VENV)/bin/mtgrpo bench all
+
+info: setup
+	$(VENV)/bin/mtgrpo info
+
+clean:
+	rm -rf build dist *.egg-info

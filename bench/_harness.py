@@ -1,0 +1,162 @@
+"""The one benchmark harness: timing, peak memory, bytes/s and CSV rows.
+
+Each case prints one JSON line and appends a CSV row to ``bench/results/<op>.csv``:
+op, case (shape), provider, device, median / p20 / p80 time (ms), achieved GB/s for the
+bytes the op must touch, peak memory above the inputs (MB), speedup vs ``torch_ref``
+measured in the same run, git sha and versions. Providers are named ``mtgrpo-<backend>``
+and ``torch_ref`` (the reference, imported from ``mtgrpo_core.reference``).
+Compare timings only as ratios taken in one run: absolute numbers move with the machine.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL, text=True
+        ).strip()
+    except Exception:
+        return "unknown"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], *, device: str = "cpu", warmup: int = 3, repeats: int = 15,
+            min_time_s: float = 0.0) -> tuple[float, float, float]:
+    """Median, p20 and p80 wall time of ``fn()`` in milliseconds, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * repeats:
+            break
+    times.sort()
+    q = statistics.quantiles(times, n=5) if len(times) >= 5 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
+
+
+def peak_memory_mb(fn: Callable[[], object], *, device: str = "cpu") -> float:
+    """Peak memory allocated by torch during ``fn()`` above what was live before, in MB.
+
+    CPU: replays the allocation/free events recorded by the torch profiler in time order
+    (memory owned by tensors, including autograd buffers and outputs created by the call).
+    CUDA: ``torch.cuda.max_memory_allocated`` relative to the memory allocated before.
+    """
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = []
+    for e in prof.events():
+        # frees (and allocations outside any op) are "[memory]" events; allocations made by
+        # an op are its self memory, so nested ops are not counted twice.
+        mem = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if mem:
+            events.append((e.time_range.start, mem))
+    events.sort()
+    cur = peak = 0
+    for _, mem in events:
+        cur += mem
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    provider: str
+    device: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float | None = None
+    peak_mb: float | None = None
+    speedup_vs_torch_ref: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def versions() -> dict:
+    v = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
+    try:
+        import mtgrpo_core
+
+        v["mtgrpo_core"] = mtgrpo_core.__version__
+    except Exception:  # pragma: no cover - the harness also runs on a broken install
+        pass
+    return v
+
+
+def emit(rows: list[Row], *, csv_name: str | None = None) -> None:
+    """Fill ``speedup_vs_torch_ref`` per case, print one JSON line per row, append the CSV."""
+    ref = {(r.case, r.device): r.median_ms for r in rows if r.provider == "torch_ref"}
+    sha, ver = git_sha(), versions()
+    for r in rows:
+        base = ref.get((r.case, r.device))
+        if base is not None and r.median_ms > 0:
+            r.speedup_vs_torch_ref = round(base / r.median_ms, 3)
+        d = asdict(r)
+        d.update({"git": sha, **ver})
+        print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}), flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{csv_name or rows[0].op}.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        cols = ["op", "case", "provider", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mb",
+                "speedup_vs_torch_ref", "extra", "git", "torch", "threads"]
+        if new:
+            w.writerow(cols)
+        for r in rows:
+            w.writerow([r.op, r.case, r.provider, r.device, f"{r.median_ms:.4f}", f"{r.p20_ms:.4f}",
+                        f"{r.p80_ms:.4f}", "" if r.gbps is None else f"{r.gbps:.3f}",
+                        "" if r.peak_mb is None else f"{r.peak_mb:.2f}",
+                        "" if r.speedup_vs_torch_ref is None else r.speedup_vs_torch_ref,
+                        json.dumps(r.extra), sha, ver["torch"], ver["threads"]])
+
+
+def memcpy_ms(nbytes: int, *, device: str = "cpu") -> float:
+    """Median time of copying ``nbytes`` (the bandwidth ceiling row)."""
+    src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    med, _, _ = time_fn(lambda: dst.copy_(src), device=device, warmup=3, repeats=20)
+    return med
+
+
+def quick() -> bool:
+    """MTGRPO_BENCH_QUICK=1 shrinks every benchmark (used by the test that runs them)."""
+    return os.environ.get("MTGRPO_BENCH_QUICK", "0") not in ("", "0")

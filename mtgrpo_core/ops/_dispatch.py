@@ -1,0 +1,96 @@
+"""The one place that picks a backend for an op.
+
+``backend="auto"`` picks the fastest backend that can run on the tensors' device and falls
+back quietly; an explicitly requested backend that cannot run raises ``RuntimeError`` with
+the reason. The environment variable ``MTGRPO_BACKEND`` replaces ``"auto"`` (never an
+explicit choice).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .. import _native
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# For each op: the backends it has, in order of preference for "auto".
+# "cpu" entries name the symbol of the C++ extension that implements it.
+_OPS: dict[str, dict[str, str | None]] = {}
+
+
+def register_op(op: str, *, triton: bool = False, cuda: str | None = None, cpu: str | None = None) -> None:
+    """Declare which backends ``op`` has. ``cuda``/``cpu`` name the extension symbols."""
+    _OPS[op] = {"triton": "triton" if triton else None, "cuda": cuda, "cpu": cpu}
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'mtgrpo_core[triton]')"
+    if device.type == "cuda":
+        return True, ""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return True, ""
+    return False, "triton needs CUDA tensors (or TRITON_INTERPRET=1 for the numpy interpreter)"
+
+
+def _usable(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
+    spec = _OPS[op]
+    if backend == "torch":
+        return True, ""
+    if backend == "triton":
+        if spec["triton"] is None:
+            return False, f"{op} has no triton backend"
+        return triton_usable(device)
+    if backend == "cuda":
+        if spec["cuda"] is None:
+            return False, f"{op} has no cuda backend"
+        if device.type != "cuda":
+            return False, "the cuda backend needs CUDA tensors"
+        if not _native.available() or not _native.native().BUILD_INFO["cuda_kernels_compiled"]:
+            return False, "the extension was built without CUDA kernels (no nvcc at build time)"
+        if not _native.has(spec["cuda"]):
+            return False, f"the extension lacks {spec['cuda']}"
+        return True, ""
+    if backend == "cpu":
+        if spec["cpu"] is None:
+            return False, f"{op} has no cpu (C++) backend"
+        if device.type != "cpu":
+            return False, "the cpu backend needs CPU tensors"
+        if not _native.has(spec["cpu"]):
+            return False, "the C++ extension is not built (run `make build`)"
+        return True, ""
+    raise AssertionError(backend)
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Return the backend that will run ``op`` for tensors on ``device``.
+
+    Raises
+    ------
+    ValueError
+        ``backend`` is not one of :data:`BACKENDS`.
+    RuntimeError
+        An explicitly requested backend cannot run here (the message says why).
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if op not in _OPS:
+        raise AssertionError(f"op {op!r} was not registered with the dispatcher")
+    if backend == "auto":
+        env = os.environ.get("MTGRPO_BACKEND", "auto")
+        if env not in BACKENDS:
+            raise ValueError(f"MTGRPO_BACKEND: expected one of {BACKENDS}, got {env!r}")
+        backend = env
+    if backend != "auto":
+        ok, why = _usable(op, backend, device)
+        if not ok:
+            raise RuntimeError(f"backend={backend!r} cannot run {op} here: {why}")
+        return backend
+    order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+    for cand in order:
+        if _usable(op, cand, device)[0]:
+            return cand
+    return "torch"
