@@ -1,2 +1,294 @@
+// Glue of the fused GRPO loss on the CPU: argument checks (ValueError naming the
+// argument), dtype dispatch, OpenMP over rows. The arithmetic is in mtgrpo/grpo_loss.h.
+#include "mtgrpo/grpo_loss.h"
+
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-void register_grpo_loss(pybind11::module_& m) {}
+
+#include <string>
+
+#include "common.h"
+
+namespace py = pybind11;
+using namespace mtgrpo;
+
+namespace {
+
+struct RowsArgs {
+  const void* lp;
+  const void* old;
+  const uint8_t* mk;
+  const void* ref;
+  const void* adv_tok;  // [N, T] token advantages (compute dtype) or null
+  const double* a_row;  // per-row advantage (or per-row multiplier of token advantages)
+  const double* w_row;  // per-row aggregation weight
+  int64_t T;
+  DType dt;
+  int kl;
+  bool tok_adv;
+  bool seq;
+  const LossParams* p;
+  void* grad;
+  double* rowstats;
+};
+
+template <typename In, typename C, int KL, bool TOK, bool SEQ>
+inline __attribute__((always_inline)) void rows_impl(const RowsArgs& A, int64_t r0, int64_t r1) {
+  const int64_t T = A.T;
+  for (int64_t i = r0; i < r1; ++i) {
+    const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
+    grpo_row<In, C, KL, TOK, SEQ>(
+        static_cast<const In*>(A.lp) + off, static_cast<const In*>(A.old) + off, A.mk + off,
+        A.ref ? static_cast<const In*>(A.ref) + off : nullptr,
+        TOK ? static_cast<const C*>(A.adv_tok) + off : nullptr, static_cast<C>(A.a_row[i]), T, *A.p,
+        static_cast<C>(A.w_row[i]), static_cast<C*>(A.grad) + off, A.rowstats + i * kRowStats);
+  }
+}
+
+template <typename In, typename C, int KL>
+inline __attribute__((always_inline)) void rows_kl(const RowsArgs& A, int64_t r0, int64_t r1) {
+  if (A.tok_adv) {
+    if (A.seq) rows_impl<In, C, KL, true, true>(A, r0, r1);
+    else rows_impl<In, C, KL, true, false>(A, r0, r1);
+  } else {
+    if (A.seq) rows_impl<In, C, KL, false, true>(A, r0, r1);
+    else rows_impl<In, C, KL, false, false>(A, r0, r1);
+  }
+}
+
+template <typename In, typename C>
+inline __attribute__((always_inline)) void rows_in(const RowsArgs& A, int64_t r0, int64_t r1) {
+  switch (A.kl) {
+    case 1: rows_kl<In, C, 1>(A, r0, r1); break;
+    case 2: rows_kl<In, C, 2>(A, r0, r1); break;
+    case 3: rows_kl<In, C, 3>(A, r0, r1); break;
+    default: rows_kl<In, C, 0>(A, r0, r1); break;
+  }
+}
+
+// The float path is compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks
+// the best the CPU has (GCC function multiversioning). Outside x86-64: one version.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MTGRPO_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define MTGRPO_CLONES
+#endif
+
+MTGRPO_CLONES void rows_float(const RowsArgs& A, int64_t r0, int64_t r1) {
+  switch (A.dt) {
+    case DType::F32: rows_in<float, float>(A, r0, r1); break;
+    case DType::BF16: rows_in<Bf16, float>(A, r0, r1); break;
+    case DType::F16: rows_in<F16, float>(A, r0, r1); break;
+    default: break;
+  }
+}
+
+void rows_double(const RowsArgs& A, int64_t r0, int64_t r1) { rows_in<double, double>(A, r0, r1); }
+
+DType parse_dtype(const std::string& s) {
+  if (s == "float32") return DType::F32;
+  if (s == "float64") return DType::F64;
+  if (s == "bfloat16") return DType::BF16;
+  if (s == "float16") return DType::F16;
+  fail("dtype: expected 'float32', 'float64', 'bfloat16' or 'float16', got '", s, "'");
+}
+
+size_t itemsize(DType d) { return d == DType::F64 ? 8 : (d == DType::F32 ? 4 : 2); }
+
+py::buffer_info check_2d(const py::array& a, const char* name, int64_t N, int64_t T, size_t item) {
+  auto b = checked_buffer(a, name, 2);
+  if (b.shape[0] != N || b.shape[1] != T)
+    fail(name, ": expected shape [", N, ", ", T, "], got [", b.shape[0], ", ", b.shape[1], "]");
+  if (static_cast<size_t>(b.itemsize) != item) fail(name, ": expected ", item, "-byte elements, got ", b.itemsize);
+  return b;
+}
+
+py::buffer_info check_1d(const py::array& a, const char* name, int64_t N, size_t item) {
+  auto b = checked_buffer(a, name, 1);
+  if (b.shape[0] != N) fail(name, ": expected shape [", N, "], got [", b.shape[0], "]");
+  if (static_cast<size_t>(b.itemsize) != item) fail(name, ": expected ", item, "-byte elements, got ", b.itemsize);
+  return b;
+}
+
+template <typename R>
+void check_finite(const R* v, int64_t n, const char* name) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<double>(v[i]))) fail(name, ": non-finite value ", static_cast<double>(v[i]), " at index ", i);
+}
+
+// Group advantages alone (backend "cpu" of group_advantages).
+void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_out, py::array row_flat,
+                          py::array row_leader, const std::string& scale, double eps, bool unbiased,
+                          bool singleton_raw, double clip) {
+  auto rb = checked_buffer(rewards, "rewards", 1);
+  const int64_t N = rb.shape[0];
+  auto gb = check_1d(group_ids, "group_ids", N, 8);
+  auto ab = check_1d(adv_out, "adv_out", N, 8);
+  auto fb = check_1d(row_flat, "row_flat", N, 1);
+  auto lb = check_1d(row_leader, "row_leader", N, 1);
+  AdvParams ap;
+  if (scale == "group") ap.scale = AdvScale::Group;
+  else if (scale == "batch") ap.scale = AdvScale::Batch;
+  else if (scale == "none") ap.scale = AdvScale::None;
+  else fail("scale: expected 'group', 'batch' or 'none', got '", scale, "'");
+  if (!(eps >= 0.0) || !std::isfinite(eps)) fail("eps: expected a finite value >= 0, got ", eps);
+  if (!std::isfinite(clip)) fail("clip: expected a finite value (<= 0 for no clip), got ", clip);
+  ap.eps = eps; ap.unbiased = unbiased; ap.singleton_raw = singleton_raw; ap.clip = clip;
+  const auto* gid = static_cast<const int64_t*>(gb.ptr);
+  auto* adv = static_cast<double*>(ab.ptr);
+  auto* fl = static_cast<uint8_t*>(fb.ptr);
+  auto* ld = static_cast<uint8_t*>(lb.ptr);
+  if (rb.itemsize == 8 && rb.format == py::format_descriptor<double>::format()) {
+    check_finite(static_cast<const double*>(rb.ptr), N, "rewards");
+    py::gil_scoped_release nogil;
+    group_advantages(static_cast<const double*>(rb.ptr), gid, N, ap, adv, fl, ld);
+  } else if (rb.itemsize == 4 && rb.format == py::format_descriptor<float>::format()) {
+    check_finite(static_cast<const float*>(rb.ptr), N, "rewards");
+    py::gil_scoped_release nogil;
+    group_advantages(static_cast<const float*>(rb.ptr), gid, N, ap, adv, fl, ld);
+  } else {
+    fail("rewards: expected float32 or float64, got format '", rb.format, "'");
+  }
+}
+
+// Fused forward + backward. Inputs are C-contiguous arrays; outputs are preallocated:
+// grad[N, T] (compute dtype: float64 for float64 inputs, else float32), rowstats[N, 9]
+// float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given).
+void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
+                           py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
+                           const std::string& dtype, py::array grad, py::array rowstats, py::array adv_out,
+                           py::array row_flat, py::array row_leader,
+                           // advantage options (fused path)
+                           const std::string& adv_scale, double adv_eps, bool adv_unbiased, bool adv_singleton_raw,
+                           double adv_clip,
+                           // loss options
+                           double eps_low, double eps_high, double dual_clip, double ratio_cap, double kl_coef,
+                           int kl_estimator, bool seq_level, int loss_agg, double num_tokens, double norm_length,
+                           bool seq_count_all) {
+  const DType dt = parse_dtype(dtype);
+  const size_t item = itemsize(dt);
+  const size_t citem = dt == DType::F64 ? 8 : 4;
+  auto lb = checked_buffer(logprobs, "logprobs", 2);
+  const int64_t N = lb.shape[0], T = lb.shape[1];
+  if (static_cast<size_t>(lb.itemsize) != item) fail("logprobs: expected ", item, "-byte elements for ", dtype);
+  auto ob = check_2d(old_logprobs, "old_logprobs", N, T, item);
+  auto mb = check_2d(mask, "mask", N, T, 1);
+  auto gb = check_2d(grad, "grad", N, T, citem);
+  auto sb = checked_buffer(rowstats, "rowstats", 2);
+  if (sb.shape[0] != N || sb.shape[1] != kRowStats || sb.itemsize != 8)
+    fail("rowstats: expected float64 [", N, ", ", static_cast<int>(kRowStats), "]");
+  auto ab = check_1d(adv_out, "adv_out", N, 8);
+  auto fb = check_1d(row_flat, "row_flat", N, 1);
+  auto ldb = check_1d(row_leader, "row_leader", N, 1);
+
+  if (!(eps_low >= 0.0 && eps_low < 1.0)) fail("clip_eps_low: expected a value in [0, 1), got ", eps_low);
+  if (!(eps_high >= 0.0) || !std::isfinite(eps_high)) fail("clip_eps_high: expected a finite value >= 0, got ", eps_high);
+  if (!(dual_clip > 1.0)) fail("dual_clip: expected a value > 1 (inf for off), got ", dual_clip);
+  if (!(ratio_cap > 0.0)) fail("ratio_cap: expected a value > 0 (inf for off), got ", ratio_cap);
+  if (!std::isfinite(kl_coef)) fail("kl_coef: expected a finite value, got ", kl_coef);
+  if (kl_estimator < 0 || kl_estimator > 3) fail("kl_estimator: expected 0..3, got ", kl_estimator);
+  if (loss_agg < 0 || loss_agg > 3) fail("loss_agg: expected 0..3, got ", loss_agg);
+  if (!(num_tokens >= 0.0) || !std::isfinite(num_tokens)) fail("num_tokens: expected a finite value >= 0, got ", num_tokens);
+  if (!(norm_length >= 0.0) || !std::isfinite(norm_length)) fail("norm_length: expected a finite value >= 0, got ", norm_length);
+
+  LossParams p;
+  p.eps_low = eps_low; p.eps_high = eps_high; p.dual_clip = dual_clip; p.ratio_cap = ratio_cap;
+  p.kl_coef = kl_coef; p.kl_estimator = kl_estimator; p.seq_level = seq_level;
+  p.agg = static_cast<LossAgg>(loss_agg); p.num_tokens = num_tokens; p.norm_length = norm_length;
+  p.seq_count_all = seq_count_all;
+
+  const void* ref_ptr = nullptr;
+  if (kl_estimator > 0) {
+    if (ref_logprobs.is_none()) fail("ref_logprobs: required when kl_estimator > 0");
+    auto rb = check_2d(ref_logprobs.cast<py::array>(), "ref_logprobs", N, T, item);
+    ref_ptr = rb.ptr;
+  }
+
+  // Advantages: given ([N] or [N, T], compute dtype) or computed from rewards + group_ids.
+  auto* adv = static_cast<double*>(ab.ptr);
+  const void* adv_tok = nullptr;
+  bool tok_adv = false;
+  if (!advantages.is_none()) {
+    if (!rewards.is_none() || !group_ids.is_none())
+      fail("advantages: give either advantages or rewards + group_ids, not both");
+    auto a = advantages.cast<py::array>();
+    auto info = a.request();
+    if (info.ndim == 2) {
+      auto tb = check_2d(a, "advantages", N, T, citem);
+      adv_tok = tb.ptr;
+      tok_adv = true;
+      for (int64_t i = 0; i < N; ++i) adv[i] = 1.0;
+    } else {
+      auto vb = check_1d(a, "advantages", N, citem);
+      for (int64_t i = 0; i < N; ++i)
+        adv[i] = citem == 8 ? static_cast<const double*>(vb.ptr)[i] : static_cast<const float*>(vb.ptr)[i];
+    }
+    std::memset(fb.ptr, 0, static_cast<size_t>(N));
+    std::memset(ldb.ptr, 0, static_cast<size_t>(N));
+  } else {
+    if (rewards.is_none() || group_ids.is_none())
+      fail("rewards: advantages=None needs rewards and group_ids");
+    group_advantages_cpu(rewards.cast<py::array>(), group_ids.cast<py::array>(), adv_out, row_flat, row_leader,
+                         adv_scale, adv_eps, adv_unbiased, adv_singleton_raw, adv_clip);
+  }
+  if (!seq_weights.is_none()) {
+    auto wb = check_1d(seq_weights.cast<py::array>(), "seq_weights", N, citem);
+    for (int64_t i = 0; i < N; ++i) {
+      const double w = citem == 8 ? static_cast<const double*>(wb.ptr)[i] : static_cast<const float*>(wb.ptr)[i];
+      if (!std::isfinite(w)) fail("seq_weights: non-finite value at index ", i);
+      adv[i] *= w;
+    }
+  }
+
+  const auto* mk = static_cast<const uint8_t*>(mb.ptr);
+  auto* stats = static_cast<double*>(sb.ptr);
+  std::vector<double> w_row(static_cast<size_t>(N));
+  {
+    py::gil_scoped_release nogil;
+    // Pass 1: tokens per row (1 byte per token).
+    std::vector<double> row_tok(static_cast<size_t>(N));
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+      const uint8_t* m = mk + static_cast<size_t>(i) * static_cast<size_t>(T);
+      int64_t c = 0;
+#pragma omp simd reduction(+ : c)
+      for (int64_t t = 0; t < T; ++t) c += m[t] != 0;
+      row_tok[i] = static_cast<double>(c);
+    }
+    double total = 0.0, nonempty = 0.0;
+    for (int64_t i = 0; i < N; ++i) { total += row_tok[i]; nonempty += row_tok[i] > 0 ? 1.0 : 0.0; }
+    const double n_seq = seq_count_all ? static_cast<double>(N) : nonempty;
+    for (int64_t i = 0; i < N; ++i) w_row[i] = row_weight(p, row_tok[i], total, n_seq, T);
+
+    // Pass 2: the fused forward + backward, rows in parallel.
+    RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv, seq_level,
+               &p, gb.ptr, stats};
+    constexpr int64_t kChunk = 4;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
+      const int64_t r1 = std::min(N, r0 + kChunk);
+      if (dt == DType::F64) rows_double(A, r0, r1);
+      else rows_float(A, r0, r1);
+    }
+  }
+}
+
+}  // namespace
+
+void register_grpo_loss(py::module_& m) {
+  m.attr("GRPO_ROW_STATS") = static_cast<int>(kRowStats);
+  m.def("group_advantages_cpu", &group_advantages_cpu, py::arg("rewards"), py::arg("group_ids"), py::arg("adv_out"),
+        py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("scale") = "group", py::arg("eps") = 1e-6,
+        py::arg("unbiased") = true, py::arg("singleton_raw") = false, py::arg("clip") = 0.0,
+        "Group-relative advantages over ragged groups (float64 out).");
+  m.def("grpo_loss_fwd_bwd_cpu", &grpo_loss_fwd_bwd_cpu, py::arg("logprobs"), py::arg("old_logprobs"),
+        py::arg("mask"), py::arg("advantages"), py::arg("rewards"), py::arg("group_ids"), py::arg("seq_weights"),
+        py::arg("ref_logprobs"), py::arg("dtype"), py::arg("grad"), py::arg("rowstats"), py::arg("adv_out"),
+        py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("adv_scale") = "group",
+        py::arg("adv_eps") = 1e-6, py::arg("adv_unbiased") = true, py::arg("adv_singleton_raw") = false,
+        py::arg("adv_clip") = 0.0, py::arg("eps_low") = 0.2, py::arg("eps_high") = 0.2,
+        py::arg("dual_clip") = INFINITY, py::arg("ratio_cap") = INFINITY, py::arg("kl_coef") = 0.0,
+        py::arg("kl_estimator") = 0, py::arg("seq_level") = false, py::arg("loss_agg") = 0,
+        py::arg("num_tokens") = 0.0, py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false,
+        "Fused GRPO loss forward + backward on the CPU (see mtgrpo/grpo_loss.h).");
+}

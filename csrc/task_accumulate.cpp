@@ -1,3 +1,320 @@
-// Placeholder until the per-task accumulation op lands (issue 4); replaced by its glue.
+// pybind11 glue for the per-task masked sums (issue 4): argument checks, dtype dispatch,
+// the OpenMP loop of the C++ CPU path, the host twin of the CUDA kernels, and (when built
+// with nvcc) the CUDA entry points. The arithmetic is in csrc/include/mtgrpo/task_accumulate.h
+// and task_accumulate.cuh.
+//
+// CPU entry points take numpy arrays (bf16/fp16 values as 16-bit integer views + a value
+// type tag, masks as integer views + a mask kind) so every extent is checked here; CUDA
+// entry points take raw device pointers, sizes and a cudaStream_t as an integer.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
-void register_task_accumulate(pybind11::module_& m) {}
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+#include "mtgrpo/task_accumulate.h"
+
+namespace py = pybind11;
+using namespace mtgrpo::task_acc;
+using mtgrpo::fail;
+
+namespace {
+
+template <typename F>
+void dispatch_value(int value_type, F&& f) {
+  switch (value_type) {
+    case kF32: return f(std::integral_constant<int, kF32>{});
+    case kF64: return f(std::integral_constant<int, kF64>{});
+    case kBF16: return f(std::integral_constant<int, kBF16>{});
+    case kF16: return f(std::integral_constant<int, kF16>{});
+    default: fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
+  }
+}
+
+template <typename F>
+void dispatch_mask(int mask_kind, F&& f) {
+  switch (mask_kind) {
+    case kMaskU8: return f(std::integral_constant<int, kMaskU8>{});
+    case kMaskI16: return f(std::integral_constant<int, kMaskI16>{});
+    case kMaskI32: return f(std::integral_constant<int, kMaskI32>{});
+    case kMaskI64: return f(std::integral_constant<int, kMaskI64>{});
+    case kMaskH16: return f(std::integral_constant<int, kMaskH16>{});
+    case kMaskF32: return f(std::integral_constant<int, kMaskF32>{});
+    case kMaskF64: return f(std::integral_constant<int, kMaskF64>{});
+    default: fail("mask: unsupported mask kind ", mask_kind, " (expected 0..6)");
+  }
+}
+
+int value_bytes(int value_type) {
+  switch (value_type) {
+    case kF32: return 4;
+    case kF64: return 8;
+    case kBF16:
+    case kF16: return 2;
+    default: fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
+  }
+}
+
+int mask_bytes(int mask_kind) {
+  switch (mask_kind) {
+    case kMaskU8: return 1;
+    case kMaskI16:
+    case kMaskH16: return 2;
+    case kMaskI32:
+    case kMaskF32: return 4;
+    case kMaskI64:
+    case kMaskF64: return 8;
+    default: fail("mask: unsupported mask kind ", mask_kind, " (expected 0..6)");
+  }
+}
+
+void check_tasks(int64_t num_tasks) {
+  if (num_tasks < 1 || num_tasks > kMaxTasks)
+    fail("num_tasks: expected 1 <= num_tasks <= ", kMaxTasks, ", got ", num_tasks);
+}
+
+// values[N,T] (itemsize of the tag), mask[N,T] (itemsize of the kind), task_ids[N] int64 in [0,K).
+struct Inputs {
+  const void* values = nullptr;
+  const void* mask = nullptr;
+  const int64_t* task_ids = nullptr;
+  int64_t rows = 0, cols = 0;
+};
+
+void check_extent(int64_t rows, int64_t cols) {
+  if (cols > 0 && rows > kMaxElements / cols)
+    fail("values: ", rows, " x ", cols, " elements exceed the supported 2^36");
+}
+
+const int64_t* check_task_ids(const py::array& task_ids, int64_t rows, int64_t num_tasks) {
+  py::buffer_info b = mtgrpo::checked_buffer(task_ids, "task_ids", 1);
+  if (task_ids.dtype().kind() != 'i' || b.itemsize != 8) fail("task_ids: expected an int64 array");
+  if (b.shape[0] != rows) fail("task_ids: expected length ", rows, " (rows of values), got ", b.shape[0]);
+  const int64_t* ids = static_cast<const int64_t*>(b.ptr);
+  for (int64_t n = 0; n < rows; ++n) {
+    if (ids[n] < 0 || ids[n] >= num_tasks)
+      fail("task_ids: entry ", n, " is ", ids[n], ", expected a task id in [0, ", num_tasks, ")");
+  }
+  return ids;
+}
+
+Inputs check_inputs(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+                    const py::array& task_ids, int64_t num_tasks) {
+  check_tasks(num_tasks);
+  Inputs in;
+  py::buffer_info vb = mtgrpo::checked_buffer(values, "values", 2);
+  if (vb.itemsize != value_bytes(value_type))
+    fail("values: itemsize ", vb.itemsize, " does not match value type tag ", value_type);
+  py::buffer_info mb = mtgrpo::checked_buffer(mask, "mask", 2);
+  if (mb.itemsize != mask_bytes(mask_kind))
+    fail("mask: itemsize ", mb.itemsize, " does not match mask kind ", mask_kind);
+  if (mb.shape[0] != vb.shape[0] || mb.shape[1] != vb.shape[1])
+    fail("mask: expected shape [", vb.shape[0], ", ", vb.shape[1], "] like values, got [", mb.shape[0], ", ",
+         mb.shape[1], "]");
+  in.rows = vb.shape[0];
+  in.cols = vb.shape[1];
+  check_extent(in.rows, in.cols);
+  in.values = vb.ptr;
+  in.mask = mb.ptr;
+  in.task_ids = check_task_ids(task_ids, in.rows, num_tasks);
+  return in;
+}
+
+template <typename Acc>
+py::array_t<Acc> new_vector(int64_t n) {
+  return py::array_t<Acc>(py::ssize_t(n));
+}
+
+// The C++ CPU path: blocks of the plan on OpenMP threads, partials combined in block order.
+py::tuple task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+                              const py::array& task_ids, int64_t num_tasks, int threads) {
+  Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
+  const int K = int(num_tasks);
+  py::object sums_obj, counts_obj;
+  dispatch_value(value_type, [&](auto vt) {
+    constexpr int VT = decltype(vt)::value;
+    using Acc = typename ValueTraits<VT>::acc;
+    using VS = typename ValueTraits<VT>::storage;
+    auto sums = new_vector<Acc>(K);
+    auto counts = new_vector<int64_t>(K);
+    Acc* sums_ptr = sums.mutable_data();
+    int64_t* counts_ptr = counts.mutable_data();
+    dispatch_mask(mask_kind, [&](auto mk) {
+      constexpr int MK = decltype(mk)::value;
+      using MS = typename MaskTraits<MK>::storage;
+      py::gil_scoped_release nogil;
+      const Plan p = make_plan(in.rows, in.cols, K);
+      std::vector<Acc> part_sums(size_t(p.blocks) * K);
+      std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
+      const auto* v = static_cast<const VS*>(in.values);
+      const auto* m = static_cast<const MS*>(in.mask);
+      const int nt = threads > 0 ? threads : mtgrpo::num_threads();
+      (void)nt;
+#ifdef MTGRPO_WITH_OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
+#endif
+      for (int64_t b = 0; b < p.blocks; ++b) {
+        block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
+                                   part_counts.data() + size_t(b) * K);
+      }
+      combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr, counts_ptr);
+    });
+    sums_obj = std::move(sums);
+    counts_obj = std::move(counts);
+  });
+  return py::make_tuple(sums_obj, counts_obj);
+}
+
+// The host twin of the CUDA kernels (scalar, single thread).
+py::tuple task_masked_sum_twin(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+                               const py::array& task_ids, int64_t num_tasks) {
+  Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
+  const int K = int(num_tasks);
+  py::object sums_obj, counts_obj;
+  dispatch_value(value_type, [&](auto vt) {
+    constexpr int VT = decltype(vt)::value;
+    using Acc = typename ValueTraits<VT>::acc;
+    using VS = typename ValueTraits<VT>::storage;
+    auto sums = new_vector<Acc>(K);
+    auto counts = new_vector<int64_t>(K);
+    Acc* sums_ptr = sums.mutable_data();
+    int64_t* counts_ptr = counts.mutable_data();
+    dispatch_mask(mask_kind, [&](auto mk) {
+      constexpr int MK = decltype(mk)::value;
+      using MS = typename MaskTraits<MK>::storage;
+      py::gil_scoped_release nogil;
+      task_masked_sum_twin<VT, MK>(static_cast<const VS*>(in.values), static_cast<const MS*>(in.mask),
+                                   in.task_ids, in.rows, in.cols, K, sums_ptr, counts_ptr);
+    });
+    sums_obj = std::move(sums);
+    counts_obj = std::move(counts);
+  });
+  return py::make_tuple(sums_obj, counts_obj);
+}
+
+// Backward on the CPU: out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, written in place into
+// `out` (a view of the torch gradient), elements of 2, 4 or 8 bytes.
+void task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind, const py::array& task_ids,
+                            const py::array& table, int threads) {
+  py::buffer_info ob = mtgrpo::checked_buffer(out, "out", 2);
+  if (ob.readonly) fail("out: expected a writable array");
+  py::buffer_info tb = mtgrpo::checked_buffer(table, "table", 1);
+  const int64_t K = tb.shape[0];
+  check_tasks(K);
+  if (tb.itemsize != ob.itemsize) fail("table: itemsize ", tb.itemsize, " differs from out's ", ob.itemsize);
+  py::buffer_info mb = mtgrpo::checked_buffer(mask, "mask", 2);
+  if (mb.itemsize != mask_bytes(mask_kind))
+    fail("mask: itemsize ", mb.itemsize, " does not match mask kind ", mask_kind);
+  if (mb.shape[0] != ob.shape[0] || mb.shape[1] != ob.shape[1])
+    fail("mask: expected shape [", ob.shape[0], ", ", ob.shape[1], "] like out, got [", mb.shape[0], ", ",
+         mb.shape[1], "]");
+  const int64_t rows = ob.shape[0], cols = ob.shape[1];
+  const int64_t* ids = check_task_ids(task_ids, rows, K);
+  const int nt = threads > 0 ? threads : mtgrpo::num_threads();
+  (void)nt;
+  auto run = [&](auto es_tag) {
+    using ES = typename decltype(es_tag)::type;
+    dispatch_mask(mask_kind, [&](auto mk) {
+      constexpr int MK = decltype(mk)::value;
+      using MS = typename MaskTraits<MK>::storage;
+      py::gil_scoped_release nogil;
+      ES* o = static_cast<ES*>(ob.ptr);
+      const ES* tab = static_cast<const ES*>(tb.ptr);
+      const MS* m = static_cast<const MS*>(mb.ptr);
+#ifdef MTGRPO_WITH_OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (rows * cols >= 32768)
+#endif
+      for (int64_t n = 0; n < rows; ++n)
+        weighted_grad_row_cpu<ES, MK>(o + n * cols, m + n * cols, cols, tab[ids[n]]);
+    });
+  };
+  switch (ob.itemsize) {
+    case 2: run(std::common_type<uint16_t>{}); break;
+    case 4: run(std::common_type<uint32_t>{}); break;
+    case 8: run(std::common_type<uint64_t>{}); break;
+    default: fail("out: element size must be 2, 4 or 8 bytes, got ", ob.itemsize);
+  }
+}
+
+py::dict task_masked_sum_plan(int64_t rows, int64_t cols, int64_t num_tasks) {
+  check_tasks(num_tasks);
+  if (rows < 0 || cols < 0) fail("values: negative extent ", rows, " x ", cols);
+  check_extent(rows, cols);
+  const Plan p = make_plan(rows, cols, int(num_tasks));
+  py::dict d;
+  d["seg_len"] = p.seg_len;
+  d["segs_per_row"] = p.segs_per_row;
+  d["units"] = p.units;
+  d["units_per_block"] = p.units_per_block;
+  d["blocks"] = p.blocks;
+  d["lanes"] = kLanes;
+  d["workspace_bytes_f32"] = workspace_bytes(p, 4);
+  d["workspace_bytes_f64"] = workspace_bytes(p, 8);
+  return d;
+}
+
+#ifdef MTGRPO_WITH_CUDA
+void task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr_t mask, int mask_kind,
+                          std::uintptr_t task_ids, int64_t rows, int64_t cols, int64_t num_tasks,
+                          std::uintptr_t sums, std::uintptr_t counts, std::uintptr_t workspace,
+                          int64_t workspace_bytes, std::intptr_t stream) {
+  check_tasks(num_tasks);
+  if (rows < 0 || cols < 0) fail("values: negative extent ", rows, " x ", cols);
+  check_extent(rows, cols);
+  value_bytes(value_type);
+  mask_bytes(mask_kind);
+  if (rows * cols > 0 && (values == 0 || mask == 0)) fail("values: null device pointer");
+  if (rows > 0 && task_ids == 0) fail("task_ids: null device pointer");
+  if (sums == 0 || counts == 0 || workspace == 0) fail("sums: null device pointer");
+  py::gil_scoped_release nogil;
+  cuda::masked_sum(reinterpret_cast<const void*>(values), value_type, reinterpret_cast<const void*>(mask),
+                   mask_kind, reinterpret_cast<const int64_t*>(task_ids), rows, cols, int(num_tasks),
+                   reinterpret_cast<void*>(sums), reinterpret_cast<int64_t*>(counts),
+                   reinterpret_cast<void*>(workspace), workspace_bytes, stream);
+}
+
+void task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr_t mask, int mask_kind,
+                             std::uintptr_t task_ids, std::uintptr_t table, int64_t rows, int64_t cols,
+                             int64_t num_tasks, std::intptr_t stream) {
+  check_tasks(num_tasks);
+  if (rows < 0 || cols < 0) fail("out: negative extent ", rows, " x ", cols);
+  check_extent(rows, cols);
+  mask_bytes(mask_kind);
+  if (rows * cols > 0 && (out == 0 || mask == 0 || task_ids == 0 || table == 0))
+    fail("out: null device pointer");
+  py::gil_scoped_release nogil;
+  cuda::weighted_grad(reinterpret_cast<void*>(out), elem_bytes, reinterpret_cast<const void*>(mask), mask_kind,
+                      reinterpret_cast<const int64_t*>(task_ids), reinterpret_cast<const void*>(table), rows,
+                      cols, int(num_tasks), stream);
+}
+#endif
+
+}  // namespace
+
+void register_task_accumulate(py::module_& m) {
+  m.attr("TASK_ACC_MAX_TASKS") = kMaxTasks;
+  m.def("task_masked_sum_cpu", &task_masked_sum_cpu, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+        py::arg("mask_kind"), py::arg("task_ids"), py::arg("num_tasks"), py::arg("threads") = 0,
+        "Per-task masked sums on the CPU -> (sums[K] f32|f64, counts[K] int64). Deterministic for any "
+        "thread count; bit-identical to the host twin and the CUDA kernels.");
+  m.def("task_masked_sum_twin", &task_masked_sum_twin, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+        py::arg("mask_kind"), py::arg("task_ids"), py::arg("num_tasks"),
+        "Host twin of the CUDA kernels: their exact arithmetic, run serially on the CPU.");
+  m.def("task_weighted_grad_cpu", &task_weighted_grad_cpu, py::arg("out"), py::arg("mask"), py::arg("mask_kind"),
+        py::arg("task_ids"), py::arg("table"), py::arg("threads") = 0,
+        "out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, in place (2/4/8-byte elements).");
+  m.def("task_masked_sum_plan", &task_masked_sum_plan, py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
+        "The summation plan (units, blocks, workspace bytes) for an [rows, cols] input and K tasks.");
+#ifdef MTGRPO_WITH_CUDA
+  m.def("task_masked_sum_cuda", &task_masked_sum_cuda, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+        py::arg("mask_kind"), py::arg("task_ids"), py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
+        py::arg("sums"), py::arg("counts"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+        "Enqueue the per-task masked sum kernels (device pointers; stream = cudaStream_t as int).");
+  m.def("task_weighted_grad_cuda", &task_weighted_grad_cuda, py::arg("out"), py::arg("elem_bytes"),
+        py::arg("mask"), py::arg("mask_kind"), py::arg("task_ids"), py::arg("table"), py::arg("rows"),
+        py::arg("cols"), py::arg("num_tasks"), py::arg("stream"),
+        "Enqueue out[n,t] = mask[n,t] ? table[task_ids[n]] : 0 (device pointers).");
+#endif
+}

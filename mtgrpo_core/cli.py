@@ -64,6 +64,91 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import ConfigError, load_config
+    from .train.trainer import train
+
+    try:
+        if args.resume:
+            run_dir = Path(args.out or "runs/default")
+            saved = run_dir / "config.toml"
+            if not saved.exists():
+                raise ConfigError(f"--resume: {saved} not found (train into --out DIR first)")
+            cfg = load_config(saved, args.overrides, algo=args.algo, out=str(run_dir))
+        else:
+            cfg = load_config(args.config, args.overrides, algo=args.algo, out=args.out)
+    except ConfigError as e:
+        print(f"mtgrpo train: config error: {e}", file=sys.stderr)
+        return 2
+    con = _console()
+    con.print(f"[bold]mtgrpo train[/] algo={cfg.run.algo} suite={cfg.tasks.suite} out={cfg.run.out}"
+              f"{' (resume)' if args.resume else ''}")
+    summary = train(cfg, resume=args.resume, console=con)
+    if not args.no_report:
+        from .train.report import write_report
+
+        md = write_report(cfg.run.out)
+        con.print(f"report: {md}")
+    b, a = summary.get("before"), summary.get("after")
+    if b and a:
+        con.print(f"worst-task mean@k: {100 * b['worst_mean_at_k']:.1f}% -> {100 * a['worst_mean_at_k']:.1f}%  "
+                  f"average: {100 * b['avg_mean_at_k']:.1f}% -> {100 * a['avg_mean_at_k']:.1f}%")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.trainer import Trainer
+
+    run_dir = Path(args.run)
+    ck = run_dir / "checkpoint.pt"
+    if not ck.exists():
+        print(f"mtgrpo eval: no checkpoint at {ck}", file=sys.stderr)
+        return 2
+    overrides = list(args.overrides) + ([f"eval.n_items={args.n_items}"] if args.n_items else [])
+    cfg = load_config(run_dir / "config.toml", overrides, out=str(run_dir))
+    con = _console()
+    tr = Trainer(cfg, console=con)
+    st = tr.load_checkpoint(ck, full=False)
+    tr.step = int(st["step"])
+    ev = tr.evaluate(args.split, tag="cli")
+    tr._print_eval(ev, f"{run_dir} ({st['phase']})")
+    (run_dir / f"eval-{args.split}.json").write_text(json.dumps(ev, indent=2))
+    tr.suite.close()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .train.report import write_report
+
+    md = write_report(args.run, args.baseline)
+    print(md.read_text())
+    print(f"# written: {md} and plots in {md.parent}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .train.compare import run_compare
+    from .train.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides, out=args.out)
+    except ConfigError as e:
+        print(f"mtgrpo compare: config error: {e}", file=sys.stderr)
+        return 2
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    md = run_compare(cfg, args.out, algos=algos, seeds=list(range(args.seeds)), threshold=args.threshold,
+                     console=_console())
+    print(md)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mtgrpo", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -76,6 +161,33 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="the main job")
     s.set_defaults(fn=cmd_demo)
+    algos = ["grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro"]
+    s = sub.add_parser("train", help="train a policy (no arguments: the embedded CPU default)")
+    s.add_argument("--config", help="TOML config file (default: the embedded default.toml)")
+    s.add_argument("--algo", choices=algos)
+    s.add_argument("--out", help="run folder (metrics.jsonl, checkpoint.pt, report/)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--no-report", action="store_true", help="skip the plots and report.md at the end")
+    s.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. rl.steps=100 mtgrpo.lam=0.2")
+    s.set_defaults(fn=cmd_train)
+    s = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    s.add_argument("--run", required=True)
+    s.add_argument("--split", default="test", choices=["test", "train"])
+    s.add_argument("--n-items", type=int, default=0, help="items per task (default: the run's eval.n_items)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(fn=cmd_eval)
+    s = sub.add_parser("report", help="plots (PNG) + summary table from a run's metrics")
+    s.add_argument("--run", required=True)
+    s.add_argument("--baseline", help="a baseline run folder for the relative change")
+    s.set_defaults(fn=cmd_report)
+    s = sub.add_parser("compare", help="GRPO vs DAPO vs MT-GRPO (vs Prompt-GDRO), N seeds, same step budget")
+    s.add_argument("--config", help="TOML config (default: the embedded default)")
+    s.add_argument("--out", default="runs/compare")
+    s.add_argument("--algos", default="grpo,dapo,mtgrpo,prompt-gdro")
+    s.add_argument("--seeds", type=int, default=2)
+    s.add_argument("--threshold", type=float, default=None, help="worst-task accuracy to reach (0-1)")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.set_defaults(fn=cmd_compare)
     args = p.parse_args(argv)
     return int(args.fn(args) or 0)
 

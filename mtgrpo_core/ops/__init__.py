@@ -1,3 +1,8 @@
 """Public ops. Each module: Triton kernels + launchers + autograd.Function + public function."""
 
-__all__: list[str] = []
+from ..config import GRPOConfig
+from .grpo_loss import GRPOLoss, GRPOLossFunction, GRPOStats, group_advantages, grpo_loss
+from .linear_logprobs import LinearLogprobsFunction, fused_linear_grpo_loss, linear_logprobs
+
+__all__: list[str] = ["GRPOConfig", "GRPOLoss", "GRPOLossFunction", "GRPOStats", "group_advantages", "grpo_loss",
+            "LinearLogprobsFunction", "fused_linear_grpo_loss", "linear_logprobs"]

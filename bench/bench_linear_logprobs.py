@@ -1,0 +1,115 @@
+"""Benchmark: fused linear + log-prob (forward + backward) vs the naive full-logits reference.
+
+Case: M = 8192 tokens, H = 512, V = 32,000, fp32 on CPU (the issue's shape); grads wrt hidden and
+weight. Providers: ``torch_ref`` (the reference, imported), ``torch_ref-compile`` (torch.compile
+of it, when ``--compile`` is given: inductor's C++ build takes minutes on 2 cores), ``mtgrpo-cpu``
+(chunked path) and, on a GPU, ``mtgrpo-triton`` and ``torch_ref`` on CUDA (bf16).
+Prints one JSON line per row (harness) and a summary with peak memory in GB and the ratios.
+
+    python bench/bench_linear_logprobs.py            # the issue's case
+    python bench/bench_linear_logprobs.py --sweep    # chunk-size sweep of the chunked path
+    MTGRPO_BENCH_QUICK=1 python bench/bench_linear_logprobs.py   # tiny smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Row, emit, peak_memory_mb, quick, time_fn  # noqa: E402
+
+from mtgrpo_core.ops.linear_logprobs import linear_logprobs  # noqa: E402
+from mtgrpo_core.reference.linear_logprobs import linear_logprobs_ref  # noqa: E402
+
+OP = "linear_logprobs"
+
+
+def make_inputs(M, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(M, H, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) * H ** -0.5).to(device=device, dtype=dtype).requires_grad_()
+    y = torch.randint(0, V, (M,), generator=g).to(device)
+    return h, w, y
+
+
+def step_fn(fn, h, w, y, **kw):
+    def run():
+        h.grad = None
+        w.grad = None
+        lp = fn(h, w, y, **kw)
+        lp.sum().backward()
+        return None
+    return run
+
+
+def bench_case(M, H, V, dtype, device, *, compile_ref: bool, warmup: int, repeats: int):
+    h, w, y = make_inputs(M, H, V, dtype, device)
+    case = f"M={M},H={H},V={V},{str(dtype).replace('torch.', '')},fwd+bwd"
+    providers = [("torch_ref", step_fn(linear_logprobs_ref, h, w, y))]
+    if compile_ref:
+        compiled = torch.compile(linear_logprobs_ref, dynamic=False)
+        providers.append(("torch_ref-compile", step_fn(compiled, h, w, y)))
+    if device == "cuda":
+        providers.append(("mtgrpo-triton", step_fn(linear_logprobs, h, w, y, backend="triton")))
+    providers.append(("mtgrpo-cpu", step_fn(linear_logprobs, h, w, y, backend="cpu")))
+    rows = []
+    inputs_mb = (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20
+    for name, fn in providers:
+        med, p20, p80 = time_fn(fn, device=device, warmup=warmup, repeats=repeats)
+        peak = peak_memory_mb(fn, device=device)
+        flops = 8 * M * H * V if name.startswith("mtgrpo") else 6 * M * H * V
+        rows.append(Row(OP, case, name, device, med, p20, p80, peak_mb=peak,
+                        extra={"inputs_mb": round(inputs_mb, 1), "gflop": round(flops / 1e9, 1)}))
+    return rows
+
+
+def summary(rows):
+    ref = next(r for r in rows if r.provider == "torch_ref")
+    for r in rows:
+        print(f"# {r.device} {r.case} {r.provider:>18}: peak {r.peak_mb / 1024:.3f} GB above inputs "
+              f"(ref/this = {ref.peak_mb / max(r.peak_mb, 1e-9):.1f}x lower), "
+              f"time {r.median_ms / 1e3:.3f} s (this/ref = {r.median_ms / ref.median_ms:.2f}x)", flush=True)
+
+
+def sweep(M, H, V):
+    """Time fwd+bwd of the chunked path over chunk sizes (the numbers behind its defaults)."""
+    h, w, y = make_inputs(M, H, V, torch.float32, "cpu")
+    for ct in (128, 256, 512, 1024):
+        for cv in (V, 8192, 2048):
+            fn = step_fn(linear_logprobs, h, w, y, backend="cpu", chunk_tokens=ct, chunk_vocab=cv)
+            med, p20, p80 = time_fn(fn, warmup=1, repeats=3)
+            print(f"# sweep chunk_tokens={ct:5d} chunk_vocab={cv:6d}: {med / 1e3:.3f} s "
+                  f"(p20 {p20 / 1e3:.3f}, p80 {p80 / 1e3:.3f})", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sweep", action="store_true", help="chunk-size sweep of the chunked path")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    if quick():
+        M, H, V, warmup, repeats = 256, 64, 1000, 1, 3
+    else:
+        M, H, V, warmup, repeats = 8192, 512, 32000, 1, args.repeats
+    if args.sweep:
+        sweep(M, H, V)
+        return 0
+    rows = bench_case(M, H, V, torch.float32, "cpu", compile_ref=args.compile, warmup=warmup,
+                      repeats=repeats)
+    emit(rows, csv_name=OP)
+    summary(rows)
+    if torch.cuda.is_available():
+        M2, H2, V2 = (256, 64, 1000) if quick() else (16384, 4096, 151936)
+        rows = bench_case(M2, H2, V2, torch.bfloat16, "cuda", compile_ref=False, warmup=2,
+                          repeats=repeats)
+        emit(rows, csv_name=OP)
+        summary(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""Frozen hyperparameter dataclasses of the ops, validated once at construction."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+ADV_SCALES = ("group", "batch", "none")
+ADV_STDS = ("unbiased", "population")
+ADV_SINGLETONS = ("zero", "raw")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPORTANCE_LEVELS = ("token", "sequence")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+SEQ_COUNTS = ("nonempty", "all")
+
+
+def _choice(name: str, value, options) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def _number(name: str, value, *, lo=None, hi=None, lo_open=False, optional=False, integer=False) -> None:
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name}: expected {'an int' if integer else 'a number'}{' or None' if optional else ''}, "
+                        f"got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name}: expected {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}: expected <= {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    """Configuration of :func:`mtgrpo_core.grpo_loss` (ALGORITHMS.md section 1).
+
+    Defaults are PPO's symmetric clip (0.2 / 0.2, as verl and TRL), DAPO's token-mean
+    aggregation, per-group std scaling with the unbiased std, and no KL term.
+    ``seq_count`` chooses the sequence count of the seq-mean modes: "nonempty" excludes
+    fully masked rows (verl), "all" counts every row (TRL's grpo and dr_grpo).
+    """
+
+    adv_scale: str = "group"
+    adv_eps: float = 1e-6
+    adv_std: str = "unbiased"
+    adv_singleton: str = "zero"
+    adv_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: float | None = None
+    ratio_cap: float | None = None
+    importance_level: str = "token"
+    loss_agg: str = "token-mean"
+    num_tokens: int | None = None
+    norm_length: float | None = None
+    seq_count: str = "nonempty"
+
+    def __post_init__(self) -> None:
+        _choice("adv_scale", self.adv_scale, ADV_SCALES)
+        _number("adv_eps", self.adv_eps, lo=0.0)
+        _choice("adv_std", self.adv_std, ADV_STDS)
+        _choice("adv_singleton", self.adv_singleton, ADV_SINGLETONS)
+        _number("adv_clip", self.adv_clip, lo=0.0, lo_open=True, optional=True)
+        _number("kl_coef", self.kl_coef)
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _number("clip_eps_low", self.clip_eps_low, lo=0.0, hi=1.0)
+        if self.clip_eps_low >= 1.0:
+            raise ValueError(f"clip_eps_low: expected a value in [0, 1), got {self.clip_eps_low!r}")
+        _number("clip_eps_high", self.clip_eps_high, lo=0.0)
+        _number("dual_clip", self.dual_clip, lo=1.0, lo_open=True, optional=True)
+        _number("ratio_cap", self.ratio_cap, lo=0.0, lo_open=True, optional=True)
+        _choice("importance_level", self.importance_level, IMPORTANCE_LEVELS)
+        _choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        _number("num_tokens", self.num_tokens, lo=0, lo_open=True, optional=True, integer=True)
+        _number("norm_length", self.norm_length, lo=0.0, lo_open=True, optional=True)
+        _choice("seq_count", self.seq_count, SEQ_COUNTS)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

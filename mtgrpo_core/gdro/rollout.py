@@ -1,0 +1,332 @@
+"""Rollout-GDRO: the compute adversary that chooses rollouts per prompt (ALGORITHMS.md 3.3;
+Panaganti et al., arXiv 2601.19280).
+
+Each prompt of group b gets n in [n_min, n_max] rollouts (default [2, 12]); the total over
+the batch's P prompts is exactly T = n_mean * P whenever that is an integer in
+[P n_min, P n_max] (compute-neutral), otherwise round(T) clipped to the feasible range.
+
+``method="sqrt"`` (the paper's Thm 4.2 optimum): v_b = max(p_b (1 - p_b), var_floor) with
+p_b an EMA (``ema``) of group b's mean reward clipped to [0, 1] (v_b = 1/4 before the first
+observation); n_b* = c sqrt(v_b) clipped to the bounds, with c found exactly (water-filling
+over the breakpoints) so the clipped targets sum to T. Without clipping this is
+n_b* = n_mean sqrt(v_b) / sum_j q_j sqrt(v_j), q_j the share of prompts in group j. Integer
+rounding by largest remainder within the bounds, then an exact greedy repair of the total.
+
+``method="bandit"`` (the paper's online method): per group, exponential weights over the arms
+n in [n_min, n_max], p_b(n) = (1 - gamma) softmax(eta (J_b(n) - mu n)) + gamma / A, i.e. arm
+loss -J_b(n) + mu n (the paper's sign; the reference code flips it). J_b(n) is the share of
+group b's prompts whose n rollouts gave an informative group (rewards not all equal, so a
+non-zero GRPO advantage), an EMA per (group, arm) with rate ``arm_lr``; arms never tried
+start at the optimistic 1. The joint allocation maximises the prompts' joint log-probability
+sum_b count_b log p_b(n_b) subject to sum_b count_b n_b = T, by dynamic programming over
+groups (per prompt +-1 repair when no per-group choice hits T exactly). The shadow price is
+dual ascent on the budget: mu <- max(0, mu + mu_lr (demand - n_mean)), where demand is the
+mean rollouts per prompt the arms would pick on their own (E_{p_b}[n], weighted by the
+realised batch's groups). The reference code updates mu from the budget-matched plan, so mu
+never moves, and keeps the arm state it needs in a buffer that the next allocation
+overwrites; here ``update`` takes everything it needs as arguments.
+
+Diagnostic: :func:`weighted_standard_error` WSE = sum_b q_b sigma_b / sqrt(n_b).
+Cost: sqrt O(P + B^2); bandit O(B A T') for the DP with T' = P (n_mean - n_min) states
+(about 0.2 ms at P = 512, B = 11, A = 11).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..weighting._common import (GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int,
+                                 check_state, softmax)
+from .prompt_gdro import as_groups
+
+__all__ = ["RolloutAllocator", "weighted_standard_error"]
+
+
+def weighted_standard_error(q: Any, sigma: Any, n: Any) -> float:
+    """WSE = sum_b q_b sigma_b / sqrt(n_b) (float); q >= 0, sigma >= 0, n > 0, same lengths."""
+    q = as_vector("q", q)
+    sigma = as_vector("sigma", sigma, q.shape[0])
+    n = as_vector("n", n, q.shape[0])
+    if np.any(q < 0):
+        raise ValueError("q: expected non-negative shares")
+    if np.any(sigma < 0):
+        raise ValueError("sigma: expected non-negative standard deviations")
+    if np.any(n <= 0):
+        raise ValueError("n: expected positive rollout counts")
+    return float(np.sum(q * sigma / np.sqrt(n)))
+
+
+def _round_to_total(x: np.ndarray, total: int, lo: int, hi: int, priority: np.ndarray | None = None) -> np.ndarray:
+    """Integers n_i in [lo, hi] with sum exactly ``total`` (lo*P <= total <= hi*P), close to x.
+
+    Largest remainder on floor(x); then a greedy fix (add where x - n is largest, remove where
+    it is smallest) that also absorbs floating-point drift. Ties break by index (stable).
+    """
+    x = np.clip(x, lo, hi)
+    n = np.floor(x).astype(np.int64)
+    diff = int(total - n.sum())
+    if diff > 0:
+        room = np.flatnonzero(n < hi)
+        key = (x - n)[room] if priority is None else priority[room]
+        order = room[np.argsort(-key, kind="stable")]
+        while diff > 0:  # at most hi - lo passes; one pass suffices unless x drifted
+            take = order[: diff]
+            n[take] += 1
+            diff -= take.size
+            order = order[n[order] < hi]
+    elif diff < 0:
+        room = np.flatnonzero(n > lo)
+        key = (x - n)[room] if priority is None else -priority[room]
+        order = room[np.argsort(key, kind="stable")]
+        while diff < 0:
+            take = order[: -diff]
+            n[take] -= 1
+            diff += take.size
+            order = order[n[order] > lo]
+    return n
+
+
+class RolloutAllocator:
+    """Rollouts per prompt by difficulty group, at an exact mean budget.
+
+    Parameters
+    ----------
+    num_groups : int
+        G (``DifficultyClassifier.num_groups``).
+    n_min, n_max : int
+        Bounds on rollouts per prompt (2, 12).
+    n_mean : float
+        Mean budget per prompt (4), n_min <= n_mean <= n_max.
+    method : {"sqrt", "bandit"}
+    mu_lr : float
+        Shadow-price step (0.05).
+    eta, gamma : float
+        Exponential-weights step and exploration of the arm bandits (0.65, 0.01).
+    var_floor : float
+        Floor of v_b = p_b (1 - p_b) (0.01).
+    ema : float
+        EMA rate of p_b (0.1); the first observation initialises.
+    arm_lr : float
+        EMA rate of J_b(n) (0.3); the first observation initialises.
+    """
+
+    kind = "RolloutAllocator"
+
+    def __init__(self, num_groups: int, n_min: int = 2, n_max: int = 12, n_mean: float = 4, method: str = "sqrt",
+                 mu_lr: float = 0.05, eta: float = 0.65, gamma: float = 0.01, var_floor: float = 0.01,
+                 ema: float = 0.1, arm_lr: float = 0.3):
+        self.num_groups = check_positive_int("num_groups", num_groups)
+        self.n_min = check_positive_int("n_min", n_min)
+        self.n_max = check_positive_int("n_max", n_max)
+        if self.n_max < self.n_min:
+            raise ValueError(f"n_max: expected >= n_min = {self.n_min}, got {self.n_max}")
+        self.n_mean = check_float("n_mean", n_mean, self.n_min, self.n_max)
+        self.method = check_choice("method", method, ("sqrt", "bandit"))
+        self.mu_lr = check_float("mu_lr", mu_lr, 0.0)
+        self.eta = check_float("eta", eta, 0.0)
+        self.gamma = check_float("gamma", gamma, 0.0, 1.0)
+        self.var_floor = check_float("var_floor", var_floor, 0.0, 0.25, lo_open=True)
+        self.ema = check_float("ema", ema, 0.0, 1.0, lo_open=True)
+        self.arm_lr = check_float("arm_lr", arm_lr, 0.0, 1.0, lo_open=True)
+        self.arms = np.arange(self.n_min, self.n_max + 1)
+        A = self.arms.size
+        self.p = np.zeros(self.num_groups)              # EMA of mean reward per group
+        self.p_seen = np.zeros(self.num_groups, bool)
+        self.arm_value = np.ones((self.num_groups, A))  # J_b(n), optimistic start
+        self.arm_seen = np.zeros((self.num_groups, A), bool)
+        self.mu = 0.0
+        self.steps = 0
+        self.last_demand = float("nan")
+
+    # -- quantities ----------------------------------------------------------------------
+    def variances(self) -> np.ndarray:
+        """v_b (float64[G]): max(p_b (1 - p_b), var_floor); 1/4 for groups never observed."""
+        v = np.maximum(self.p * (1.0 - self.p), self.var_floor)
+        return np.where(self.p_seen, v, 0.25)
+
+    def arm_probs(self) -> np.ndarray:
+        """p_b(n) (float64[G, A]) over arms ``self.arms`` for every group."""
+        with np.errstate(over="ignore"):
+            x = np.clip(self.eta * (self.arm_value - self.mu * self.arms[None, :]), -GRAD_LIMIT, GRAD_LIMIT)
+        x = x - x.max(axis=1, keepdims=True)
+        e = np.exp(x)
+        sm = e / e.sum(axis=1, keepdims=True)
+        return (1.0 - self.gamma) * sm + self.gamma / self.arms.size
+
+    def budget(self, num_prompts: int) -> int:
+        """The exact total rollouts for ``num_prompts`` prompts."""
+        t = int(round(self.n_mean * num_prompts))
+        return min(max(t, self.n_min * num_prompts), self.n_max * num_prompts)
+
+    # -- allocation ----------------------------------------------------------------------
+    def allocate(self, groups_of_prompts: Any) -> np.ndarray:
+        """Rollouts per prompt (int64[P]), each in [n_min, n_max], sum == ``budget(P)``."""
+        g = as_groups("groups_of_prompts", groups_of_prompts, self.num_groups)
+        P = g.size
+        if P == 0:
+            return np.zeros(0, np.int64)
+        T = self.budget(P)
+        counts = np.bincount(g, minlength=self.num_groups)
+        if self.method == "sqrt":
+            target = self._sqrt_targets(counts, T)
+            # prompts of one group share a target; rounding then splits them floor/ceil
+            return _round_to_total(target[g], T, self.n_min, self.n_max)
+        per_group = self._bandit_plan(counts, T)
+        x = per_group[g].astype(np.float64)
+        if int((counts * per_group).sum()) == T:
+            return per_group[g].astype(np.int64)
+        # no per-group choice hits T: move single prompts, preferring the most probable
+        # neighbouring arm (priority = log-prob of n+1 minus log-prob of n)
+        lp = np.log(self.arm_probs())
+        idx = per_group[g] - self.n_min
+        up = np.where(idx + 1 < self.arms.size, lp[g, np.minimum(idx + 1, self.arms.size - 1)] - lp[g, idx], -np.inf)
+        return _round_to_total(x, T, self.n_min, self.n_max, priority=up)
+
+    def _sqrt_targets(self, counts: np.ndarray, T: int) -> np.ndarray:
+        """Real targets n_b = clip(c sqrt(v_b), n_min, n_max) with sum_b count_b n_b == T."""
+        s = np.sqrt(self.variances())
+        present = counts > 0
+        cnt, sp = counts[present].astype(np.float64), s[present]
+        lo, hi = float(self.n_min), float(self.n_max)
+
+        def f(c):  # total as a function of the scale (non-decreasing, piecewise linear)
+            return np.sum(cnt * np.clip(np.multiply.outer(np.atleast_1d(c), sp), lo, hi), axis=-1)
+
+        bps = np.unique(np.concatenate([lo / sp, hi / sp]))
+        vals = f(bps)
+        k = int(np.searchsorted(vals, T, side="left"))
+        if k == 0:
+            c = bps[0]
+        elif k >= bps.size:
+            c = bps[-1]
+        else:  # linear between bps[k-1] and bps[k]
+            c0, c1, f0, f1 = bps[k - 1], bps[k], vals[k - 1], vals[k]
+            c = c1 if f1 == f0 else c0 + (T - f0) * (c1 - c0) / (f1 - f0)
+        out = np.full(self.num_groups, float(self.n_mean))
+        out[present] = np.clip(c * sp, lo, hi)
+        return out
+
+    def _bandit_plan(self, counts: np.ndarray, T: int) -> np.ndarray:
+        """Per-group arm maximising sum_b count_b log p_b(n_b) with total as close to T as
+        reachable (exactly T when reachable), by DP over the excess over n_min."""
+        lp = np.log(self.arm_probs())
+        present = np.flatnonzero(counts > 0)
+        A = self.arms.size
+        E = T - self.n_min * int(counts.sum())          # excess over the all-n_min allocation
+        S = E + int(counts.max()) * (A - 1) + 1          # states 0..S-1 (room to overshoot)
+        S = min(S, int(counts.sum()) * (A - 1) + 1)
+        neg = -np.inf
+        dp = np.full(S, neg)
+        dp[0] = 0.0
+        choice = np.zeros((present.size, S), np.int16)
+        states = np.arange(S)
+        for j, b in enumerate(present):
+            c = int(counts[b])
+            src = states[None, :] - c * np.arange(A)[:, None]          # [A, S]
+            ok = src >= 0
+            cand = np.where(ok, dp[np.where(ok, src, 0)], neg) + c * lp[b][:, None]
+            choice[j] = np.argmax(cand, axis=0)
+            dp = cand[choice[j], states]
+        reach = np.flatnonzero(np.isfinite(dp))
+        best = reach[np.argmin(np.abs(reach - E) * 1.0 - 1e-12 * dp[reach])] if reach.size else 0
+        if E in reach:
+            best = E
+        plan = np.full(self.num_groups, int(round(self.n_mean)), np.int64)
+        s = int(best)
+        for j in range(present.size - 1, -1, -1):
+            a = int(choice[j, s])
+            plan[present[j]] = self.n_min + a
+            s -= int(counts[present[j]]) * a
+        return plan
+
+    # -- update --------------------------------------------------------------------------
+    def update(self, groups_of_prompts: Any, n: Any, rewards_per_prompt: Any) -> None:
+        """Fold one step's outcome in.
+
+        Parameters
+        ----------
+        groups_of_prompts : int[P]
+            Group of each prompt (as passed to ``allocate``).
+        n : int[P]
+            Rollouts each prompt actually got (the realised allocation).
+        rewards_per_prompt : list of P float arrays (lengths n) or one flat float[sum(n)] array
+            The prompts' rewards in prompt order.
+        """
+        g = as_groups("groups_of_prompts", groups_of_prompts, self.num_groups)
+        P = g.size
+        nn = np.asarray(n)
+        if nn.ndim != 1 or nn.shape[0] != P or (P and not np.issubdtype(nn.dtype, np.integer)):
+            raise ValueError(f"n: expected an integer array of length {P}, got dtype {nn.dtype} shape {nn.shape}")
+        if P and (nn.min() < 1):
+            raise ValueError(f"n: expected rollout counts >= 1, got min {nn.min()}")
+        if P == 0:
+            return
+        if isinstance(rewards_per_prompt, np.ndarray) and rewards_per_prompt.ndim == 1 \
+                and rewards_per_prompt.dtype != object:
+            flat = as_vector("rewards_per_prompt", rewards_per_prompt, int(nn.sum()))
+        else:
+            if not isinstance(rewards_per_prompt, Sequence) and not isinstance(rewards_per_prompt, np.ndarray):
+                raise ValueError("rewards_per_prompt: expected a list of arrays or a flat array")
+            if len(rewards_per_prompt) != P:
+                raise ValueError(f"rewards_per_prompt: expected {P} arrays, got {len(rewards_per_prompt)}")
+            lens = np.fromiter((len(r) for r in rewards_per_prompt), np.int64, P)
+            if not np.array_equal(lens, nn):
+                bad = int(np.flatnonzero(lens != nn)[0])
+                raise ValueError(f"rewards_per_prompt: prompt {bad} has {lens[bad]} rewards, n says {nn[bad]}")
+            flat = as_vector("rewards_per_prompt", np.concatenate([np.asarray(r, np.float64).ravel()
+                                                                  for r in rewards_per_prompt]))
+        starts = np.concatenate([[0], np.cumsum(nn)[:-1]])
+        mean_r = np.add.reduceat(flat, starts) / nn
+        informative = (np.maximum.reduceat(flat, starts) > np.minimum.reduceat(flat, starts)).astype(np.float64)
+        counts = np.bincount(g, minlength=self.num_groups).astype(np.float64)
+        present = counts > 0
+        # reward level per group (sqrt allocator's variance proxy)
+        pm = np.clip(np.bincount(g, weights=mean_r, minlength=self.num_groups) / np.maximum(counts, 1), 0.0, 1.0)
+        upd = (1.0 - self.ema) * self.p + self.ema * pm
+        self.p = np.where(present, np.where(self.p_seen, upd, pm), self.p)
+        self.p_seen |= present
+        if self.method == "bandit":
+            # price first, from the arms' own demand on this batch (before the arms move)
+            probs = self.arm_probs()
+            demand = float(np.dot(counts, probs @ self.arms) / P)
+            self.last_demand = demand
+            self.mu = max(0.0, self.mu + self.mu_lr * (demand - self.n_mean))
+            # arm values J_b(n) for the (group, n) pairs realised
+            inside = (nn >= self.n_min) & (nn <= self.n_max)
+            cell = g[inside] * self.arms.size + (nn[inside] - self.n_min)
+            size = self.num_groups * self.arms.size
+            cc = np.bincount(cell, minlength=size).astype(np.float64)
+            js = np.bincount(cell, weights=informative[inside], minlength=size)
+            obs = cc > 0
+            jm = np.where(obs, js / np.maximum(cc, 1), 0.0).reshape(self.num_groups, -1)
+            obs = obs.reshape(self.num_groups, -1)
+            val = (1.0 - self.arm_lr) * self.arm_value + self.arm_lr * jm
+            self.arm_value = np.where(obs, np.where(self.arm_seen, val, jm), self.arm_value)
+            self.arm_seen |= obs
+        self.steps += 1
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"type": self.kind, "num_groups": self.num_groups, "n_min": self.n_min, "n_max": self.n_max,
+                "n_mean": self.n_mean, "method": self.method, "mu_lr": self.mu_lr, "eta": self.eta,
+                "gamma": self.gamma, "var_floor": self.var_floor, "ema": self.ema, "arm_lr": self.arm_lr,
+                "p": self.p.tolist(), "p_seen": self.p_seen.tolist(), "arm_value": self.arm_value.tolist(),
+                "arm_seen": self.arm_seen.tolist(), "mu": self.mu, "steps": self.steps,
+                "last_demand": None if np.isnan(self.last_demand) else self.last_demand}
+
+    def load_state_dict(self, d: dict) -> None:
+        check_state(d, self.kind, num_groups=self.num_groups, n_min=self.n_min, n_max=self.n_max,
+                    method=self.method)
+        G, A = self.num_groups, self.arms.size
+        self.n_mean = check_float("state_dict['n_mean']", d["n_mean"], self.n_min, self.n_max)
+        self.p = as_vector("state_dict['p']", d["p"], G).copy()
+        self.p_seen = np.asarray(d["p_seen"], bool).reshape(G).copy()
+        av = np.asarray(d["arm_value"], np.float64)
+        if av.shape != (G, A) or not np.all(np.isfinite(av)):
+            raise ValueError(f"state_dict: arm_value must be finite with shape {(G, A)}")
+        self.arm_value = av.copy()
+        self.arm_seen = np.asarray(d["arm_seen"], bool).reshape(G, A).copy()
+        self.mu = check_float("state_dict['mu']", d["mu"], 0.0)
+        self.steps = int(d["steps"])
+        self.last_demand = float("nan") if d.get("last_demand") is None else float(d["last_demand"])

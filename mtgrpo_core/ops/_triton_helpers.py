@@ -1,0 +1,92 @@
+"""Shared ``@triton.jit`` pieces of the GRPO kernels: the clipped ratio surrogate, the KL
+estimators and the segment (group) statistics over a ragged label array.
+
+Imported only when triton is installed; every kernel file takes its helpers from here.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG_RATIO_CLAMP: tl.constexpr = 20.0
+KL_LOG_CLAMP: tl.constexpr = 20.0
+KL_VALUE_CLAMP: tl.constexpr = 10.0
+
+
+@triton.jit
+def clipped_surrogate(a, r, lo, hi, dual_clip):
+    """Per element: (loss, d loss / d ratio, dual clip active) of
+    max(-a r, -a clip(r, lo, hi)), then min(., -a c) where a < 0 (c = +inf disables it)."""
+    rc = tl.minimum(tl.maximum(r, lo), hi)
+    l1 = -a * r
+    l2 = -a * rc
+    use1 = l1 >= l2
+    loss = tl.where(use1, l1, l2)
+    dldr = tl.where(use1, -a, 0.0)
+    l3 = -a * dual_clip
+    dual = (a < 0) & (l3 < loss)
+    loss = tl.where(dual, l3, loss)
+    dldr = tl.where(dual, 0.0, dldr)
+    return loss, dldr, dual
+
+
+@triton.jit
+def kl_estimate(x, ref, KL: tl.constexpr):
+    """(kl, d kl / d logp) per token; KL = 1 (k1), 2 (k2), 3 (k3 with verl's clamps)."""
+    if KL == 1:
+        kl = x - ref
+        dkl = tl.full(x.shape, 1.0, tl.float32)
+    elif KL == 2:
+        v = x - ref
+        kl = 0.5 * v * v
+        dkl = v
+    else:
+        u = ref - x
+        uc = tl.minimum(tl.maximum(u, -KL_LOG_CLAMP), KL_LOG_CLAMP)
+        e = tl.exp(uc)
+        k3 = e - uc - 1.0
+        inside = (u >= -KL_LOG_CLAMP) & (u <= KL_LOG_CLAMP) & (k3 <= KL_VALUE_CLAMP) & (k3 >= -KL_VALUE_CLAMP)
+        kl = tl.minimum(tl.maximum(k3, -KL_VALUE_CLAMP), KL_VALUE_CLAMP)
+        dkl = tl.where(inside, 1.0 - e, 0.0)
+    return kl, dkl
+
+
+@triton.jit
+def segment_stats(REWARDS, GIDS, N, g, BLOCK_N: tl.constexpr):
+    """Over every i with GIDS[i] == g: (sum, count, min, max, lowest index) of REWARDS.
+    O(N) per call: a program computing its own row's group statistics scans the labels."""
+    s = tl.zeros([BLOCK_N], tl.float32)
+    c = tl.zeros([BLOCK_N], tl.float32)
+    lo = tl.full([BLOCK_N], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    first = tl.full([BLOCK_N], 2147483647, tl.int64)
+    for start in range(0, N, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        inb = offs < N
+        gg = tl.load(GIDS + offs, mask=inb, other=0)
+        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float32)
+        same = inb & (gg == g)
+        s += tl.where(same, rr, 0.0)
+        c += tl.where(same, 1.0, 0.0)
+        lo = tl.minimum(lo, tl.where(same, rr, float("inf")))
+        hi = tl.maximum(hi, tl.where(same, rr, float("-inf")))
+        first = tl.minimum(first, tl.where(same, offs.to(tl.int64), 2147483647))
+    return tl.sum(s, 0), tl.sum(c, 0), tl.min(lo, 0), tl.max(hi, 0), tl.min(first, 0)
+
+
+@triton.jit
+def segment_sq_dev(REWARDS, GIDS, N, g, mean, ALL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum of squared deviations from ``mean`` over the group g (or every element if ALL)."""
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs = start + tl.arange(0, BLOCK_N)
+        inb = offs < N
+        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float32)
+        if ALL:
+            sel = inb
+        else:
+            gg = tl.load(GIDS + offs, mask=inb, other=0)
+            sel = inb & (gg == g)
+        dv = rr - mean
+        acc += tl.where(sel, dv * dv, 0.0)
+    return tl.sum(acc, 0)

@@ -1,0 +1,274 @@
+"""Pure-PyTorch reference of the GRPO group advantage and clipped surrogate (the oracle).
+
+What it computes (ALGORITHMS.md section 1)
+------------------------------------------
+* ``group_advantages_ref``: per-group baseline ``A_i = (r_i - mean_g) / (std + eps)`` over
+  ragged groups identified by labels (any integers, any order), with "group" / "batch" /
+  "none" (Dr. GRPO) scaling, unbiased or population std, a policy for singleton groups and
+  an optional clip. Matches verl's ``compute_grpo_outcome_advantage`` (``singleton="raw"``
+  reproduces verl's mean 0 / std 1 convention for singletons) and TRL's ``scale_rewards``.
+* ``grpo_loss_ref``: the PPO-clip surrogate of DeepSeekMath's GRPO with DAPO's asymmetric
+  clip (clip-higher), verl's dual clip and log-ratio clamp, TRL's ratio cap (``delta``),
+  GSPO's sequence-level ratio, an optional KL penalty (k1 / k2 / k3 as verl's
+  ``kl_penalty``), and the four aggregation modes of verl's ``agg_loss``.
+
+Written for clarity, not speed: every intermediate is materialised ([N, T] tensors), so it
+reads about 10 [N, T] arrays and allocates as many; that cost is exactly what the fused
+kernels remove. It runs in float64 when given float64 inputs (the gold standard of the
+tests) and in float32 otherwise.
+
+Tie-breaking: ``torch.maximum`` splits the gradient of equal arguments; for the clipped
+surrogate both arguments then have the same derivative, so the kernels' choice of one
+branch gives the same gradient. Masked tokens take no part in the loss, its statistics
+or its gradient; the reference multiplies by the mask, so it needs finite values there.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import GRPOConfig
+
+LOG_RATIO_CLAMP = 20.0  # verl clamps log(pi/pi_old) to [-20, 20] before exp
+KL_LOG_CLAMP = 20.0  # verl's low_var_kl clamps (ref - logp) to [-20, 20]
+KL_VALUE_CLAMP = 10.0  # ... and the k3 value to [-10, 10]
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def group_structure(group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dense group index per element, group sizes, number of groups."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    return inverse, counts, int(counts.numel())
+
+
+def group_advantages_ref(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    scale: str = "group",
+    eps: float = 1e-6,
+    std: str = "unbiased",
+    singleton: str = "zero",
+    clip: float | None = None,
+) -> torch.Tensor:
+    """Group-relative advantages over ragged groups.
+
+    Parameters
+    ----------
+    rewards : Tensor[N], float
+        Scalar reward of each completion.
+    group_ids : Tensor[N], integer
+        Group label of each completion (the prompt it answers); any values, any order.
+    scale : {"group", "batch", "none"}
+        Divide by the group's std, the whole batch's std, or nothing (Dr. GRPO).
+    std : {"unbiased", "population"}
+        n - 1 (torch.std, verl) or n in the std's denominator.
+    singleton : {"zero", "raw"}
+        A group of one has advantage 0, or verl's mean 0 / std 1 convention.
+    clip : float or None
+        Clamp the advantages to [-clip, clip] after normalisation.
+
+    Returns
+    -------
+    Tensor[N] in float64 for float64 rewards, else float32. A group whose rewards are all
+    equal gets exactly 0.
+    """
+    dt = _compute_dtype(rewards)
+    r = rewards.to(dt)
+    inv, counts, g = group_structure(group_ids)
+    n = counts.to(dt)
+    mean = torch.zeros(g, dtype=dt, device=r.device).index_add_(0, inv, r) / n
+    dev = r - mean[inv]
+    ss = torch.zeros(g, dtype=dt, device=r.device).index_add_(0, inv, dev * dev)
+    ddof = 1.0 if std == "unbiased" else 0.0
+    gstd = torch.sqrt(ss / (n - ddof).clamp(min=1.0))
+    gmax = torch.full((g,), -torch.inf, dtype=dt, device=r.device).scatter_reduce(0, inv, r, "amax")
+    gmin = torch.full((g,), torch.inf, dtype=dt, device=r.device).scatter_reduce(0, inv, r, "amin")
+    single = counts == 1
+    if singleton == "raw":  # verl: mean 0, std 1 for a group of one
+        mean = torch.where(single, torch.zeros_like(mean), mean)
+        gstd = torch.where(single, torch.ones_like(gstd), gstd)
+        dev = r - mean[inv]
+    if scale == "group":
+        adv = dev / (gstd[inv] + eps)
+    elif scale == "batch":
+        nb = r.numel()
+        bstd = torch.std(r, correction=int(ddof)) if nb > ddof else torch.zeros((), dtype=dt, device=r.device)
+        adv = dev / (bstd + eps)
+    elif scale == "none":
+        adv = dev
+    else:
+        raise ValueError(f"scale: expected 'group', 'batch' or 'none', got {scale!r}")
+    flat = (gmax == gmin) & ~(single & (singleton == "raw"))  # zero-advantage groups
+    adv = torch.where(flat[inv], torch.zeros_like(adv), adv)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    return adv
+
+
+def zero_adv_group_flags(rewards: torch.Tensor, group_ids: torch.Tensor, singleton: str = "zero"):
+    """Per group: is every advantage 0 (all rewards equal)? Returns (flags[G], inverse[N])."""
+    inv, counts, g = group_structure(group_ids)
+    r = rewards.to(_compute_dtype(rewards))
+    gmax = torch.full((g,), -torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amax")
+    gmin = torch.full((g,), torch.inf, dtype=r.dtype, device=r.device).scatter_reduce(0, inv, r, "amin")
+    flat = gmax == gmin
+    if singleton == "raw":
+        flat = flat & (counts > 1)
+    return flat, inv
+
+
+def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate (verl's ``kl_penalty``: k1 "kl", k2 "mse", k3 "low_var_kl")."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs).square()
+    if estimator == "k3":
+        u = (ref_logprobs - logprobs).clamp(-KL_LOG_CLAMP, KL_LOG_CLAMP)
+        return (torch.exp(u) - u - 1.0).clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)
+    raise ValueError(f"kl_estimator: expected 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def grpo_loss_ref(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    *,
+    rewards: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
+    seq_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
+    config: GRPOConfig = GRPOConfig(),
+) -> tuple[torch.Tensor, dict]:
+    """Clipped GRPO surrogate, differentiable with respect to ``logprobs``.
+
+    Parameters
+    ----------
+    logprobs : Tensor[N, T]
+        Log-probabilities of the sampled tokens under the current policy.
+    old_logprobs : Tensor[N, T] or None
+        Under the behaviour policy; None means on-policy (``logprobs.detach()``).
+    mask : Tensor[N, T], bool or 0/1
+        Which tokens are completion tokens.
+    advantages : Tensor[N] or Tensor[N, T] or None
+        Given advantages, or None to compute them from ``rewards`` and ``group_ids``.
+    seq_weights : Tensor[N] or None
+        Multiplies each sequence's advantage (GDRO bin weights, task weights).
+    ref_logprobs : Tensor[N, T] or None
+        Reference-policy log-probs for the KL penalty (needed when ``config.kl_coef != 0``).
+    task_ids, num_tasks : per-task statistics.
+    config : GRPOConfig
+
+    Returns
+    -------
+    loss : 0-d Tensor
+    stats : dict with the fields of :class:`mtgrpo_core.GRPOStats`.
+    """
+    c = config
+    dt = _compute_dtype(logprobs)
+    lp = logprobs.to(dt)
+    old = lp.detach() if old_logprobs is None else old_logprobs.to(dt)
+    m = (mask != 0).to(dt)
+    n, t = lp.shape
+    row_tokens = m.sum(1)
+    total_tokens = row_tokens.sum()
+
+    if advantages is None:
+        adv = group_advantages_ref(rewards, group_ids, scale=c.adv_scale, eps=c.adv_eps, std=c.adv_std,
+                                   singleton=c.adv_singleton, clip=c.adv_clip)
+    else:
+        adv = advantages.to(dt)
+    if seq_weights is not None:
+        w = seq_weights.to(dt)
+        adv = adv * (w if adv.dim() == 1 else w[:, None])
+    a = adv[:, None] if adv.dim() == 1 else adv  # [N, 1] or [N, T]
+
+    d = (lp - old).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if c.importance_level == "sequence":  # GSPO: exp(mean over the sequence's tokens)
+        seq_log = (d * m).sum(1) / row_tokens.clamp(min=1.0)
+        log_ratio = seq_log[:, None].expand(n, t)
+    else:
+        log_ratio = d
+    ratio = torch.exp(log_ratio)
+    if c.ratio_cap is not None:
+        ratio = ratio.clamp(max=c.ratio_cap)
+    lo, hi = 1.0 - c.clip_eps_low, 1.0 + c.clip_eps_high
+    l_unclipped = -a * ratio
+    l_clipped = -a * ratio.clamp(lo, hi)
+    pg = torch.maximum(l_unclipped, l_clipped)
+    dual_active = torch.zeros_like(pg, dtype=torch.bool)
+    if c.dual_clip is not None:
+        l_dual = -a * c.dual_clip
+        dual_active = (a < 0) & (l_dual < pg)
+        pg = torch.where(a < 0, torch.minimum(pg, l_dual), pg)
+
+    token_loss = pg
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty_ref(lp, ref_logprobs.to(dt), c.kl_estimator)
+        if c.kl_coef != 0.0:
+            token_loss = pg + c.kl_coef * kl
+
+    seq_sum = (token_loss * m).sum(1)
+    if c.seq_count == "nonempty":
+        n_seq = (row_tokens > 0).sum().to(dt)
+    else:
+        n_seq = torch.tensor(float(n), dtype=dt, device=lp.device)
+    n_seq_safe = n_seq.clamp(min=1.0)
+    if c.loss_agg == "token-mean":
+        denom = torch.tensor(float(c.num_tokens), dtype=dt, device=lp.device) if c.num_tokens else total_tokens.clamp(min=1.0)
+        loss = (token_loss * m).sum() / denom
+    elif c.loss_agg == "seq-mean-token-mean":
+        loss = (seq_sum / row_tokens.clamp(min=1.0)).sum() / n_seq_safe
+    elif c.loss_agg == "seq-mean-token-sum":
+        loss = seq_sum.sum() / n_seq_safe
+    elif c.loss_agg == "seq-mean-token-sum-norm":
+        norm = float(c.norm_length) if c.norm_length is not None else float(t)
+        loss = seq_sum.sum() / (n_seq_safe * norm)
+    else:
+        raise ValueError(f"loss_agg: unknown mode {c.loss_agg!r}")
+
+    with torch.no_grad():
+        tok = total_tokens.clamp(min=1.0)
+        stats = {
+            "advantages": adv.detach(),
+            "per_sequence_loss": (pg * m).sum(1).detach() / row_tokens.clamp(min=1.0),
+            "clip_frac_low": (((ratio < lo) & (a < 0)).to(dt) * m).sum() / tok,
+            "clip_frac_high": (((ratio > hi) & (a > 0)).to(dt) * m).sum() / tok,
+            "dual_clip_frac": (dual_active.to(dt) * m).sum() / tok,
+            "ratio_mean": (ratio * m).sum() / tok,
+            "approx_kl": (-d * m).sum() / tok,
+            "ref_kl_mean": (kl * m).sum() / tok if kl is not None else torch.zeros((), dtype=dt, device=lp.device),
+            "num_tokens": total_tokens,
+        }
+        if group_ids is not None and rewards is not None:
+            flat, inv = zero_adv_group_flags(rewards, group_ids, c.adv_singleton)
+            stats["zero_adv_group_frac"] = flat.to(dt).mean()
+        else:  # no group structure known: share of sequences whose advantage is all zero
+            a_rows = adv if adv.dim() == 1 else adv.abs().amax(1)
+            stats["zero_adv_group_frac"] = (a_rows == 0).to(dt).mean() if n else torch.zeros((), dtype=dt)
+            flat = inv = None
+        if task_ids is not None:
+            k = int(num_tasks)
+            tid = task_ids.long()
+            stats["task_loss_sum"] = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, tid, stats["per_sequence_loss"])
+            stats["task_tokens"] = torch.zeros(k, dtype=torch.int64, device=lp.device).index_add_(0, tid, row_tokens.long())
+            stats["task_num_sequences"] = torch.bincount(tid, minlength=k)
+            if flat is not None:
+                first = torch.full((flat.numel(),), n, dtype=torch.long, device=lp.device).scatter_reduce(
+                    0, inv, torch.arange(n, device=lp.device), "amin")
+                gtask = tid[first]
+                ng = torch.bincount(gtask, minlength=k).to(dt)
+                nz = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, gtask, flat.to(dt))
+            else:
+                ng = stats["task_num_sequences"].to(dt)
+                a_rows = adv if adv.dim() == 1 else adv.abs().amax(1)
+                nz = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, tid, (a_rows == 0).to(dt))
+            stats["task_zero_adv_frac"] = torch.where(ng > 0, nz / ng.clamp(min=1.0), torch.zeros_like(nz))
+    return loss, stats

@@ -1,0 +1,523 @@
+"""Pure-Python reference of the ratio-preserving sampler (the oracle of the C++ core).
+
+What: MT-GRPO's ratio-preserving (RP) sampler with acceptance-aware sampling (AAS)
+(Ramesh et al., "Multi-Task GRPO", arXiv 2602.05547; spec: ALGORITHMS.md 2.3). A step
+builds a batch of ``B`` *accepted* prompts (prompts whose rollout group survived the
+zero-advantage filter) whose task counts follow the task weights ``z``.
+
+Algorithm (one step):
+
+1. targets ``n = apportion(z, B)``: largest-remainder rounding (default; sums to ``B``,
+   ``|n_k - z_k B| < 1``) or ``Multinomial(B, z)``.
+2. inflation ``m_k = min(1 / (1 - min(rho_k, 0.99)), acceptance_cap)`` from the
+   filtered-ratio EMA ``rho`` (``m = 1`` when ``acceptance_aware=False``).
+3. round 1 draws ``R = floor(oversample * B + 0.5)`` prompts split by ``apportion(z*m, R)``;
+   round ``r > 1`` splits ``R`` by ``apportion(deficit*m, R)``, ``deficit_k = max(n_k - c_k, 0)``
+   (``c_k`` = accepted so far); stop when no deficit is left or after ``max_rounds``.
+   A task never gets more than it has left undrawn this step; what it cannot take goes to
+   the others in proportion (water-filling).
+4. after each round the caller reports which prompts were accepted; when the round is
+   closed, ``rho_k <- d*rho_k + (1-d)*rejected_k/reported_k`` for each task with reports.
+5. ``finish``: per task ``min(c_k, n_k)`` accepted prompts uniformly at random (partial
+   Fisher-Yates over the accepted list in report order), then a uniform top-up from the
+   remaining accepted prompts of all tasks up to ``B``; shortfall = ``B - size``.
+
+Prompts come from a per-task lazy Fisher-Yates permutation (one epoch = one pass over the
+pool, reshuffled when exhausted); a step that wraps an epoch parks its earlier draws at the
+tail of the new epoch so no prompt is drawn twice in one step.
+
+Randomness: one PCG32 stream (O'Neill 2014, XSH-RR 64/32, stream constant
+``0xda3e39cb94b95bdb``), used through ``next_u32``, ``next_double`` (53 bits) and Lemire's
+``bounded(n)``; every call is made in the same order as the C++ core, and every float
+operation is a single IEEE double operation, so both give bit-identical batches.
+
+Cost: O(K) floats and O(R) integer work a round (Python loops: about 1-3 us a prompt);
+memory O(prompts touched in the current epoch). Use ``mtgrpo_core.sampling`` in practice.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
+STATE_FORMAT = "mtgrpo_core.RatioPreservingSampler/1"
+ROUNDINGS = ("largest-remainder", "multinomial")
+_UNREPORTED, _ACCEPTED, _REJECTED = 0, 1, 2
+
+
+class Pcg32:
+    """PCG32 (XSH-RR 64/32), seeded like ``pcg32_srandom_r(seed, 0xda3e39cb94b95bdb)``."""
+
+    MULT = 6364136223846793005
+    STREAM = 0xDA3E39CB94B95BDB
+
+    def __init__(self, seed: int = 0):
+        self.state = 0
+        self.inc = ((self.STREAM << 1) | 1) & _MASK64
+        self.next_u32()
+        self.state = (self.state + (seed & _MASK64)) & _MASK64
+        self.next_u32()
+
+    def next_u32(self) -> int:
+        old = self.state
+        self.state = (old * self.MULT + self.inc) & _MASK64
+        xorshifted = (((old >> 18) ^ old) >> 27) & _MASK32
+        rot = old >> 59
+        return ((xorshifted >> rot) | (xorshifted << ((32 - rot) & 31))) & _MASK32
+
+    def next_double(self) -> float:
+        a = self.next_u32() >> 5
+        b = self.next_u32() >> 6
+        return (a * 67108864.0 + b) * (1.0 / 9007199254740992.0)
+
+    def bounded(self, n: int) -> int:
+        """Uniform integer in [0, n), 1 <= n < 2**32 (Lemire's multiply-and-reject)."""
+        m = self.next_u32() * n
+        low = m & _MASK32
+        if low < n:
+            t = ((1 << 32) - n) % n
+            while low < t:
+                m = self.next_u32() * n
+                low = m & _MASK32
+        return m >> 32
+
+
+# ------------------------------------------------------------------------ validation
+def check_weights(weights, num_tasks: int, name: str = "weights") -> list[float]:
+    """Weights as a list of floats; ValueError naming ``name`` unless they are K finite
+    non-negative numbers summing to 1 within 1e-6."""
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a 1-d array of {num_tasks} floats, got {type(weights).__name__}") from None
+    if w.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-d array, got {w.ndim}-d")
+    if w.shape[0] != num_tasks:
+        raise ValueError(f"{name}: expected {num_tasks} entries (one per task), got {w.shape[0]}")
+    out = [float(x) for x in w]
+    s = 0.0
+    for k, x in enumerate(out):
+        if not math.isfinite(x):
+            raise ValueError(f"{name}[{k}] = {x} is not finite")
+        if x < 0.0:
+            raise ValueError(f"{name}[{k}] = {x} is negative")
+        s += x
+    if s == 0.0:
+        raise ValueError(f"{name}: all weights are zero; they must sum to 1")
+    if abs(s - 1.0) > 1e-6:
+        raise ValueError(f"{name}: must sum to 1 within 1e-6, got sum {s}")
+    return out
+
+
+def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
+    """Split ``total`` in proportion to ``w`` (non-negative, positive sum); see module doc."""
+    K = len(w)
+    S = 0.0
+    for x in w:  # left to right, like the C++ loop (not math.fsum / sum())
+        S += x
+    out = [0] * K
+    if total <= 0:
+        return out
+    if method == "largest-remainder":
+        rem = [0.0] * K
+        active = []
+        assigned = 0
+        for k in range(K):
+            if not w[k] > 0.0:
+                continue
+            x = (w[k] / S) * float(total)
+            f = math.floor(x)
+            out[k] = int(f)
+            rem[k] = x - f
+            assigned += out[k]
+            active.append(k)
+        left = total - assigned
+        order = sorted(active, key=lambda k: (-rem[k], k))
+        i = 0
+        while left > 0:
+            out[order[i % len(order)]] += 1
+            i += 1
+            left -= 1
+        return out
+    cum = []
+    c = 0.0
+    last = -1
+    for k in range(K):
+        c += w[k] / S
+        cum.append(c)
+        if w[k] > 0.0:
+            last = k
+    for _ in range(total):
+        u = rng.next_double()
+        k = bisect.bisect_right(cum, u)
+        if k >= K:
+            k = last
+        out[k] += 1
+    return out
+
+
+def target_counts_ref(weights, batch_size: int, method: str = "largest-remainder", seed: int = 0) -> np.ndarray:
+    """Reference of :func:`mtgrpo_core.sampling.target_counts` (int64[K], sums to B)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] == 0:
+        raise ValueError("weights: expected a non-empty 1-d array")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size: must be positive, got {batch_size}")
+    if method not in ROUNDINGS:
+        raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {method!r}")
+    ws = check_weights(w, w.shape[0])
+    return np.asarray(apportion(ws, int(batch_size), method, Pcg32(seed)), dtype=np.int64)
+
+
+# ------------------------------------------------------------------------ pools
+class LazyPermutation:
+    """Fisher-Yates over [0, n) performed one position at a time; only touched positions
+    are stored (``swaps``: position -> value)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.pos = 0
+        self.limit = n
+        self.epoch = 0
+        self.swaps: dict[int, int] = {}
+
+    def _get(self, p: int) -> int:
+        return self.swaps.get(p, p)
+
+    def draw(self, rng: Pcg32) -> int:
+        if self.pos >= self.limit:
+            raise RuntimeError("LazyPermutation.draw: no prompt left in this step (inconsistent state)")
+        i = self.pos
+        j = i + rng.bounded(self.limit - i)
+        vi, vj = self._get(i), self._get(j)
+        self.swaps[j] = vi
+        self.pos += 1
+        return vj
+
+    def new_epoch(self, parked: list[int]) -> None:
+        """Next epoch, with this step's earlier draws parked at the tail [n - d, n)."""
+        self.epoch += 1
+        self.pos = 0
+        self.swaps = {}
+        where: dict[int, int] = {}
+        for j, x in enumerate(parked):
+            t = self.n - 1 - j
+            v = self._get(t)
+            p = where.get(x, x)
+            self.swaps[t] = x
+            self.swaps[p] = v
+            where[v] = p
+            where[x] = t
+        self.limit = self.n - len(parked)
+
+    def export_swaps(self) -> list[tuple[int, int]]:
+        return sorted((p, v) for p, v in self.swaps.items() if p >= self.pos and v != p)
+
+
+# ------------------------------------------------------------------------ sampler
+@dataclass
+class BatchRef:
+    task_ids: np.ndarray
+    prompt_indices: np.ndarray
+    targets: np.ndarray
+    realized: np.ndarray
+    rounds: int
+    shortfall: int
+    num_drawn: int
+    num_accepted: int
+
+
+@dataclass
+class _Step:
+    z: list[float]
+    n: list[int]
+    m: list[float]
+    rounds: int = 0
+    round_open: bool = False
+    round_start: int = 0
+    rec_task: list[int] = field(default_factory=list)
+    rec_prompt: list[int] = field(default_factory=list)
+    rec_round: list[int] = field(default_factory=list)
+    rec_status: list[int] = field(default_factory=list)
+    index: dict = field(default_factory=dict)  # (task, prompt) -> record index
+    acc: list = field(default_factory=list)  # per task: accepted prompts in report order
+
+
+class RatioPreservingSamplerRef:
+    """Readable reference of :class:`mtgrpo_core.sampling.RatioPreservingSampler`.
+
+    Same constructor, methods and ``state_dict`` layout; ``next_round`` returns
+    ``(task_ids int32[R], prompt_indices int64[R])`` or ``None`` and ``finish`` a
+    :class:`BatchRef`. Same seed + same reports -> the same batches as the C++ core.
+    """
+
+    def __init__(self, pool_sizes, batch_size: int, *, oversample: float = 3.0, max_rounds: int = 10,
+                 acceptance_cap: float = 5.0, rho_decay: float = 0.9, rounding: str = "largest-remainder",
+                 seed: int = 0, acceptance_aware: bool = True):
+        ps = [int(x) for x in np.asarray(pool_sizes, dtype=np.int64).reshape(-1)]
+        if len(ps) == 0:
+            raise ValueError("pool_sizes: need at least one task, got 0")
+        for k, n in enumerate(ps):
+            if n < 0 or n > _MASK32:
+                raise ValueError(f"pool_sizes[{k}] = {n} is outside [0, 2**32 - 1]")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: must be positive, got {batch_size}")
+        if not (math.isfinite(oversample) and oversample > 0):
+            raise ValueError(f"oversample: must be a finite number > 0, got {oversample}")
+        if max_rounds < 1:
+            raise ValueError(f"max_rounds: must be >= 1, got {max_rounds}")
+        if not (math.isfinite(acceptance_cap) and acceptance_cap >= 1.0):
+            raise ValueError(f"acceptance_cap: must be a finite number >= 1, got {acceptance_cap}")
+        if not (math.isfinite(rho_decay) and 0.0 <= rho_decay < 1.0):
+            raise ValueError(f"rho_decay: must lie in [0, 1), got {rho_decay}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
+        r = math.floor(float(oversample) * float(batch_size) + 0.5)
+        if r > 2147483647:
+            raise ValueError(f"oversample: oversample * batch_size = {r} prompts a round is too many (max 2**31 - 1)")
+        if max(r, 1) * max_rounds > _MASK32:
+            raise ValueError("max_rounds: oversample * batch_size * max_rounds must stay below 2**32 prompts a step")
+        self.pool_sizes = ps
+        self.batch_size = int(batch_size)
+        self.oversample = float(oversample)
+        self.max_rounds = int(max_rounds)
+        self.acceptance_cap = float(acceptance_cap)
+        self.rho_decay = float(rho_decay)
+        self.rounding = rounding
+        self.acceptance_aware = bool(acceptance_aware)
+        self.round_size = max(1, int(r))
+        self.rng = Pcg32(int(seed))
+        self.rho = [0.0] * len(ps)
+        self.steps_done = 0
+        self.perms = [LazyPermutation(n) for n in ps]
+        self.step: _Step | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.pool_sizes)
+
+    @property
+    def filtered_ratios(self) -> np.ndarray:
+        return np.asarray(self.rho, dtype=np.float64)
+
+    def _require_step(self, what: str) -> _Step:
+        if self.step is None:
+            raise RuntimeError(f"{what}: no step in progress; call start_step(weights) first")
+        return self.step
+
+    def start_step(self, weights) -> None:
+        if self.step is not None:
+            raise RuntimeError("start_step: the previous step is not finished; call finish() first")
+        K = self.num_tasks
+        z = check_weights(weights, K)
+        for k in range(K):
+            if z[k] > 0.0 and self.pool_sizes[k] == 0:
+                raise ValueError(f"pool_sizes[{k}] is 0 but weights[{k}] = {z[k]} > 0: a task with weight needs prompts")
+        n = apportion(z, self.batch_size, self.rounding, self.rng)
+        m = [1.0] * K
+        if self.acceptance_aware:
+            m = [min(1.0 / (1.0 - min(r, 0.99)), self.acceptance_cap) for r in self.rho]
+        self.step = _Step(z=z, n=n, m=m, acc=[[] for _ in range(K)])
+
+    def _close_round(self, st: _Step) -> None:
+        if not st.round_open:
+            return
+        st.round_open = False
+        K = self.num_tasks
+        reported, rejected = [0] * K, [0] * K
+        for i in range(st.round_start, len(st.rec_task)):
+            s = st.rec_status[i]
+            if s != _UNREPORTED:
+                reported[st.rec_task[i]] += 1
+                rejected[st.rec_task[i]] += s == _REJECTED
+        d = self.rho_decay
+        for k in range(K):
+            if reported[k]:
+                frac = rejected[k] / reported[k]
+                self.rho[k] = d * self.rho[k] + (1.0 - d) * frac
+
+    def next_round(self):
+        st = self._require_step("next_round")
+        self._close_round(st)
+        if st.rounds >= self.max_rounds:
+            return None
+        K = self.num_tasks
+        if st.rounds == 0:
+            q = [st.z[k] * st.m[k] for k in range(K)]
+        else:
+            deficit = [max(st.n[k] - len(st.acc[k]), 0) for k in range(K)]
+            if sum(deficit) == 0:
+                return None
+            q = [float(deficit[k]) * st.m[k] for k in range(K)]
+        drawn = [0] * K
+        for t in st.rec_task:
+            drawn[t] += 1
+        cap = [self.pool_sizes[k] - drawn[k] for k in range(K)]
+        q = [q[k] if cap[k] > 0 else 0.0 for k in range(K)]
+        if not any(x > 0.0 for x in q):
+            return None
+        # water-filling: a task short of prompts gives what it has; the rest is re-split
+        alloc = [0] * K
+        left = self.round_size
+        while left > 0 and any(x > 0.0 for x in q):
+            part = apportion(q, left, self.rounding, self.rng)
+            over = [k for k in range(K) if q[k] > 0.0 and part[k] > cap[k]]
+            if not over:
+                for k in range(K):
+                    if q[k] > 0.0:
+                        alloc[k] = part[k]
+                break
+            for k in over:
+                alloc[k] = cap[k]
+                left -= cap[k]
+                q[k] = 0.0
+        st.round_start = len(st.rec_task)
+        for k in range(K):
+            P = self.perms[k]
+            for _ in range(alloc[k]):
+                if P.pos == P.n:  # epoch exhausted mid-step
+                    P.new_epoch([p for t, p in zip(st.rec_task, st.rec_prompt) if t == k])
+                p = P.draw(self.rng)
+                st.index[(k, p)] = len(st.rec_task)
+                st.rec_task.append(k)
+                st.rec_prompt.append(p)
+                st.rec_round.append(st.rounds)
+                st.rec_status.append(_UNREPORTED)
+        st.rounds += 1
+        st.round_open = True
+        return (np.asarray(st.rec_task[st.round_start:], dtype=np.int32),
+                np.asarray(st.rec_prompt[st.round_start:], dtype=np.int64))
+
+    def report(self, task_ids, prompt_indices, accepted) -> None:
+        st = self._require_step("report")
+        t = np.asarray(task_ids).reshape(-1)
+        p = np.asarray(prompt_indices).reshape(-1)
+        a = np.asarray(accepted).reshape(-1)
+        if p.shape[0] != t.shape[0]:
+            raise ValueError(f"prompt_indices: length {p.shape[0]} does not match task_ids length {t.shape[0]}")
+        if a.shape[0] != t.shape[0]:
+            raise ValueError(f"accepted: length {a.shape[0]} does not match task_ids length {t.shape[0]}")
+        K = self.num_tasks
+        seen = set()
+        idx = []
+        for i in range(t.shape[0]):
+            k, q, acc = int(t[i]), int(p[i]), int(a[i])
+            if not 0 <= k < K:
+                raise ValueError(f"task_ids[{i}] = {k} is outside [0, {K})")
+            if acc not in (0, 1):
+                raise ValueError(f"accepted[{i}] = {acc} is not a boolean")
+            r = st.index.get((k, q))
+            if r is None:
+                raise ValueError(f"prompt_indices[{i}] = {q} (task {k}) was not drawn in this step")
+            if r in seen or st.rec_status[r] != _UNREPORTED:
+                where = "earlier in this call" if r in seen else "in this step"
+                raise ValueError(f"prompt_indices[{i}] = {q} (task {k}) was already reported {where}")
+            seen.add(r)
+            idx.append(r)
+        for i, r in enumerate(idx):
+            if int(a[i]):
+                st.rec_status[r] = _ACCEPTED
+                st.acc[int(t[i])].append(int(p[i]))
+            else:
+                st.rec_status[r] = _REJECTED
+
+    def finish(self) -> BatchRef:
+        st = self._require_step("finish")
+        self._close_round(st)
+        K, B = self.num_tasks, self.batch_size
+        quota = [0] * K
+        for k in range(K):
+            a = st.acc[k]
+            c = len(a)
+            s = min(c, st.n[k])
+            for i in range(s):  # partial Fisher-Yates: a uniform s-subset
+                j = i + self.rng.bounded(c - i)
+                a[i], a[j] = a[j], a[i]
+            quota[k] = s
+        rest = [(k, p) for k in range(K) for p in st.acc[k][quota[k]:]]
+        t = min(B - sum(quota), len(rest))
+        for i in range(t):
+            j = i + self.rng.bounded(len(rest) - i)
+            rest[i], rest[j] = rest[j], rest[i]
+        tasks, prompts = [], []
+        for k in range(K):
+            picked = st.acc[k][:quota[k]] + [p for kk, p in rest[:t] if kk == k]
+            tasks += [k] * len(picked)
+            prompts += picked
+        realized = np.bincount(np.asarray(tasks, dtype=np.int64), minlength=K).astype(np.int64)
+        batch = BatchRef(task_ids=np.asarray(tasks, dtype=np.int32), prompt_indices=np.asarray(prompts, dtype=np.int64),
+                         targets=np.asarray(st.n, dtype=np.int64), realized=realized, rounds=st.rounds,
+                         shortfall=B - len(tasks), num_drawn=len(st.rec_task),
+                         num_accepted=sum(len(a) for a in st.acc))
+        for P in self.perms:
+            P.limit = P.n
+        self.step = None
+        self.steps_done += 1
+        return batch
+
+    # -------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        K = self.num_tasks
+        sw = [(k, p, v) for k in range(K) for p, v in self.perms[k].export_swaps()]
+        st = self.step
+        i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+        d = {
+            "format": STATE_FORMAT, "pool_sizes": i64(self.pool_sizes), "batch_size": self.batch_size,
+            "oversample": self.oversample, "max_rounds": self.max_rounds, "acceptance_cap": self.acceptance_cap,
+            "rho_decay": self.rho_decay, "rounding": self.rounding, "acceptance_aware": self.acceptance_aware,
+            "rng_state": self.rng.state, "rng_inc": self.rng.inc, "rho": np.asarray(self.rho, dtype=np.float64),
+            "steps_done": self.steps_done,
+            "perm_epoch": i64([P.epoch for P in self.perms]), "perm_pos": i64([P.pos for P in self.perms]),
+            "perm_limit": i64([P.limit for P in self.perms]),
+            "swap_task": i64([x[0] for x in sw]), "swap_pos": i64([x[1] for x in sw]), "swap_val": i64([x[2] for x in sw]),
+            "step_active": st is not None,
+        }
+        if st is None:
+            st = _Step(z=[], n=[], m=[], acc=[[] for _ in range(K)])
+        d.update({
+            "step_weights": np.asarray(st.z, dtype=np.float64), "step_inflation": np.asarray(st.m, dtype=np.float64),
+            "step_targets": i64(st.n), "step_rounds": st.rounds, "round_open": st.round_open,
+            "round_start": st.round_start, "rec_task": np.asarray(st.rec_task, dtype=np.int32),
+            "rec_prompt": i64(st.rec_prompt), "rec_round": np.asarray(st.rec_round, dtype=np.int32),
+            "rec_status": np.asarray(st.rec_status, dtype=np.int8),
+            "acc_task": np.asarray([k for k in range(K) for _ in st.acc[k]], dtype=np.int32),
+            "acc_prompt": i64([p for k in range(K) for p in st.acc[k]]),
+        })
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore a state from either implementation (light checks; the C++ core checks all)."""
+        if d.get("format") != STATE_FORMAT:
+            raise ValueError(f"state_dict['format']: expected {STATE_FORMAT!r}")
+        if [int(x) for x in d["pool_sizes"]] != self.pool_sizes:
+            raise ValueError("state_dict['pool_sizes']: does not match this sampler's pool_sizes")
+        new = RatioPreservingSamplerRef(
+            self.pool_sizes, int(d["batch_size"]), oversample=float(d["oversample"]), max_rounds=int(d["max_rounds"]),
+            acceptance_cap=float(d["acceptance_cap"]), rho_decay=float(d["rho_decay"]), rounding=str(d["rounding"]),
+            acceptance_aware=bool(d["acceptance_aware"]))
+        new.rng.state, new.rng.inc = int(d["rng_state"]), int(d["rng_inc"])
+        new.rho = [float(x) for x in d["rho"]]
+        new.steps_done = int(d["steps_done"])
+        for k, P in enumerate(new.perms):
+            P.epoch, P.pos, P.limit = int(d["perm_epoch"][k]), int(d["perm_pos"][k]), int(d["perm_limit"][k])
+        for k, p, v in zip(d["swap_task"], d["swap_pos"], d["swap_val"]):
+            new.perms[int(k)].swaps[int(p)] = int(v)
+        if bool(d["step_active"]):
+            K = new.num_tasks
+            st = _Step(z=[float(x) for x in d["step_weights"]], n=[int(x) for x in d["step_targets"]],
+                       m=[float(x) for x in d["step_inflation"]], rounds=int(d["step_rounds"]),
+                       round_open=bool(d["round_open"]), round_start=int(d["round_start"]),
+                       acc=[[] for _ in range(K)])
+            st.rec_task = [int(x) for x in d["rec_task"]]
+            st.rec_prompt = [int(x) for x in d["rec_prompt"]]
+            st.rec_round = [int(x) for x in d["rec_round"]]
+            st.rec_status = [int(x) for x in d["rec_status"]]
+            st.index = {(t, p): i for i, (t, p) in enumerate(zip(st.rec_task, st.rec_prompt))}
+            for k, p in zip(d["acc_task"], d["acc_prompt"]):
+                st.acc[int(k)].append(int(p))
+            new.step = st
+        self.__dict__.update(new.__dict__)

@@ -1,0 +1,101 @@
+"""``mtgrpo compare``: GRPO vs DAPO vs MT-GRPO (and Prompt-GDRO) on one suite, N seeds,
+the same step budget, and a table like the MT-GRPO paper's (worst-task accuracy, average,
+relative change vs DAPO, steps to reach a worst-task threshold).
+
+Per seed the supervised warm-up runs once (``DIR/warmup-s{seed}``) and every algorithm starts
+RL from that checkpoint (``run.init_from``), so the algorithms differ only in RL.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import config as C
+from .report import final_accuracy, load_run, relative_change
+from .trainer import train
+
+DEFAULT_ALGOS = ("grpo", "dapo", "mtgrpo", "prompt-gdro")
+
+
+def steps_to_threshold(run: dict, thr: float) -> int | None:
+    for e in run["evals"]:
+        if e.get("worst_mean_at_k", -1) >= thr:
+            return int(e["step"])
+    return None
+
+
+def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=DEFAULT_ALGOS, seeds=(0, 1),
+                threshold: float | None = None, console=None) -> str:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        wdir = out / f"warmup-s{seed}"
+        if not (wdir / "checkpoint.pt").exists():
+            wcfg = C.resolve(replace(base_cfg, run=replace(base_cfg.run, algo="grpo", seed=seed, out=str(wdir),
+                                                              init_from=""), rl=replace(base_cfg.rl, steps=0)))
+            if console is not None:
+                console.print(f"[bold]compare[/]: warm-up for seed {seed} -> {wdir}")
+            train(wcfg, console=console)
+        for algo in algos:
+            rdir = out / f"{algo}-s{seed}"
+            if (rdir / "summary.json").exists() and json.loads((rdir / "summary.json").read_text()).get("after"):
+                continue
+            cfg = C.resolve(replace(base_cfg,
+                                    run=replace(base_cfg.run, algo=algo, seed=seed, out=str(rdir),
+                                                init_from=str(wdir / "checkpoint.pt")),
+                                    loss=replace(base_cfg.loss, clip_eps_low=None, clip_eps_high=None,
+                                                 loss_agg=None, filter_zero_adv=None, adv_clip=None)))
+            if console is not None:
+                console.print(f"[bold]compare[/]: {algo} seed {seed} -> {rdir}")
+            train(cfg, console=console)
+    return write_compare(out, algos, seeds, threshold)
+
+
+def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
+    rows = {}
+    for algo in algos:
+        runs = [load_run(out / f"{algo}-s{s}") for s in seeds if (out / f"{algo}-s{s}" / "metrics.jsonl").exists()]
+        rows[algo] = runs
+    accs = {a: [final_accuracy(r) for r in rs if final_accuracy(r)] for a, rs in rows.items()}
+    before = [final_accuracy(r, tag="before") for rs in rows.values() for r in rs if final_accuracy(r, tag="before")]
+    if threshold is None:  # default: halfway between the warm-up's worst task and 1
+        bw = np.mean([min(b.values()) for b in before]) if before else 0.0
+        threshold = float(bw + 0.25 * (1 - bw))
+    tasks = list(next(iter(a for lst in accs.values() for a in lst)).keys()) if any(accs.values()) else []
+    dapo_by_seed = {i: a for i, a in enumerate(accs.get("dapo", []))}
+
+    def ms(v):
+        v = [x for x in v if x is not None]
+        if not v:
+            return "-"
+        return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
+
+    head = ["algorithm", *tasks, "worst-task", "average", "Δ% vs DAPO", f"steps to worst ≥ {100 * threshold:.0f}%"]
+    lines = [f"Sampled test accuracy mean@k (%), mean ± std over seeds {list(seeds)}; same RL step budget.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if before:
+        lines.append("| warm-up (before RL) | " + " | ".join(ms([b[t] for b in before]) for t in tasks)
+                     + f" | {ms([min(b.values()) for b in before])} | {ms([np.mean(list(b.values())) for b in before])}"
+                     + " | - | - |")
+    result = {"threshold": threshold, "algos": {}}
+    for algo in algos:
+        a = accs.get(algo, [])
+        if not a:
+            continue
+        worst = [min(x.values()) for x in a]
+        avg = [float(np.mean(list(x.values()))) for x in a]
+        rel = [relative_change(x, dapo_by_seed[i]) for i, x in enumerate(a) if i in dapo_by_seed] if algo != "dapo" else []
+        st = [steps_to_threshold(r, threshold) for r in rows[algo]]
+        st_txt = ", ".join("-" if s is None else str(s) for s in st)
+        rel_txt = "0 (ref)" if algo == "dapo" else (f"{np.mean(rel):+.1f}" if rel and None not in rel else "-")
+        lines.append(f"| {algo} | " + " | ".join(ms([x[t] for x in a]) for t in tasks)
+                     + f" | {ms(worst)} | {ms(avg)} | {rel_txt} | {st_txt} |")
+        result["algos"][algo] = {"per_task": a, "worst": worst, "average": avg, "rel_vs_dapo": rel,
+                                 "steps_to_threshold": st}
+    md = "\n".join(lines) + "\n"
+    (out / "compare.md").write_text(md)
+    (out / "compare.json").write_text(json.dumps(result, indent=2, default=float))
+    return md

@@ -1,0 +1,553 @@
+"""Task suites over real reasoning-gym generators: prompts, splits and isolated rewards.
+
+What
+    ``load_suite(name, seed)`` builds seeded, disjoint train/test splits of reasoning-gym 0.1.25
+    items for a preset (:data:`SUITES`) and scores completions:
+    reward = ``correct_reward`` (1.0) if correct, ``format_reward`` (0.1) if the answer is
+    well formed (passes the task's strict grammar) but wrong, 0 otherwise. Partial credit of
+    reasoning-gym's scorers is binarised: correct means its full-credit score 1.0.
+
+Presets
+    ``cpu-3task``: compact prompts rendered from item metadata (``S:{word}=``,
+    ``C:{n1},{n2},{n3}>{target}=``, ``A:{expression}=``), completions are the raw answer.
+    ``mtgrpo-3task`` / ``mtgrpo-9task``: the MT-GRPO paper's countdown (3/4/5 numbers),
+    zebra_puzzles (3/4/5 houses), arc_1d (length 10/20/30); long-form prompts (the
+    generator's question plus an ``<answer>...</answer>`` instruction); the answer is the
+    content of the last ``<answer>`` tag.
+
+Algorithm
+    Splits: each task has two item streams ``Random(s + i)`` with seeds ``s`` far apart
+    (reasoning-gym seeds items by ``seed + index``, so nearby seeds share items). Test =
+    the first ``test_size`` distinct prompt texts of stream A; train = the items of stream B
+    whose prompt text is not in the test set, deduplicated. Fast generators are expanded
+    eagerly; slow ones (zebra, long-form countdown) are generated lazily per train index
+    (collisions with the test set are replaced deterministically; duplicates inside the
+    train split are then possible but unlikely). Items are cached in memory per
+    (suite, seed, sizes, generation mode).
+    Scoring: answer extraction -> strict grammar (rejected: reward 0, counted) ->
+    ``verifier="fast"``: exact in-process check (:func:`verifiers.fast_correct`, agreeing
+    with reasoning-gym's scorer) or ``verifier="reference"``: reasoning-gym's own
+    ``score_answer`` in an isolated worker pool with time and memory limits.
+
+Cost
+    See ``Suite.generation_seconds`` and the module's tests/README for measured figures.
+
+Source
+    MT-GRPO task setup (ALGORITHMS.md 2.4); compact CPU suite from CPU-DEFAULT-RUN.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import verifiers as _v
+
+__all__ = [
+    "TaskSpec",
+    "SuiteSpec",
+    "SUITES",
+    "Prompt",
+    "Suite",
+    "load_suite",
+    "clear_cache",
+    "ANSWER_INSTRUCTION",
+]
+
+#: Appended to long-form questions.
+ANSWER_INSTRUCTION = "Give only your final answer between <answer> and </answer> tags."
+
+_TEST_STREAM_OFFSET = 0
+_TRAIN_STREAM_OFFSET = 100_000_000
+_ALT_STREAM_OFFSET = 200_000_000  # + k * 10^8 for the k-th replacement of a lazy train item
+
+
+# ---------------------------------------------------------------------------------------
+# Specs
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a suite.
+
+    Attributes
+    ----------
+    name : str
+        Task name inside the suite (also the prefix of prompt ids).
+    family : str
+        reasoning-gym dataset name and verifier kind (one of :data:`verifiers.KINDS`).
+    difficulty : str
+        ``"easy" | "medium" | "hard"`` (informative).
+    config : tuple of (key, value)
+        reasoning-gym config fields (without seed/size).
+    compact : bool
+        Compact metadata prompt + raw-answer completions (else long form + ``<answer>`` tag).
+    max_answer_chars : int
+        Longest answer the grammar accepts.
+    items_per_s : float
+        Measured generation rate on one core of the 2-core dev machine (decides lazy mode).
+    """
+
+    name: str
+    family: str
+    difficulty: str
+    config: tuple
+    compact: bool
+    max_answer_chars: int
+    items_per_s: float
+
+    @property
+    def config_dict(self) -> dict:
+        return dict(self.config)
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    """A named preset: tasks plus default split sizes."""
+
+    name: str
+    tasks: tuple
+    train_size: int
+    test_size: int
+    description: str = ""
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+
+def _countdown(n: int, diff: str) -> TaskSpec:
+    return TaskSpec(f"countdown-{n}", "countdown", diff,
+                    (("min_numbers", n), ("max_numbers", n)), False, 24 * n + 32,
+                    {3: 296.0, 4: 216.0, 5: 136.0}[n])
+
+
+def _zebra(n: int, diff: str) -> TaskSpec:
+    return TaskSpec(f"zebra_puzzles-{n}", "zebra_puzzles", diff,
+                    (("num_people", n), ("num_characteristics", 4)), False, 48,
+                    {3: 41.0, 4: 18.0, 5: 5.7}[n])
+
+
+def _arc(n: int, diff: str) -> TaskSpec:
+    return TaskSpec(f"arc_1d-{n}", "arc_1d", diff, (("min_size", n), ("max_size", n)), False,
+                    4 * n + 8, {10: 25000.0, 20: 23000.0, 30: 9900.0}[n])
+
+
+_CPU_TASKS = (
+    TaskSpec("spell_backward", "spell_backward", "easy",
+             (("min_word_len", 3), ("max_word_len", 10)), True, 16, 180_000.0),
+    TaskSpec("countdown", "countdown", "medium",
+             (("min_numbers", 3), ("max_numbers", 3), ("min_value", 1), ("max_value", 10),
+              ("min_target", 1), ("max_target", 100)), True, 32, 1500.0),
+    TaskSpec("basic_arithmetic", "basic_arithmetic", "hard",
+             (("min_terms", 2), ("max_terms", 3), ("min_digits", 1), ("max_digits", 2),
+              ("operators", ("+", "-")), ("allow_parentheses", False),
+              ("allow_negation", False)), True, 8, 135_000.0),
+)
+
+SUITES: dict[str, SuiteSpec] = {
+    "cpu-3task": SuiteSpec(
+        "cpu-3task", _CPU_TASKS, train_size=5000, test_size=500,
+        description="Compact CPU suite: spell_backward 3-10 letters (easy), countdown 3 numbers "
+                    "in 1..10 target 1..100 (medium), basic_arithmetic 2-3 terms of 1-2 digits "
+                    "with + and - (hard)."),
+    "mtgrpo-3task": SuiteSpec(
+        "mtgrpo-3task", (_countdown(4, "medium"), _zebra(4, "medium"), _arc(20, "medium")),
+        train_size=2000, test_size=200,
+        description="MT-GRPO 3-task setting: countdown 4 numbers, zebra 4 houses, arc_1d length "
+                    "20 (long-form prompts, <answer> tags)."),
+    "mtgrpo-9task": SuiteSpec(
+        "mtgrpo-9task",
+        tuple(f(n, d) for f, ns in ((_countdown, (3, 4, 5)), (_zebra, (3, 4, 5)), (_arc, (10, 20, 30)))
+              for n, d in zip(ns, ("easy", "medium", "hard"))),
+        train_size=2000, test_size=200,
+        description="MT-GRPO 9-task setting: 3 families x easy/medium/hard (long-form prompts)."),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Prompts and generation
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Prompt:
+    """One prompt. ``id`` = ``"{task}/{sha1(text)[:16]}"``: stable across runs, seeds and
+    split sizes. ``answer`` is the reference answer (raw, without tags)."""
+
+    task: str
+    id: str
+    text: str
+    entry: dict = field(repr=False)
+    answer: str
+    split: str
+    index: int
+
+
+def _render(spec: TaskSpec, entry: dict) -> tuple[str, str]:
+    """(prompt text, reference answer) for a reasoning-gym item."""
+    md = entry["metadata"]
+    if not spec.compact:
+        return f"{entry['question'].rstrip()}\n\n{ANSWER_INSTRUCTION}", str(entry["answer"])
+    if spec.family == "spell_backward":
+        return f"S:{md['word']}=", str(entry["answer"])
+    if spec.family == "countdown":
+        nums = ",".join(str(x) for x in md["numbers"])
+        return f"C:{nums}>{md['target']}=", str(entry["answer"]).replace(" ", "")
+    if spec.family == "basic_arithmetic":
+        return f"A:{md['expression']}=", str(entry["answer"])
+    raise ValueError(f"no compact rendering for family {spec.family!r}")
+
+
+def _task_seed(seed: int, task: str) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % (2**31)
+
+
+def _make_dataset(spec: TaskSpec, stream_seed: int):
+    import reasoning_gym
+
+    return reasoning_gym.create_dataset(spec.family, **spec.config_dict, seed=stream_seed,
+                                        size=10**9)
+
+
+class _TaskData:
+    """Splits of one task: eager lists, or an eager test list + a lazy train memo."""
+
+    def __init__(self, spec: TaskSpec, seed: int, train_size: int, test_size: int, lazy: bool):
+        t0 = time.perf_counter()
+        self.spec, self.lazy, self.train_size = spec, lazy, train_size
+        base = _task_seed(seed, spec.name)
+        self._base = base
+        self._lock = threading.Lock()
+        self._datasets: dict[int, Any] = {}
+        max_scan = lambda need: 8 * need + 1000  # noqa: E731
+        # test: first test_size distinct texts of stream A
+        self.test: list[Prompt] = []
+        seen: set[str] = set()
+        ds = self._ds(base + _TEST_STREAM_OFFSET)
+        i = 0
+        while len(self.test) < test_size and i < max_scan(test_size):
+            p = self._prompt(ds[i], "test", len(self.test))
+            i += 1
+            if p.text not in seen:
+                seen.add(p.text)
+                self.test.append(p)
+        self.test_texts = frozenset(seen)
+        self.train: list[Prompt] = []
+        self._memo: dict[int, Prompt] = {}
+        if not lazy:
+            ds = self._ds(base + _TRAIN_STREAM_OFFSET)
+            i = 0
+            while len(self.train) < train_size and i < max_scan(train_size):
+                p = self._prompt(ds[i], "train", len(self.train))
+                i += 1
+                if p.text not in seen:
+                    seen.add(p.text)
+                    self.train.append(p)
+            self.train_size = len(self.train)
+        for split, got, want in (("test", len(self.test), test_size),
+                                 ("train", self.train_size, train_size)):
+            if got < want:
+                warnings.warn(f"task {spec.name!r}: only {got} distinct {split} prompts found "
+                              f"(asked for {want}); the generator's item space is small",
+                              RuntimeWarning, stacklevel=4)
+        self.seconds = time.perf_counter() - t0
+
+    def _ds(self, stream_seed: int):
+        ds = self._datasets.get(stream_seed)
+        if ds is None:
+            ds = self._datasets[stream_seed] = _make_dataset(self.spec, stream_seed)
+        return ds
+
+    def _prompt(self, entry: dict, split: str, index: int) -> Prompt:
+        text, answer = _render(self.spec, entry)
+        pid = f"{self.spec.name}/{hashlib.sha1(text.encode()).hexdigest()[:16]}"
+        return Prompt(self.spec.name, pid, text, entry, answer, split, index)
+
+    def get(self, split: str, idx: int) -> Prompt:
+        if split == "test":
+            return self.test[idx]
+        if not self.lazy:
+            return self.train[idx]
+        p = self._memo.get(idx)
+        if p is not None:
+            return p
+        with self._lock:
+            p = self._memo.get(idx)
+            if p is None:
+                stream = self._base + _TRAIN_STREAM_OFFSET
+                k = 0
+                while True:
+                    p = self._prompt(self._ds(stream)[idx], "train", idx)
+                    if p.text not in self.test_texts:
+                        break
+                    k += 1
+                    stream = self._base + _ALT_STREAM_OFFSET + k * 100_000_000
+                self._memo[idx] = p
+        return p
+
+    def size(self, split: str) -> int:
+        return len(self.test) if split == "test" else self.train_size
+
+
+_CACHE: dict[tuple, dict[str, _TaskData]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Drop the in-memory item cache (the next :func:`load_suite` regenerates)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# Suite
+# ---------------------------------------------------------------------------------------
+class Suite:
+    """A loaded suite. Use :func:`load_suite`. Also a context manager (closes the pool)."""
+
+    def __init__(self, spec: SuiteSpec, seed: int, data: dict[str, _TaskData], *,
+                 verifier: str, correct_reward: float, format_reward: float, timeout_s: float,
+                 memory_mb: int, n_workers: int, mp_context: str,
+                 max_completion_chars: int, verifier_hook: Optional[str] = None):
+        self.spec, self.seed = spec, seed
+        self._data = data
+        self._specs = {t.name: t for t in spec.tasks}
+        self.verifier = verifier
+        self.correct_reward = float(correct_reward)
+        self.format_reward = float(format_reward)
+        self.timeout_s, self.memory_mb = float(timeout_s), int(memory_mb)
+        self.n_workers, self.mp_context = int(n_workers), mp_context
+        self.max_completion_chars = int(max_completion_chars)
+        #: test-only: name in :data:`verifiers.TEST_HOOKS` replacing reasoning-gym's scorer
+        #: in the worker pool (reference mode).
+        self.verifier_hook = verifier_hook
+        self._pool: Optional[_v.VerifierPool] = None
+        self._stats = {"timeouts": 0, "errors": 0, "rejected": 0}
+        self._stats_lock = threading.Lock()
+
+    # -- data -----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def task_names(self) -> list[str]:
+        return self.spec.task_names
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        return dict(self._specs)
+
+    @property
+    def generation_seconds(self) -> dict[str, float]:
+        """Seconds each task's items took to generate when first built (a cached load reports
+        the original figure; lazy train items are generated on access and not counted)."""
+        return {k: d.seconds for k, d in self._data.items()}
+
+    @property
+    def compact(self) -> bool:
+        """True for raw-answer suites (cpu-3task); False for <answer>-tag suites."""
+        return all(t.compact for t in self.spec.tasks)
+
+    def _task(self, task: str) -> _TaskData:
+        d = self._data.get(task)
+        if d is None:
+            raise ValueError(f"task: expected one of {self.task_names}, got {task!r}")
+        return d
+
+    @staticmethod
+    def _split(split: str) -> str:
+        if split not in ("train", "test"):
+            raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+        return split
+
+    def pool_size(self, task: str, split: str = "train") -> int:
+        """Number of prompts in ``split`` of ``task``."""
+        return self._task(task).size(self._split(split))
+
+    def prompts(self, task: str, split: str = "train", indices: Optional[Iterable[int]] = None) -> list[Prompt]:
+        """Prompts ``indices`` (default: the whole split) of ``split`` of ``task``."""
+        d, split = self._task(task), self._split(split)
+        n = d.size(split)
+        idx = range(n) if indices is None else indices
+        out = []
+        for i in idx:
+            i = int(i)
+            if not 0 <= i < n:
+                raise ValueError(f"indices: expected values in [0, {n}) for {task}/{split}, got {i}")
+            out.append(d.get(split, i))
+        return out
+
+    def target_completion(self, prompt: Prompt) -> str:
+        """The completion that scores ``correct_reward`` for ``prompt`` (warm-up target)."""
+        spec = self._specs[prompt.task]
+        return prompt.answer if spec.compact else f"<answer>{prompt.answer}</answer>"
+
+    # -- scoring --------------------------------------------------------------------------
+    @property
+    def verifier_stats(self) -> dict:
+        with self._stats_lock:
+            return dict(self._stats)
+
+    def reset_verifier_stats(self) -> None:
+        with self._stats_lock:
+            for k in self._stats:
+                self._stats[k] = 0
+
+    def _get_pool(self) -> _v.VerifierPool:
+        if self._pool is None:
+            self._pool = _v.VerifierPool(self.n_workers, self.timeout_s, self.memory_mb,
+                                         self.mp_context)
+        return self._pool
+
+    def _extract(self, spec: TaskSpec, completion: Any) -> Optional[str]:
+        if not isinstance(completion, str) or len(completion) > self.max_completion_chars:
+            return None
+        if spec.compact:
+            return completion.strip()
+        return _v.extract_tagged_answer(completion, self.max_completion_chars)
+
+    def evaluate(self, prompts: Sequence[Prompt], completions: Sequence[str]):
+        """Score completions.
+
+        Returns
+        -------
+        rewards : np.ndarray, float64, shape (N,)
+        correct : np.ndarray, bool, shape (N,)
+        """
+        if len(prompts) != len(completions):
+            raise ValueError(f"completions: expected {len(prompts)} items (one per prompt), "
+                             f"got {len(completions)}")
+        n = len(prompts)
+        correct = np.zeros(n, dtype=bool)
+        formed = np.zeros(n, dtype=bool)
+        rejected = timeouts = errors = 0
+        pending: dict[str, list[tuple[int, str]]] = {}
+        for k, (p, c) in enumerate(zip(prompts, completions)):
+            spec = self._specs.get(getattr(p, "task", None))
+            if spec is None:
+                raise ValueError(f"prompts[{k}]: task {getattr(p, 'task', None)!r} is not in "
+                                 f"suite {self.name!r}")
+            ans = self._extract(spec, c)
+            if ans is None or not _v.check_grammar(spec.family, ans, spec.max_answer_chars):
+                rejected += 1
+                continue
+            if self.verifier == "fast":
+                formed[k] = True
+                correct[k] = _v.fast_correct(spec.family, ans, p.entry)
+            else:
+                pending.setdefault(p.task, []).append((k, ans))
+        for task, rows in pending.items():
+            spec = self._specs[task]
+            scores, status = self._get_pool().score(
+                spec.family, spec.config_dict, [(a, prompts[k].entry) for k, a in rows],
+                hook=self.verifier_hook)
+            for (k, _), s, st in zip(rows, scores, status):
+                if st == "ok":
+                    formed[k] = True
+                    correct[k] = s >= 1.0
+                elif st == "timeout":
+                    timeouts += 1
+                else:
+                    errors += 1
+        with self._stats_lock:
+            self._stats["rejected"] += rejected
+            self._stats["timeouts"] += timeouts
+            self._stats["errors"] += errors
+        rewards = np.where(correct, self.correct_reward, np.where(formed, self.format_reward, 0.0))
+        return rewards.astype(np.float64), correct
+
+    def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> np.ndarray:
+        """Rewards (float64, shape (N,)): correct -> correct_reward, well formed but wrong ->
+        format_reward, anything else (no tag, grammar rejected, verifier timeout/error) -> 0."""
+        return self.evaluate(prompts, completions)[0]
+
+    def is_correct(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> np.ndarray:
+        """Binary correctness (bool, shape (N,)) for accuracy."""
+        return self.evaluate(prompts, completions)[1]
+
+    def close(self) -> None:
+        """Shut the verifier worker pool (idempotent)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        sizes = {t: (self.pool_size(t, "train"), self.pool_size(t, "test")) for t in self.task_names}
+        return f"Suite({self.name!r}, seed={self.seed}, verifier={self.verifier!r}, sizes={sizes})"
+
+
+def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
+               test_size: Optional[int] = None, verifier: str = "fast",
+               correct_reward: float = 1.0, format_reward: float = 0.1,
+               timeout_s: float = 5.0, memory_mb: int = 1024, n_workers: int = 2,
+               mp_context: str = "forkserver", generation: str = "auto",
+               max_completion_chars: Optional[int] = None,
+               verifier_hook: Optional[str] = None) -> Suite:
+    """Load a preset from :data:`SUITES`.
+
+    Parameters
+    ----------
+    name : str
+        ``"cpu-3task"``, ``"mtgrpo-3task"`` or ``"mtgrpo-9task"``.
+    seed : int
+        Split seed (tasks get streams far apart, derived from seed and task name).
+    train_size, test_size : int, optional
+        Prompts per task and split (defaults from the preset). A generator whose distinct
+        item space is smaller yields fewer (warning); check :meth:`Suite.pool_size`.
+    verifier : {"fast", "reference"}
+        ``fast``: exact in-process checks after the grammar (no reasoning-gym code runs on
+        completions); ``reference``: reasoning-gym's ``score_answer`` in a worker pool.
+    correct_reward, format_reward : float
+        Rewards for a correct answer and a well-formed wrong one (others get 0).
+    timeout_s, memory_mb, n_workers, mp_context
+        Worker pool limits (reference mode): per-item time limit, extra address space per
+        worker, worker count, ``"forkserver"`` or ``"spawn"``.
+    generation : {"auto", "eager", "lazy"}
+        How the train split is produced; ``auto`` = lazy when eager generation of a task
+        would take more than ~20 s at its measured rate (zebra, long-form countdown).
+    max_completion_chars : int, optional
+        Longer completions are rejected (default 256 for compact suites, 65536 otherwise).
+    """
+    spec = SUITES.get(name)
+    if spec is None:
+        raise ValueError(f"name: expected one of {sorted(SUITES)}, got {name!r}")
+    if verifier not in ("fast", "reference"):
+        raise ValueError(f"verifier: expected 'fast' or 'reference', got {verifier!r}")
+    if generation not in ("auto", "eager", "lazy"):
+        raise ValueError(f"generation: expected 'auto', 'eager' or 'lazy', got {generation!r}")
+    train_size = spec.train_size if train_size is None else int(train_size)
+    test_size = spec.test_size if test_size is None else int(test_size)
+    if train_size < 1 or test_size < 1:
+        raise ValueError(f"train_size/test_size: expected >= 1, got {train_size}/{test_size}")
+    if not 0.0 <= format_reward <= correct_reward:
+        raise ValueError(f"format_reward: expected 0 <= format_reward <= correct_reward "
+                         f"({correct_reward}), got {format_reward}")
+    key = (name, int(seed), train_size, test_size, generation)
+    with _CACHE_LOCK:
+        data = _CACHE.get(key)
+        if data is None:
+            data = {}
+            for t in spec.tasks:
+                lazy = generation == "lazy" or (
+                    generation == "auto" and (train_size + test_size) / t.items_per_s > 20.0)
+                data[t.name] = _TaskData(t, int(seed), train_size, test_size, lazy)
+            _CACHE[key] = data
+        else:
+            data = dict(data)
+    if max_completion_chars is None:
+        max_completion_chars = 256 if all(t.compact for t in spec.tasks) else 65536
+    return Suite(spec, int(seed), data, verifier=verifier, correct_reward=correct_reward,
+                 format_reward=format_reward, timeout_s=timeout_s, memory_mb=memory_mb,
+                 n_workers=n_workers, mp_context=mp_context,
+                 max_completion_chars=max_completion_chars, verifier_hook=verifier_hook)

@@ -1,0 +1,732 @@
+"""The training loop: supervised warm-up, then GRPO / DAPO / MT-GRPO / SEC / Prompt-GDRO /
+Rollout-GDRO on a multi-task suite, with periodic evaluation, metrics and checkpoints.
+
+One RL step (ALGORITHMS.md sections 1-3):
+1. Task weights z from the algorithm's controller (IWU for MT-GRPO, the SEC bandit, uniform
+   otherwise).
+2. Sampling rounds. MT-GRPO: the ratio-preserving sampler (targets n_k from z, acceptance-
+   aware oversampling, up to ``rl.max_rounds`` rounds). Others: a mixed draw with task
+   probabilities z; DAPO / SEC redraw until B prompts survive the zero-advantage filter
+   (dynamic sampling); GRPO / GDRO draw B prompts once and keep every group.
+   Each round generates G completions per prompt (Rollout-GDRO: n per prompt from the
+   allocator), scores them with the suite's isolated verifiers, and records per-task
+   accuracy J_k (before filtering) and the zero-gradient rate.
+3. Advantages (group-normalised, ragged groups allowed) and ``rl.mini_batches`` optimiser
+   updates of the fused clipped loss (:func:`mtgrpo_core.grpo_loss`). MT-GRPO measures I_k
+   on every mini-batch: the per-task sum of per-response losses on the same samples after
+   the step minus before it (same old log-probs and advantages), negated and clipped, then
+   updates the weights once per mini-batch. Prompt-GDRO reweights advantages by bin weights
+   and updates its scores with the per-response losses; the difficulty classifier is
+   updated after the step with "any rollout correct".
+4. Metrics (one JSON line per step), evaluation every ``eval.every`` steps, checkpoints
+   every ``checkpoint.every`` steps (atomic, exact resume).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, to_toml
+from .generation import make_generator
+from .model import BOS, EOS, PAD, CharTokenizer, build_model, completion_logprobs
+
+RP_ALGOS = ("mtgrpo",)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.detach().cpu().tolist())
+    if isinstance(x, (np.floating,)):
+        x = float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    return x
+
+
+class MixedSampler:
+    """Draws prompts for the non-RP algorithms: each prompt's task ~ Categorical(p), its
+    index from that task's pool without replacement within an epoch (reshuffled when
+    exhausted). Exact resume through ``state_dict``."""
+
+    def __init__(self, pool_sizes, seed: int):
+        self.pool_sizes = [int(s) for s in pool_sizes]
+        self.rng = np.random.default_rng(seed)
+        self.perms = [self.rng.permutation(n) for n in self.pool_sizes]
+        self.pos = [0] * len(self.pool_sizes)
+
+    def _next(self, k: int) -> int:
+        if self.pos[k] >= self.pool_sizes[k]:
+            self.perms[k] = self.rng.permutation(self.pool_sizes[k])
+            self.pos[k] = 0
+        v = int(self.perms[k][self.pos[k]])
+        self.pos[k] += 1
+        return v
+
+    def draw(self, n: int, probs, exclude=()) -> tuple[np.ndarray, np.ndarray]:
+        p = np.asarray(probs, dtype=np.float64)
+        p = p / p.sum()
+        tasks = self.rng.choice(len(p), size=int(n), p=p)
+        seen = set(exclude)
+        t_out, i_out = [], []
+        for k in tasks:
+            for _ in range(4):  # skip a repeat inside the batch (only possible after a reshuffle)
+                idx = self._next(int(k))
+                if (int(k), idx) not in seen:
+                    break
+            else:
+                continue
+            seen.add((int(k), idx))
+            t_out.append(int(k))
+            i_out.append(idx)
+        return np.asarray(t_out, dtype=np.int32), np.asarray(i_out, dtype=np.int64)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "perms": [p.copy() for p in self.perms], "pos": list(self.pos)}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.rng.bit_generator.state = d["rng"]
+        self.perms = [np.asarray(p) for p in d["perms"]]
+        self.pos = list(d["pos"])
+
+
+@dataclass
+class Groups:
+    """Generated groups of one or more rounds (prompt-major)."""
+    task_ids: np.ndarray        # [P] per prompt
+    prompt_indices: np.ndarray  # [P]
+    n: np.ndarray               # [P] completions per prompt
+    rollouts: object            # generation.Rollouts over all completions
+    rewards: np.ndarray         # [N]
+    correct: np.ndarray         # [N] bool
+    group_of: np.ndarray        # [N] prompt position in this Groups
+
+
+def _cat_rollouts(parts):
+    from .generation import Rollouts
+
+    if len(parts) == 1:
+        return parts[0]
+
+    def padcat(ts, value, left=False):
+        L = max(t.shape[1] for t in ts)
+        out = []
+        for t in ts:
+            pad = torch.full((t.shape[0], L - t.shape[1]), value, dtype=t.dtype)
+            out.append(torch.cat([pad, t] if left else [t, pad], 1))
+        return torch.cat(out, 0)
+
+    off, idx = 0, []
+    for p in parts:
+        idx.append(p.prompt_index + off)
+        off += int(p.prompt_index.max()) + 1 if len(p) else 0
+    return Rollouts(torch.cat(idx), padcat([p.prompt_ids for p in parts], PAD, left=True),
+                    padcat([p.prompt_mask for p in parts], 0, left=True),
+                    padcat([p.completion_ids for p in parts], PAD),
+                    padcat([p.completion_mask for p in parts], False),
+                    padcat([p.sampling_logprobs for p in parts], 0.0),
+                    [t for p in parts for t in p.texts])
+
+
+# ------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Runs one configured training job in ``cfg.run.out``.
+
+    ``Trainer(cfg).run()`` does warm-up (unless ``run.init_from`` gives a starting
+    checkpoint), evaluation before RL, RL with periodic evaluation and checkpoints, final
+    evaluation, and writes ``metrics.jsonl``, ``summary.json`` and ``checkpoint.pt``.
+    ``resume=True`` continues from ``out/checkpoint.pt`` exactly.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, console=None):
+        from . import tasks as tasks_mod
+
+        self.cfg = cfg
+        self.out = Path(cfg.run.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        dev = cfg.run.device
+        if dev == "auto":
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(dev)
+        self.dtype = torch.bfloat16 if cfg.run.dtype == "bfloat16" else torch.float32
+        self.console = console
+        _seed_all(cfg.run.seed)
+        kw = {"verifier": cfg.tasks.verifier}
+        if cfg.tasks.train_size:
+            kw["train_size"] = cfg.tasks.train_size
+        if cfg.tasks.test_size:
+            kw["test_size"] = cfg.tasks.test_size
+        self.suite = tasks_mod.load_suite(cfg.tasks.suite, seed=cfg.tasks.seed, **kw)
+        self.task_names = list(self.suite.task_names)
+        self.K = len(self.task_names)
+        self.tok = CharTokenizer()
+        self.model = build_model(cfg.model, seed=cfg.run.seed, device=str(self.device), dtype=self.dtype)
+        self.generator = make_generator(cfg, self.model, self.tok, str(self.out / "vllm_model"))
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr, weight_decay=cfg.rl.weight_decay)
+        self.pool_sizes = [min(int(self.suite.pool_size(t, "train")), cfg.rl.pool_items) for t in self.task_names]
+        self._prompt_cache: dict = {}
+        self.step = 0
+        self.phase = "warmup"
+        self.rl_time = 0.0
+        self.metric_lines = 0
+        self._build_controllers()
+
+    # ----------------------------------------------------------------- controllers
+    def _build_controllers(self) -> None:
+        cfg, K, algo = self.cfg, self.K, self.cfg.run.algo
+        from .. import weighting
+
+        m = cfg.mtgrpo
+        if algo == "mtgrpo":
+            self.weights = weighting.ImprovementAwareWeights(
+                K, lam=m.lam, lr=m.weight_lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
+                improvement_clip=m.improvement_clip)
+        elif algo == "sec":
+            self.weights = weighting.SECCurriculum(K, lr=cfg.sec.lr, temperature=cfg.sec.temperature)
+        else:
+            self.weights = weighting.UniformWeights(K)
+        self.tracker = weighting.TaskRewardTracker(K, decay=m.reward_ema)
+        self.use_rp = algo in RP_ALGOS and m.rp_sampler
+        if self.use_rp:
+            from ..sampling import RatioPreservingSampler
+
+            self.sampler = RatioPreservingSampler(
+                self.pool_sizes, cfg.rl.batch_prompts, oversample=cfg.rl.oversample,
+                max_rounds=cfg.rl.max_rounds, acceptance_cap=m.acceptance_cap, seed=cfg.run.seed)
+        else:
+            self.sampler = MixedSampler(self.pool_sizes, seed=cfg.run.seed + 1)
+        self.clf = self.pgdro = self.alloc = None
+        if algo in ("prompt-gdro", "rollout-gdro"):
+            from .. import gdro
+
+            g = cfg.gdro
+            self.clf = gdro.DifficultyClassifier(edges=tuple(g.edges), window=g.window,
+                                                 hysteresis=g.hysteresis, unseen=g.unseen)
+            if algo == "prompt-gdro":
+                self.pgdro = gdro.PromptGDRO(self.clf.num_groups, eta=g.eta, gamma=g.gamma, ema=g.ema, cap=g.cap)
+            else:
+                self.alloc = gdro.RolloutAllocator(self.clf.num_groups, n_min=g.n_min, n_max=g.n_max,
+                                                   n_mean=g.n_mean, method=g.allocator, eta=g.eta, gamma=g.gamma)
+        self.batch_rng = np.random.default_rng(cfg.run.seed + 2)
+
+    def _controllers_state(self) -> dict:
+        d = {"weights": self.weights.state_dict(), "tracker": self.tracker.state_dict(),
+             "sampler": self.sampler.state_dict(), "batch_rng": self.batch_rng.bit_generator.state}
+        for name in ("clf", "pgdro", "alloc"):
+            obj = getattr(self, name)
+            if obj is not None:
+                d[name] = obj.state_dict()
+        return d
+
+    def _load_controllers(self, d: dict) -> None:
+        self.weights.load_state_dict(d["weights"])
+        self.tracker.load_state_dict(d["tracker"])
+        self.sampler.load_state_dict(d["sampler"])
+        self.batch_rng.bit_generator.state = d["batch_rng"]
+        for name in ("clf", "pgdro", "alloc"):
+            obj = getattr(self, name)
+            if obj is not None:
+                obj.load_state_dict(d[name])
+
+    # ----------------------------------------------------------------- prompts
+    def prompts(self, k: int, split: str, indices) -> list:
+        key_missing = [int(i) for i in indices if (k, split, int(i)) not in self._prompt_cache]
+        if key_missing:
+            for p, i in zip(self.suite.prompts(self.task_names[k], split, key_missing), key_missing):
+                self._prompt_cache[(k, split, i)] = p
+        return [self._prompt_cache[(k, split, int(i))] for i in indices]
+
+    def prompts_mixed(self, task_ids, indices, split="train") -> list:
+        out = [None] * len(task_ids)
+        for k in range(self.K):
+            pos = [j for j, t in enumerate(task_ids) if int(t) == k]
+            if pos:
+                for j, p in zip(pos, self.prompts(k, split, [indices[j] for j in pos])):
+                    out[j] = p
+        return out
+
+    def score(self, prompts, texts) -> tuple[np.ndarray, np.ndarray]:
+        if hasattr(self.suite, "evaluate"):  # one verifier pass for both
+            rewards, correct = self.suite.evaluate(prompts, texts)
+        else:
+            rewards, correct = self.suite.score(prompts, texts), self.suite.is_correct(prompts, texts)
+        return np.asarray(rewards, dtype=np.float64), np.asarray(correct, dtype=bool)
+
+    # ----------------------------------------------------------------- metrics / output
+    def _log(self, rec: dict) -> None:
+        rec = _jsonable(rec)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.metric_lines += 1
+
+    def _print(self, *a, **k) -> None:
+        if self.console is not None:
+            self.console.print(*a, **k)
+
+    def save_checkpoint(self) -> None:
+        state = {
+            "format": 1, "config": self.cfg.to_dict(), "step": self.step, "phase": self.phase,
+            "rl_time": self.rl_time, "metric_lines": self.metric_lines,
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "controllers": self._controllers_state(), "generator": self.generator.state_dict(),
+            "rng": ckpt.rng_state(), "task_names": self.task_names,
+        }
+        ckpt.save_atomic(state, self.out / ckpt.CKPT_NAME)
+
+    def load_checkpoint(self, path, *, full: bool = True) -> dict:
+        st = ckpt.load(path)
+        self.model.load_state_dict(st["model"])
+        if full:
+            self.opt.load_state_dict(st["opt"])
+            self._load_controllers(st["controllers"])
+            self.generator.load_state_dict(st["generator"])
+            ckpt.set_rng_state(st["rng"])
+            self.step, self.phase = int(st["step"]), st["phase"]
+            self.rl_time, self.metric_lines = float(st["rl_time"]), int(st["metric_lines"])
+            mpath = self.out / "metrics.jsonl"
+            lines = mpath.read_text().splitlines(True) if mpath.exists() else []
+            ckpt.write_text_atomic(mpath, "".join(lines[:self.metric_lines]))
+        return st
+
+    # ----------------------------------------------------------------- warm-up
+    def warmup(self) -> dict:
+        from .warmup import supervised_warmup
+
+        return supervised_warmup(self)
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", tag: str = "eval") -> dict:
+        """Per task: greedy accuracy, mean@k and pass@k of ``eval.k`` samples at
+        ``eval.temperature`` on the first ``eval.n_items`` items of ``split``."""
+        e, r = self.cfg.eval, self.cfg.rl
+        t0 = time.time()
+        res = {}
+        for k, name in enumerate(self.task_names):
+            n_items = min(e.n_items, int(self.suite.pool_size(name, split)))
+            ps = self.prompts(k, split, range(n_items))
+            texts = [p.text for p in ps]
+            row = {"n_items": n_items}
+            if e.greedy:
+                ro = self.generator.generate(texts, 1, max_new_tokens=r.max_new_tokens, greedy=True)
+                _, c = self.score(ps, ro.texts)
+                row["greedy"] = float(c.mean())
+            ro = self.generator.generate(texts, e.k, max_new_tokens=r.max_new_tokens,
+                                         temperature=e.temperature, top_p=1.0)
+            _, c = self.score([ps[int(i)] for i in ro.prompt_index], ro.texts)
+            c = c.reshape(n_items, e.k)
+            row["mean_at_k"] = float(c.mean())
+            row["pass_at_k"] = float(c.any(1).mean())
+            res[name] = row
+        out = {"kind": "eval", "tag": tag, "split": split, "step": self.step, "k": e.k, "tasks": res,
+               "worst_mean_at_k": min(v["mean_at_k"] for v in res.values()),
+               "avg_mean_at_k": float(np.mean([v["mean_at_k"] for v in res.values()])),
+               "eval_time_s": time.time() - t0}
+        if e.greedy:
+            out["worst_greedy"] = min(v["greedy"] for v in res.values())
+            out["avg_greedy"] = float(np.mean([v["greedy"] for v in res.values()]))
+        return out
+
+    def _print_eval(self, ev: dict, title: str) -> None:
+        if self.console is None:
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{title} ({ev['split']}, step {ev['step']}, {ev['eval_time_s']:.1f} s)")
+        t.add_column("task")
+        t.add_column("items", justify="right")
+        if self.cfg.eval.greedy:
+            t.add_column("greedy %", justify="right")
+        t.add_column(f"mean@{ev['k']} %", justify="right")
+        t.add_column(f"pass@{ev['k']} %", justify="right")
+        for name, v in ev["tasks"].items():
+            row = [name, str(v["n_items"])]
+            if self.cfg.eval.greedy:
+                row.append(f"{100 * v['greedy']:.1f}")
+            row += [f"{100 * v['mean_at_k']:.1f}", f"{100 * v['pass_at_k']:.1f}"]
+            t.add_row(*row)
+        self.console.print(t)
+
+    # ----------------------------------------------------------------- rollouts
+    def _n_for(self, bins) -> np.ndarray | None:
+        return None
+
+    def generate_groups(self, task_ids, prompt_indices, n) -> Groups:
+        ps = self.prompts_mixed(task_ids, prompt_indices)
+        r = self.cfg.rl
+        ro = self.generator.generate([p.text for p in ps], [int(x) for x in n], max_new_tokens=r.max_new_tokens,
+                                     temperature=r.temperature, top_p=r.top_p)
+        pi = ro.prompt_index.numpy()
+        rewards, correct = self.score([ps[int(i)] for i in pi], ro.texts)
+        return Groups(np.asarray(task_ids, np.int64), np.asarray(prompt_indices, np.int64), np.asarray(n, np.int64),
+                      ro, rewards, correct, pi)
+
+    @staticmethod
+    def _group_flags(g: Groups) -> np.ndarray:
+        """Per prompt: True when its group's rewards are not all equal (non-zero advantage)."""
+        P = len(g.task_ids)
+        mx = np.full(P, -np.inf)
+        mn = np.full(P, np.inf)
+        np.maximum.at(mx, g.group_of, g.rewards)
+        np.minimum.at(mn, g.group_of, g.rewards)
+        return (mx - mn) > 1e-12
+
+    def _round_stats(self, g: Groups, acc: dict) -> None:
+        """Accumulate per-task correct / rollouts / groups / zero-adv groups over rounds."""
+        informative = self._group_flags(g)
+        t_resp = g.task_ids[g.group_of]
+        acc["correct"] += np.bincount(t_resp, weights=g.correct.astype(np.float64), minlength=self.K)
+        acc["rollouts"] += np.bincount(t_resp, minlength=self.K)
+        acc["groups"] += np.bincount(g.task_ids, minlength=self.K)
+        acc["zero_groups"] += np.bincount(g.task_ids, weights=(~informative).astype(np.float64), minlength=self.K)
+        acc["reward"] += np.bincount(t_resp, weights=g.rewards, minlength=self.K)
+        # J_k: accuracy of this round's rollouts for the tasks present in it
+        cnt = np.bincount(t_resp, minlength=self.K)
+        present = cnt > 0
+        J = np.divide(np.bincount(t_resp, weights=g.correct.astype(np.float64), minlength=self.K),
+                      np.maximum(cnt, 1))
+        self.tracker.update(J, present)
+
+    def sample_batch(self, z: np.ndarray, bins_fn=None) -> tuple[Groups, dict]:
+        """Sampling rounds until the batch is full; returns the selected groups and stats."""
+        cfg, B = self.cfg, self.cfg.rl.batch_prompts
+        acc = {k: np.zeros(self.K) for k in ("correct", "rollouts", "groups", "zero_groups", "reward")}
+        filt = bool(cfg.loss.filter_zero_adv)
+        parts, kept = [], []   # kept: (part index, prompt position)
+        info = {"rounds": 0}
+        G = cfg.rl.group_size
+        if self.use_rp:
+            self.sampler.start_step(np.asarray(z, np.float64))
+            while True:
+                draw = self.sampler.next_round()
+                if draw is None:
+                    break
+                g = self.generate_groups(draw.task_ids, draw.prompt_indices, np.full(len(draw.task_ids), G))
+                self._round_stats(g, acc)
+                ok = self._group_flags(g) if filt else np.ones(len(g.task_ids), bool)
+                self.sampler.report(np.asarray(draw.task_ids), np.asarray(draw.prompt_indices), ok)
+                parts.append(g)
+                info["rounds"] += 1
+            batch = self.sampler.finish()
+            where = {}
+            for pi, g in enumerate(parts):
+                for j, (t, i) in enumerate(zip(g.task_ids, g.prompt_indices)):
+                    where[(int(t), int(i))] = (pi, j)
+            kept = [where[(int(t), int(i))] for t, i in zip(batch.task_ids, batch.prompt_indices)]
+            info.update(targets=np.asarray(batch.targets), realized=np.asarray(batch.realized),
+                        shortfall=int(batch.shortfall))
+        else:
+            seen: set = set()
+            rounds = cfg.rl.max_rounds if filt else 1
+            draw_n = int(math.ceil(cfg.rl.oversample * B)) if filt else B
+            p = np.asarray(z, np.float64)
+            for _ in range(rounds):
+                t_ids, p_idx = self.sampler.draw(draw_n, p, exclude=seen)
+                seen.update(zip(t_ids.tolist(), p_idx.tolist()))
+                if self.clf is not None:
+                    bins = self.clf.bins(self.prompt_uids(t_ids, p_idx))
+                    info["bins"] = np.asarray(bins)
+                if self.alloc is not None:
+                    n = np.asarray(self.alloc.allocate(info["bins"]), np.int64)
+                else:
+                    n = np.full(len(t_ids), G)
+                g = self.generate_groups(t_ids, p_idx, n)
+                self._round_stats(g, acc)
+                ok = self._group_flags(g) if filt else np.ones(len(t_ids), bool)
+                pi = len(parts)
+                parts.append(g)
+                info["rounds"] += 1
+                for j in np.nonzero(ok)[0]:
+                    if len(kept) < B:
+                        kept.append((pi, int(j)))
+                if len(kept) >= B:
+                    break
+            realized = np.zeros(self.K, np.int64)
+            for pi, j in kept:
+                realized[parts[pi].task_ids[j]] += 1
+            info.update(targets=np.asarray(z) * B, realized=realized, shortfall=max(0, B - len(kept)))
+        sel = self._select(parts, kept)
+        return sel, {**info, **acc}
+
+    def _select(self, parts, kept) -> Groups:
+        """Gather the kept prompts' groups from the rounds into one Groups."""
+        from .generation import Rollouts
+
+        all_ro = _cat_rollouts([p.rollouts for p in parts])
+        offs = np.cumsum([0] + [len(p.task_ids) for p in parts])
+        resp_off = np.cumsum([0] + [len(p.rollouts) for p in parts])
+        rows, t, i, n, gof = [], [], [], [], []
+        for new_j, (pi, j) in enumerate(kept):
+            g = parts[pi]
+            r = np.nonzero(g.group_of == j)[0] + resp_off[pi]
+            rows.append(r)
+            t.append(g.task_ids[j]); i.append(g.prompt_indices[j]); n.append(g.n[j])
+            gof.append(np.full(len(r), new_j))
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        rr = torch.as_tensor(rows, dtype=torch.long)
+        rewards = np.concatenate([p.rewards for p in parts])[rows]
+        correct = np.concatenate([p.correct for p in parts])[rows]
+        ro = Rollouts(torch.as_tensor(np.concatenate(gof) if gof else np.zeros(0, np.int64)),
+                      all_ro.prompt_ids[rr], all_ro.prompt_mask[rr], all_ro.completion_ids[rr],
+                      all_ro.completion_mask[rr], all_ro.sampling_logprobs[rr], [all_ro.texts[k] for k in rows])
+        del offs
+        return Groups(np.asarray(t, np.int64), np.asarray(i, np.int64), np.asarray(n, np.int64), ro,
+                      rewards, correct, np.concatenate(gof) if gof else np.zeros(0, np.int64))
+
+    def prompt_uids(self, task_ids, prompt_indices) -> np.ndarray:
+        """Stable integer id of a training prompt (task index, pool index)."""
+        return np.asarray(task_ids, np.int64) * 1_000_000_000 + np.asarray(prompt_indices, np.int64)
+
+    # ----------------------------------------------------------------- one RL step
+    def _loss(self, logp, old, mask, adv, seq_w, task_ids):
+        import mtgrpo_core as mc
+
+        lo = self.cfg.loss
+        return mc.grpo_loss(logp, old, mask, adv, seq_weights=seq_w, clip_eps_low=lo.clip_eps_low,
+                            clip_eps_high=lo.clip_eps_high, loss_agg=lo.loss_agg, task_ids=task_ids,
+                            num_tasks=self.K, backend=lo.backend)
+
+    def rl_step(self) -> dict:
+        import mtgrpo_core as mc
+
+        cfg, K = self.cfg, self.K
+        t0 = time.time()
+        z = np.asarray(self.weights.weights, np.float64)
+        batch, info = self.sample_batch(z)
+        t_gen = time.time() - t0
+        rec = {"kind": "train", "step": self.step + 1, "algo": cfg.run.algo, "weights": z,
+               "rounds": info["rounds"], "targets": info["targets"], "realized": info["realized"],
+               "shortfall": info["shortfall"], "batch_prompts": len(batch.task_ids)}
+        rol = np.maximum(info["rollouts"], 1)
+        rec["train_acc"] = info["correct"] / rol
+        rec["train_reward"] = info["reward"] / rol
+        rec["zero_grad_rate"] = info["zero_groups"] / np.maximum(info["groups"], 1)
+        rec["rollouts_per_task"] = info["rollouts"]
+        rec["J"] = np.asarray(self.tracker.values, np.float64) if hasattr(self.tracker, "values") else None
+        if len(batch.task_ids) == 0:
+            rec["skipped"] = True
+            self.step += 1
+            rec["time_s"] = time.time() - t0
+            return rec
+        dev = self.device
+        ro = batch.rollouts
+        N = len(ro)
+        task_resp = torch.as_tensor(batch.task_ids[batch.group_of], dtype=torch.long)
+        gid = torch.as_tensor(batch.group_of, dtype=torch.long)
+        rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
+        adv = mc.group_advantages(rewards, gid, scale=cfg.loss.adv_scale, clip=cfg.loss.adv_clip)
+        seq_w = None
+        bins_resp = None
+        if self.clf is not None:
+            uids = self.prompt_uids(batch.task_ids, batch.prompt_indices)
+            bins_prompt = np.asarray(self.clf.bins(uids))
+            bins_resp = bins_prompt[batch.group_of]
+            if self.pgdro is not None:
+                seq_w = torch.as_tensor(np.asarray(self.pgdro.response_weights(bins_resp)), dtype=torch.float32)
+            rec["bin_prompts"] = np.bincount(bins_prompt, minlength=self.clf.num_groups)
+            rec["bin_rollouts"] = np.bincount(bins_prompt, weights=batch.n.astype(np.float64),
+                                              minlength=self.clf.num_groups)
+        if self.alloc is not None:
+            rec["n_per_prompt_mean"] = float(batch.n.mean())
+        # mini-batches of whole groups
+        P = len(batch.task_ids)
+        order = self.batch_rng.permutation(P)
+        chunks = [c for c in np.array_split(order, min(cfg.rl.mini_batches, P)) if len(c)]
+        mask_all = ro.completion_mask
+        self.model.train()
+        # old log-probs: the policy before this step's first update
+        with torch.no_grad():
+            old_all = completion_logprobs(self.model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
+                                          ro.completion_ids.to(dev), mask_all.to(dev)).float()
+        losses, I_hist, stats_acc = [], [], []
+        per_resp_loss = torch.zeros(N)
+        for c in chunks:
+            sel = torch.as_tensor(np.nonzero(np.isin(batch.group_of, c))[0], dtype=torch.long)
+            pid, pm = ro.prompt_ids[sel].to(dev), ro.prompt_mask[sel].to(dev)
+            cid, cm = ro.completion_ids[sel].to(dev), mask_all[sel].to(dev)
+            old = old_all[sel.to(dev)]
+            a = adv[sel].to(dev)
+            sw = seq_w[sel].to(dev) if seq_w is not None else None
+            tids = task_resp[sel].to(dev)
+            logp = completion_logprobs(self.model, pid, pm, cid, cm).float()
+            loss, st = self._loss(logp, old, cm, a, sw, tids)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else None
+            self.opt.step()
+            before = st.per_sequence_loss.detach().float().cpu()
+            per_resp_loss[sel] = before
+            losses.append(float(loss.detach()))
+            stats_acc.append({"clip_frac_low": float(st.clip_frac_low), "clip_frac_high": float(st.clip_frac_high),
+                              "ratio_mean": float(st.ratio_mean), "approx_kl": float(st.approx_kl),
+                              "grad_norm": float(gn) if gn is not None else None})
+            if cfg.run.algo == "mtgrpo":
+                with torch.no_grad():
+                    logp2 = completion_logprobs(self.model, pid, pm, cid, cm).float()
+                    _, st2 = self._loss(logp2, old, cm, a, sw, tids)
+                after = st2.per_sequence_loss.detach().float().cpu()
+                tk = tids.cpu().numpy()
+                I = -(np.bincount(tk, weights=after.numpy().astype(np.float64), minlength=K)
+                      - np.bincount(tk, weights=before.numpy().astype(np.float64), minlength=K))
+                I_hist.append(I)
+                self.weights.update(rewards=np.asarray(self.tracker.values, np.float64), improvements=I)
+        if cfg.run.algo == "sec":
+            # SEC's bandit reward: mean |advantage| of each task's responses in this batch
+            a_abs = adv.abs().numpy().astype(np.float64)
+            cnt = np.bincount(task_resp.numpy(), minlength=K)
+            r_sec = np.bincount(task_resp.numpy(), weights=a_abs, minlength=K) / np.maximum(cnt, 1)
+            self.weights.update(rewards=r_sec, improvements=None, present=cnt > 0)
+            rec["sec_reward"] = r_sec
+        if self.pgdro is not None:
+            self.pgdro.update(bins_resp, per_resp_loss.numpy())
+            rec["gdro_q"] = np.asarray(self.pgdro.distribution)
+        if self.alloc is not None:
+            uids = self.prompt_uids(batch.task_ids, batch.prompt_indices)
+            bins_prompt = np.asarray(self.clf.bins(uids))
+            rpp = [batch.rewards[batch.group_of == j] for j in range(P)]
+            self.alloc.update(bins_prompt, batch.n, rpp)
+        if self.clf is not None:
+            any_c = np.zeros(P, bool)
+            np.logical_or.at(any_c, batch.group_of, batch.correct)
+            self.clf.update(self.prompt_uids(batch.task_ids, batch.prompt_indices), any_c)
+        self.step += 1
+        rec["loss"] = float(np.mean(losses))
+        for k in stats_acc[0]:
+            vals = [s[k] for s in stats_acc if s[k] is not None]
+            rec[k] = float(np.mean(vals)) if vals else None
+        if I_hist:
+            rec["improvement"] = np.mean(I_hist, 0)
+        rec["weights_after"] = np.asarray(self.weights.weights, np.float64)
+        rec["completion_len"] = float(mask_all.sum(1).float().mean())
+        rec["gen_time_s"] = t_gen
+        rec["time_s"] = time.time() - t0
+        return rec
+
+    # ----------------------------------------------------------------- the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        ck = self.out / ckpt.CKPT_NAME
+        if self.resume:
+            if not ck.exists():
+                raise FileNotFoundError(f"--resume: no checkpoint at {ck}")
+            self.load_checkpoint(ck)
+            self._print(f"[bold]resumed[/] {ck} at step {self.step} ({self.phase})")
+        else:
+            (self.out / "metrics.jsonl").write_text("")
+            ckpt.write_text_atomic(self.out / "config.toml", to_toml(cfg))
+        if self.phase == "warmup":
+            if cfg.run.init_from:
+                st = ckpt.load(cfg.run.init_from)
+                self.model.load_state_dict(st["model"])
+                self._log({"kind": "init", "from": cfg.run.init_from})
+            elif cfg.warmup.steps > 0:
+                self._log(self.warmup())
+            ev = self.evaluate("test", tag="before")
+            self._log(ev)
+            self._print_eval(ev, "before RL")
+            self.phase = "rl"
+            self.save_checkpoint()
+        if self.phase == "rl":
+            self._rl_loop()
+            self.phase = "done"
+            ev = self.evaluate("test", tag="after")
+            self._log(ev)
+            self._print_eval(ev, "after RL")
+            self.save_checkpoint()
+        summary = self.write_summary()
+        try:
+            self.suite.close()
+        except Exception:  # pragma: no cover
+            pass
+        return summary
+
+    def _rl_loop(self) -> None:
+        cfg = self.cfg
+        total = cfg.rl.steps
+        prog = None
+        if cfg.run.progress and self.console is not None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            prog = Progress(TextColumn("[bold]RL {task.fields[algo]}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[msg]}"), console=self.console,
+                            transient=False)
+            prog.start()
+            bar = prog.add_task("rl", total=total, completed=self.step, algo=cfg.run.algo, msg="")
+        try:
+            while self.step < total:
+                if cfg.rl.max_time_s and self.rl_time >= cfg.rl.max_time_s:
+                    self._log({"kind": "stop", "reason": "rl.max_time_s", "step": self.step})
+                    break
+                t0 = time.time()
+                rec = self.rl_step()
+                self.rl_time += time.time() - t0
+                rec["rl_time_s"] = self.rl_time
+                self._log(rec)
+                if prog is not None:
+                    acc = " ".join(f"{a:.2f}" for a in rec["train_acc"])
+                    w = " ".join(f"{a:.2f}" for a in rec["weights_after"]) if "weights_after" in rec else ""
+                    prog.update(bar, completed=self.step, msg=f"acc {acc} | z {w}")
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
+                    ev = self.evaluate("test", tag="periodic")
+                    self._log(ev)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+        finally:
+            if prog is not None:
+                prog.stop()
+
+    def write_summary(self) -> dict:
+        recs = read_metrics(self.out)
+        evs = [r for r in recs if r.get("kind") == "eval"]
+        before = next((r for r in evs if r.get("tag") == "before"), None)
+        after = next((r for r in reversed(evs) if r.get("tag") == "after"), None)
+        trains = [r for r in recs if r.get("kind") == "train"]
+        summary = {"algo": self.cfg.run.algo, "seed": self.cfg.run.seed, "steps": self.step,
+                   "rl_time_s": self.rl_time, "task_names": self.task_names, "before": before, "after": after,
+                   "verifier_stats": _jsonable(getattr(self.suite, "verifier_stats", {})),
+                   "mean_step_time_s": float(np.mean([r["time_s"] for r in trains])) if trains else None}
+        ckpt.write_text_atomic(self.out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+        return summary
+
+
+def read_metrics(run_dir) -> list[dict]:
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        line = line.strip()
+        if line:
+            out.append(json.loads(line))
+    return out
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, console=None) -> dict:
+    """Run one training job; returns the summary dict (also written to ``summary.json``)."""
+    return Trainer(cfg, resume=resume, console=console).run()

@@ -1,0 +1,534 @@
+"""Answer grammars, exact in-process checkers and an isolated verifier pool.
+
+What
+    Rewards are computed on untrusted model text. This module gives three layers:
+
+    1. Strict per-task answer grammars (:func:`check_grammar`): an answer that does not match
+       is rejected before any parser sees it (reasoning-gym's countdown scorer hands the answer
+       to ``sympy.parse_expr``, which *evaluates* it).
+    2. Exact in-process checkers (:func:`fast_correct`) for grammar-checked answers:
+       string/integer compares and a tiny countdown evaluator over :class:`fractions.Fraction`
+       (recursive descent, no ``**``, bounded length and nesting). They reproduce
+       reasoning-gym 0.1.25's ``score_answer(...) == 1.0`` decisions (tests check this on real
+       items), including countdown's ``np.isclose`` tolerance.
+    3. :class:`VerifierPool`: persistent worker processes (``forkserver`` or ``spawn``) that run
+       reasoning-gym's own ``score_answer`` with a per-item time limit (a worker that goes
+       silent is killed and replaced) and an address-space limit (``RLIMIT_AS``). A verifier
+       that raises, hangs or dies yields status ``"error"``/``"timeout"``, never an exception
+       in the caller.
+
+Cost
+    Grammar + fast check: a few microseconds per answer (countdown ~10-20 us). Pool: one
+    pickled message per batch chunk and one small message per item back.
+
+Source
+    Grammars and checkers written for this project from the behaviour of reasoning-gym 0.1.25
+    (``games/countdown.py``, ``algorithmic/spell_backward.py``, ``logic/zebra_puzzles.py``,
+    ``dataset.py`` default scorer used by ``basic_arithmetic`` and ``arc_1d``).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import re
+import time
+from collections import deque
+from fractions import Fraction
+from multiprocessing.connection import wait as _mp_wait
+from typing import Any, Optional, Sequence
+
+__all__ = [
+    "KINDS",
+    "check_grammar",
+    "extract_tagged_answer",
+    "fast_correct",
+    "countdown_value",
+    "VerifierPool",
+    "TEST_HOOKS",
+]
+
+KINDS = ("countdown", "spell_backward", "basic_arithmetic", "zebra_puzzles", "arc_1d")
+
+# ---------------------------------------------------------------------------------------
+# 1. Grammars (ASCII only: explicit classes + re.ASCII so unicode digits/letters never match)
+# ---------------------------------------------------------------------------------------
+_RE = {
+    "countdown": re.compile(r"[0-9+\-*/() ]+", re.ASCII),
+    "spell_backward": re.compile(r"[A-Za-z]+", re.ASCII),
+    "basic_arithmetic": re.compile(r"-?[1-9][0-9]{0,11}|0", re.ASCII),
+    "zebra_puzzles": re.compile(r"[A-Za-z]+(?: [A-Za-z]+){0,3}", re.ASCII),
+    "arc_1d": re.compile(r"[0-9]+(?: [0-9]+)*", re.ASCII),
+}
+_COUNTDOWN_MAX_DEPTH = 16
+_COUNTDOWN_MAX_DIGITS = 6
+
+
+def check_grammar(kind: str, answer: Any, max_chars: int) -> bool:
+    """True when ``answer`` is a string of at most ``max_chars`` characters matching the
+    strict grammar of task family ``kind`` (see module docstring). Never raises."""
+    if not isinstance(answer, str) or not answer or len(answer) > max_chars:
+        return False
+    rx = _RE.get(kind)
+    if rx is None or rx.fullmatch(answer) is None:
+        return False
+    if kind == "countdown":
+        if "**" in answer:
+            return False
+        return _countdown_parse(answer) is not None
+    return True
+
+
+def extract_tagged_answer(completion: Any, max_chars: int) -> Optional[str]:
+    """Content of the last complete ``<answer>...</answer>`` pair, stripped; ``None`` when
+    there is none or the completion is longer than ``max_chars``.
+
+    Linear time (``rfind``), unlike a non-greedy regex which is quadratic on many unclosed
+    openers. Equals reasoning-gym's ``extract_answer`` except on nested/overlapping tags.
+    """
+    if not isinstance(completion, str) or len(completion) > max_chars:
+        return None
+    end = completion.rfind("</answer>")
+    if end < 0:
+        return None
+    start = completion.rfind("<answer>", 0, end)
+    if start < 0:
+        return None
+    return completion[start + len("<answer>"):end].strip()
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Countdown: tokenizer + recursive descent over Fractions
+# ---------------------------------------------------------------------------------------
+_TOKEN = re.compile(r"\s*(?:([0-9]+)|([+\-*/()]))", re.ASCII)
+
+
+def _countdown_tokens(s: str) -> Optional[list]:
+    pos, out, n = 0, [], len(s)
+    while pos < n:
+        m = _TOKEN.match(s, pos)
+        if m is None:
+            if s[pos:].strip() == "":
+                break
+            return None
+        num, op = m.group(1), m.group(2)
+        if num is not None:
+            if len(num) > _COUNTDOWN_MAX_DIGITS or (len(num) > 1 and num[0] == "0"):
+                return None
+            out.append(int(num))
+        else:
+            out.append(op)
+        pos = m.end()
+    return out
+
+
+def _countdown_parse(s: str):
+    """Parse into (value or None for division by zero, list of literal ints); None if invalid.
+
+    Grammar: expr := term (('+'|'-') term)* ; term := unary (('*'|'/') unary)* ;
+    unary := ('+'|'-') unary | atom ; atom := INT | '(' expr ')'. Nesting depth <= 16.
+    """
+    toks = _countdown_tokens(s)
+    if not toks:
+        return None
+    pos = 0
+    nums: list[int] = []
+    zero_div = False
+
+    class _Bad(Exception):
+        pass
+
+    def peek():
+        return toks[pos] if pos < len(toks) else None
+
+    def expr(depth):
+        nonlocal pos
+        v = term(depth)
+        while peek() in ("+", "-"):
+            op = toks[pos]
+            pos += 1
+            w = term(depth)
+            if v is not None and w is not None:
+                v = v + w if op == "+" else v - w
+            else:
+                v = None
+        return v
+
+    def term(depth):
+        nonlocal pos, zero_div
+        v = unary(depth)
+        while peek() in ("*", "/"):
+            op = toks[pos]
+            pos += 1
+            w = unary(depth)
+            if v is None or w is None:
+                v = None
+            elif op == "*":
+                v = v * w
+            elif w == 0:
+                zero_div = True
+                v = None
+            else:
+                v = v / w
+        return v
+
+    def unary(depth):
+        nonlocal pos
+        if depth > _COUNTDOWN_MAX_DEPTH:
+            raise _Bad
+        t = peek()
+        if t in ("+", "-"):
+            pos += 1
+            v = unary(depth + 1)
+            return None if v is None else (-v if t == "-" else v)
+        return atom(depth)
+
+    def atom(depth):
+        nonlocal pos
+        t = peek()
+        if isinstance(t, int):
+            pos += 1
+            nums.append(t)
+            return Fraction(t)
+        if t == "(":
+            pos += 1
+            v = expr(depth + 1)
+            if peek() != ")":
+                raise _Bad
+            pos += 1
+            return v
+        raise _Bad
+
+    try:
+        value = expr(0)
+    except (_Bad, RecursionError):
+        return None
+    if pos != len(toks):
+        return None
+    return value, nums
+
+
+def countdown_value(answer: str) -> Optional[Fraction]:
+    """Exact value of a grammar-valid countdown expression (None on division by zero or
+    invalid input)."""
+    r = _countdown_parse(answer) if isinstance(answer, str) else None
+    return None if r is None else r[0]
+
+
+def _countdown_correct(answer: str, numbers: Sequence[int], target: int) -> bool:
+    r = _countdown_parse(answer)
+    if r is None:
+        return False
+    value, nums = r
+    if sorted(nums) != sorted(int(x) for x in numbers) or value is None:
+        return False
+    # reasoning-gym: np.isclose(float(parse_expr(answer)), target, atol=1e-6) (rtol=1e-5)
+    return abs(float(value) - target) <= 1e-6 + 1e-5 * abs(target)
+
+
+def fast_correct(kind: str, answer: str, entry: dict) -> bool:
+    """Exact in-process check of a grammar-valid answer against a reasoning-gym item.
+
+    Agrees with ``score_answer(answer, entry) == 1.0`` of reasoning-gym 0.1.25 for answers
+    that pass :func:`check_grammar`.
+    """
+    if kind == "countdown":
+        md = entry["metadata"]
+        return _countdown_correct(answer, md["numbers"], md["target"])
+    if kind in ("spell_backward", "zebra_puzzles"):
+        return answer.lower() == str(entry["answer"]).lower()
+    if kind in ("basic_arithmetic", "arc_1d"):
+        return answer == entry["answer"]
+    raise ValueError(f"kind: unknown task family {kind!r}; expected one of {KINDS}")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Worker pool running reasoning-gym's own score_answer
+# ---------------------------------------------------------------------------------------
+def _hook_hang(answer, entry):
+    while True:  # pure-Python busy loop; only killing the process stops it
+        time.sleep(0.05)
+
+
+def _hook_crash(answer, entry):
+    os._exit(3)
+
+
+def _hook_raise(answer, entry):
+    raise RuntimeError("test hook: verifier raised")
+
+
+def _hook_memory(answer, entry):
+    blob = bytearray(1 << 40)  # 1 TiB: RLIMIT_AS turns this into MemoryError
+    return float(len(blob))
+
+
+def _hook_hang_on_marker(answer, entry):
+    """Hangs for answers containing the digit 9, scores 1.0 otherwise (tests: one hanging
+    item inside a batch of good ones)."""
+    if "9" in answer:
+        _hook_hang(answer, entry)
+    return 1.0
+
+
+#: Test-only verifier replacements, selected by name (``VerifierPool.score(hook=...)``).
+TEST_HOOKS = {
+    "hang": _hook_hang,
+    "crash": _hook_crash,
+    "raise": _hook_raise,
+    "memory": _hook_memory,
+    "hang_if_9": _hook_hang_on_marker,
+}
+
+
+def _vm_size_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _worker_main(conn, memory_mb: int) -> None:  # pragma: no cover - runs in the child
+    """Worker loop: ('score', rg_name, cfg_items, hook, [(answer, entry), ...]) -> one
+    ('ok'|'error', i, score) message per item; ('ping',) -> ('pong',); None -> exit."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import reasoning_gym  # noqa: F401  (imports before the limit: they need the memory)
+
+    try:
+        import resource
+
+        limit = _vm_size_bytes() + int(memory_mb) * (1 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except Exception:  # noqa: BLE001 - platforms without RLIMIT_AS: time limit still holds
+        pass
+    datasets: dict = {}
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        if msg[0] == "ping":
+            conn.send(("pong",))
+            continue
+        _, rg_name, cfg_items, hook, items = msg
+        key = (rg_name, cfg_items)
+        fn = None
+        if hook is not None:
+            fn = TEST_HOOKS[hook]
+        else:
+            ds = datasets.get(key)
+            if ds is None:
+                try:
+                    ds = reasoning_gym.create_dataset(rg_name, **dict(cfg_items), seed=0, size=1)
+                except BaseException as e:  # noqa: BLE001
+                    for i in range(len(items)):
+                        conn.send(("error", i, repr(e)[:200]))
+                    continue
+                datasets[key] = ds
+            fn = ds.score_answer
+        for i, (answer, entry) in enumerate(items):
+            try:
+                out = ("ok", i, float(fn(answer, entry)))
+            except BaseException as e:  # noqa: BLE001 - MemoryError, RecursionError, ...
+                out = ("error", i, repr(e)[:200])
+            try:
+                conn.send(out)
+            except (OSError, ValueError):
+                return
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "job", "deadline")
+
+    def __init__(self, proc, conn):
+        self.proc, self.conn, self.job, self.deadline = proc, conn, None, 0.0
+
+
+class VerifierPool:
+    """Persistent pool of verifier processes running reasoning-gym's ``score_answer``.
+
+    Parameters
+    ----------
+    n_workers : int
+        Worker processes (started lazily, on the first :meth:`score`).
+    timeout_s : float
+        Per-item limit: a worker that reports nothing for this long is killed and replaced;
+        its current item gets status ``"timeout"``, the rest of its chunk is re-queued.
+    memory_mb : int
+        Address space a worker may add after importing reasoning-gym (``RLIMIT_AS``).
+    context : str
+        ``"forkserver"`` (default: workers fork from a server that preloaded this module and
+        reasoning-gym, so replacing a killed worker takes milliseconds) or ``"spawn"``.
+    chunk_size : int
+        Items per message to a worker.
+    """
+
+    def __init__(self, n_workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024,
+                 context: str = "forkserver", chunk_size: int = 64):
+        if int(n_workers) < 1:
+            raise ValueError(f"n_workers: expected >= 1, got {n_workers!r}")
+        if not float(timeout_s) > 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s!r}")
+        if context not in ("forkserver", "spawn"):
+            raise ValueError(f"context: expected 'forkserver' or 'spawn', got {context!r}")
+        self.n_workers = int(n_workers)
+        self.timeout_s = float(timeout_s)
+        self.memory_mb = int(memory_mb)
+        self.chunk_size = max(1, int(chunk_size))
+        self._ctx = mp.get_context(context)
+        if context == "forkserver":
+            self._ctx.set_forkserver_preload(["mtgrpo_core.train.verifiers", "reasoning_gym"])
+        self._workers: list[_Worker] = []
+        self.restarts = 0
+        self._closed = False
+
+    # -- process management -------------------------------------------------------------
+    def _start_worker(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        p = self._ctx.Process(target=_worker_main, args=(child, self.memory_mb), daemon=True,
+                              name="mtgrpo-verifier")
+        p.start()
+        child.close()
+        return _Worker(p, parent)
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            w.conn.close()
+        except OSError:
+            pass
+        if w.proc.is_alive():
+            w.proc.kill()
+        w.proc.join(timeout=5.0)
+
+    def _ensure_workers(self) -> None:
+        if self._closed:
+            raise RuntimeError("VerifierPool is closed")
+        while len(self._workers) < self.n_workers:
+            self._workers.append(self._start_worker())
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=1.0)
+            self._kill(w)
+        self._workers = []
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):  # best effort
+        try:
+            if not self._closed:
+                self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # -- scoring --------------------------------------------------------------------------
+    def score(self, rg_name: str, config: dict, items: Sequence[tuple], hook: Optional[str] = None):
+        """Run ``score_answer(answer, entry)`` for each ``(answer, entry)`` in ``items``.
+
+        Returns
+        -------
+        scores : list[float]
+            reasoning-gym's score (0.0 where the status is not ``"ok"``).
+        status : list[str]
+            ``"ok"``, ``"timeout"`` (worker killed after ``timeout_s`` of silence) or
+            ``"error"`` (the scorer raised, e.g. MemoryError, or the worker died).
+        """
+        n = len(items)
+        scores = [0.0] * n
+        status = ["error"] * n
+        if n == 0:
+            return scores, status
+        if hook is not None and hook not in TEST_HOOKS:
+            raise ValueError(f"hook: expected one of {sorted(TEST_HOOKS)} or None, got {hook!r}")
+        self._ensure_workers()
+        cfg_items = tuple(sorted(config.items()))
+        queue = deque(list(range(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size))
+        done = 0
+
+        def dispatch(w: _Worker) -> bool:
+            if not queue:
+                w.job = None
+                return True
+            idxs = queue.popleft()
+            try:
+                w.conn.send(("score", rg_name, cfg_items, hook, [items[i] for i in idxs]))
+            except (OSError, ValueError):
+                queue.appendleft(idxs)
+                return False
+            w.job = [idxs, 0]  # item indices, how many reported
+            w.deadline = time.monotonic() + self.timeout_s
+            return True
+
+        def replace(w: _Worker, why: str) -> _Worker:
+            nonlocal done
+            idxs, k = w.job if w.job is not None else ([], 0)
+            if k < len(idxs):
+                status[idxs[k]] = why
+                done += 1
+                if k + 1 < len(idxs):
+                    queue.appendleft(idxs[k + 1:])
+            self._kill(w)
+            self.restarts += 1
+            nw = self._start_worker()
+            self._workers[self._workers.index(w)] = nw
+            return nw
+
+        for w in list(self._workers):
+            if not dispatch(w):
+                dispatch(replace(w, "error"))
+        while done < n:
+            busy = [w for w in self._workers if w.job is not None]
+            if not busy:  # every worker idle but items remain: dispatch again
+                for w in list(self._workers):
+                    if not dispatch(w):
+                        dispatch(replace(w, "error"))
+                continue
+            now = time.monotonic()
+            wait_s = max(0.0, min(w.deadline for w in busy) - now)
+            ready = _mp_wait([w.conn for w in busy], timeout=wait_s)
+            by_conn = {id(w.conn): w for w in busy}
+            for c in ready:
+                w = by_conn[id(c)]
+                try:
+                    while w.conn.poll():
+                        st, i, val = w.conn.recv()
+                        idxs = w.job[0]
+                        j = idxs[i]
+                        status[j] = st
+                        scores[j] = val if st == "ok" else 0.0
+                        w.job[1] = i + 1
+                        done += 1
+                        w.deadline = time.monotonic() + self.timeout_s
+                        if w.job[1] == len(idxs):
+                            break
+                except (EOFError, OSError):
+                    dispatch(replace(w, "error"))
+                    continue
+                if w.job[1] == len(w.job[0]):
+                    if not dispatch(w):
+                        dispatch(replace(w, "error"))
+            now = time.monotonic()
+            for w in list(self._workers):
+                if w.job is not None and now >= w.deadline and w.conn not in ready:
+                    dispatch(replace(w, "timeout"))
+        return scores, status

@@ -1,0 +1,74 @@
+"""Training config: TOML + key=value overrides, validation with clear messages."""
+import pytest
+
+from mtgrpo_core.train import config as C
+
+
+def test_default_config_loads_and_resolves_presets():
+    cfg = C.load_config()
+    assert cfg.run.algo == "mtgrpo" and cfg.tasks.suite == "cpu-3task"
+    assert cfg.loss.clip_eps_high == 0.28 and cfg.loss.loss_agg == "token-mean" and cfg.loss.filter_zero_adv
+    g = C.load_config(algo="grpo")
+    assert (g.loss.clip_eps_low, g.loss.clip_eps_high, g.loss.loss_agg, g.loss.filter_zero_adv) == \
+        (0.2, 0.2, "seq-mean-token-mean", False)
+    pg = C.load_config(algo="prompt-gdro")
+    assert pg.loss.adv_clip == 5.0 and not pg.loss.filter_zero_adv
+    # an explicit loss setting wins over the preset
+    d = C.load_config(algo="dapo", overrides=["loss.clip_eps_high=0.3", "loss.filter_zero_adv=false"])
+    assert d.loss.clip_eps_high == 0.3 and d.loss.filter_zero_adv is False
+
+
+def test_overrides_types_and_roundtrip(tmp_path):
+    cfg = C.load_config(overrides=["rl.steps=7", "rl.lr=1e-4", "run.progress=false", "gdro.edges=[0.3, 0.6]",
+                                   "run.out=some/where"])
+    assert cfg.rl.steps == 7 and cfg.rl.lr == 1e-4 and cfg.run.progress is False
+    assert cfg.gdro.edges == (0.3, 0.6) and cfg.run.out == "some/where"
+    p = tmp_path / "c.toml"
+    p.write_text(C.to_toml(cfg))
+    assert C.load_config(p) == cfg
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["rl.stepz=3"], r"unknown config key 'rl.stepz' \(did you mean 'rl.steps'\?\)"),
+    (["steps=3"], r"must be section.key \(did you mean 'warmup.steps'\?\)"),
+    (["rll.steps=3"], r"unknown config section 'rll' \(did you mean 'rl'\?\)"),
+    (["rl.steps=abc"], r"rl.steps: expected an int, got str 'abc'"),
+    (["rl.lr=true"], r"rl.lr: expected a number, got bool"),
+    (["run.progress=maybe"], r"run.progress: expected a bool"),
+    (["gdro.n_min=13"], r"gdro.n_min \(13\) must be <= gdro.n_max \(12\)"),
+    (["gdro.n_mean=1"], r"gdro.n_mean \(1\) must lie in \[gdro.n_min, gdro.n_max\]"),
+    (["rl.mini_batches=30", "rl.batch_prompts=8"], r"rl.mini_batches \(30\) cannot exceed rl.batch_prompts \(8\)"),
+    (["rl.group_size=1"], r"rl.group_size must be >= 2"),
+    (["run.algo=mtgrp"], r"unknown algorithm 'mtgrp' \(did you mean 'mtgrpo'\?\)"),
+    (["loss.loss_agg=token_mean"], r"loss.loss_agg must be one of .* \(did you mean 'token-mean'\?\)"),
+    (["generation.backend=vllm"], r"needs run.device='cuda'"),
+    (["rl.top_p=0"], r"rl.top_p must be in \(0, 1\]"),
+    (["gdro.edges=[0.5, 0.2]"], r"gdro.edges must be increasing"),
+    (["rl.steps"], r"not of the form section.key=value"),
+])
+def test_bad_configs_rejected_with_clear_messages(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.load_config(overrides=overrides)
+
+
+def test_bad_toml_files(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("[rl]\nbatch_prompt = 8\n")
+    with pytest.raises(C.ConfigError, match=r"did you mean 'rl.batch_prompts'"):
+        C.load_config(p)
+    p.write_text("algo = 'dapo'\n")
+    with pytest.raises(C.ConfigError, match=r"must live in a \[section\]"):
+        C.load_config(p)
+    p.write_text("[rl\n")
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load_config(p)
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load_config(tmp_path / "missing.toml")
+
+
+def test_cli_reports_config_errors(capsys):
+    from mtgrpo_core.cli import main
+
+    assert main(["train", "--out", "/nonexistent/never", "mtgrpo.lamda=0.2"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'mtgrpo.lamda' (did you mean 'mtgrpo.lam'?)" in err
