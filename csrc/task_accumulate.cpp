@@ -128,7 +128,7 @@ py::array_t<Acc> new_vector(int64_t n) {
 }
 
 // The C++ CPU path: blocks of the plan on OpenMP threads, partials combined in block order.
-py::tuple task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
                               const py::array& task_ids, int64_t num_tasks, int threads) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
   const int K = int(num_tasks);
@@ -168,7 +168,7 @@ py::tuple task_masked_sum_cpu(const py::array& values, int value_type, const py:
 }
 
 // The host twin of the CUDA kernels (scalar, single thread).
-py::tuple task_masked_sum_twin(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+py::tuple py_task_masked_sum_twin(const py::array& values, int value_type, const py::array& mask, int mask_kind,
                                const py::array& task_ids, int64_t num_tasks) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
   const int K = int(num_tasks);
@@ -196,7 +196,7 @@ py::tuple task_masked_sum_twin(const py::array& values, int value_type, const py
 
 // Backward on the CPU: out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, written in place into
 // `out` (a view of the torch gradient), elements of 2, 4 or 8 bytes.
-void task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind, const py::array& task_ids,
+void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind, const py::array& task_ids,
                             const py::array& table, int threads) {
   py::buffer_info ob = mtgrpo::checked_buffer(out, "out", 2);
   if (ob.readonly) fail("out: expected a writable array");
@@ -238,7 +238,7 @@ void task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind,
   }
 }
 
-py::dict task_masked_sum_plan(int64_t rows, int64_t cols, int64_t num_tasks) {
+py::dict py_task_masked_sum_plan(int64_t rows, int64_t cols, int64_t num_tasks) {
   check_tasks(num_tasks);
   if (rows < 0 || cols < 0) fail("values: negative extent ", rows, " x ", cols);
   check_extent(rows, cols);
@@ -256,7 +256,7 @@ py::dict task_masked_sum_plan(int64_t rows, int64_t cols, int64_t num_tasks) {
 }
 
 #ifdef MTGRPO_WITH_CUDA
-void task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr_t mask, int mask_kind,
+void py_task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr_t mask, int mask_kind,
                           std::uintptr_t task_ids, int64_t rows, int64_t cols, int64_t num_tasks,
                           std::uintptr_t sums, std::uintptr_t counts, std::uintptr_t workspace,
                           int64_t workspace_bytes, std::intptr_t stream) {
@@ -275,7 +275,7 @@ void task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr_t 
                    reinterpret_cast<void*>(workspace), workspace_bytes, stream);
 }
 
-void task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr_t mask, int mask_kind,
+void py_task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr_t mask, int mask_kind,
                              std::uintptr_t task_ids, std::uintptr_t table, int64_t rows, int64_t cols,
                              int64_t num_tasks, std::intptr_t stream) {
   check_tasks(num_tasks);
@@ -295,24 +295,24 @@ void task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr_t 
 
 void register_task_accumulate(py::module_& m) {
   m.attr("TASK_ACC_MAX_TASKS") = kMaxTasks;
-  m.def("task_masked_sum_cpu", &task_masked_sum_cpu, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+  m.def("task_masked_sum_cpu", &py_task_masked_sum_cpu, py::arg("values"), py::arg("value_type"), py::arg("mask"),
         py::arg("mask_kind"), py::arg("task_ids"), py::arg("num_tasks"), py::arg("threads") = 0,
         "Per-task masked sums on the CPU -> (sums[K] f32|f64, counts[K] int64). Deterministic for any "
         "thread count; bit-identical to the host twin and the CUDA kernels.");
-  m.def("task_masked_sum_twin", &task_masked_sum_twin, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+  m.def("task_masked_sum_twin", &py_task_masked_sum_twin, py::arg("values"), py::arg("value_type"), py::arg("mask"),
         py::arg("mask_kind"), py::arg("task_ids"), py::arg("num_tasks"),
         "Host twin of the CUDA kernels: their exact arithmetic, run serially on the CPU.");
-  m.def("task_weighted_grad_cpu", &task_weighted_grad_cpu, py::arg("out"), py::arg("mask"), py::arg("mask_kind"),
+  m.def("task_weighted_grad_cpu", &py_task_weighted_grad_cpu, py::arg("out"), py::arg("mask"), py::arg("mask_kind"),
         py::arg("task_ids"), py::arg("table"), py::arg("threads") = 0,
         "out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, in place (2/4/8-byte elements).");
-  m.def("task_masked_sum_plan", &task_masked_sum_plan, py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
+  m.def("task_masked_sum_plan", &py_task_masked_sum_plan, py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
         "The summation plan (units, blocks, workspace bytes) for an [rows, cols] input and K tasks.");
 #ifdef MTGRPO_WITH_CUDA
-  m.def("task_masked_sum_cuda", &task_masked_sum_cuda, py::arg("values"), py::arg("value_type"), py::arg("mask"),
+  m.def("task_masked_sum_cuda", &py_task_masked_sum_cuda, py::arg("values"), py::arg("value_type"), py::arg("mask"),
         py::arg("mask_kind"), py::arg("task_ids"), py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
         py::arg("sums"), py::arg("counts"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
         "Enqueue the per-task masked sum kernels (device pointers; stream = cudaStream_t as int).");
-  m.def("task_weighted_grad_cuda", &task_weighted_grad_cuda, py::arg("out"), py::arg("elem_bytes"),
+  m.def("task_weighted_grad_cuda", &py_task_weighted_grad_cuda, py::arg("out"), py::arg("elem_bytes"),
         py::arg("mask"), py::arg("mask_kind"), py::arg("task_ids"), py::arg("table"), py::arg("rows"),
         py::arg("cols"), py::arg("num_tasks"), py::arg("stream"),
         "Enqueue out[n,t] = mask[n,t] ? table[task_ids[n]] : 0 (device pointers).");

@@ -1,17 +1,19 @@
 """Access to the compiled extension ``mtgrpo_core._C`` with an actionable error."""
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 
+try:
+    from . import _C as _EXT  # type: ignore[attr-defined]
 
-@functools.lru_cache(maxsize=1)
+    _IMPORT_ERROR = ""
+except ImportError as exc:  # not built, or built against another Python
+    _EXT = None
+    _IMPORT_ERROR = str(exc)
+
+
 def _load() -> ModuleType | None:
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
+    return _EXT
 
 
 def available() -> bool:
@@ -26,7 +28,7 @@ def native() -> ModuleType:
         raise RuntimeError(
             "mtgrpo_core._C (the C++/CUDA extension) is not built or failed to import. "
             "Build it with `make build` (or `pip install -e .`); pass backend='torch' to use "
-            "the pure-PyTorch reference instead."
+            f"the pure-PyTorch reference instead. (import error: {_IMPORT_ERROR})"
         )
     return mod
 

@@ -138,7 +138,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .train.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides, out=args.out)
+        # the same step budget for every algorithm: no wall-clock cap unless asked for
+        budget = [f"rl.steps={args.steps}", "rl.max_time_s=0", f"eval.every={args.eval_every}"]
+        cfg = load_config(args.config, [*budget, *args.overrides], out=args.out)
     except ConfigError as e:
         print(f"mtgrpo compare: config error: {e}", file=sys.stderr)
         return 2
@@ -185,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", default="runs/compare")
     s.add_argument("--algos", default="grpo,dapo,mtgrpo,prompt-gdro")
     s.add_argument("--seeds", type=int, default=2)
+    s.add_argument("--steps", type=int, default=400, help="RL steps per run (the shared budget)")
+    s.add_argument("--eval-every", type=int, default=50, help="evaluation interval (for steps-to-threshold)")
     s.add_argument("--threshold", type=float, default=None, help="worst-task accuracy to reach (0-1)")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(fn=cmd_compare)

@@ -109,8 +109,7 @@ void apportion(const double* w, int64_t K, int64_t total, Rounding method, Pcg32
 
 // ---------------------------------------------------------------------------- U64Map
 void U64Map::reset(size_t cap) {
-  keys_.assign(cap, kEmpty);
-  vals_.assign(cap, 0);
+  slots_.assign(cap, Slot{kEmpty, 0});
   size_ = 0;
   unsigned bits = 0;
   while ((size_t(1) << bits) < cap) ++bits;
@@ -118,19 +117,20 @@ void U64Map::reset(size_t cap) {
 }
 
 void U64Map::clear() {
-  if (keys_.size() > 4096 && size_ * 8 < keys_.size()) {
+  if (size_ == 0) return;  // already empty: keep the capacity for the next step
+  if (slots_.size() > 4096 && size_ * 8 < slots_.size()) {
     reset(16);  // shrink a table left large by an unusually big step
     return;
   }
-  std::fill(keys_.begin(), keys_.end(), kEmpty);
+  std::fill(slots_.begin(), slots_.end(), Slot{kEmpty, 0});
   size_ = 0;
 }
 
 const int64_t* U64Map::find(uint64_t key) const {
-  size_t mask = keys_.size() - 1;
+  size_t mask = slots_.size() - 1;
   for (size_t i = slot(key);; i = (i + 1) & mask) {
-    if (keys_[i] == key) return &vals_[i];
-    if (keys_[i] == kEmpty) return nullptr;
+    if (slots_[i].key == key) return &slots_[i].val;
+    if (slots_[i].key == kEmpty) return nullptr;
   }
 }
 
@@ -139,16 +139,15 @@ int64_t* U64Map::find(uint64_t key) {
 }
 
 void U64Map::put(uint64_t key, int64_t val) {
-  if ((size_ + 1) * 2 > keys_.size()) grow();
-  size_t mask = keys_.size() - 1;
+  if ((size_ + 1) * 2 > slots_.size()) grow();
+  size_t mask = slots_.size() - 1;
   for (size_t i = slot(key);; i = (i + 1) & mask) {
-    if (keys_[i] == key) {
-      vals_[i] = val;
+    if (slots_[i].key == key) {
+      slots_[i].val = val;
       return;
     }
-    if (keys_[i] == kEmpty) {
-      keys_[i] = key;
-      vals_[i] = val;
+    if (slots_[i].key == kEmpty) {
+      slots_[i] = Slot{key, val};
       ++size_;
       return;
     }
@@ -156,11 +155,10 @@ void U64Map::put(uint64_t key, int64_t val) {
 }
 
 void U64Map::grow() {
-  std::vector<uint64_t> k = std::move(keys_);
-  std::vector<int64_t> v = std::move(vals_);
-  reset(k.size() * 2);
-  for (size_t i = 0; i < k.size(); ++i)
-    if (k[i] != kEmpty) put(k[i], v[i]);
+  std::vector<Slot> old = std::move(slots_);
+  reset(old.size() * 2);
+  for (const Slot& sl : old)
+    if (sl.key != kEmpty) put(sl.key, sl.val);
 }
 
 // ---------------------------------------------------------------------------- LazyPermutation
@@ -176,12 +174,46 @@ void LazyPermutation::set(uint32_t p, uint32_t v) {
     return;
   }
   sparse_.put(p, v);
-  // Past n/8 touched positions a dense array (4 bytes a prompt) is smaller and faster.
-  if (sparse_.size() > 1024 && sparse_.size() > n_ / 8) {
+  // Past n/32 touched positions switch to a dense array (4 bytes a prompt, one cache miss
+  // a draw instead of two hashed probes); the sparse table then holds ~n/32 slots of 16 B
+  // = n/2 bytes, and the one-off O(n) fill is paid once an epoch.
+  if (sparse_.size() > 1024 && sparse_.size() > n_ / 32) {
     dense_.resize(n_);
     for (uint32_t i = 0; i < n_; ++i) dense_[i] = i;
     sparse_.for_each([&](uint64_t k, int64_t val) { dense_[k] = static_cast<uint32_t>(val); });
     sparse_ = U64Map();
+  }
+}
+
+void LazyPermutation::prefetch(uint32_t p) const {
+#if defined(__GNUC__) || defined(__clang__)
+  if (!dense_.empty())
+    __builtin_prefetch(&dense_[p]);
+  else
+    sparse_.prefetch(p);
+#endif
+}
+
+void LazyPermutation::draw_many(Pcg32& rng, uint32_t count, uint32_t* out) {
+  if (count > limit_ - pos_) throw std::logic_error("LazyPermutation::draw_many: not enough prompts left (inconsistent state)");
+  constexpr uint32_t kAhead = 8;
+  uint32_t js[64];
+  while (count > 0) {
+    const uint32_t c = std::min<uint32_t>(count, 64);
+    for (uint32_t t = 0; t < c; ++t) js[t] = pos_ + t + rng.bounded(limit_ - pos_ - t);
+    for (uint32_t t = 0; t < std::min(c, kAhead); ++t) prefetch(js[t]);
+    for (uint32_t t = 0; t < c; ++t) {
+      if (t + kAhead < c) {
+        prefetch(js[t + kAhead]);
+        if (pos_ + kAhead < n_) prefetch(pos_ + kAhead);  // sparse mode hashes i too
+      }
+      const uint32_t i = pos_, j = js[t];
+      const uint32_t vi = get(i), vj = get(j);
+      set(j, vi);  // position i is never read again in this epoch
+      ++pos_;
+      *out++ = vj;
+    }
+    count -= c;
   }
 }
 
@@ -387,9 +419,11 @@ bool RatioPreservingSampler::next_round(std::vector<int32_t>& task_ids, std::vec
   round_start_ = static_cast<int64_t>(rec_task_.size());
   const int32_t r = static_cast<int32_t>(rounds_);
   size_t base = task_ids.size();
+  std::vector<uint32_t> buf;
   for (int64_t k = 0; k < K; ++k) {
     LazyPermutation& P = perms_[k];
-    for (int64_t a = 0; a < alloc[k]; ++a) {
+    int64_t need = alloc[k];
+    while (need > 0) {
       if (P.pos() == P.n()) {
         // Epoch exhausted mid-step: park this step's earlier draws of task k at the tail.
         std::vector<uint32_t> parked;
@@ -397,14 +431,24 @@ bool RatioPreservingSampler::next_round(std::vector<int32_t>& task_ids, std::vec
           if (rec_task_[i] == k) parked.push_back(rec_prompt_[i]);
         P.new_epoch(parked.data(), parked.size());
       }
-      uint32_t p = P.draw(rng_);
-      rec_index_.put(key(k, p), static_cast<int64_t>(rec_task_.size()));
-      rec_task_.push_back(static_cast<int32_t>(k));
-      rec_prompt_.push_back(p);
-      rec_round_.push_back(r);
-      rec_status_.push_back(kUnreported);
+      const uint32_t c = static_cast<uint32_t>(std::min<int64_t>(need, P.limit() - P.pos()));
+      buf.resize(c);
+      P.draw_many(rng_, c, buf.data());
+      rec_prompt_.insert(rec_prompt_.end(), buf.begin(), buf.end());
+      rec_task_.insert(rec_task_.end(), c, static_cast<int32_t>(k));
+      need -= c;
     }
     drawn_[k] += alloc[k];
+  }
+  const size_t end = rec_task_.size();
+  rec_round_.resize(end, r);
+  rec_status_.resize(end, kUnreported);
+  // Index the round's records; prefetching a few keys ahead overlaps the cache misses.
+  rec_index_.reserve(end);
+  constexpr size_t kAhead = 8;
+  for (size_t i = static_cast<size_t>(round_start_); i < end; ++i) {
+    if (i + kAhead < end) rec_index_.prefetch(key(rec_task_[i + kAhead], rec_prompt_[i + kAhead]));
+    rec_index_.put(key(rec_task_[i], rec_prompt_[i]), static_cast<int64_t>(i));
   }
   size_t added = rec_task_.size() - static_cast<size_t>(round_start_);
   task_ids.resize(base + added);
@@ -428,8 +472,13 @@ void RatioPreservingSampler::report(const int64_t* task_ids, const int64_t* prom
   auto undo = [&](int64_t upto) {
     for (int64_t i = 0; i < upto; ++i) rec_status_[idx[i]] = kUnreported;
   };
+  constexpr int64_t kAhead = 8;
   for (int64_t i = 0; i < n; ++i) {
     int64_t t = task_ids[i], p = prompt_indices[i];
+    if (i + kAhead < n) {
+      int64_t ta = task_ids[i + kAhead], pa = prompt_indices[i + kAhead];
+      if (ta >= 0 && ta < K && pa >= 0 && pa < cfg_.pool_sizes[ta]) rec_index_.prefetch(key(ta, pa));
+    }
     if (t < 0 || t >= K) {
       undo(i);
       bad("task_ids[", i, "] = ", t, " is outside [0, ", K, ")");
@@ -593,6 +642,12 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
   need(s.perm_limit.size(), K, "perm_limit");
   need(s.swap_pos.size(), s.swap_task.size(), "swap_pos");
   need(s.swap_val.size(), s.swap_task.size(), "swap_val");
+  for (int64_t k = 0; k < K; ++k) {
+    int64_t N = c.pool_sizes[k];
+    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N)
+      bad("state_dict['perm_pos'/'perm_limit'][", k, "]: need 0 <= pos <= limit <= pool size");
+    if (s.perm_epoch[k] < 0) bad("state_dict['perm_epoch'][", k, "]: must be >= 0");
+  }
   std::vector<std::vector<std::pair<uint32_t, uint32_t>>> sw(K);
   for (size_t i = 0; i < s.swap_task.size(); ++i) {
     int64_t k = s.swap_task[i];
@@ -603,10 +658,6 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
     sw[k].emplace_back(static_cast<uint32_t>(s.swap_pos[i]), static_cast<uint32_t>(s.swap_val[i]));
   }
   for (int64_t k = 0; k < K; ++k) {
-    int64_t N = c.pool_sizes[k];
-    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N)
-      bad("state_dict['perm_pos'/'perm_limit'][", k, "]: need 0 <= pos <= limit <= pool size");
-    if (s.perm_epoch[k] < 0) bad("state_dict['perm_epoch'][", k, "]: must be >= 0");
     x.perms_[k].restore(s.perm_epoch[k], static_cast<uint32_t>(s.perm_pos[k]), static_cast<uint32_t>(s.perm_limit[k]), sw[k]);
   }
   x.active_ = s.step_active;

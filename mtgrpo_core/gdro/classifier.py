@@ -107,7 +107,7 @@ class DifficultyClassifier:
     # -- queries -------------------------------------------------------------------------
     def _lookup(self, ids: list) -> np.ndarray:
         get = self._slot.get
-        return np.fromiter((get(x, -1) for x in ids), np.int64, len(ids))
+        return np.array([get(x, -1) for x in ids], dtype=np.int64)
 
     def bins(self, prompt_ids: Any) -> np.ndarray:
         """Group of each prompt (int64[n]) from the history up to the last ``update``;

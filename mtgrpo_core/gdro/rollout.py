@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..weighting._common import (GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int,
-                                 check_state, softmax)
+                                 check_state)
 from .prompt_gdro import as_groups
 
 __all__ = ["RolloutAllocator", "weighted_standard_error"]
@@ -57,12 +57,15 @@ def weighted_standard_error(q: Any, sigma: Any, n: Any) -> float:
     return float(np.sum(q * sigma / np.sqrt(n)))
 
 
-def _round_to_total(x: np.ndarray, total: int, lo: int, hi: int, priority: np.ndarray | None = None) -> np.ndarray:
-    """Integers n_i in [lo, hi] with sum exactly ``total`` (lo*P <= total <= hi*P), close to x.
+def _round_to_total(x: np.ndarray, total: int, lo, hi, priority: np.ndarray | None = None) -> np.ndarray:
+    """Integers n_i in [lo_i, hi_i] with sum exactly ``total`` (sum lo <= total <= sum hi), close to x.
 
     Largest remainder on floor(x); then a greedy fix (add where x - n is largest, remove where
     it is smallest) that also absorbs floating-point drift. Ties break by index (stable).
+    ``lo`` / ``hi`` are scalars or arrays like ``x``.
     """
+    lo = np.broadcast_to(np.asarray(lo, np.int64), x.shape)
+    hi = np.broadcast_to(np.asarray(hi, np.int64), x.shape)
     x = np.clip(x, lo, hi)
     n = np.floor(x).astype(np.int64)
     diff = int(total - n.sum())
@@ -70,21 +73,33 @@ def _round_to_total(x: np.ndarray, total: int, lo: int, hi: int, priority: np.nd
         room = np.flatnonzero(n < hi)
         key = (x - n)[room] if priority is None else priority[room]
         order = room[np.argsort(-key, kind="stable")]
-        while diff > 0:  # at most hi - lo passes; one pass suffices unless x drifted
+        while diff > 0 and order.size:  # one pass suffices unless x drifted
             take = order[: diff]
             n[take] += 1
             diff -= take.size
-            order = order[n[order] < hi]
+            order = order[n[order] < hi[order]]
     elif diff < 0:
         room = np.flatnonzero(n > lo)
         key = (x - n)[room] if priority is None else -priority[room]
         order = room[np.argsort(key, kind="stable")]
-        while diff < 0:
+        while diff < 0 and order.size:
             take = order[: -diff]
             n[take] -= 1
             diff += take.size
-            order = order[n[order] > lo]
+            order = order[n[order] > lo[order]]
     return n
+
+
+def _split_group_totals(g: np.ndarray, counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    """Per-prompt counts: group b's ``totals[b]`` split floor/ceil over its prompts (the
+    first ``totals % counts`` prompts of the group, in batch order, get one more)."""
+    base = totals // np.maximum(counts, 1)
+    extra = totals - base * counts
+    order = np.argsort(g, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(g.size, np.int64)
+    rank[order] = np.arange(g.size) - starts[g[order]]
+    return base[g] + (rank < extra[g])
 
 
 class RolloutAllocator:
@@ -170,8 +185,10 @@ class RolloutAllocator:
         counts = np.bincount(g, minlength=self.num_groups)
         if self.method == "sqrt":
             target = self._sqrt_targets(counts, T)
-            # prompts of one group share a target; rounding then splits them floor/ceil
-            return _round_to_total(target[g], T, self.n_min, self.n_max)
+            # round the groups' totals (|total_b - count_b n_b*| < 1), then split each
+            # group's total floor/ceil over its prompts
+            totals = _round_to_total(counts * target, T, counts * self.n_min, counts * self.n_max)
+            return _split_group_totals(g, counts, totals)
         per_group = self._bandit_plan(counts, T)
         x = per_group[g].astype(np.float64)
         if int((counts * per_group).sum()) == T:
@@ -208,36 +225,55 @@ class RolloutAllocator:
         return out
 
     def _bandit_plan(self, counts: np.ndarray, T: int) -> np.ndarray:
-        """Per-group arm maximising sum_b count_b log p_b(n_b) with total as close to T as
-        reachable (exactly T when reachable), by DP over the excess over n_min."""
+        """Per-group arm maximising sum_b count_b log p_b(n_b) with total exactly T when
+        reachable (else as close as reachable), by DP over the excess over n_min.
+
+        Forward pass: value tables V_j[s] (best objective of the first j groups with excess
+        s), one shifted ``np.maximum`` per (group, arm); the backward pass recovers the arm
+        of each group at the chosen state (the smallest arm attaining the value, so ties
+        break deterministically). First only states <= E are kept (enough when T is
+        reachable); a second pass with room to overshoot runs only when it is not.
+        """
         lp = np.log(self.arm_probs())
         present = np.flatnonzero(counts > 0)
         A = self.arms.size
         E = T - self.n_min * int(counts.sum())          # excess over the all-n_min allocation
-        S = E + int(counts.max()) * (A - 1) + 1          # states 0..S-1 (room to overshoot)
-        S = min(S, int(counts.sum()) * (A - 1) + 1)
-        neg = -np.inf
-        dp = np.full(S, neg)
-        dp[0] = 0.0
-        choice = np.zeros((present.size, S), np.int16)
-        states = np.arange(S)
-        for j, b in enumerate(present):
-            c = int(counts[b])
-            src = states[None, :] - c * np.arange(A)[:, None]          # [A, S]
-            ok = src >= 0
-            cand = np.where(ok, dp[np.where(ok, src, 0)], neg) + c * lp[b][:, None]
-            choice[j] = np.argmax(cand, axis=0)
-            dp = cand[choice[j], states]
-        reach = np.flatnonzero(np.isfinite(dp))
-        best = reach[np.argmin(np.abs(reach - E) * 1.0 - 1e-12 * dp[reach])] if reach.size else 0
-        if E in reach:
-            best = E
+        full = int(counts.sum()) * (A - 1) + 1
+        for S in (min(E + 1, full), min(E + int(counts.max()) * (A - 1) + 1, full)):
+            tables = []
+            dp = np.full(S, -np.inf)
+            dp[0] = 0.0
+            for b in present:
+                c = int(counts[b])
+                new = dp + c * lp[b, 0]
+                for k in range(1, A):
+                    sh = c * k
+                    if sh >= S:
+                        break
+                    np.maximum(new[sh:], dp[: S - sh] + c * lp[b, k], out=new[sh:])
+                tables.append(dp)
+                dp = new
+            if np.isfinite(dp[E]) if E < S else False:
+                best = E
+                break
+        else:
+            reach = np.flatnonzero(np.isfinite(dp))
+            dist = np.abs(reach - E)
+            cand = reach[dist == dist.min()]
+            best = int(cand[np.argmax(dp[cand])])
         plan = np.full(self.num_groups, int(round(self.n_mean)), np.int64)
         s = int(best)
         for j in range(present.size - 1, -1, -1):
-            a = int(choice[j, s])
-            plan[present[j]] = self.n_min + a
-            s -= int(counts[present[j]]) * a
+            b = present[j]
+            c = int(counts[b])
+            prev = tables[j]
+            target = dp[s]
+            for k in range(A):
+                if c * k <= s and prev[s - c * k] + c * lp[b, k] == target:
+                    break
+            plan[b] = self.n_min + k
+            s -= c * k
+            dp = prev
         return plan
 
     # -- update --------------------------------------------------------------------------

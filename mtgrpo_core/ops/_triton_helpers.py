@@ -14,19 +14,22 @@ KL_VALUE_CLAMP: tl.constexpr = 10.0
 
 
 @triton.jit
-def clipped_surrogate(a, r, lo, hi, dual_clip):
+def clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL: tl.constexpr):
     """Per element: (loss, d loss / d ratio, dual clip active) of
-    max(-a r, -a clip(r, lo, hi)), then min(., -a c) where a < 0 (c = +inf disables it)."""
+    max(-a r, -a clip(r, lo, hi)), then min(., -a c) where a < 0 when HAS_DUAL."""
     rc = tl.minimum(tl.maximum(r, lo), hi)
     l1 = -a * r
     l2 = -a * rc
     use1 = l1 >= l2
     loss = tl.where(use1, l1, l2)
     dldr = tl.where(use1, -a, 0.0)
-    l3 = -a * dual_clip
-    dual = (a < 0) & (l3 < loss)
-    loss = tl.where(dual, l3, loss)
-    dldr = tl.where(dual, 0.0, dldr)
+    if HAS_DUAL:
+        l3 = -a * dual_clip
+        dual = (a < 0) & (l3 < loss)
+        loss = tl.where(dual, l3, loss)
+        dldr = tl.where(dual, 0.0, dldr)
+    else:
+        dual = a != a  # all False, with the right shape
     return loss, dldr, dual
 
 

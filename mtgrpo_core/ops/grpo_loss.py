@@ -268,7 +268,7 @@ if _HAS_TRITON:
         LP, OLD, MASK, REF, ADV, REWARDS, GIDS, SEQW, GRAD, ROWSTATS, ADV_OUT, FLAT_OUT, LEADER_OUT, ROW_TOK, SCAL,
         N, T, eps_low, eps_high, dual_clip, ratio_cap, kl_coef, adv_eps, adv_clip, norm_length, num_tokens,
         FUSED_ADV: tl.constexpr, ADV_SCALE: tl.constexpr, UNBIASED: tl.constexpr, SINGLETON_RAW: tl.constexpr,
-        HAS_ADV_CLIP: tl.constexpr, TOK_ADV: tl.constexpr, HAS_SEQW: tl.constexpr, KL: tl.constexpr,
+        HAS_ADV_CLIP: tl.constexpr, HAS_DUAL: tl.constexpr, TOK_ADV: tl.constexpr, HAS_SEQW: tl.constexpr, KL: tl.constexpr,
         SEQ: tl.constexpr, AGG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One program per row: its advantage (fused path), then the tokens in BLOCK_T tiles."""
@@ -371,7 +371,7 @@ if _HAS_TRITON:
                 r = tl.exp(dc)
             cap_grad = tl.where(r <= ratio_cap, 1.0, 0.0)
             r = tl.minimum(r, ratio_cap)
-            loss, dldr, dual = clipped_surrogate(a, r, lo, hi, dual_clip)
+            loss, dldr, dual = clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL)
             g = dldr * r * cap_grad * din
             kl = tl.zeros([BLOCK_T], tl.float32)
             if KL > 0:
@@ -429,7 +429,8 @@ def grpo_loss_fwd(logprobs, old_logprobs, mask, advantages, rewards, group_ids, 
         n, t, float(eps_low), float(eps_high), float(dual_clip), float(ratio_cap), float(kl_coef), float(adv_eps),
         float(adv_clip), float(norm_length if norm_length > 0 else t), float(num_tokens),
         FUSED_ADV=fused, ADV_SCALE={"group": 0, "batch": 1, "none": 2}[adv_scale], UNBIASED=bool(adv_unbiased),
-        SINGLETON_RAW=bool(adv_singleton_raw), HAS_ADV_CLIP=adv_clip > 0, TOK_ADV=tok_adv,
+        SINGLETON_RAW=bool(adv_singleton_raw), HAS_ADV_CLIP=adv_clip > 0, HAS_DUAL=math.isfinite(dual_clip),
+        TOK_ADV=tok_adv,
         HAS_SEQW=seq_weights is not None, KL=int(kl_estimator), SEQ=bool(seq_level), AGG=int(loss_agg),
         BLOCK_T=block_t, BLOCK_N=block_n,
     )

@@ -102,9 +102,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 if HAS_TRITON:
 
     @triton.jit
+    def _mma(a, b, acc, DOT_MODE: tl.constexpr):
+        """acc + a @ b with fp32 accumulation. DOT_MODE 0: native low-precision dot (tensor
+        cores); 1: IEEE fp32 (no TF32); 2: upcast to fp32 first (the Triton 3.9 interpreter's
+        dot returns garbage for bfloat16 operands, so interpreted bf16 runs take this path)."""
+        if DOT_MODE == 2:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif DOT_MODE == 1:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
+
+    @triton.jit
     def _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
                      stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """fp32 tile ``(h[offs_m] @ W[offs_v].T + b[offs_v]) * inv_temp``; out-of-range
         rows/columns hold finite junk (callers mask them)."""
@@ -116,20 +128,19 @@ if HAS_TRITON:
                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             b = tl.load(w_ptr + offs_v[None, :] * stride_wv + offs_k[:, None] * stride_wk,
                         mask=mask_v[None, :] & mask_k[:, None], other=0.0)
-            if IEEE:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
+            acc = _mma(a, b, acc, DOT_MODE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
         return acc * inv_temp
 
     @triton.jit
-    def _dlogits_tile(z, offs_v, mask_v, y, lse, ent, gl, ge, inv_temp,
+    def _dlogits_tile(z, offs_v, mask, y, lse, ent, gl, ge, inv_temp,
                       WITH_ENTROPY: tl.constexpr):
         """d(loss)/d(raw logits) of one tile: ``(gl (onehot - p) - ge p (log p + ent)) / tau``."""
-        logp = z - lse[:, None]
-        p = tl.where(mask_v[None, :], tl.exp(logp), 0.0)
+        # ``mask``: [BLOCK_M, BLOCK_V] in-range entries; off the edge logp is set to 0 so exp
+        # cannot overflow there (lse of a padded row is 0 while its junk logit may be 1e4).
+        logp = tl.where(mask, z - lse[:, None], 0.0)
+        p = tl.where(mask, tl.exp(logp), 0.0)
         if WITH_ENTROPY:
             coef = gl[:, None] + ge[:, None] * (logp + ent[:, None])
         else:
@@ -141,7 +152,7 @@ if HAS_TRITON:
     def _linear_logprobs_fwd_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, V, K, v_per_split,
             stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program (token block, vocabulary split): online (max m, sum s = sum e^(z-m),
         t = sum e^(z-m) (z-m), target logit) over its vocabulary range, written to
@@ -162,7 +173,7 @@ if HAS_TRITON:
             mask_v = offs_v < v_end
             z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
                              stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                             HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
+                             HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
             z = tl.where(mask_v[None, :], z, float("-inf"))
             tgt += tl.sum(tl.where((offs_v[None, :] == y[:, None]) & mask_v[None, :], z, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a valid column
@@ -187,7 +198,7 @@ if HAS_TRITON:
     def _linear_logprobs_bwd_dh_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr, M, V, K,
             stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program per token block: dh[rows] (fp32, contiguous [M, K]) += dz @ W_tile over
         all vocabulary tiles. The program owns its rows: no atomics, deterministic."""
@@ -208,8 +219,8 @@ if HAS_TRITON:
             mask_v = offs_v < V
             z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
                              stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                             HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-            dz = _dlogits_tile(z, offs_v, mask_v, y, lse, ent, gl, ge, inv_temp, WITH_ENTROPY)
+                             HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
+            dz = _dlogits_tile(z, offs_v, mask_m[:, None] & mask_v[None, :], y, lse, ent, gl, ge, inv_temp, WITH_ENTROPY)
             dz = dz.to(w_ptr.dtype.element_ty)
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -219,17 +230,14 @@ if HAS_TRITON:
                 ptrs = dh_ptr + offs_m[:, None] * K + offs_k[None, :]
                 io_mask = mask_m[:, None] & mask_k[None, :]
                 cur = tl.load(ptrs, mask=io_mask, other=0.0)
-                if IEEE:
-                    cur = tl.dot(dz, w, cur, input_precision="ieee")
-                else:
-                    cur = tl.dot(dz, w, cur)
+                cur = _mma(dz, w, cur, DOT_MODE)
                 tl.store(ptrs, cur, mask=io_mask)
 
     @triton.jit
     def _linear_logprobs_bwd_dw_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dw_ptr, db_ptr, M, V, K,
             stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, IEEE: tl.constexpr,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """One program per vocabulary block: dW[rows] (fp32, contiguous [V, K]) += dz.T @ h_tile
         and db[rows] += dz.sum(0) over all token tiles. Owns its rows: deterministic."""
@@ -251,9 +259,8 @@ if HAS_TRITON:
                 ge = gl
             z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
                              stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                             HAS_BIAS, IEEE, BLOCK_M, BLOCK_V, BLOCK_K)
-            dz = _dlogits_tile(z, offs_v, mask_v, y, lse, ent, gl, ge, inv_temp, WITH_ENTROPY)
-            dz = tl.where(mask_m[:, None], dz, 0.0)
+                             HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
+            dz = _dlogits_tile(z, offs_v, mask_m[:, None] & mask_v[None, :], y, lse, ent, gl, ge, inv_temp, WITH_ENTROPY)
             db += tl.sum(dz, axis=0)
             dzt = tl.trans(dz.to(h_ptr.dtype.element_ty))
             for k0 in range(0, K, BLOCK_K):
@@ -264,10 +271,7 @@ if HAS_TRITON:
                 ptrs = dw_ptr + offs_v[:, None] * K + offs_k[None, :]
                 io_mask = mask_v[:, None] & mask_k[None, :]
                 cur = tl.load(ptrs, mask=io_mask, other=0.0)
-                if IEEE:
-                    cur = tl.dot(dzt, h, cur, input_precision="ieee")
-                else:
-                    cur = tl.dot(dzt, h, cur)
+                cur = _mma(dzt, h, cur, DOT_MODE)
                 tl.store(ptrs, cur, mask=io_mask)
         if HAS_BIAS:
             tl.store(db_ptr + offs_v, db, mask=mask_v)
@@ -285,6 +289,12 @@ def _triton_blocks(M: int, V: int, K: int, chunk_tokens, chunk_vocab, device) ->
     bv = chunk_vocab or (16 if interp else 128)
     bk = min(64 if not interp else 32, max(16, _next_pow2(K)))
     return bm, bv, bk, 8 if bm * bv >= 64 * 128 else 4
+
+
+def _dot_mode(hidden: torch.Tensor) -> int:
+    if hidden.dtype == torch.float32:
+        return 1
+    return 2 if (hidden.device.type != "cuda" and hidden.dtype == torch.bfloat16) else 0
 
 
 def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_entropy: bool,
@@ -319,7 +329,7 @@ def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_e
     _linear_logprobs_fwd_kernel[(n_mblk, n_split)](
         hidden, weight, b, y, part, M, V, K, per,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), float(inv_temp),
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, IEEE=hidden.dtype == torch.float32,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw)
     m, s, t, tgt = part.unbind(0)
     lse_s = m + torch.log(s)                     # [S, M] per-split log-sum-exp
@@ -348,7 +358,7 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
     y = token_ids.to(torch.int32) if V < 2**31 else token_ids
     b = bias if bias is not None else hidden
     common = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-                  IEEE=hidden.dtype == torch.float32, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw)
+                  DOT_MODE=_dot_mode(hidden), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=nw)
     strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), float(inv_temp))
     dh = dw = db = None
     if needs[0]:
@@ -406,12 +416,13 @@ def _chunked_fwd(hidden, weight, bias, y, inv_temp, with_entropy, chunk_tokens, 
     M, _ = hidden.shape
     V = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
+    dev = hidden.device
     ct, cv = _chunked_sizes(M, V, chunk_tokens, chunk_vocab)
     h = hidden.to(acc)
-    lse = torch.empty(M, dtype=acc, device=hidden.device)
-    tgt = torch.empty(M, dtype=acc, device=hidden.device)
-    ent = torch.empty(M if with_entropy else 0, dtype=acc, device=hidden.device)
-    buf = torch.empty(min(ct, M) * cv, dtype=acc, device=hidden.device)
+    lse = torch.empty(M, dtype=acc, device=dev)
+    tgt = torch.empty(M, dtype=acc, device=dev)
+    ent = torch.empty(M if with_entropy else 0, dtype=acc, device=dev)
+    buf = torch.empty(min(ct, M) * cv, dtype=acc, device=dev)
     pbuf = torch.empty_like(buf) if with_entropy else None
     for v0 in range(0, V, cv):
         v1 = min(V, v0 + cv)
@@ -421,21 +432,26 @@ def _chunked_fwd(hidden, weight, bias, y, inv_temp, with_entropy, chunk_tokens, 
         for t0 in range(0, M, ct):
             t1 = min(M, t0 + ct)
             z = _tile(buf, h[t0:t1], w_v, b_v, inv_temp)
-            local, inside = local_all[t0:t1], inside_all[t0:t1]
-            tg = z.gather(1, local[:, None]).squeeze(1)
-            lse_c = torch.logsumexp(z, dim=1)
+            tg = z.gather(1, local_all[t0:t1, None]).squeeze(1)
+            # log-sum-exp in place (torch.logsumexp would allocate a second tile)
+            m = z.amax(dim=1)
+            z.sub_(m[:, None])                                # z - m <= 0
             if with_entropy:
-                z.sub_(lse_c[:, None])                       # log p within the chunk
-                p = pbuf[: z.numel()].view_as(z)
-                torch.exp(z, out=p)
-                ent_c = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1).neg_()
+                e = pbuf[: z.numel()].view_as(z)
+                torch.exp(z, out=e)
+                s_c = e.sum(dim=1)
+                t_c = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)  # sum e (z - m)
+                ent_c = torch.log(s_c) - t_c / s_c            # entropy within the chunk
+            else:
+                s_c = z.exp_().sum(dim=1)
+            lse_c = m + torch.log(s_c)
             if v0 == 0:
                 lse[t0:t1] = lse_c
-                tgt[t0:t1] = tg                              # overwritten by the owning chunk
+                tgt[t0:t1] = tg                               # replaced by the owning chunk
                 if with_entropy:
                     ent[t0:t1] = ent_c
                 continue
-            tgt[t0:t1] = torch.where(inside, tg, tgt[t0:t1])
+            tgt[t0:t1] = torch.where(inside_all[t0:t1], tg, tgt[t0:t1])
             old = lse[t0:t1]
             new = torch.logaddexp(old, lse_c)
             if with_entropy:
@@ -456,9 +472,10 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
     gl_s = (torch.zeros(M, dtype=acc, device=dev) if gl is None else gl.to(acc)) * inv_temp
     ge_s = ge.to(acc) * inv_temp if ge is not None else None
     need_dh, need_dw, need_db = needs
-    dh = torch.zeros((M, H), dtype=acc, device=dev) if need_dh else None
+    dh = torch.empty((M, H), dtype=acc, device=dev) if need_dh else None
     dw = torch.empty_like(weight) if need_dw else None
     db = torch.empty_like(bias) if need_db else None
+    direct_dw = need_dw and weight.dtype == acc     # accumulate straight into dw's rows
     buf = torch.empty(min(ct, M) * cv, dtype=acc, device=dev)
     pbuf = torch.empty_like(buf) if ge_s is not None else None
     rows = torch.arange(min(ct, M), device=dev)
@@ -466,7 +483,8 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
         v1 = min(V, v0 + cv)
         w_v = weight[v0:v1].to(acc)
         b_v = bias[v0:v1].to(acc) if bias is not None else None
-        dw_v = torch.zeros((v1 - v0, H), dtype=acc, device=dev) if need_dw else None
+        if need_dw:
+            dw_v = dw[v0:v1] if direct_dw else torch.empty((v1 - v0, H), dtype=acc, device=dev)
         db_v = torch.zeros(v1 - v0, dtype=acc, device=dev) if need_db else None
         local_all, inside_all = _chunk_ids(y, v0, v1)
         for t0 in range(0, M, ct):
@@ -484,13 +502,19 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
             inside = inside_all[t0:t1]
             r = rows[: t1 - t0][inside]
             dz.index_put_((r, local_all[t0:t1][inside]), gl_s[t0:t1][inside], accumulate=True)
-            if need_dh:
-                dh[t0:t1].addmm_(dz, w_v)
+            if need_dh:  # first vocabulary chunk writes, later ones accumulate
+                if v0 == 0:
+                    torch.mm(dz, w_v, out=dh[t0:t1])
+                else:
+                    dh[t0:t1].addmm_(dz, w_v)
             if need_dw:
-                dw_v.addmm_(dz.T, h[t0:t1])
+                if t0 == 0:
+                    torch.mm(dz.T, h[t0:t1], out=dw_v)
+                else:
+                    dw_v.addmm_(dz.T, h[t0:t1])
             if need_db:
                 db_v += dz.sum(0)
-        if need_dw:
+        if need_dw and not direct_dw:
             dw[v0:v1] = dw_v
         if need_db:
             db[v0:v1] = db_v

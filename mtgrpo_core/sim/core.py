@@ -94,7 +94,7 @@ class SimResult:
     success: np.ndarray            # [steps + 1, K] mean success probability per task
     weights: np.ndarray            # [steps, K] task weights used at each step
     zero_grad_rate: np.ndarray     # [steps, K] share of drawn groups with zero advantage
-    sampler: str                   # "rp-sampler" or "direct"
+    sampler: str                   # "rp-sampler", "direct" (fallback) or "unfiltered" (GDRO runs)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -198,7 +198,7 @@ def _advantages(y: np.ndarray, seg: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.where(n[seg] > 1, dev / (std[seg] + 1e-6), 0.0)
 
 
-def simulate(algo: str, cfg: SimConfig = SimConfig(), *, record_every: int = 1) -> SimResult:
+def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
     """Run one seeded simulation of ``cfg.steps`` steps with weighting / GDRO ``algo``."""
     if algo not in ALGOS:
         raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
@@ -216,7 +216,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig(), *, record_every: int = 1) 
     rollout = algo.startswith("rollout-")
     filtered = not (gdro or rollout)
     Sampler = _load_sampler() if (cfg.use_sampler and filtered) else None
-    sampler_name = "rp-sampler" if Sampler is not None else "direct"
+    sampler_name = ("rp-sampler" if Sampler is not None else "direct") if filtered else "unfiltered"
     if filtered:
         kw = dict(oversample=cfg.oversample, max_rounds=cfg.max_rounds, acceptance_cap=cfg.acceptance_cap,
                   seed=cfg.seed + 1)
@@ -344,8 +344,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig(), *, record_every: int = 1) 
             extra["mu"].append(ra.mu)
             extra["alloc_mean"].append(float(n.mean()))
         extra["max_weight"].append(float(np.max(ctrl.weights)))
-        if (step + 1) % record_every == 0 or step == cfg.steps - 1:
-            succ.append(_sigmoid(a[:, None] + b - d).mean(axis=1))
+        succ.append(_sigmoid(a[:, None] + b - d).mean(axis=1))
     out = {k: np.asarray(v) for k, v in extra.items() if len(v)}
     if gdro or rollout:
         out["bin_counts"] = np.bincount(clf.bins(np.arange(K * P)), minlength=clf.num_groups)

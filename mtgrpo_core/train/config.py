@@ -40,7 +40,7 @@ class RunConfig:
     seed: int = 0
     out: str = "runs/default"
     device: str = "cpu"           # "cpu" | "cuda" | "auto"
-    threads: int = 0              # torch.set_num_threads; 0 = leave as is
+    threads: int = 0              # torch.set_num_threads; 0 = auto (all cores, 1 when the machine is loaded)
     dtype: str = "float32"        # model dtype: float32 | bfloat16
     init_from: str = ""           # a checkpoint (e.g. a shared warm-up) to start RL from
     progress: bool = True         # rich progress bars

@@ -86,6 +86,9 @@ class HFGenerator:
     def load_state_dict(self, d: dict) -> None:
         self.rng.set_state(d["rng"])
 
+    def reseed(self, seed: int) -> None:
+        self.rng.manual_seed(int(seed))
+
     @torch.no_grad()
     def generate(self, texts: Sequence[str], n=1, *, max_new_tokens: int = 24,
                  temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollouts:
@@ -242,6 +245,9 @@ class VLLMGenerator:
 
     def load_state_dict(self, d: dict) -> None:
         self.calls = int(d.get("calls", 0))
+
+    def reseed(self, seed: int) -> None:
+        self.seed, self.calls = int(seed), 0
 
     def sync_weights(self, model) -> None:
         weights = [(k, v.detach()) for k, v in model.state_dict().items()]

@@ -191,7 +191,7 @@ inline __attribute__((always_inline)) void grpo_row(
     const C d = x - to_compute(old[t]);
     const C dc = std::min(std::max(d, -lim), lim);
     const C din = (d >= -lim && d <= lim) ? C(1) : C(0);
-    const C a = TOK_ADV ? adv_tok[t] : a_row;
+    const C a = TOK_ADV ? adv_tok[t] * a_row : a_row;  // a_row: the sequence weight
     C r = SEQ ? r_seq : vexp(dc);
     const C cap_grad = r <= cap ? C(1) : C(0);
     r = std::min(r, cap);

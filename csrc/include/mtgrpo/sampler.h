@@ -84,34 +84,47 @@ void check_weights(const double* w, int64_t n, int64_t K, const char* name);
 
 // ---------------------------------------------------------------------------- pools
 // Open-addressing hash map uint64 -> int64 (linear probing, Fibonacci hashing, load <= 1/2).
+// Key and value share a 16-byte slot so a lookup touches one cache line; prefetch() lets
+// loops over random keys overlap their cache misses (the sampler's cost is memory latency).
 class U64Map {
  public:
   static constexpr uint64_t kEmpty = ~0ULL;
+  struct Slot {
+    uint64_t key;
+    int64_t val;
+  };
   U64Map() { reset(16); }
   size_t size() const { return size_; }
   void clear();
+  void reserve(size_t n) {
+    while (2 * n > slots_.size()) grow();
+  }
   const int64_t* find(uint64_t key) const;
   int64_t* find(uint64_t key);
   void put(uint64_t key, int64_t val);
+  void prefetch(uint64_t key) const {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(&slots_[slot(key)]);
+#endif
+  }
   template <typename F>
   void for_each(F&& f) const {
-    for (size_t i = 0; i < keys_.size(); ++i)
-      if (keys_[i] != kEmpty) f(keys_[i], vals_[i]);
+    for (const Slot& sl : slots_)
+      if (sl.key != kEmpty) f(sl.key, sl.val);
   }
 
  private:
   void reset(size_t cap);
   void grow();
   size_t slot(uint64_t key) const { return static_cast<size_t>((key * 0x9E3779B97F4A7C15ULL) >> shift_); }
-  std::vector<uint64_t> keys_;
-  std::vector<int64_t> vals_;
+  std::vector<Slot> slots_;
   size_t size_ = 0;
   unsigned shift_ = 60;
 };
 
 // A permutation of [0, n) built lazily by Fisher-Yates: the k-th draw of an epoch swaps
 // position k with a uniform position in [k, limit) and returns what lands at k. Only
-// touched positions are stored (a hash map; a dense array once more than n/8 are touched),
+// touched positions are stored (a hash map; a dense array once more than n/32 are touched),
 // so a step costs O(draws), never O(n). `limit` < n only inside a step that wrapped the
 // epoch: the prompts this step already drew sit in the tail [limit, n) of the new epoch,
 // so no prompt comes twice in one step; at the next step limit returns to n and they are
@@ -124,6 +137,10 @@ class LazyPermutation {
   uint32_t limit() const { return limit_; }
   int64_t epoch() const { return epoch_; }
   uint32_t draw(Pcg32& rng);  // requires pos < limit
+  // `count` consecutive draws (count <= limit - pos), the same random calls and results as
+  // `count` calls of draw(), with the random positions computed first so that their cache
+  // misses overlap (prefetch a few draws ahead).
+  void draw_many(Pcg32& rng, uint32_t count, uint32_t* out);
   // Starts the next epoch with `d` prompts (drawn in this step) parked at the tail.
   void new_epoch(const uint32_t* parked, size_t d);
   void end_step() { limit_ = n_; }
@@ -135,6 +152,7 @@ class LazyPermutation {
  private:
   uint32_t get(uint32_t p) const;
   void set(uint32_t p, uint32_t v);
+  void prefetch(uint32_t p) const;
   void clear_map();
   uint32_t n_ = 0, pos_ = 0, limit_ = 0;
   int64_t epoch_ = 0;

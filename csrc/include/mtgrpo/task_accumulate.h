@@ -24,8 +24,30 @@ inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
                          typename ValueTraits<VT>::acc* sum, uint32_t* cnt) {
   using Acc = typename ValueTraits<VT>::acc;
   Acc lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = Acc(0);
   uint32_t c = 0;
+  if (len < kLanes) {
+    // Short unit (e.g. T = 1 statistics rows): lanes >= len hold +0. A lane sum is never
+    // -0 (it starts at +0, and a rounded sum is -0 only when both terms are), so adding a
+    // +0 lane is exact and the fold can start at the smallest power of two >= len: the
+    // same bits as the full 32-lane fold, without its 31 adds per unit.
+    int width = 1;
+    while (width < len) width <<= 1;
+    for (int l = 0; l < width; ++l) {
+      Acc s = Acc(0);
+      if (l < len) {
+        const auto mi = m[l];
+        s += masked_value<VT, MK>(v[l], mi);
+        c += MaskTraits<MK>::set(mi) ? 1u : 0u;
+      }
+      lanes[l] = s;
+    }
+    for (int off = width / 2; off >= 1; off >>= 1)
+      for (int l = 0; l < off; ++l) lanes[l] += lanes[l + off];
+    *sum = lanes[0];
+    *cnt = c;
+    return;
+  }
+  for (int l = 0; l < kLanes; ++l) lanes[l] = Acc(0);
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
@@ -58,7 +80,13 @@ inline void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
   const int64_t u1 = std::min(p.units, u0 + p.units_per_block);
   for (int64_t u = u0; u < u1; ++u) {
     int64_t row, off, len;
-    unit_extent(p, u, &row, &off, &len);
+    if (p.segs_per_row == 1) {  // one unit per row (T <= 2048): no division
+      row = u;
+      off = u * p.cols;
+      len = p.cols;
+    } else {
+      unit_extent(p, u, &row, &off, &len);
+    }
     Acc s;
     uint32_t c;
     unit_sum_cpu<VT, MK>(values + off, mask + off, len, &s, &c);

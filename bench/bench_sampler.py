@@ -1,0 +1,108 @@
+"""Benchmark of the ratio-preserving sampler: time per step, C++ core vs pure-Python reference.
+
+A step = start_step + every (next_round, report) pair + finish, through the public
+``mtgrpo_core.sampling.RatioPreservingSampler`` (so the Python wrapper's overhead is
+included); simulated generation (the accept mask) is computed outside the timed calls.
+Cases: B in {256, 1024, 8192} x K in {3, 9, 64}, 10^6 prompts per task, per-task
+acceptance rates spread evenly over 0.1..0.9, weights a fixed Dirichlet(5) draw,
+oversample 3, max_rounds 10. Both samplers first warm up on the C++ core (rho learns the
+rates) and then time the *same* steps: the reference is loaded from the C++ state_dict, so
+it draws exactly the same prompts. The reference runs fewer steps (it is slow; the step
+counts are in each row's ``extra``). Provider ``torch_ref`` is the pure-Python reference
+``mtgrpo_core.reference.sampler.RatioPreservingSamplerRef`` (the harness's name for the oracle).
+
+Run: ``mtgrpo bench sampler`` (or ``python bench/bench_sampler.py``); MTGRPO_BENCH_QUICK=1
+shrinks it to one small case.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Row, emit, quick  # noqa: E402
+
+from mtgrpo_core.sampling import RatioPreservingSampler  # noqa: E402
+
+
+def _accept(rates: np.ndarray, step: int, task_ids: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """Deterministic simulated zero-advantage filter (a hash of step, task, prompt)."""
+    x = (prompts.astype(np.uint64) << np.uint64(8)) ^ task_ids.astype(np.uint64) ^ np.uint64(step * 0x9E3779B1)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return ((x >> np.uint64(11)).astype(np.float64) / float(2**53)) < rates[task_ids]
+
+
+def run_steps(s: RatioPreservingSampler, z: np.ndarray, rates: np.ndarray, first: int, n: int):
+    """Run n steps; return (per-step sampler seconds, rounds per step)."""
+    times, rounds = [], []
+    for step in range(first, first + n):
+        t = 0.0
+        t0 = time.perf_counter()
+        s.start_step(z)
+        d = s.next_round()
+        t += time.perf_counter() - t0
+        while d is not None:
+            acc = _accept(rates, step, d.task_ids, d.prompt_indices)  # "generation": not timed
+            t0 = time.perf_counter()
+            s.report(d.task_ids, d.prompt_indices, acc)
+            d = s.next_round()
+            t += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = s.finish()
+        t += time.perf_counter() - t0
+        times.append(t * 1e3)
+        rounds.append(b.rounds)
+    return times, rounds
+
+
+def stats(ms: list[float]) -> tuple[float, float, float]:
+    ms = sorted(ms)
+    q = statistics.quantiles(ms, n=5) if len(ms) >= 5 else [ms[0], ms[0], ms[-1], ms[-1]]
+    return statistics.median(ms), q[0], q[3]
+
+
+def main() -> None:
+    if quick():
+        cases, pool, warm, n_cpp, n_ref = [(64, 3)], 10_000, 3, 5, 2
+    else:
+        cases = [(B, K) for B in (256, 1024, 8192) for K in (3, 9, 64)]
+        pool, warm, n_cpp = 10**6, 30, 200
+    rows: list[Row] = []
+    summary = []
+    for B, K in cases:
+        if not quick():
+            n_ref = {256: 20, 1024: 8, 8192: 3}[B]
+        rng = np.random.default_rng(1000 * B + K)
+        z = rng.dirichlet(np.full(K, 5.0))
+        rates = np.linspace(0.1, 0.9, K)
+        s = RatioPreservingSampler([pool] * K, B, seed=7, backend="cpp")
+        run_steps(s, z, rates, 0, warm)  # rho learns the acceptance rates
+        state = s.state_dict()
+        ref = RatioPreservingSampler([pool] * K, B, seed=0, backend="python")
+        ref.load_state_dict(state)
+        t_ref, r_ref = run_steps(ref, z, rates, warm, n_ref)
+        t_cpp, r_cpp = run_steps(s, z, rates, warm, n_cpp)
+        assert r_cpp[:n_ref] == r_ref, "reference and C++ diverged"
+        case = f"B={B},K={K},pool={pool}"
+        extra = {"rounds_mean": round(float(np.mean(r_cpp)), 3), "steps_timed": n_cpp}
+        med_c, p20_c, p80_c = stats(t_cpp)
+        med_r, p20_r, p80_r = stats(t_ref)
+        rows.append(Row("sampler", case, "mtgrpo-cpp", "cpu", med_c, p20_c, p80_c, extra=extra))
+        rows.append(Row("sampler", case, "torch_ref", "cpu", med_r, p20_r, p80_r,
+                        extra={"impl": "pure-python reference", "steps_timed": n_ref}))
+        summary.append((B, K, med_c, med_r, med_r / med_c, float(np.mean(r_cpp))))
+    emit(rows, csv_name="sampler")
+    print("\nms per step (median; plan all rounds + report + finish, generation excluded)")
+    print(f"{'B':>6} {'K':>4} {'C++':>10} {'Python ref':>12} {'ratio':>8} {'rounds':>7}")
+    for B, K, c, r, ratio, rounds in summary:
+        print(f"{B:>6} {K:>4} {c:>10.4f} {r:>12.3f} {ratio:>7.0f}x {rounds:>7.2f}")
+
+
+if __name__ == "__main__":
+    main()

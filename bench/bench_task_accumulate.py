@@ -1,0 +1,96 @@
+"""Benchmark of the per-task masked sums and the multi-task weighted loss (``mtgrpo bench ops``).
+
+Cases: N x T in {1M, 8M} tokens (T = 1024, right-padded response masks, fp32 values, bool
+mask), K in {3, 9, 100} tasks; modes ``fwd`` (``task_masked_sum``) and ``fwd+bwd``
+(``task_weighted_loss`` + backward to the token losses). Providers: ``mtgrpo-cpu`` (C++
+path), ``torch_ref`` (the reference from ``mtgrpo_core.reference.task_accumulate``),
+``mtgrpo-cuda`` on a GPU, and ``memcpy``: a copy of the bytes the op must touch (the
+bandwidth ceiling). GB/s counts the bytes the op must touch: values + mask + task ids read
+(fwd), plus the mask read and the gradient written (bwd).
+Goal: mtgrpo-cpu at least 2x faster than torch_ref at 1M tokens and 3x at 8M.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Row, emit, memcpy_ms, peak_memory_mb, quick, time_fn  # noqa: E402
+
+import mtgrpo_core as mc  # noqa: E402
+from mtgrpo_core.reference.task_accumulate import task_masked_sum_ref, task_weighted_loss_ref  # noqa: E402
+
+SHAPES = [(1024, 1024), (8192, 1024)]  # 1M and 8M tokens
+QUICK_SHAPES = [(64, 256)]
+TASKS = [3, 9, 100]
+QUICK_TASKS = [3]
+
+
+def make_inputs(n: int, t: int, k: int, device: str):
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(n, t, generator=g).to(device)
+    lengths = torch.randint(t // 4, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).to(device)
+    ids = torch.randint(0, k, (n,), generator=g).to(device)
+    weights = (torch.rand(k, generator=g) + 0.5).to(device)
+    return values, mask, ids, weights
+
+
+def main() -> None:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    shapes = QUICK_SHAPES if quick() else SHAPES
+    tasks = QUICK_TASKS if quick() else TASKS
+    rows: list[Row] = []
+    for device in devices:
+        native = "mtgrpo-cuda" if device == "cuda" else "mtgrpo-cpu"
+        backend = "cuda" if device == "cuda" else "cpu"
+        have_native = mc.build_info()["cuda_kernels_compiled" if device == "cuda" else "cxx_extension"]
+        for n, t in shapes:
+            repeats = 3 if quick() else (15 if n * t <= 1 << 20 else 7)
+            for k in tasks:
+                values, mask, ids, weights = make_inputs(n, t, k, device)
+                x = values.clone().requires_grad_(True)
+                fwd_bytes = n * t * (values.element_size() + mask.element_size()) + 8 * n
+                bwd_bytes = n * t * (mask.element_size() + values.element_size())
+
+                def fwd_ref():
+                    return task_masked_sum_ref(values, mask, ids, k)
+
+                def fwd_native():
+                    return mc.task_masked_sum(values, mask, ids, k, backend=backend)
+
+                def both_ref():
+                    loss = task_weighted_loss_ref(x, mask, ids, weights)
+                    return torch.autograd.grad(loss, x)[0]
+
+                def both_native():
+                    loss = mc.task_weighted_loss(x, mask, ids, weights, backend=backend)
+                    return torch.autograd.grad(loss, x)[0]
+
+                modes = {"fwd": ({"torch_ref": fwd_ref}, fwd_native, fwd_bytes),
+                         "fwd+bwd": ({"torch_ref": both_ref}, both_native, fwd_bytes + bwd_bytes)}
+                for mode, (providers, native_fn, nbytes) in modes.items():
+                    if have_native:
+                        providers = {**providers, native: native_fn}
+                    case = f"{mode}/{n}x{t}/K{k}"
+                    for name, fn in providers.items():
+                        med, p20, p80 = time_fn(fn, device=device, warmup=2, repeats=repeats)
+                        peak = peak_memory_mb(fn, device=device)
+                        rows.append(Row("task_accumulate", case, name, device, med, p20, p80,
+                                        gbps=nbytes / med / 1e6, peak_mb=peak,
+                                        extra={"tokens": n * t, "tasks": k, "mode": mode}))
+                    med = memcpy_ms(nbytes, device=device)
+                    rows.append(Row("task_accumulate", case, "memcpy", device, med, med, med,
+                                    gbps=nbytes / med / 1e6, extra={"tokens": n * t, "tasks": k, "mode": mode}))
+    emit(rows, csv_name="task_accumulate")
+    print("# task_accumulate: speedup of the native path over torch_ref (goal: >= 2x at 1M, >= 3x at 8M tokens)")
+    for r in rows:
+        if r.provider.startswith("mtgrpo"):
+            print(f"#   {r.device:4s} {r.case:24s} {r.provider:12s} {r.median_ms:9.3f} ms  {r.gbps:7.2f} GB/s  "
+                  f"x{r.speedup_vs_torch_ref:.2f} vs torch_ref")
+
+
+if __name__ == "__main__":
+    main()

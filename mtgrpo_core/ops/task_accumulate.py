@@ -1,0 +1,368 @@
+"""Per-task masked sums and the multi-task weighted loss (MT-GRPO's per-task objective).
+
+What
+    ``task_masked_sum(values[N,T], mask[N,T], task_ids[N], K)`` returns, for every task
+    ``k``, the sum of the selected (``mask != 0``) values of the rows of task ``k`` and
+    their number. ``task_weighted_loss`` turns them into
+    ``L = sum_k w_k * sums[k] / counts[k]`` ("task-token-mean") or
+    ``L = sum_k w_k * sums[k] / sum_k counts[k]`` ("token-mean"); tasks with no token
+    contribute 0, never NaN. Its gradient is ``dL/dvalues[n,t] = w_k * m[n,t] / count_k``
+    (``k = task_ids[n]``; or ``/ total count``), and ``dL/dw_k = sums[k] / counts[k]``.
+
+Algorithm
+    One pass over values and mask, deterministic: rows are cut into units of at most 2048
+    columns, 32 lanes reduce a unit (lane l adds elements l, l+32, ...; then a fixed
+    shuffle tree), blocks of units add their unit sums to K bins in unit order, and the
+    block partials are added in block order (no floating-point atomics). The plan depends
+    only on (N, T, K), so the C++ CPU path (blocks on OpenMP threads), the CUDA kernels
+    and their host twin give the same bits, run to run and for any thread count.
+    Accumulation in float32 (float64 for float64 values). The backward is one write pass:
+    ``grad[n,t] = mask[n,t] ? table[task_ids[n]] : 0`` with ``table[k] = coef_k * dL`` cast
+    to the values' dtype once per task.
+
+Cost
+    Forward: reads ``N*T*(value bytes + mask bytes) + 8N`` bytes, ``N*T`` adds, plus at most
+    ``2^20`` partial bins (``blocks*K``). Backward: reads the mask, writes ``N*T`` values.
+    The torch reference (``mtgrpo_core.reference.task_accumulate``) makes three passes and
+    an ``[N, T]`` float32 temporary.
+
+Backends
+    "cpu" (C++ extension, CPU tensors), "cuda" (CUDA kernels, CUDA tensors), "torch" (the
+    reference). Registered as ``torch.ops.mtgrpo.task_masked_sum`` and
+    ``torch.ops.mtgrpo.task_weighted_grad`` (``torch.library.custom_op`` + fake kernels), so
+    ``torch.compile`` traces them.
+
+Source
+    MT-GRPO task-weighted objective (ALGORITHMS.md); token-mean aggregation as verl's
+    ``agg_loss`` (``verl/trainer/ppo/core_algos.py``).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import _native
+from ..reference.task_accumulate import accumulate_dtype, task_masked_sum_ref, task_weighted_loss_ref
+from ._dispatch import register_op, resolve_backend
+
+__all__ = ["task_masked_sum", "task_weighted_loss", "TaskWeightedLossFunction", "MAX_TASKS", "NORMALIZE_MODES"]
+
+MAX_TASKS = 4096
+NORMALIZE_MODES = ("task-token-mean", "token-mean")
+
+register_op("task_masked_sum", cuda="task_masked_sum_cuda", cpu="task_masked_sum_cpu")
+register_op("task_weighted_loss", cuda="task_weighted_grad_cuda", cpu="task_weighted_grad_cpu")
+
+# Value type tags and mask kinds of csrc/include/mtgrpo/task_accumulate.cuh.
+_VALUE_TYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_VALUE_VIEW = {torch.float32: torch.float32, torch.float64: torch.float64,
+               torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_MASK_INT_KIND = {1: 0, 2: 1, 4: 2, 8: 3}
+_MASK_FLOAT_KIND = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 5, torch.float64: 6}
+
+
+def _mask_kind(dtype: torch.dtype) -> int:
+    if dtype in _MASK_FLOAT_KIND:
+        return _MASK_FLOAT_KIND[dtype]
+    return _MASK_INT_KIND[_itemsize(dtype)]
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return dtype.itemsize
+
+
+def _mask_view(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as an integer tensor of the same itemsize (numpy has no bf16; bool -> uint8)."""
+    return mask.view(_INT_VIEW[_itemsize(mask.dtype)])
+
+
+def _cuda_stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+# ---- custom ops ---------------------------------------------------------------------------
+def _task_masked_sum_impl(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
+                          num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """C++/CUDA per-task masked sum. Expects contiguous values/mask and int64 task ids."""
+    C = _native.native()
+    vtype, mkind = _VALUE_TYPE[values.dtype], _mask_kind(mask.dtype)
+    if values.device.type == "cuda":
+        n, t = values.shape
+        acc = accumulate_dtype(values.dtype)
+        sums = torch.empty(num_tasks, dtype=acc, device=values.device)
+        counts = torch.empty(num_tasks, dtype=torch.int64, device=values.device)
+        plan = C.task_masked_sum_plan(n, t, num_tasks)
+        nbytes = plan["workspace_bytes_f64" if acc == torch.float64 else "workspace_bytes_f32"]
+        with torch.cuda.device(values.device):
+            ws = torch.empty(nbytes, dtype=torch.uint8, device=values.device)
+            C.task_masked_sum_cuda(values.data_ptr(), vtype, mask.data_ptr(), mkind, task_ids.data_ptr(), n, t,
+                                   num_tasks, sums.data_ptr(), counts.data_ptr(), ws.data_ptr(), nbytes,
+                                   _cuda_stream(values.device))
+        return sums, counts
+    sums, counts = C.task_masked_sum_cpu(values.view(_VALUE_VIEW[values.dtype]).numpy(), vtype,
+                                         _mask_view(mask).numpy(), mkind, task_ids.numpy(), num_tasks)
+    return torch.from_numpy(sums), torch.from_numpy(counts)
+
+
+_task_masked_sum_op = torch.library.custom_op("mtgrpo::task_masked_sum", _task_masked_sum_impl, mutates_args=(),
+                                              device_types=("cpu", "cuda"))
+
+
+@_task_masked_sum_op.register_fake
+def _task_masked_sum_fake(values, mask, task_ids, num_tasks):
+    acc = accumulate_dtype(values.dtype)
+    return values.new_empty((num_tasks,), dtype=acc), values.new_empty((num_tasks,), dtype=torch.int64)
+
+
+def _task_weighted_grad_impl(mask: torch.Tensor, task_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[n,t] = mask[n,t] ? table[task_ids[n]] : 0`` in ``table.dtype`` (contiguous inputs)."""
+    C = _native.native()
+    out = torch.empty(mask.shape, dtype=table.dtype, device=mask.device)
+    k = table.shape[0]
+    ints = _INT_VIEW[_itemsize(table.dtype)]
+    if mask.device.type == "cuda":
+        with torch.cuda.device(mask.device):
+            C.task_weighted_grad_cuda(out.data_ptr(), _itemsize(table.dtype), mask.data_ptr(), _mask_kind(mask.dtype),
+                                      task_ids.data_ptr(), table.data_ptr(), mask.shape[0], mask.shape[1], k,
+                                      _cuda_stream(mask.device))
+        return out
+    C.task_weighted_grad_cpu(out.view(ints).numpy(), _mask_view(mask).numpy(), _mask_kind(mask.dtype),
+                             task_ids.numpy(), table.view(ints).numpy())
+    return out
+
+
+_task_weighted_grad_op = torch.library.custom_op("mtgrpo::task_weighted_grad", _task_weighted_grad_impl,
+                                                 mutates_args=(), device_types=("cpu", "cuda"))
+
+
+@_task_weighted_grad_op.register_fake
+def _task_weighted_grad_fake(mask, task_ids, table):
+    return mask.new_empty(mask.shape, dtype=table.dtype)
+
+
+def _sum_setup_context(ctx, inputs, output):
+    values, mask, task_ids, _ = inputs
+    ctx.save_for_backward(mask, task_ids)
+    ctx.values_dtype = values.dtype
+
+
+def _sum_backward(ctx, grad_sums, grad_counts):
+    if grad_sums is None:
+        return None, None, None, None
+    mask, task_ids = ctx.saved_tensors
+    table = grad_sums.to(ctx.values_dtype).contiguous()
+    return torch.ops.mtgrpo.task_weighted_grad(mask, task_ids, table), None, None, None
+
+
+_task_masked_sum_op.register_autograd(_sum_backward, setup_context=_sum_setup_context)
+
+
+# ---- validation ---------------------------------------------------------------------------
+def _check_values(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor [N, T], got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected shape [N, T] (2-d), got {tuple(x.shape)}")
+    if x.dtype not in _VALUE_TYPE:
+        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got {x.dtype}")
+
+
+def _check_common(values: torch.Tensor, name: str, mask, task_ids) -> None:
+    _check_values(values, name)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor [N, T], got {type(mask).__name__}")
+    if mask.shape != values.shape:
+        raise ValueError(f"mask: expected shape {tuple(values.shape)} like {name}, got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise TypeError(f"mask: expected bool or a real numeric dtype, got {mask.dtype}")
+    if mask.device != values.device:
+        raise ValueError(f"mask: expected device {values.device} like {name}, got {mask.device}")
+    if not isinstance(task_ids, torch.Tensor):
+        raise TypeError(f"task_ids: expected an integer torch.Tensor [N], got {type(task_ids).__name__}")
+    if task_ids.dim() != 1 or task_ids.shape[0] != values.shape[0]:
+        raise ValueError(f"task_ids: expected shape [{values.shape[0]}] (one task id per row of {name}), "
+                         f"got {tuple(task_ids.shape)}")
+    if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+        raise TypeError(f"task_ids: expected an integer dtype, got {task_ids.dtype}")
+    if task_ids.device != values.device:
+        raise ValueError(f"task_ids: expected device {values.device} like {name}, got {task_ids.device}")
+
+
+def _check_num_tasks(num_tasks) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral):
+        raise TypeError(f"num_tasks: expected an int, got {type(num_tasks).__name__}")
+    k = int(num_tasks)
+    if not 1 <= k <= MAX_TASKS:
+        raise ValueError(f"num_tasks: expected 1 <= num_tasks <= {MAX_TASKS}, got {k}")
+    return k
+
+
+def _check_task_range(task_ids: torch.Tensor, k: int, k_from: str = "num_tasks") -> None:
+    """Data-dependent check (one device sync on CUDA); skipped while torch.compile traces
+    (the C++ path still rejects bad ids; the CUDA kernel skips them)."""
+    if task_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (task_ids < 0) | (task_ids >= k)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"task_ids: entry {i} is {int(task_ids[i])}, expected a task id in [0, {k}) "
+                         f"({k_from}={k})")
+
+
+def _prepare(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor):
+    """Contiguous values and mask (non-contiguous inputs are copied once), int64 task ids."""
+    return values.contiguous(), mask.detach().contiguous(), task_ids.detach().to(torch.int64).contiguous()
+
+
+# ---- public functions ---------------------------------------------------------------------
+def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
+                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-task sum and count of the masked values, deterministic.
+
+    Parameters
+    ----------
+    values : Tensor [N, T], float32 / float64 / bfloat16 / float16
+    mask : Tensor [N, T], bool or any real numeric dtype (0/1; nonzero = selected)
+    task_ids : Tensor [N], integer, each in ``[0, num_tasks)``
+    num_tasks : int, ``1 <= K <= 4096``
+    backend : "auto" | "cpu" | "cuda" | "torch"
+
+    Returns
+    -------
+    sums : Tensor [K], float32 (float64 for float64 values), on values' device;
+        differentiable in ``values`` (``d sums[k] / d values[n,t] = mask[n,t] * [task_ids[n] == k]``)
+    counts : Tensor [K], int64
+
+    Raises
+    ------
+    TypeError, ValueError
+        An argument has the wrong type, shape, device or range (the message names it).
+    """
+    _check_common(values, "values", mask, task_ids)
+    k = _check_num_tasks(num_tasks)
+    be = resolve_backend("task_masked_sum", backend, values.device)
+    if be != "cpu":  # the C++ path checks the ids itself, in the same pass (same message)
+        _check_task_range(task_ids, k)
+    if be == "torch":
+        return task_masked_sum_ref(values, mask, task_ids, k)
+    v, m, ids = _prepare(values, mask, task_ids)
+    if torch.compiler.is_compiling() or (values.requires_grad and torch.is_grad_enabled()):
+        return torch.ops.mtgrpo.task_masked_sum(v, m, ids, k)
+    # Eager without autograd: the same kernel, minus ~50 us of custom-op dispatch (grpo_loss
+    # calls this several times per step on [N, 1] statistics).
+    return _task_masked_sum_impl(v, m, ids, k)
+
+
+class TaskWeightedLossFunction(torch.autograd.Function):
+    """Autograd of the multi-task weighted loss on the C++/CUDA kernels.
+
+    forward(token_loss[N,T] contiguous, mask[N,T] contiguous, task_ids[N] int64,
+    task_weights[K], normalize) -> loss []. Saves the mask, the ids and two K-vectors.
+    """
+
+    @staticmethod
+    def forward(ctx, token_loss, mask, task_ids, task_weights, normalize):
+        k = task_weights.shape[0]
+        acc = accumulate_dtype(token_loss.dtype)
+        sum_op = torch.ops.mtgrpo.task_masked_sum if torch.compiler.is_compiling() else _task_masked_sum_impl
+        sums, counts = sum_op(token_loss, mask, task_ids, k)
+        w = task_weights.to(acc)
+        if normalize == "task-token-mean":
+            has = counts > 0
+            denom = counts.clamp_min(1).to(acc)
+            zero = torch.zeros_like(sums)
+            per_task = torch.where(has, sums / denom, zero)
+            coef = torch.where(has, w / denom, zero)      # d loss / d token of task k
+            loss = (w * per_task).sum()
+            dw = per_task
+        else:  # "token-mean"
+            total = counts.sum().clamp_min(1).to(acc)
+            loss = (w * sums).sum() / total
+            coef = w / total
+            dw = sums / total
+        ctx.save_for_backward(mask, task_ids, coef, dw)
+        ctx.loss_dtype = token_loss.dtype
+        ctx.weights_dtype = task_weights.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        mask, task_ids, coef, dw = ctx.saved_tensors
+        grad_loss = grad_w = None
+        if ctx.needs_input_grad[0]:
+            table = (coef * grad_out).to(ctx.loss_dtype).contiguous()
+            grad_op = torch.ops.mtgrpo.task_weighted_grad if torch.compiler.is_compiling() else _task_weighted_grad_impl
+            grad_loss = grad_op(mask, task_ids, table)
+        if ctx.needs_input_grad[3]:
+            grad_w = (dw * grad_out).to(ctx.weights_dtype)
+        return grad_loss, None, None, grad_w, None
+
+
+def _as_weights(task_weights, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(task_weights, torch.Tensor):
+        w = task_weights
+        if w.device != like.device:
+            raise ValueError(f"task_weights: expected device {like.device} like token_loss, got {w.device}")
+    elif isinstance(task_weights, (np.ndarray, Sequence)) and not isinstance(task_weights, (str, bytes)):
+        try:
+            w = torch.as_tensor(np.asarray(task_weights, dtype=np.float64), device=like.device)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"task_weights: expected a 1-d sequence of numbers, got {task_weights!r}") from e
+    else:
+        raise TypeError(f"task_weights: expected a torch.Tensor [K] (or numpy array / sequence), "
+                        f"got {type(task_weights).__name__}")
+    if w.dim() != 1:
+        raise ValueError(f"task_weights: expected shape [K] (1-d), got {tuple(w.shape)}")
+    if not w.is_floating_point():
+        if w.is_complex() or w.dtype == torch.bool:
+            raise TypeError(f"task_weights: expected a real dtype, got {w.dtype}")
+        w = w.to(accumulate_dtype(like.dtype))
+    return w
+
+
+def task_weighted_loss(token_loss: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, task_weights,
+                       normalize: str = "task-token-mean", backend: str = "auto") -> torch.Tensor:
+    """Multi-task weighted loss ``sum_k w_k * (mean of task k's masked token losses)``.
+
+    Parameters
+    ----------
+    token_loss : Tensor [N, T], float32 / float64 / bfloat16 / float16 (differentiable)
+    mask : Tensor [N, T], bool or 0/1 of any real dtype
+    task_ids : Tensor [N], integer in ``[0, K)``
+    task_weights : Tensor [K] (differentiable; or a numpy array / sequence), finite; K <= 4096
+    normalize : "task-token-mean"
+        ``sum_k w_k * sums[k] / counts[k]`` (tasks with no token contribute 0), or
+        "token-mean": ``sum_k w_k * sums[k] / sum_k counts[k]`` (0 when no token at all).
+    backend : "auto" | "cpu" | "cuda" | "torch"
+
+    Returns
+    -------
+    Tensor [], float32 (float64 for float64 token_loss). Backward:
+    ``d/d token_loss[n,t] = w_k * mask[n,t] / count_k`` (or ``/ total count``), in
+    token_loss's dtype; ``d/d w_k = sums[k] / counts[k]`` (or ``/ total count``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        An argument has the wrong type, shape, device or range, task_weights are not
+        finite, or normalize is unknown (the message names the argument).
+    """
+    _check_common(token_loss, "token_loss", mask, task_ids)
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize: expected one of {NORMALIZE_MODES}, got {normalize!r}")
+    w = _as_weights(task_weights, token_loss)
+    k = w.shape[0]
+    if not 1 <= k <= MAX_TASKS:
+        raise ValueError(f"task_weights: expected 1 <= len(task_weights) <= {MAX_TASKS}, got {k}")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(w.detach()).all()):
+        raise ValueError(f"task_weights: expected finite weights, got {w.detach().cpu().tolist()}")
+    _check_task_range(task_ids, k, "len(task_weights)")
+    be = resolve_backend("task_weighted_loss", backend, token_loss.device)
+    if be == "torch":
+        return task_weighted_loss_ref(token_loss, mask, task_ids, w, normalize)
+    v, m, ids = _prepare(token_loss, mask, task_ids)
+    return TaskWeightedLossFunction.apply(v, m, ids, w, normalize)
