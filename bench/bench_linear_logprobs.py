@@ -13,7 +13,9 @@ Prints one JSON line per row (harness) and a summary with peak memory in GB and 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -74,15 +76,25 @@ def summary(rows):
               f"time {r.median_ms / 1e3:.3f} s (this/ref = {r.median_ms / ref.median_ms:.2f}x)", flush=True)
 
 
-def sweep(M, H, V):
-    """Time fwd+bwd of the chunked path over chunk sizes (the numbers behind its defaults)."""
+def sweep(M, H, V, reps=3):
+    """Fwd+bwd time of the chunked path over chunk sizes, interleaved with the reference so
+    that load from other jobs hits every configuration alike (the numbers behind the defaults)."""
     h, w, y = make_inputs(M, H, V, torch.float32, "cpu")
-    for ct in (128, 256, 512, 1024):
-        for cv in (V, 8192, 2048):
-            fn = step_fn(linear_logprobs, h, w, y, backend="cpu", chunk_tokens=ct, chunk_vocab=cv)
-            med, p20, p80 = time_fn(fn, warmup=1, repeats=3)
-            print(f"# sweep chunk_tokens={ct:5d} chunk_vocab={cv:6d}: {med / 1e3:.3f} s "
-                  f"(p20 {p20 / 1e3:.3f}, p80 {p80 / 1e3:.3f})", flush=True)
+    cfgs = [(256, V), (512, V), (1024, V), (1024, 8192), (2048, 4096), (4096, 2048)]
+    fns = {"torch_ref": step_fn(linear_logprobs_ref, h, w, y)}
+    for ct, cv in cfgs:
+        fns[f"chunk_tokens={ct},chunk_vocab={cv}"] = step_fn(linear_logprobs, h, w, y, backend="cpu",
+                                                              chunk_tokens=ct, chunk_vocab=cv)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    ref = min(times["torch_ref"])
+    for k, ts in times.items():
+        print(f"# sweep {k:>32}: min {min(ts):.3f} s, median {statistics.median(ts):.3f} s, "
+              f"min/ref-min {min(ts) / ref:.2f}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -39,26 +39,32 @@ def _accept(rates: np.ndarray, step: int, task_ids: np.ndarray, prompts: np.ndar
 
 
 def run_steps(s: RatioPreservingSampler, z: np.ndarray, rates: np.ndarray, first: int, n: int):
-    """Run n steps; return (per-step sampler seconds, rounds per step)."""
-    times, rounds = [], []
+    """Run n steps; return (per-step wall ms, per-step thread-CPU ms, rounds per step).
+
+    Thread CPU time is reported next to wall time because on a shared machine the wall
+    time also counts the time other processes held the core.
+    """
+    times, cpu, rounds = [], [], []
+    clocks = (time.perf_counter, time.thread_time)
     for step in range(first, first + n):
-        t = 0.0
-        t0 = time.perf_counter()
+        t, c = 0.0, 0.0
+        t0, c0 = (f() for f in clocks)
         s.start_step(z)
         d = s.next_round()
-        t += time.perf_counter() - t0
+        t, c = t + time.perf_counter() - t0, c + time.thread_time() - c0
         while d is not None:
             acc = _accept(rates, step, d.task_ids, d.prompt_indices)  # "generation": not timed
-            t0 = time.perf_counter()
+            t0, c0 = (f() for f in clocks)
             s.report(d.task_ids, d.prompt_indices, acc)
             d = s.next_round()
-            t += time.perf_counter() - t0
-        t0 = time.perf_counter()
+            t, c = t + time.perf_counter() - t0, c + time.thread_time() - c0
+        t0, c0 = (f() for f in clocks)
         b = s.finish()
-        t += time.perf_counter() - t0
+        t, c = t + time.perf_counter() - t0, c + time.thread_time() - c0
         times.append(t * 1e3)
+        cpu.append(c * 1e3)
         rounds.append(b.rounds)
-    return times, rounds
+    return times, cpu, rounds
 
 
 def stats(ms: list[float]) -> tuple[float, float, float]:
@@ -86,22 +92,24 @@ def main() -> None:
         state = s.state_dict()
         ref = RatioPreservingSampler([pool] * K, B, seed=0, backend="python")
         ref.load_state_dict(state)
-        t_ref, r_ref = run_steps(ref, z, rates, warm, n_ref)
-        t_cpp, r_cpp = run_steps(s, z, rates, warm, n_cpp)
+        t_ref, c_ref, r_ref = run_steps(ref, z, rates, warm, n_ref)
+        t_cpp, c_cpp, r_cpp = run_steps(s, z, rates, warm, n_cpp)
         assert r_cpp[:n_ref] == r_ref, "reference and C++ diverged"
         case = f"B={B},K={K},pool={pool}"
-        extra = {"rounds_mean": round(float(np.mean(r_cpp)), 3), "steps_timed": n_cpp}
+        cpu_c, cpu_r = statistics.median(c_cpp), statistics.median(c_ref)
+        extra = {"rounds_mean": round(float(np.mean(r_cpp)), 3), "steps_timed": n_cpp, "cpu_ms": round(cpu_c, 4)}
         med_c, p20_c, p80_c = stats(t_cpp)
         med_r, p20_r, p80_r = stats(t_ref)
         rows.append(Row("sampler", case, "mtgrpo-cpp", "cpu", med_c, p20_c, p80_c, extra=extra))
         rows.append(Row("sampler", case, "torch_ref", "cpu", med_r, p20_r, p80_r,
-                        extra={"impl": "pure-python reference", "steps_timed": n_ref}))
-        summary.append((B, K, med_c, med_r, med_r / med_c, float(np.mean(r_cpp))))
+                        extra={"impl": "pure-python reference", "steps_timed": n_ref, "cpu_ms": round(cpu_r, 4)}))
+        summary.append((B, K, med_c, med_r, med_r / med_c, cpu_c, cpu_r, cpu_r / cpu_c, float(np.mean(r_cpp))))
     emit(rows, csv_name="sampler")
-    print("\nms per step (median; plan all rounds + report + finish, generation excluded)")
-    print(f"{'B':>6} {'K':>4} {'C++':>10} {'Python ref':>12} {'ratio':>8} {'rounds':>7}")
-    for B, K, c, r, ratio, rounds in summary:
-        print(f"{B:>6} {K:>4} {c:>10.4f} {r:>12.3f} {ratio:>7.0f}x {rounds:>7.2f}")
+    print("\nms per step, median (plan all rounds + report + finish; generation excluded).")
+    print("wall = perf_counter, cpu = this thread's CPU time (differs when the machine is shared)")
+    print(f"{'B':>6} {'K':>4} {'C++ wall':>10} {'ref wall':>10} {'ratio':>7} {'C++ cpu':>9} {'ref cpu':>9} {'ratio':>7} {'rounds':>7}")
+    for B, K, c, r, ratio, cc, cr, cratio, rounds in summary:
+        print(f"{B:>6} {K:>4} {c:>10.4f} {r:>10.3f} {ratio:>6.0f}x {cc:>9.4f} {cr:>9.3f} {cratio:>6.0f}x {rounds:>7.2f}")
 
 
 if __name__ == "__main__":

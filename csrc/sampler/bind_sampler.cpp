@@ -162,9 +162,10 @@ class PySampler {
     d["perm_epoch"] = to_numpy<int64_t>(s.perm_epoch);
     d["perm_pos"] = to_numpy<int64_t>(s.perm_pos);
     d["perm_limit"] = to_numpy<int64_t>(s.perm_limit);
-    d["swap_task"] = to_numpy<int64_t>(s.swap_task);
-    d["swap_pos"] = to_numpy<int64_t>(s.swap_pos);
-    d["swap_val"] = to_numpy<int64_t>(s.swap_val);
+    d["perm_cursor"] = to_numpy<int64_t>(s.perm_cursor);
+    d["perm_keys"] = to_numpy<int64_t>(s.perm_keys);
+    d["park_task"] = to_numpy<int64_t>(s.park_task);
+    d["park_prompt"] = to_numpy<int64_t>(s.park_prompt);
     d["step_active"] = s.step_active;
     d["step_weights"] = to_numpy<double>(s.step_weights);
     d["step_inflation"] = to_numpy<double>(s.step_inflation);
@@ -200,9 +201,10 @@ class PySampler {
     s.perm_epoch = from_numpy<int64_t>(d, "perm_epoch");
     s.perm_pos = from_numpy<int64_t>(d, "perm_pos");
     s.perm_limit = from_numpy<int64_t>(d, "perm_limit");
-    s.swap_task = from_numpy<int64_t>(d, "swap_task");
-    s.swap_pos = from_numpy<int64_t>(d, "swap_pos");
-    s.swap_val = from_numpy<int64_t>(d, "swap_val");
+    s.perm_cursor = from_numpy<int64_t>(d, "perm_cursor");
+    s.perm_keys = from_numpy<int64_t>(d, "perm_keys");
+    s.park_task = from_numpy<int64_t>(d, "park_task");
+    s.park_prompt = from_numpy<int64_t>(d, "park_prompt");
     s.step_active = scalar<bool>(d, "step_active");
     s.step_weights = from_numpy<double>(d, "step_weights");
     s.step_inflation = from_numpy<double>(d, "step_inflation");

@@ -162,116 +162,89 @@ void U64Map::grow() {
 }
 
 // ---------------------------------------------------------------------------- LazyPermutation
-uint32_t LazyPermutation::get(uint32_t p) const {
-  if (!dense_.empty()) return dense_[p];
-  const int64_t* v = sparse_.find(p);
-  return v ? static_cast<uint32_t>(*v) : p;
+namespace {
+inline uint32_t mix32(uint32_t v) {
+  v *= 0x9E3779B1u;
+  v ^= v >> 15;
+  v *= 0x85EBCA77u;
+  v ^= v >> 13;
+  return v;
+}
+}  // namespace
+
+LazyPermutation::LazyPermutation(uint32_t n) : n_(n), limit_(n) {
+  unsigned b = 0;
+  while (b < 32 && (uint64_t(1) << b) < n) ++b;
+  h_ = std::max(1u, (b + 1) / 2);
+  mask_ = static_cast<uint32_t>((uint64_t(1) << h_) - 1);
 }
 
-void LazyPermutation::set(uint32_t p, uint32_t v) {
-  if (!dense_.empty()) {
-    dense_[p] = v;
-    return;
+void LazyPermutation::set_keys(Pcg32& rng) {
+  for (uint32_t& k : keys_) k = rng.next_u32();
+}
+
+uint32_t LazyPermutation::feistel(uint32_t x) const {
+  uint32_t L = x >> h_, R = x & mask_;
+  for (int r = 0; r < 4; ++r) {
+    uint32_t t = L ^ (mix32(R ^ keys_[r]) & mask_);
+    L = R;
+    R = t;
   }
-  sparse_.put(p, v);
-  // Past n/32 touched positions switch to a dense array (4 bytes a prompt, one cache miss
-  // a draw instead of two hashed probes); the sparse table then holds ~n/32 slots of 16 B
-  // = n/2 bytes, and the one-off O(n) fill is paid once an epoch.
-  if (sparse_.size() > 1024 && sparse_.size() > n_ / 32) {
-    dense_.resize(n_);
-    for (uint32_t i = 0; i < n_; ++i) dense_[i] = i;
-    sparse_.for_each([&](uint64_t k, int64_t val) { dense_[k] = static_cast<uint32_t>(val); });
-    sparse_ = U64Map();
-  }
+  return (L << h_) | R;
 }
 
-void LazyPermutation::prefetch(uint32_t p) const {
-#if defined(__GNUC__) || defined(__clang__)
-  if (!dense_.empty())
-    __builtin_prefetch(&dense_[p]);
-  else
-    sparse_.prefetch(p);
-#endif
+uint32_t LazyPermutation::pi(uint32_t i) const {
+  uint32_t y = feistel(i);
+  while (y >= n_) y = feistel(y);  // ends: the cycle through i < n returns below n
+  return y;
 }
 
-void LazyPermutation::draw_many(Pcg32& rng, uint32_t count, uint32_t* out) {
-  if (count > limit_ - pos_) throw std::logic_error("LazyPermutation::draw_many: not enough prompts left (inconsistent state)");
-  constexpr uint32_t kAhead = 8;
-  uint32_t js[64];
-  while (count > 0) {
-    const uint32_t c = std::min<uint32_t>(count, 64);
-    for (uint32_t t = 0; t < c; ++t) js[t] = pos_ + t + rng.bounded(limit_ - pos_ - t);
-    for (uint32_t t = 0; t < std::min(c, kAhead); ++t) prefetch(js[t]);
-    for (uint32_t t = 0; t < c; ++t) {
-      if (t + kAhead < c) {
-        prefetch(js[t + kAhead]);
-        if (pos_ + kAhead < n_) prefetch(pos_ + kAhead);  // sparse mode hashes i too
-      }
-      const uint32_t i = pos_, j = js[t];
-      const uint32_t vi = get(i), vj = get(j);
-      set(j, vi);  // position i is never read again in this epoch
-      ++pos_;
-      *out++ = vj;
-    }
-    count -= c;
-  }
-}
-
-void LazyPermutation::clear_map() {
-  dense_.clear();
-  dense_.shrink_to_fit();
-  sparse_ = U64Map();
-}
-
-uint32_t LazyPermutation::draw(Pcg32& rng) {
+uint32_t LazyPermutation::draw() {
   if (pos_ >= limit_) throw std::logic_error("LazyPermutation::draw: no prompt left in this step (inconsistent state)");
-  uint32_t i = pos_;
-  uint32_t j = i + rng.bounded(limit_ - i);
-  uint32_t vi = get(i), vj = get(j);
-  set(j, vi);  // position i is never read again in this epoch
-  ++pos_;
-  return vj;
+  const uint32_t d = static_cast<uint32_t>(parked_.size());
+  if (pos_ < n_ - d) {
+    for (;;) {
+      if (cursor_ >= n_) throw std::logic_error("LazyPermutation::draw: epoch overrun (inconsistent state)");
+      uint32_t x = pi(cursor_++);
+      if (d == 0 || parked_set_.find(x) == nullptr) {
+        ++pos_;
+        return x;
+      }
+    }
+  }
+  return parked_[pos_++ - (n_ - d)];
 }
 
-void LazyPermutation::new_epoch(const uint32_t* parked, size_t d) {
+void LazyPermutation::new_epoch(Pcg32& rng, const uint32_t* parked, size_t d) {
   ++epoch_;
   pos_ = 0;
-  clear_map();
-  std::unordered_map<uint32_t, uint32_t> where;  // value -> position while parking
-  for (size_t j = 0; j < d; ++j) {
-    uint32_t x = parked[j];
-    uint32_t t = n_ - 1 - static_cast<uint32_t>(j);
-    uint32_t v = get(t);
-    auto it = where.find(x);
-    uint32_t p = it == where.end() ? x : it->second;
-    set(t, x);
-    set(p, v);
-    where[v] = p;
-    where[x] = t;
-  }
+  cursor_ = 0;
+  set_keys(rng);
+  parked_.assign(parked, parked + d);
+  parked_set_.clear();
+  for (uint32_t x : parked_) parked_set_.put(x, 1);
   limit_ = n_ - static_cast<uint32_t>(d);
 }
 
-void LazyPermutation::export_swaps(std::vector<std::pair<uint32_t, uint32_t>>& out) const {
-  out.clear();
-  if (!dense_.empty()) {
-    for (uint32_t p = pos_; p < n_; ++p)
-      if (dense_[p] != p) out.emplace_back(p, dense_[p]);
-    return;
+void LazyPermutation::restore(int64_t epoch, uint32_t pos, uint32_t limit, uint32_t cursor, const uint32_t* keys,
+                              const std::vector<uint32_t>& parked) {
+  const size_t d = parked.size();
+  if (d > n_ || pos > limit || limit > n_ || cursor > n_) bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor']: inconsistent pool position");
+  if (limit < n_ && limit != n_ - d) bad("state_dict['perm_limit']: inconsistent with the parked prompts");
+  U64Map set;
+  for (uint32_t x : parked) {
+    if (x >= n_ || set.find(x) != nullptr) bad("state_dict['park_prompt']: parked prompts must be distinct pool indices");
+    set.put(x, 1);
   }
-  sparse_.for_each([&](uint64_t p, int64_t v) {
-    if (p >= pos_ && static_cast<uint64_t>(v) != p) out.emplace_back(static_cast<uint32_t>(p), static_cast<uint32_t>(v));
-  });
-  std::sort(out.begin(), out.end());
-}
-
-void LazyPermutation::restore(int64_t epoch, uint32_t pos, uint32_t limit,
-                              const std::vector<std::pair<uint32_t, uint32_t>>& swaps) {
-  clear_map();
+  // Drawn from pi so far = cursor; of those, parked ones were skipped: pos can't exceed it.
+  if (pos < n_ - d && pos > cursor) bad("state_dict['perm_cursor']: behind perm_pos");
   epoch_ = epoch;
   pos_ = pos;
   limit_ = limit;
-  for (const auto& pv : swaps) set(pv.first, pv.second);
+  cursor_ = cursor;
+  for (int r = 0; r < 4; ++r) keys_[r] = keys[r];
+  parked_ = parked;
+  parked_set_ = std::move(set);
 }
 
 // ---------------------------------------------------------------------------- config
@@ -306,7 +279,10 @@ RatioPreservingSampler::RatioPreservingSampler(const SamplerConfig& cfg, uint64_
   size_t K = cfg_.pool_sizes.size();
   rho_.assign(K, 0.0);
   perms_.reserve(K);
-  for (size_t k = 0; k < K; ++k) perms_.emplace_back(static_cast<uint32_t>(cfg_.pool_sizes[k]));
+  for (size_t k = 0; k < K; ++k) {
+    perms_.emplace_back(static_cast<uint32_t>(cfg_.pool_sizes[k]));
+    perms_.back().set_keys(rng_);  // epoch 0 keys, task by task
+  }
   drawn_.assign(K, 0);
   acc_.assign(K, {});
 }
@@ -340,6 +316,8 @@ void RatioPreservingSampler::start_step(const double* weights, int64_t n) {
   rec_prompt_.clear();
   rec_status_.clear();
   rec_index_.clear();
+  indexed_ = 0;
+  guess_ = 0;
   std::fill(drawn_.begin(), drawn_.end(), 0);
   for (auto& a : acc_) a.clear();
   active_ = true;
@@ -419,37 +397,25 @@ bool RatioPreservingSampler::next_round(std::vector<int32_t>& task_ids, std::vec
   round_start_ = static_cast<int64_t>(rec_task_.size());
   const int32_t r = static_cast<int32_t>(rounds_);
   size_t base = task_ids.size();
-  std::vector<uint32_t> buf;
   for (int64_t k = 0; k < K; ++k) {
     LazyPermutation& P = perms_[k];
-    int64_t need = alloc[k];
-    while (need > 0) {
+    for (int64_t a = 0; a < alloc[k]; ++a) {
       if (P.pos() == P.n()) {
-        // Epoch exhausted mid-step: park this step's earlier draws of task k at the tail.
+        // Epoch exhausted mid-step: park this step's earlier draws of task k at its end.
         std::vector<uint32_t> parked;
         for (size_t i = 0; i < rec_task_.size(); ++i)
           if (rec_task_[i] == k) parked.push_back(rec_prompt_[i]);
-        P.new_epoch(parked.data(), parked.size());
+        P.new_epoch(rng_, parked.data(), parked.size());
       }
-      const uint32_t c = static_cast<uint32_t>(std::min<int64_t>(need, P.limit() - P.pos()));
-      buf.resize(c);
-      P.draw_many(rng_, c, buf.data());
-      rec_prompt_.insert(rec_prompt_.end(), buf.begin(), buf.end());
-      rec_task_.insert(rec_task_.end(), c, static_cast<int32_t>(k));
-      need -= c;
+      rec_prompt_.push_back(P.draw());
+      rec_task_.push_back(static_cast<int32_t>(k));
     }
     drawn_[k] += alloc[k];
   }
   const size_t end = rec_task_.size();
   rec_round_.resize(end, r);
   rec_status_.resize(end, kUnreported);
-  // Index the round's records; prefetching a few keys ahead overlaps the cache misses.
-  rec_index_.reserve(end);
-  constexpr size_t kAhead = 8;
-  for (size_t i = static_cast<size_t>(round_start_); i < end; ++i) {
-    if (i + kAhead < end) rec_index_.prefetch(key(rec_task_[i + kAhead], rec_prompt_[i + kAhead]));
-    rec_index_.put(key(rec_task_[i], rec_prompt_[i]), static_cast<int64_t>(i));
-  }
+  guess_ = static_cast<size_t>(round_start_);
   size_t added = rec_task_.size() - static_cast<size_t>(round_start_);
   task_ids.resize(base + added);
   prompt_indices.resize(base + added);
@@ -462,6 +428,25 @@ bool RatioPreservingSampler::next_round(std::vector<int32_t>& task_ids, std::vec
   return true;
 }
 
+void RatioPreservingSampler::ensure_index() {
+  const size_t end = rec_task_.size();
+  if (indexed_ == end) return;
+  rec_index_.reserve(end);
+  constexpr size_t kAhead = 8;  // prefetch distance: overlaps the table's cache misses
+  for (size_t i = indexed_; i < end; ++i) {
+    if (i + kAhead < end) rec_index_.prefetch(key(rec_task_[i + kAhead], rec_prompt_[i + kAhead]));
+    rec_index_.put(key(rec_task_[i], rec_prompt_[i]), static_cast<int64_t>(i));
+  }
+  indexed_ = end;
+}
+
+int64_t RatioPreservingSampler::lookup(int64_t task, int64_t prompt, size_t guess) {
+  if (guess < rec_task_.size() && rec_task_[guess] == task && rec_prompt_[guess] == prompt) return static_cast<int64_t>(guess);
+  ensure_index();
+  const int64_t* v = rec_index_.find(key(task, prompt));
+  return v ? *v : -1;
+}
+
 void RatioPreservingSampler::report(const int64_t* task_ids, const int64_t* prompt_indices, const uint8_t* accepted,
                                     int64_t n) {
   require_active("report");
@@ -472,13 +457,9 @@ void RatioPreservingSampler::report(const int64_t* task_ids, const int64_t* prom
   auto undo = [&](int64_t upto) {
     for (int64_t i = 0; i < upto; ++i) rec_status_[idx[i]] = kUnreported;
   };
-  constexpr int64_t kAhead = 8;
+  size_t guess = guess_;
   for (int64_t i = 0; i < n; ++i) {
     int64_t t = task_ids[i], p = prompt_indices[i];
-    if (i + kAhead < n) {
-      int64_t ta = task_ids[i + kAhead], pa = prompt_indices[i + kAhead];
-      if (ta >= 0 && ta < K && pa >= 0 && pa < cfg_.pool_sizes[ta]) rec_index_.prefetch(key(ta, pa));
-    }
     if (t < 0 || t >= K) {
       undo(i);
       bad("task_ids[", i, "] = ", t, " is outside [0, ", K, ")");
@@ -487,20 +468,22 @@ void RatioPreservingSampler::report(const int64_t* task_ids, const int64_t* prom
       undo(i);
       bad("accepted[", i, "] = ", int(accepted[i]), " is not a boolean");
     }
-    const int64_t* v = (p >= 0 && p < cfg_.pool_sizes[t]) ? rec_index_.find(key(t, p)) : nullptr;
-    if (v == nullptr) {
+    const int64_t v = (p >= 0 && p < cfg_.pool_sizes[t]) ? lookup(t, p, guess) : -1;
+    if (v < 0) {
       undo(i);
       bad("prompt_indices[", i, "] = ", p, " (task ", t, ") was not drawn in this step");
     }
-    int8_t s = rec_status_[*v];
+    int8_t s = rec_status_[v];
     if (s != kUnreported) {
       undo(i);
       bad("prompt_indices[", i, "] = ", p, " (task ", t, ") was already reported ",
           s == kPending ? "earlier in this call" : "in this step");
     }
-    rec_status_[*v] = kPending;
-    idx[i] = *v;
+    rec_status_[v] = kPending;
+    idx[i] = v;
+    guess = static_cast<size_t>(v) + 1;
   }
+  guess_ = guess;
   for (int64_t i = 0; i < n; ++i) {
     rec_status_[idx[i]] = accepted[i] ? kAccepted : kRejected;
     if (accepted[i]) acc_[task_ids[i]].push_back(static_cast<uint32_t>(prompt_indices[i]));
@@ -571,6 +554,8 @@ Batch RatioPreservingSampler::finish() {
   rec_prompt_.clear();
   rec_status_.clear();
   rec_index_.clear();
+  indexed_ = 0;
+  guess_ = 0;
   std::fill(drawn_.begin(), drawn_.end(), 0);
   for (auto& a : acc_) a.clear();
   ++steps_done_;
@@ -585,17 +570,16 @@ SamplerState RatioPreservingSampler::state() const {
   s.rho = rho_;
   s.steps_done = steps_done_;
   const int64_t K = num_tasks();
-  std::vector<std::pair<uint32_t, uint32_t>> sw;
   for (int64_t k = 0; k < K; ++k) {
     const LazyPermutation& P = perms_[k];
     s.perm_epoch.push_back(P.epoch());
     s.perm_pos.push_back(P.pos());
     s.perm_limit.push_back(P.limit());
-    P.export_swaps(sw);
-    for (const auto& pv : sw) {
-      s.swap_task.push_back(k);
-      s.swap_pos.push_back(pv.first);
-      s.swap_val.push_back(pv.second);
+    s.perm_cursor.push_back(P.cursor());
+    for (int r = 0; r < 4; ++r) s.perm_keys.push_back(P.keys()[r]);
+    for (uint32_t x : P.parked()) {
+      s.park_task.push_back(k);
+      s.park_prompt.push_back(x);
     }
   }
   s.step_active = active_;
@@ -640,25 +624,29 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
   need(s.perm_epoch.size(), K, "perm_epoch");
   need(s.perm_pos.size(), K, "perm_pos");
   need(s.perm_limit.size(), K, "perm_limit");
-  need(s.swap_pos.size(), s.swap_task.size(), "swap_pos");
-  need(s.swap_val.size(), s.swap_task.size(), "swap_val");
+  need(s.perm_cursor.size(), K, "perm_cursor");
+  need(s.perm_keys.size(), 4 * K, "perm_keys");
+  need(s.park_prompt.size(), s.park_task.size(), "park_prompt");
+  std::vector<std::vector<uint32_t>> parked(K);
+  for (size_t i = 0; i < s.park_task.size(); ++i) {
+    int64_t k = s.park_task[i];
+    if (k < 0 || k >= K) bad("state_dict['park_task'][", i, "] is outside [0, ", K, ")");
+    if (s.park_prompt[i] < 0 || s.park_prompt[i] >= c.pool_sizes[k]) bad("state_dict['park_prompt'][", i, "] is out of range");
+    parked[k].push_back(static_cast<uint32_t>(s.park_prompt[i]));
+  }
   for (int64_t k = 0; k < K; ++k) {
-    int64_t N = c.pool_sizes[k];
-    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N)
-      bad("state_dict['perm_pos'/'perm_limit'][", k, "]: need 0 <= pos <= limit <= pool size");
+    const int64_t N = c.pool_sizes[k];
+    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N || s.perm_cursor[k] < 0 || s.perm_cursor[k] > N)
+      bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor'][", k, "]: need 0 <= pos <= limit <= pool size, 0 <= cursor <= pool size");
     if (s.perm_epoch[k] < 0) bad("state_dict['perm_epoch'][", k, "]: must be >= 0");
-  }
-  std::vector<std::vector<std::pair<uint32_t, uint32_t>>> sw(K);
-  for (size_t i = 0; i < s.swap_task.size(); ++i) {
-    int64_t k = s.swap_task[i];
-    if (k < 0 || k >= K) bad("state_dict['swap_task'][", i, "] is outside [0, ", K, ")");
-    int64_t N = c.pool_sizes[k];
-    if (s.swap_pos[i] < s.perm_pos[k] || s.swap_pos[i] >= N) bad("state_dict['swap_pos'][", i, "] is out of range");
-    if (s.swap_val[i] < 0 || s.swap_val[i] >= N) bad("state_dict['swap_val'][", i, "] is out of range");
-    sw[k].emplace_back(static_cast<uint32_t>(s.swap_pos[i]), static_cast<uint32_t>(s.swap_val[i]));
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    x.perms_[k].restore(s.perm_epoch[k], static_cast<uint32_t>(s.perm_pos[k]), static_cast<uint32_t>(s.perm_limit[k]), sw[k]);
+    uint32_t keys[4];
+    for (int r = 0; r < 4; ++r) {
+      int64_t v = s.perm_keys[4 * k + r];
+      if (v < 0 || v > 4294967295LL) bad("state_dict['perm_keys'][", k, "]: keys are uint32");
+      keys[r] = static_cast<uint32_t>(v);
+    }
+    x.perms_[k].restore(s.perm_epoch[k], static_cast<uint32_t>(s.perm_pos[k]), static_cast<uint32_t>(s.perm_limit[k]),
+                        static_cast<uint32_t>(s.perm_cursor[k]), keys, parked[k]);
   }
   x.active_ = s.step_active;
   if (s.step_active) {
@@ -691,6 +679,8 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
       x.rec_index_.put(key(k, p), static_cast<int64_t>(i));
       x.drawn_[k] += 1;
     }
+    x.indexed_ = R;
+    x.guess_ = static_cast<size_t>(s.round_start);
     x.rec_task_ = s.rec_task;
     x.rec_round_ = s.rec_round;
     x.rec_prompt_.assign(s.rec_prompt.begin(), s.rec_prompt.end());

@@ -193,12 +193,16 @@ class RolloutAllocator:
         x = per_group[g].astype(np.float64)
         if int((counts * per_group).sum()) == T:
             return per_group[g].astype(np.int64)
-        # no per-group choice hits T: move single prompts, preferring the most probable
-        # neighbouring arm (priority = log-prob of n+1 minus log-prob of n)
+        # no per-group choice hits T: move single prompts by one arm, preferring the moves
+        # that cost the least log-probability (priority = log p(n +- 1) - log p(n))
         lp = np.log(self.arm_probs())
         idx = per_group[g] - self.n_min
-        up = np.where(idx + 1 < self.arms.size, lp[g, np.minimum(idx + 1, self.arms.size - 1)] - lp[g, idx], -np.inf)
-        return _round_to_total(x, T, self.n_min, self.n_max, priority=up)
+        A = self.arms.size
+        if int((counts * per_group).sum()) < T:
+            prio = np.where(idx + 1 < A, lp[g, np.minimum(idx + 1, A - 1)] - lp[g, idx], -np.inf)
+        else:  # _round_to_total removes first where the priority is largest
+            prio = np.where(idx > 0, lp[g, np.maximum(idx - 1, 0)] - lp[g, idx], -np.inf)
+        return _round_to_total(x, T, self.n_min, self.n_max, priority=prio)
 
     def _sqrt_targets(self, counts: np.ndarray, T: int) -> np.ndarray:
         """Real targets n_b = clip(c sqrt(v_b), n_min, n_max) with sum_b count_b n_b == T."""

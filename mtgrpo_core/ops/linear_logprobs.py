@@ -379,12 +379,14 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
 # ----------------------------------------------------------------------------------------------
 # Chunked PyTorch path (backend="cpu")
 # ----------------------------------------------------------------------------------------------
-# Chunk sizes measured on this project's 2-core AVX-512 machine (M=8192, H=512, V=32000, fp32,
-# bench/bench_linear_logprobs.py --sweep): whole-vocabulary chunks with 256-512 token rows keep the
-# three BLAS calls near their full-size speed while a tile stays 32-64 MB. Large vocabularies are
-# split so that one fp32 tile stays under _TILE_BUDGET elements.
-_TILE_BUDGET = 8 * 2**20   # elements of one fp32 tile (32 MB)
-_DEFAULT_CHUNK_TOKENS = 256
+# Chunk sizes: on this project's 2-core AVX-512 machine (M=8192, H=512, V=32000, fp32,
+# `python bench/bench_linear_logprobs.py --sweep`, measured while other jobs loaded the machine,
+# so only coarse differences are real) 256-512 token rows x the whole 32k vocabulary were the
+# fastest of {128..4096} x {2048, 4096, 8192, V}; 4096 x 2048 was the slowest (~1.4x). The tile
+# (one fp32 buffer, a second with entropy) is capped at _TILE_BUDGET elements, so large
+# vocabularies are split: 512 x 151,936 becomes 512 x 32,768 (64 MB).
+_TILE_BUDGET = 16 * 2**20   # elements of one fp32 tile (64 MB)
+_DEFAULT_CHUNK_TOKENS = 512
 
 
 def _chunked_sizes(M: int, V: int, chunk_tokens, chunk_vocab) -> tuple[int, int]:
@@ -666,7 +668,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch
         Also return the entropy of each token's distribution (differentiable).
     chunk_tokens, chunk_vocab : int or None
         Tile sizes (tokens x vocabulary). Chunked path: rows and columns of one tile (defaults
-        measured on CPU: 256 tokens x the whole vocabulary up to 32 M-element tiles). Triton:
+        measured on CPU: 512 tokens x up to 32,768 vocabulary entries). Triton:
         BLOCK_M / BLOCK_V, powers of two >= 16 (defaults 64 x 128 on GPU).
     backend : "auto" | "triton" | "cpu" | "torch"
         "cpu" is the chunked PyTorch path (device-agnostic), "torch" the naive reference.

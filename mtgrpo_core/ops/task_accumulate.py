@@ -103,8 +103,9 @@ def _task_masked_sum_impl(values: torch.Tensor, mask: torch.Tensor, task_ids: to
                                    num_tasks, sums.data_ptr(), counts.data_ptr(), ws.data_ptr(), nbytes,
                                    _cuda_stream(values.device))
         return sums, counts
-    sums, counts = C.task_masked_sum_cpu(values.view(_VALUE_VIEW[values.dtype]).numpy(), vtype,
-                                         _mask_view(mask).numpy(), mkind, task_ids.numpy(), num_tasks)
+    sums, counts = C.task_masked_sum_cpu(values.detach().view(_VALUE_VIEW[values.dtype]).numpy(), vtype,
+                                         _mask_view(mask.detach()).numpy(), mkind, task_ids.detach().numpy(),
+                                         num_tasks)
     return torch.from_numpy(sums), torch.from_numpy(counts)
 
 

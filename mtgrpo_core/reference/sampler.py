@@ -22,17 +22,18 @@ Algorithm (one step):
    Fisher-Yates over the accepted list in report order), then a uniform top-up from the
    remaining accepted prompts of all tasks up to ``B``; shortfall = ``B - size``.
 
-Prompts come from a per-task lazy Fisher-Yates permutation (one epoch = one pass over the
-pool, reshuffled when exhausted); a step that wraps an epoch parks its earlier draws at the
-tail of the new epoch so no prompt is drawn twice in one step.
+Prompts come from a per-task lazy pseudo-random permutation (a keyed Feistel network with
+cycle walking; one epoch = one pass over the pool, new keys when exhausted); a step that
+wraps an epoch parks its earlier draws at the end of the new epoch so no prompt is drawn
+twice in one step.
 
 Randomness: one PCG32 stream (O'Neill 2014, XSH-RR 64/32, stream constant
 ``0xda3e39cb94b95bdb``), used through ``next_u32``, ``next_double`` (53 bits) and Lemire's
 ``bounded(n)``; every call is made in the same order as the C++ core, and every float
 operation is a single IEEE double operation, so both give bit-identical batches.
 
-Cost: O(K) floats and O(R) integer work a round (Python loops: about 1-3 us a prompt);
-memory O(prompts touched in the current epoch). Use ``mtgrpo_core.sampling`` in practice.
+Cost: O(K) floats and O(R) integer work a round (Python loops: a few us a prompt); memory
+O(K + prompts drawn this step), independent of pool sizes. Use ``mtgrpo_core.sampling``.
 """
 from __future__ import annotations
 
@@ -174,48 +175,79 @@ def target_counts_ref(weights, batch_size: int, method: str = "largest-remainder
 
 
 # ------------------------------------------------------------------------ pools
+def _mix32(v: int) -> int:
+    v = (v * 0x9E3779B1) & _MASK32
+    v ^= v >> 15
+    v = (v * 0x85EBCA77) & _MASK32
+    v ^= v >> 13
+    return v
+
+
 class LazyPermutation:
-    """Fisher-Yates over [0, n) performed one position at a time; only touched positions
-    are stored (``swaps``: position -> value)."""
+    """A pool's order, evaluated one prompt at a time in O(1) memory.
+
+    Epoch order: pi(0), pi(1), ... where pi is a keyed 4-round Feistel network on 2h bits
+    (2**(2h) >= n) restricted to [0, n) by cycle walking; the 4 round keys (uint32) come
+    from the sampler's PCG32 when the epoch starts. ``parked`` prompts (drawn earlier in the
+    step that wrapped the epoch) are skipped by pi and come last in the epoch instead.
+    """
 
     def __init__(self, n: int):
         self.n = n
-        self.pos = 0
-        self.limit = n
+        self.pos = 0  # prompts returned this epoch
+        self.limit = n  # < n only inside the step that wrapped the epoch
+        self.cursor = 0  # next index into pi
         self.epoch = 0
-        self.swaps: dict[int, int] = {}
+        self.keys = [0, 0, 0, 0]
+        self.parked: list[int] = []
+        self._parked_set: set[int] = set()
+        b = 0
+        while b < 32 and (1 << b) < n:
+            b += 1
+        self.h = max(1, (b + 1) // 2)
+        self.mask = (1 << self.h) - 1
 
-    def _get(self, p: int) -> int:
-        return self.swaps.get(p, p)
+    def set_keys(self, rng: Pcg32) -> None:
+        self.keys = [rng.next_u32() for _ in range(4)]
 
-    def draw(self, rng: Pcg32) -> int:
+    def feistel(self, x: int) -> int:
+        L, R = x >> self.h, x & self.mask
+        for k in self.keys:
+            L, R = R, L ^ (_mix32(R ^ k) & self.mask)
+        return (L << self.h) | R
+
+    def pi(self, i: int) -> int:
+        y = self.feistel(i)
+        while y >= self.n:  # cycle walking: terminates at the latest back at i
+            y = self.feistel(y)
+        return y
+
+    def draw(self) -> int:
         if self.pos >= self.limit:
             raise RuntimeError("LazyPermutation.draw: no prompt left in this step (inconsistent state)")
-        i = self.pos
-        j = i + rng.bounded(self.limit - i)
-        vi, vj = self._get(i), self._get(j)
-        self.swaps[j] = vi
+        d = len(self.parked)
+        if self.pos < self.n - d:
+            while True:
+                if self.cursor >= self.n:
+                    raise RuntimeError("LazyPermutation.draw: epoch overrun (inconsistent state)")
+                x = self.pi(self.cursor)
+                self.cursor += 1
+                if x not in self._parked_set:
+                    self.pos += 1
+                    return x
+        x = self.parked[self.pos - (self.n - d)]
         self.pos += 1
-        return vj
+        return x
 
-    def new_epoch(self, parked: list[int]) -> None:
-        """Next epoch, with this step's earlier draws parked at the tail [n - d, n)."""
+    def new_epoch(self, rng: Pcg32, parked: list[int]) -> None:
+        """Next epoch (fresh keys), with this step's earlier draws parked at its end."""
         self.epoch += 1
         self.pos = 0
-        self.swaps = {}
-        where: dict[int, int] = {}
-        for j, x in enumerate(parked):
-            t = self.n - 1 - j
-            v = self._get(t)
-            p = where.get(x, x)
-            self.swaps[t] = x
-            self.swaps[p] = v
-            where[v] = p
-            where[x] = t
+        self.cursor = 0
+        self.set_keys(rng)
+        self.parked = list(parked)
+        self._parked_set = set(parked)
         self.limit = self.n - len(parked)
-
-    def export_swaps(self) -> list[tuple[int, int]]:
-        return sorted((p, v) for p, v in self.swaps.items() if p >= self.pos and v != p)
 
 
 # ------------------------------------------------------------------------ sampler
@@ -294,6 +326,8 @@ class RatioPreservingSamplerRef:
         self.rho = [0.0] * len(ps)
         self.steps_done = 0
         self.perms = [LazyPermutation(n) for n in ps]
+        for P in self.perms:  # epoch-0 keys, task by task
+            P.set_keys(self.rng)
         self.step: _Step | None = None
 
     @property
@@ -380,8 +414,8 @@ class RatioPreservingSamplerRef:
             P = self.perms[k]
             for _ in range(alloc[k]):
                 if P.pos == P.n:  # epoch exhausted mid-step
-                    P.new_epoch([p for t, p in zip(st.rec_task, st.rec_prompt) if t == k])
-                p = P.draw(self.rng)
+                    P.new_epoch(self.rng, [p for t, p in zip(st.rec_task, st.rec_prompt) if t == k])
+                p = P.draw()
                 st.index[(k, p)] = len(st.rec_task)
                 st.rec_task.append(k)
                 st.rec_prompt.append(p)
@@ -462,7 +496,6 @@ class RatioPreservingSamplerRef:
     # -------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         K = self.num_tasks
-        sw = [(k, p, v) for k in range(K) for p, v in self.perms[k].export_swaps()]
         st = self.step
         i64 = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
         d = {
@@ -473,7 +506,10 @@ class RatioPreservingSamplerRef:
             "steps_done": self.steps_done,
             "perm_epoch": i64([P.epoch for P in self.perms]), "perm_pos": i64([P.pos for P in self.perms]),
             "perm_limit": i64([P.limit for P in self.perms]),
-            "swap_task": i64([x[0] for x in sw]), "swap_pos": i64([x[1] for x in sw]), "swap_val": i64([x[2] for x in sw]),
+            "perm_cursor": i64([P.cursor for P in self.perms]),
+            "perm_keys": i64([key for P in self.perms for key in P.keys]),
+            "park_task": i64([k for k, P in enumerate(self.perms) for _ in P.parked]),
+            "park_prompt": i64([x for P in self.perms for x in P.parked]),
             "step_active": st is not None,
         }
         if st is None:
@@ -493,6 +529,12 @@ class RatioPreservingSamplerRef:
         """Restore a state from either implementation (light checks; the C++ core checks all)."""
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"state_dict['format']: expected {STATE_FORMAT!r}")
+        try:
+            self._load(d)
+        except KeyError as e:
+            raise ValueError(f"state_dict: missing key {e}") from None
+
+    def _load(self, d: dict) -> None:
         if [int(x) for x in d["pool_sizes"]] != self.pool_sizes:
             raise ValueError("state_dict['pool_sizes']: does not match this sampler's pool_sizes")
         new = RatioPreservingSamplerRef(
@@ -504,8 +546,11 @@ class RatioPreservingSamplerRef:
         new.steps_done = int(d["steps_done"])
         for k, P in enumerate(new.perms):
             P.epoch, P.pos, P.limit = int(d["perm_epoch"][k]), int(d["perm_pos"][k]), int(d["perm_limit"][k])
-        for k, p, v in zip(d["swap_task"], d["swap_pos"], d["swap_val"]):
-            new.perms[int(k)].swaps[int(p)] = int(v)
+            P.cursor = int(d["perm_cursor"][k])
+            P.keys = [int(x) for x in d["perm_keys"][4 * k:4 * k + 4]]
+        for k, x in zip(d["park_task"], d["park_prompt"]):
+            new.perms[int(k)].parked.append(int(x))
+            new.perms[int(k)]._parked_set.add(int(x))
         if bool(d["step_active"]):
             K = new.num_tasks
             st = _Step(z=[float(x) for x in d["step_weights"]], n=[int(x) for x in d["step_targets"]],

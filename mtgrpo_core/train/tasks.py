@@ -38,6 +38,7 @@ Source
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 import warnings
@@ -213,40 +214,33 @@ def _make_dataset(spec: TaskSpec, stream_seed: int):
                                         size=10**9)
 
 
+def _generate_chunk(family: str, config: tuple, stream_seed: int, start: int, stop: int) -> list:
+    """Items ``start..stop-1`` of one stream (runs in generation worker processes)."""
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset(family, **dict(config), seed=stream_seed, size=10**9)
+    return [ds[i] for i in range(start, stop)]
+
+
 class _TaskData:
     """Splits of one task: eager lists, or an eager test list + a lazy train memo."""
 
-    def __init__(self, spec: TaskSpec, seed: int, train_size: int, test_size: int, lazy: bool):
+    def __init__(self, spec: TaskSpec, seed: int, train_size: int, test_size: int, lazy: bool,
+                 executor=None):
         t0 = time.perf_counter()
         self.spec, self.lazy, self.train_size = spec, lazy, train_size
         base = _task_seed(seed, spec.name)
         self._base = base
         self._lock = threading.Lock()
         self._datasets: dict[int, Any] = {}
-        max_scan = lambda need: 8 * need + 1000  # noqa: E731
-        # test: first test_size distinct texts of stream A
-        self.test: list[Prompt] = []
         seen: set[str] = set()
-        ds = self._ds(base + _TEST_STREAM_OFFSET)
-        i = 0
-        while len(self.test) < test_size and i < max_scan(test_size):
-            p = self._prompt(ds[i], "test", len(self.test))
-            i += 1
-            if p.text not in seen:
-                seen.add(p.text)
-                self.test.append(p)
+        # test: first test_size distinct texts of stream A
+        self.test = self._scan(base + _TEST_STREAM_OFFSET, "test", test_size, seen, executor)
         self.test_texts = frozenset(seen)
         self.train: list[Prompt] = []
         self._memo: dict[int, Prompt] = {}
-        if not lazy:
-            ds = self._ds(base + _TRAIN_STREAM_OFFSET)
-            i = 0
-            while len(self.train) < train_size and i < max_scan(train_size):
-                p = self._prompt(ds[i], "train", len(self.train))
-                i += 1
-                if p.text not in seen:
-                    seen.add(p.text)
-                    self.train.append(p)
+        if not lazy:  # train: stream B minus test texts, deduplicated
+            self.train = self._scan(base + _TRAIN_STREAM_OFFSET, "train", train_size, seen, executor)
             self.train_size = len(self.train)
         for split, got, want in (("test", len(self.test), test_size),
                                  ("train", self.train_size, train_size)):
@@ -255,6 +249,36 @@ class _TaskData:
                               f"(asked for {want}); the generator's item space is small",
                               RuntimeWarning, stacklevel=4)
         self.seconds = time.perf_counter() - t0
+
+    def _scan(self, stream_seed: int, split: str, want: int, seen: set, executor) -> list:
+        """First ``want`` items of a stream whose text is not in ``seen`` (updated), in stream
+        order. Items are produced in batches, in worker processes when ``executor`` is given
+        (same result as serial generation)."""
+        out: list[Prompt] = []
+        start, max_scan = 0, 8 * want + 1000
+        while len(out) < want and start < max_scan:
+            need = want - len(out)
+            stop = min(max_scan, start + max(64, int(need * 1.15) + 16))
+            for entry in self._entries(stream_seed, start, stop, executor):
+                p = self._prompt(entry, split, len(out))
+                if p.text not in seen:
+                    seen.add(p.text)
+                    out.append(p)
+                    if len(out) == want:
+                        break
+            start = stop
+        return out
+
+    def _entries(self, stream_seed: int, start: int, stop: int, executor) -> list:
+        n = stop - start
+        if executor is None or n / self.spec.items_per_s < 2.0:
+            ds = self._ds(stream_seed)
+            return [ds[i] for i in range(start, stop)]
+        n_chunks = max(1, min(4 * getattr(executor, "_max_workers", 2), n // 8))
+        bounds = np.linspace(start, stop, n_chunks + 1).astype(int)
+        futs = [executor.submit(_generate_chunk, self.spec.family, self.spec.config, stream_seed,
+                                int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return [e for f in futs for e in f.result()]
 
     def _ds(self, stream_seed: int):
         ds = self._datasets.get(stream_seed)
@@ -449,7 +473,8 @@ class Suite:
             for (k, _), s, st in zip(rows, scores, status):
                 if st == "ok":
                     formed[k] = True
-                    correct[k] = s >= 1.0
+                    # exactly 1.0: spell_backward's partial credit can float-sum past 1.0
+                    correct[k] = s == 1.0
                 elif st == "timeout":
                     timeouts += 1
                 else:
@@ -493,7 +518,8 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
                timeout_s: float = 5.0, memory_mb: int = 1024, n_workers: int = 2,
                mp_context: str = "forkserver", generation: str = "auto",
                max_completion_chars: Optional[int] = None,
-               verifier_hook: Optional[str] = None) -> Suite:
+               verifier_hook: Optional[str] = None,
+               gen_workers: Optional[int] = None, cache: bool = True) -> Suite:
     """Load a preset from :data:`SUITES`.
 
     Parameters
@@ -518,6 +544,14 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
         would take more than ~20 s at its measured rate (zebra, long-form countdown).
     max_completion_chars : int, optional
         Longer completions are rejected (default 256 for compact suites, 65536 otherwise).
+    verifier_hook : str, optional
+        Test only: a :data:`verifiers.TEST_HOOKS` name replacing the scorer in the pool.
+    gen_workers : int, optional
+        Processes for item generation when it would take more than ~6 s serially (default
+        ``os.cpu_count()``; 1 = serial). Results do not depend on it.
+    cache : bool
+        Reuse / store generated items in the in-memory cache keyed by (name, seed, sizes,
+        generation). ``False`` always regenerates and stores nothing.
     """
     spec = SUITES.get(name)
     if spec is None:
@@ -535,14 +569,30 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
                          f"({correct_reward}), got {format_reward}")
     key = (name, int(seed), train_size, test_size, generation)
     with _CACHE_LOCK:
-        data = _CACHE.get(key)
+        data = _CACHE.get(key) if cache else None
         if data is None:
             data = {}
-            for t in spec.tasks:
-                lazy = generation == "lazy" or (
-                    generation == "auto" and (train_size + test_size) / t.items_per_s > 20.0)
-                data[t.name] = _TaskData(t, int(seed), train_size, test_size, lazy)
-            _CACHE[key] = data
+            lazies = {t.name: generation == "lazy" or (
+                generation == "auto" and (train_size + test_size) / t.items_per_s > 20.0)
+                for t in spec.tasks}
+            est = sum((test_size + (0 if lazies[t.name] else train_size)) / t.items_per_s
+                      for t in spec.tasks)
+            n_gen = (os.cpu_count() or 1) if gen_workers is None else int(gen_workers)
+            executor = None
+            if n_gen > 1 and est > 6.0:  # worker start-up (~1-2 s) pays off
+                import multiprocessing as mp
+                from concurrent.futures import ProcessPoolExecutor
+
+                executor = ProcessPoolExecutor(n_gen, mp_context=mp.get_context("spawn"))
+            try:
+                for t in spec.tasks:
+                    data[t.name] = _TaskData(t, int(seed), train_size, test_size, lazies[t.name],
+                                             executor)
+            finally:
+                if executor is not None:
+                    executor.shutdown(wait=True, cancel_futures=True)
+            if cache:
+                _CACHE[key] = data
         else:
             data = dict(data)
     if max_completion_chars is None:
@@ -551,3 +601,41 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
                  format_reward=format_reward, timeout_s=timeout_s, memory_mb=memory_mb,
                  n_workers=n_workers, mp_context=mp_context,
                  max_completion_chars=max_completion_chars, verifier_hook=verifier_hook)
+
+
+def _bench(names: Sequence[str] = ("cpu-3task", "mtgrpo-3task", "mtgrpo-9task"), n: int = 4000) -> None:
+    """Print generation time per task and scoring throughput (one JSON line per case)."""
+    import json
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        t0 = time.perf_counter()
+        suite = load_suite(name)
+        total = time.perf_counter() - t0
+        print(json.dumps({"case": "generate", "suite": name, "seconds": round(total, 2),
+                          "per_task_s": {k: round(v, 2) for k, v in suite.generation_seconds.items()},
+                          "sizes": {t: [suite.pool_size(t, "train"), suite.pool_size(t, "test")]
+                                    for t in suite.task_names}}), flush=True)
+        for verifier in ("fast", "reference"):
+            s = load_suite(name, verifier=verifier)
+            try:
+                for t in s.task_names:
+                    ps = s.prompts(t, "test")
+                    ps = [ps[i] for i in rng.integers(0, len(ps), n)]
+                    good = [s.target_completion(p) for p in ps]
+                    comps = [good[i] if i % 2 == 0 else good[(i + 1) % n] for i in range(n)]
+                    s.score(ps[:64], comps[:64])  # warm (pool start)
+                    t0 = time.perf_counter()
+                    r = s.score(ps, comps)
+                    dt = time.perf_counter() - t0
+                    print(json.dumps({"case": "score", "suite": name, "task": t, "verifier": verifier,
+                                      "n": n, "per_s": round(n / dt), "mean_reward": round(float(r.mean()), 3)}),
+                          flush=True)
+            finally:
+                s.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _bench(sys.argv[1:] or ("cpu-3task", "mtgrpo-3task", "mtgrpo-9task"))

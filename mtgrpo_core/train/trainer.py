@@ -671,6 +671,9 @@ class Trainer:
                 self._log({"kind": "init", "from": cfg.run.init_from})
             elif cfg.warmup.steps > 0:
                 self._log(self.warmup())
+                if cfg.checkpoint.keep_warmup:   # reusable start point: run.init_from=OUT/warmup.pt
+                    ckpt.save_atomic({"model": self.model.state_dict(), "config": cfg.to_dict(), "phase": "warmup"},
+                                     self.out / "warmup.pt")
             ev = self.evaluate("test", tag="before")
             self._log(ev)
             self._print_eval(ev, "before RL")
@@ -695,13 +698,16 @@ class Trainer:
         total = cfg.rl.steps
         prog = None
         if cfg.run.progress and self.console is not None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-            prog = Progress(TextColumn("[bold]RL {task.fields[algo]}"), BarColumn(), MofNCompleteColumn(),
+            prog = Progress(TextColumn("[bold]RL {task.fields[algo]}"), BarColumn(),
+                            TextColumn("{task.percentage:>3.0f}%"),
                             TimeElapsedColumn(), TextColumn("{task.fields[msg]}"), console=self.console,
                             transient=False)
             prog.start()
-            bar = prog.add_task("rl", total=total, completed=self.step, algo=cfg.run.algo, msg="")
+            timed = bool(cfg.rl.max_time_s)   # a wall-clock budget: the bar shows seconds of it
+            bar = prog.add_task("rl", total=cfg.rl.max_time_s if timed else total,
+                                completed=self.rl_time if timed else self.step, algo=cfg.run.algo, msg="")
         try:
             while self.step < total:
                 if cfg.rl.max_time_s and self.rl_time >= cfg.rl.max_time_s:
@@ -715,7 +721,8 @@ class Trainer:
                 if prog is not None:
                     acc = " ".join(f"{a:.2f}" for a in rec["train_acc"])
                     w = " ".join(f"{a:.2f}" for a in rec["weights_after"]) if "weights_after" in rec else ""
-                    prog.update(bar, completed=self.step, msg=f"acc {acc} | z {w}")
+                    prog.update(bar, completed=min(self.rl_time, cfg.rl.max_time_s) if timed else self.step,
+                                msg=f"step {self.step} | batch acc {acc} | z {w}")
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
                     ev = self.evaluate("test", tag="periodic")
                     self._log(ev)

@@ -9,7 +9,7 @@
 //   next_u32()      the PCG32 output
 //   next_double()   ((u32 >> 5) * 2^26 + (u32' >> 6)) / 2^53, a 53-bit double in [0, 1)
 //   bounded(n)      Lemire's multiply-and-reject map of u32 to [0, n), n < 2^32
-// Floating-point work is limited to O(K) products and sums per round; every product goes
+// Pool order: see LazyPermutation. Floating-point work is limited to O(K) products and sums per round; every product goes
 // through no_contract_mul (a volatile store) so no compiler can fuse it into an FMA, which
 // would change rounding on FMA targets (aarch64, -march=native) and break cross-platform
 // equality with Python's doubles.
@@ -122,42 +122,44 @@ class U64Map {
   unsigned shift_ = 60;
 };
 
-// A permutation of [0, n) built lazily by Fisher-Yates: the k-th draw of an epoch swaps
-// position k with a uniform position in [k, limit) and returns what lands at k. Only
-// touched positions are stored (a hash map; a dense array once more than n/32 are touched),
-// so a step costs O(draws), never O(n). `limit` < n only inside a step that wrapped the
-// epoch: the prompts this step already drew sit in the tail [limit, n) of the new epoch,
-// so no prompt comes twice in one step; at the next step limit returns to n and they are
-// drawn later in that epoch (each prompt still comes exactly once per epoch).
+// A pseudo-random permutation of [0, n) evaluated lazily: O(1) memory and O(1) work a
+// draw, whatever n (pools of 10^6+ prompts cost nothing until drawn, and the state is a few
+// numbers). The epoch's order is pi(0), pi(1), ... with pi a keyed 4-round Feistel network
+// on 2h bits (2^(2h) >= n, h >= 1) restricted to [0, n) by cycle walking (Black & Rogaway
+// 2002); the four 32-bit round keys are drawn from the sampler's PCG32 when the epoch starts.
+// Round function: f(R, k) = mix32(R ^ k) & (2^h - 1), mix32 = murmur3-style multiply/xorshift.
+// Epochs and steps: `limit` < n only inside a step that wrapped the epoch. The d prompts this
+// step drew before the wrap are `parked`: the new epoch yields every other prompt first (in pi
+// order, skipping parked ones) and the parked ones last, so no prompt comes twice in a step
+// and each prompt still comes exactly once per epoch.
 class LazyPermutation {
  public:
-  explicit LazyPermutation(uint32_t n = 0) : n_(n), limit_(n) {}
+  explicit LazyPermutation(uint32_t n = 0);
   uint32_t n() const { return n_; }
   uint32_t pos() const { return pos_; }
   uint32_t limit() const { return limit_; }
+  uint32_t cursor() const { return cursor_; }
   int64_t epoch() const { return epoch_; }
-  uint32_t draw(Pcg32& rng);  // requires pos < limit
-  // `count` consecutive draws (count <= limit - pos), the same random calls and results as
-  // `count` calls of draw(), with the random positions computed first so that their cache
-  // misses overlap (prefetch a few draws ahead).
-  void draw_many(Pcg32& rng, uint32_t count, uint32_t* out);
-  // Starts the next epoch with `d` prompts (drawn in this step) parked at the tail.
-  void new_epoch(const uint32_t* parked, size_t d);
+  const uint32_t* keys() const { return keys_; }
+  const std::vector<uint32_t>& parked() const { return parked_; }
+  void set_keys(Pcg32& rng);  // four next_u32() calls
+  uint32_t draw();            // needs pos < limit
+  // Starts the next epoch (new keys from rng) with `d` prompts parked at its end.
+  void new_epoch(Pcg32& rng, const uint32_t* parked, size_t d);
   void end_step() { limit_ = n_; }
-  // (position, value) for every position >= pos whose value differs from the identity,
-  // sorted by position.
-  void export_swaps(std::vector<std::pair<uint32_t, uint32_t>>& out) const;
-  void restore(int64_t epoch, uint32_t pos, uint32_t limit, const std::vector<std::pair<uint32_t, uint32_t>>& swaps);
+  void restore(int64_t epoch, uint32_t pos, uint32_t limit, uint32_t cursor, const uint32_t* keys,
+               const std::vector<uint32_t>& parked);  // throws invalid_argument if inconsistent
+  uint32_t feistel(uint32_t x) const;                  // the bijection on [0, 2^(2h))
+  uint32_t pi(uint32_t i) const;                       // cycle walk into [0, n)
 
  private:
-  uint32_t get(uint32_t p) const;
-  void set(uint32_t p, uint32_t v);
-  void prefetch(uint32_t p) const;
-  void clear_map();
-  uint32_t n_ = 0, pos_ = 0, limit_ = 0;
+  uint32_t n_ = 0, pos_ = 0, limit_ = 0, cursor_ = 0;
+  unsigned h_ = 1;
+  uint32_t mask_ = 1;
   int64_t epoch_ = 0;
-  U64Map sparse_;
-  std::vector<uint32_t> dense_;  // empty while sparse
+  uint32_t keys_[4] = {0, 0, 0, 0};
+  std::vector<uint32_t> parked_;
+  U64Map parked_set_;
 };
 
 // ---------------------------------------------------------------------------- sampler
@@ -187,8 +189,9 @@ struct SamplerState {
   uint64_t rng_state = 0, rng_inc = 0;
   std::vector<double> rho;
   int64_t steps_done = 0;
-  std::vector<int64_t> perm_epoch, perm_pos, perm_limit;
-  std::vector<int64_t> swap_task, swap_pos, swap_val;
+  std::vector<int64_t> perm_epoch, perm_pos, perm_limit, perm_cursor;
+  std::vector<int64_t> perm_keys;  // K x 4, row-major
+  std::vector<int64_t> park_task, park_prompt;
   bool step_active = false;
   std::vector<double> step_weights, step_inflation;
   std::vector<int64_t> step_targets;
@@ -242,7 +245,14 @@ class RatioPreservingSampler {
   std::vector<int32_t> rec_task_, rec_round_;
   std::vector<uint32_t> rec_prompt_;
   std::vector<int8_t> rec_status_;
-  U64Map rec_index_;                        // key(task, prompt) -> record index
+  // key(task, prompt) -> record index, built lazily: report() first tries the record after
+  // the last one it matched (callers usually report in draw order), so the hash map (one
+  // cache miss a prompt) is only filled when a report arrives out of order.
+  U64Map rec_index_;
+  size_t indexed_ = 0;   // records [0, indexed_) are in rec_index_
+  size_t guess_ = 0;     // record expected next in report()
+  void ensure_index();
+  int64_t lookup(int64_t task, int64_t prompt, size_t guess);  // record index or -1
   std::vector<int64_t> drawn_;              // per task, this step
   std::vector<std::vector<uint32_t>> acc_;  // per task, accepted prompts in report order
 };

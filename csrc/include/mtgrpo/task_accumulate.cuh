@@ -159,13 +159,38 @@ template <> struct MaskTraits<kMaskF64> {
   static MTGRPO_HD bool set(storage x) { return (x & 0x7fffffffffffffffull) != 0; }
 };
 
-// One lane's contribution of one element: the selected value or +0 (never reads a masked-out
-// NaN into the sum).
+// x when on, else +0. The host version clears the bits with an integer mask (same result)
+// because GCC does not if-convert the float select, and the 32-lane loop must vectorise.
+MTGRPO_HD float keep_if(bool on, float x) {
+#if defined(__CUDA_ARCH__)
+  return on ? x : 0.0f;
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  b &= 0u - uint32_t(on);
+  std::memcpy(&x, &b, sizeof b);
+  return x;
+#endif
+}
+
+MTGRPO_HD double keep_if(bool on, double x) {
+#if defined(__CUDA_ARCH__)
+  return on ? x : 0.0;
+#else
+  uint64_t b;
+  std::memcpy(&b, &x, sizeof b);
+  b &= 0ull - uint64_t(on);
+  std::memcpy(&x, &b, sizeof b);
+  return x;
+#endif
+}
+
+// One lane's contribution of one element: the selected value or +0 (a masked-out NaN never
+// enters the sum).
 template <int VT, int MK>
 MTGRPO_HD typename ValueTraits<VT>::acc masked_value(typename ValueTraits<VT>::storage v,
                                                      typename MaskTraits<MK>::storage m) {
-  using Acc = typename ValueTraits<VT>::acc;
-  return MaskTraits<MK>::set(m) ? ValueTraits<VT>::load(v) : Acc(0);
+  return keep_if(MaskTraits<MK>::set(m), ValueTraits<VT>::load(v));
 }
 
 // The shuffle tree of step 2 on an array of 32 lane sums (host side); lane 0 gets the sum.

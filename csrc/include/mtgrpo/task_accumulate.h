@@ -37,7 +37,7 @@ inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
       if (l < len) {
         const auto mi = m[l];
         s += masked_value<VT, MK>(v[l], mi);
-        c += MaskTraits<MK>::set(mi) ? 1u : 0u;
+        c += uint32_t(MaskTraits<MK>::set(mi));
       }
       lanes[l] = s;
     }
@@ -53,13 +53,13 @@ inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
     for (int l = 0; l < kLanes; ++l) {
       const auto mi = m[i + l];
       lanes[l] += masked_value<VT, MK>(v[i + l], mi);
-      c += MaskTraits<MK>::set(mi) ? 1u : 0u;
+      c += uint32_t(MaskTraits<MK>::set(mi));
     }
   }
   for (int l = 0; i + l < len; ++l) {
     const auto mi = m[i + l];
     lanes[l] += masked_value<VT, MK>(v[i + l], mi);
-    c += MaskTraits<MK>::set(mi) ? 1u : 0u;
+    c += uint32_t(MaskTraits<MK>::set(mi));
   }
   *sum = fold_lanes(lanes);
   *cnt = c;

@@ -1,0 +1,414 @@
+"""Task suites over real reasoning-gym items: splits, ids, rewards, oracle agreement, hostility.
+
+reasoning-gym's own ``score_answer`` is the oracle for the in-process checkers; it is only
+called in this process on answers that passed the strict grammar (trusted test inputs).
+"""
+import os
+import random
+import re
+import time
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtgrpo_core.train import tasks
+from mtgrpo_core.train import verifiers as V
+
+import reasoning_gym
+
+SMALL = {
+    "cpu-3task": dict(train_size=300, test_size=100),
+    "mtgrpo-3task": dict(train_size=40, test_size=4, generation="lazy"),
+    "mtgrpo-9task": dict(train_size=4, test_size=2, generation="eager"),
+}
+
+
+@pytest.fixture(scope="module")
+def suites():
+    out = {name: tasks.load_suite(name, seed=0, **kw) for name, kw in SMALL.items()}
+    yield out
+    for s in out.values():
+        s.close()
+
+
+@pytest.fixture(scope="module")
+def ref_suites():
+    """Reference-mode suites (reasoning-gym scorer in the worker pool), sharing items."""
+    out = {name: tasks.load_suite(name, seed=0, verifier="reference", timeout_s=20.0, **kw)
+           for name, kw in SMALL.items()}
+    yield out
+    for s in out.values():
+        s.close()
+
+
+def _oracle(spec, answer, entry):
+    ds = reasoning_gym.create_dataset(spec.family, **spec.config_dict, seed=0, size=1)
+    return ds.score_answer(answer, entry)
+
+
+def _wrap(suite, task, ans):
+    return ans if suite.tasks[task].compact else f"Reasoning... <answer>{ans}</answer>"
+
+
+def _wrong_answer(spec, p):
+    """A well-formed but wrong answer for prompt p."""
+    a = p.answer
+    if spec.family == "countdown":
+        return "+".join(str(x) for x in p.entry["metadata"]["numbers"]) + "+1"
+    if spec.family == "basic_arithmetic":
+        return str(int(a) + 1)
+    if spec.family == "spell_backward":
+        return a + "x"
+    if spec.family == "zebra_puzzles":
+        return "nobody"
+    if spec.family == "arc_1d":
+        cells = a.split(" ")
+        cells[0] = "1" if cells[0] != "1" else "2"
+        return " ".join(cells)
+    raise AssertionError(spec.family)
+
+
+# ----------------------------------------------------------------------------------------
+def test_presets_load_and_splits_disjoint(suites):
+    assert set(tasks.SUITES) >= {"mtgrpo-3task", "mtgrpo-9task", "cpu-3task"}
+    assert suites["mtgrpo-3task"].task_names == ["countdown-4", "zebra_puzzles-4", "arc_1d-20"]
+    assert len(suites["mtgrpo-9task"].task_names) == 9
+    assert suites["cpu-3task"].task_names == ["spell_backward", "countdown", "basic_arithmetic"]
+    for name, s in suites.items():
+        kw = SMALL[name]
+        for t in s.task_names:
+            assert s.pool_size(t, "test") == kw["test_size"]
+            assert s.pool_size(t, "train") == kw["train_size"]
+            test = s.prompts(t, "test")
+            train = s.prompts(t, "train")
+            tt = [p.text for p in test]
+            tr = [p.text for p in train]
+            assert len(set(tt)) == len(tt)
+            assert not set(tt) & set(tr), (name, t)
+            assert all(p.task == t and p.id.startswith(t + "/") for p in test + train)
+            if name != "mtgrpo-3task":  # eager splits are deduplicated inside train too
+                assert len(set(tr)) == len(tr)
+    with pytest.raises(ValueError, match="split"):
+        suites["cpu-3task"].prompts("countdown", "dev", [0])
+    with pytest.raises(ValueError, match="indices"):
+        suites["cpu-3task"].prompts("countdown", "test", [100])
+    with pytest.raises(ValueError, match="task"):
+        suites["cpu-3task"].pool_size("nope")
+    with pytest.raises(ValueError, match="name"):
+        tasks.load_suite("nope")
+
+
+def test_compact_and_long_form_prompts(suites):
+    s = suites["cpu-3task"]
+    sp, cd, ar = (s.prompts(t, "test", range(50)) for t in s.task_names)
+    assert all(re.fullmatch(r"S:[A-Za-z]{3,10}=", p.text) and p.answer == p.entry["metadata"]["word"][::-1]
+               for p in sp)
+    for p in cd:
+        md = p.entry["metadata"]
+        assert p.text == f"C:{md['numbers'][0]},{md['numbers'][1]},{md['numbers'][2]}>{md['target']}="
+        assert p.answer == p.entry["answer"].replace(" ", "") and 1 <= md["target"] <= 100
+        assert all(1 <= x <= 10 for x in md["numbers"])
+    for p in ar:
+        expr = p.entry["metadata"]["expression"]
+        assert p.text == f"A:{expr}=" and set(expr) <= set("0123456789+- ")
+        assert int(p.answer) == eval(expr)  # + and - only: left-to-right == Python
+        assert 2 <= p.entry["metadata"]["num_terms"] <= 3
+    lf = suites["mtgrpo-9task"]
+    for t in lf.task_names:
+        p = lf.prompts(t, "test", [0])[0]
+        assert p.text.startswith(p.entry["question"].rstrip()) and "<answer>" in p.text
+        assert lf.target_completion(p) == f"<answer>{p.answer}</answer>"
+    assert not lf.compact and s.compact
+
+
+def test_ids_stable_across_loads():
+    kw = dict(train_size=50, test_size=20)
+    a = tasks.load_suite("cpu-3task", seed=3, **kw)
+    ids_a = {t: [p.id for p in a.prompts(t, "train")] + [p.id for p in a.prompts(t, "test")]
+             for t in a.task_names}
+    b = tasks.load_suite("cpu-3task", seed=3, cache=False, **kw)  # regenerated
+    ids_b = {t: [p.id for p in b.prompts(t, "train")] + [p.id for p in b.prompts(t, "test")]
+             for t in b.task_names}
+    assert ids_a == ids_b
+    c = tasks.load_suite("cpu-3task", seed=4, **kw)  # another seed: other items
+    assert [p.id for p in c.prompts("countdown", "test")] != ids_a["countdown"][50:]
+    # lazy train items: same ids on a fresh load
+    kw = dict(train_size=30, test_size=2, generation="lazy")
+    la = [p.id for p in tasks.load_suite("mtgrpo-3task", seed=1, **kw).prompts("countdown-4", "train", [0, 7, 29])]
+    lb = [p.id for p in tasks.load_suite("mtgrpo-3task", seed=1, cache=False, **kw).prompts(
+        "countdown-4", "train", [29, 7, 0])]
+    assert la == lb[::-1]
+
+
+def test_reference_correct_wrong_garbage_rewards(suites):
+    for name, s in suites.items():
+        for t in s.task_names:
+            spec = s.tasks[t]
+            ps = s.prompts(t, "test", range(min(4, s.pool_size(t, "test"))))
+            good = [s.target_completion(p) for p in ps]
+            assert np.array_equal(s.score(ps, good), np.ones(len(ps))), (name, t)
+            assert s.is_correct(ps, good).all()
+            wrong = [_wrap(s, t, _wrong_answer(spec, p)) for p in ps]
+            np.testing.assert_allclose(s.score(ps, wrong), 0.1, err_msg=f"{name}/{t}")
+            assert not s.is_correct(ps, wrong).any()
+            before = s.verifier_stats["rejected"]
+            garbage = [_wrap(s, t, "?!"), "", "no tags at all " * 3]
+            garbage = (garbage * 2)[: len(ps)]
+            assert np.array_equal(s.score(ps, garbage), np.zeros(len(ps)))
+            assert s.verifier_stats["rejected"] == before + len(ps)
+    # configurable rewards
+    s2 = tasks.load_suite("cpu-3task", correct_reward=2.0, format_reward=0.5, **SMALL["cpu-3task"])
+    ps = s2.prompts("basic_arithmetic", "test", range(3))
+    np.testing.assert_allclose(s2.score(ps, [ps[0].answer, "123456", "x"]), [2.0, 0.5, 0.0])
+
+
+def test_reference_mode_matches_fast_mode(suites, ref_suites):
+    rng = random.Random(0)
+    for name, s in suites.items():
+        r = ref_suites[name]
+        for t in s.task_names:
+            spec = s.tasks[t]
+            n = s.pool_size(t, "test")
+            ps = s.prompts(t, "test", range(min(n, 40)))
+            comps = []
+            for p in ps:
+                choice = rng.randrange(3)
+                ans = p.answer if choice == 0 else _wrong_answer(spec, p) if choice == 1 else \
+                    ps[rng.randrange(len(ps))].answer
+                comps.append(_wrap(s, t, ans))
+            comps[-1] = _wrap(s, t, "bad answer!")
+            np.testing.assert_array_equal(s.score(ps, comps), r.score(ps, comps), err_msg=f"{name}/{t}")
+        assert r.verifier_stats["timeouts"] == 0 and r.verifier_stats["errors"] == 0
+
+
+def _countdown_candidates(nums, rng, k):
+    """Random well-formed expressions over a permutation of nums (some correct, most wrong)."""
+    out = []
+    for _ in range(k):
+        xs = [str(x) for x in rng.sample(list(nums), len(nums))]
+        if rng.random() < 0.1:
+            xs = xs[:-1]  # missing number
+        e = xs[0]
+        for x in xs[1:]:
+            op = rng.choice("+-*/")
+            e = f"({e}){op}{x}" if rng.random() < 0.3 else f"{e}{op}{x}"
+        if rng.random() < 0.1:
+            e = "-" + e
+        out.append(e)
+    return out
+
+
+def test_fast_checker_agrees_with_reasoning_gym_oracle(suites):
+    """Hundreds of real items and real wrong answers: fast_correct == (score_answer == 1.0)."""
+    rng = random.Random(1)
+    s = suites["cpu-3task"]
+    checked = 0
+    for t in s.task_names:
+        spec = s.tasks[t]
+        ds = reasoning_gym.create_dataset(spec.family, **spec.config_dict, seed=0, size=1)
+        ps = s.prompts(t, "train", range(300))
+        n_correct = n_wrong = 0
+        for p in ps:
+            if spec.family == "countdown":
+                cands = [p.answer, p.entry["answer"]] + _countdown_candidates(
+                    p.entry["metadata"]["numbers"], rng, 4)
+            elif spec.family == "spell_backward":
+                cands = [p.answer, p.answer.upper(), p.answer[:-1], p.answer + "s",
+                         p.entry["metadata"]["word"]]
+            else:
+                a = int(p.answer)
+                cands = [p.answer, str(a + 1), str(-a) if a else "7", str(a * 10)]
+            cands.append(ps[rng.randrange(len(ps))].answer)
+            for c in cands:
+                assert V.check_grammar(spec.family, c, spec.max_answer_chars), (t, c)
+                mine = V.fast_correct(spec.family, c, p.entry)
+                theirs = ds.score_answer(c, p.entry) == 1.0
+                assert mine == theirs, (t, p.text, c)
+                n_correct += mine
+                n_wrong += not mine
+                checked += 1
+        assert n_correct >= 300 and n_wrong >= 300, (t, n_correct, n_wrong)
+    # long-form families on the small mtgrpo items
+    lf = suites["mtgrpo-9task"]
+    for t in lf.task_names:
+        spec = lf.tasks[t]
+        ds = reasoning_gym.create_dataset(spec.family, **spec.config_dict, seed=0, size=1)
+        ps = lf.prompts(t, "train") + lf.prompts(t, "test")
+        for p in ps:
+            if spec.family == "countdown":
+                cands = [p.answer] + _countdown_candidates(p.entry["metadata"]["numbers"], rng, 20)
+            elif spec.family == "zebra_puzzles":
+                names = re.search(r"unique name: ([a-z, ]+)", p.entry["question"]).group(1).split(", ")
+                cands = names + [p.answer.upper(), p.answer.capitalize()]
+            else:
+                cands = [p.answer, _wrong_answer(spec, p), p.answer + " 0", ps[0].answer]
+            for c in cands:
+                if not V.check_grammar(spec.family, c, spec.max_answer_chars):
+                    continue
+                assert V.fast_correct(spec.family, c, p.entry) == (ds.score_answer(c, p.entry) == 1.0), (t, c)
+                checked += 1
+    assert checked > 4000
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 100), min_size=3, max_size=5), st.randoms(use_true_random=False),
+       st.integers(1, 999))
+def test_countdown_evaluator_property(nums, rnd, target):
+    """Random expressions: our Fraction evaluator decides like reasoning-gym's sympy path."""
+    entry = {"metadata": {"numbers": nums, "target": target}}
+    from reasoning_gym.games.countdown import CountdownConfig, CountdownDataset
+
+    ds = CountdownDataset(CountdownConfig(seed=0, size=1))
+    for e in _countdown_candidates(nums, rnd, 3):
+        assert V.check_grammar("countdown", e, 200)
+        v = V.countdown_value(e)
+        uses_all = sorted(int(x) for x in re.findall(r"[0-9]+", e)) == sorted(nums)
+        if v is not None and uses_all:  # the expression's own value as target: correct
+            if v.denominator == 1 and v > 0:
+                entry_v = {"metadata": {"numbers": nums, "target": int(v)}}
+                assert V.fast_correct("countdown", e, entry_v)
+                assert ds.score_answer(e, entry_v) == 1.0
+        assert V.fast_correct("countdown", e, entry) == (ds.score_answer(e, entry) == 1.0)
+
+
+def test_grammar_rejects_and_extraction():
+    ok = ["1+2*3", "(1+2)/3", "-5+7*3", "10 - 3 * 2", "+(4)"]
+    bad = ["2**3", "2^3", "1e3", "01+2", "2(3)", "(1+2", "1+", "", "1 2", "x", "1+2;", "１+2",
+           "(" * 20 + "1" + ")" * 20, "7" * 7]
+    assert all(V.check_grammar("countdown", s, 64) for s in ok)
+    assert not any(V.check_grammar("countdown", s, 64) for s in bad)
+    assert not V.check_grammar("countdown", "1+2", 2)  # length bound
+    assert V.check_grammar("basic_arithmetic", "-12", 8) and V.check_grammar("basic_arithmetic", "0", 8)
+    assert not any(V.check_grammar("basic_arithmetic", s, 8) for s in ["+3", "-0", "007", "1.0", "٣", " 3"])
+    assert V.check_grammar("spell_backward", "abC", 16)
+    assert not any(V.check_grammar("spell_backward", s, 16) for s in ["ab c", "é", "a1", "a\x00"])
+    assert V.check_grammar("arc_1d", "0 1 2", 20) and not V.check_grammar("arc_1d", "0  1", 20)
+    assert V.check_grammar("zebra_puzzles", "arnold", 48)
+    assert not V.check_grammar("zebra_puzzles", "arnold\n", 48)
+    assert V.extract_tagged_answer("a <answer> x </answer> b <answer>y</answer>", 100) == "y"
+    assert V.extract_tagged_answer("<answer>x", 100) is None
+    assert V.extract_tagged_answer("<answer>x</answer>", 5) is None
+    t0 = time.perf_counter()
+    assert V.extract_tagged_answer("<answer>" * 100_000, 10**7) is None  # linear, not quadratic
+    assert time.perf_counter() - t0 < 1.0
+
+
+def _hostile(marker):
+    return [
+        f"__import__('os').system('touch {marker}')",
+        f"(lambda: __import__('os').system('touch {marker}'))()",
+        "9**9**9**9",
+        "9" * 1_000_000,
+        "1+" * 500_000 + "1",
+        "1\x002\x003",
+        "\x00",
+        "٣+٤*٥",
+        "𝟗𝟗",
+        "ﾠ🙂 réponse",
+        "(" * 10_000 + "1" + ")" * 10_000,
+        "(" * 40 + "1" + ")" * 40,
+        "1/0",
+        "exec('import os')",
+        "x" * 1_000_000,
+    ]
+
+
+@pytest.mark.parametrize("mode", ["fast", "reference"])
+def test_hostile_completions_every_preset(suites, ref_suites, mode, tmp_path):
+    pool = suites if mode == "fast" else ref_suites
+    for name, s in pool.items():
+        for t in s.task_names:
+            marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+            payloads = _hostile(marker)
+            comps = payloads + [f"<answer>{x}</answer>" for x in payloads]
+            p = s.prompts(t, "test", [0])[0]
+            ps = [p] * len(comps)
+            before = s.verifier_stats
+            t0 = time.perf_counter()
+            r = s.score(ps, comps)
+            elapsed = time.perf_counter() - t0
+            after = s.verifier_stats
+            assert not marker.exists(), (name, t)
+            assert elapsed < 5.0, (name, t, elapsed)
+            moved = sum(after[k] - before[k] for k in after)
+            # "1/0" is a well-formed countdown expression (wrong: 0.1); everything else is 0
+            for c, x in zip(comps, r):
+                allowed = {0.0, 0.1} if ("1/0" in c and s.tasks[t].family == "countdown") else {0.0}
+                assert float(x) in allowed, (name, t, c[:40], x)
+            assert moved >= len(comps) - 2
+            # still works afterwards
+            good = s.target_completion(p)
+            assert s.score([p, p], [good, good]).tolist() == [1.0, 1.0]
+    # non-string completions are rejected, not crashes
+    s = pool["cpu-3task"]
+    p = s.prompts("countdown", "test", [0])[0]
+    assert s.score([p, p, p], [None, b"1+2", 12]).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_pool_kills_hanging_verifier_and_recovers():
+    s = tasks.load_suite("cpu-3task", verifier="reference", timeout_s=0.75, n_workers=2,
+                         verifier_hook="hang_if_9", **SMALL["cpu-3task"])
+    try:
+        ps = s.prompts("basic_arithmetic", "test", range(24))
+        comps = [p.answer for p in ps]
+        n_hang = sum("9" in c for c in comps)
+        assert 1 <= n_hang <= 10
+        pids0 = None
+        t0 = time.perf_counter()
+        r = s.score(ps, comps)
+        elapsed = time.perf_counter() - t0
+        st_ = s.verifier_stats
+        assert st_["timeouts"] == n_hang and st_["errors"] == 0
+        assert r.tolist() == [0.0 if "9" in c else 1.0 for c in comps]
+        assert elapsed < n_hang * 0.75 + 15.0
+        pool = s._pool
+        assert pool.restarts == n_hang and len(pool.pids) == 2
+        # workers enforce an address-space limit
+        for pid in pool.pids:
+            limits = open(f"/proc/{pid}/limits").read()
+            line = next(l for l in limits.splitlines() if l.startswith("Max address space"))
+            assert "unlimited" not in line
+        # crashing / raising / allocating verifiers: errors, not crashes
+        for hook in ("crash", "raise", "memory"):
+            s.verifier_hook = hook
+            before = s.verifier_stats["errors"]
+            assert s.score(ps[:3], comps[:3]).tolist() == [0.0, 0.0, 0.0]
+            assert s.verifier_stats["errors"] == before + 3
+        s.verifier_hook = None  # the real scorer works on the replaced workers
+        assert s.score(ps, comps).tolist() == [1.0] * len(ps)
+        pids0 = list(pool.pids)
+    finally:
+        s.close()
+    for pid in pids0:
+        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+
+
+def test_pool_contains_reasoning_gym_blowup_without_grammar():
+    """Bypassing the grammar, sympy's parse_expr on 9**9**9**9 never returns: the pool kills
+    the worker (timeout) or the memory limit stops it (error); either way reward 0."""
+    entry = {"answer": "1", "metadata": {"numbers": [9, 9, 9, 9], "target": 100}}
+    with V.VerifierPool(n_workers=1, timeout_s=1.5, memory_mb=512) as pool:
+        t0 = time.perf_counter()
+        scores, status = pool.score("countdown", {"min_numbers": 4, "max_numbers": 4},
+                                    [("9*9+9+9", entry), ("9**9**9**9", entry), ("9+9+9*9", entry)])
+        assert time.perf_counter() - t0 < 20.0
+        assert status[0] == "ok" and status[2] == "ok" and scores[0] == scores[2] == 0.05
+        assert status[1] in ("timeout", "error") and scores[1] == 0.0
+
+
+def test_lazy_and_eager_generation_and_cache():
+    t0 = time.perf_counter()
+    s = tasks.load_suite("mtgrpo-3task", seed=7, train_size=5000, test_size=2)
+    assert time.perf_counter() - t0 < 30.0  # zebra train split is lazy at this size
+    assert s.pool_size("zebra_puzzles-4", "train") == 5000
+    p = s.prompts("zebra_puzzles-4", "train", [4999])[0]
+    assert p.index == 4999 and p.text not in {q.text for q in s.prompts("zebra_puzzles-4", "test")}
+    assert s.prompts("zebra_puzzles-4", "train", [4999])[0] is p  # memoised
+    assert s.score([p], [s.target_completion(p)]).tolist() == [1.0]
+    t0 = time.perf_counter()
+    s2 = tasks.load_suite("mtgrpo-3task", seed=7, train_size=5000, test_size=2)
+    assert time.perf_counter() - t0 < 0.1  # cached
+    assert s2.prompts("zebra_puzzles-4", "train", [4999])[0] is p
