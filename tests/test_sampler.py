@@ -227,6 +227,38 @@ def test_sampler_properties_cpp_equals_reference_and_resume(sc, cut):
         assert np.array_equal(s1.filtered_ratios, s_cpp.filtered_ratios)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_between_draw_and_report(backend):
+    # state saved after next_round() but before report(): the restored sampler accepts the
+    # report of that draw and finishes with the same batch, rho and RNG state.
+    acc = accept_fn([0.5, 0.2, 0.9], 11)
+    z = np.array([0.2, 0.5, 0.3])
+
+    def go(s, cut):
+        out, hit = [], False
+        for step in range(3):
+            s.start_step(z)
+            r = 0
+            while (d := s.next_round()) is not None:
+                if (step, r) == cut:
+                    hit = True
+                    state = s.state_dict()
+                    s = RatioPreservingSampler([40, 60, 25], 16, seed=777, backend=backend)
+                    s.load_state_dict(state)
+                s.report(d.task_ids, d.prompt_indices, acc(step, d.task_ids, d.prompt_indices))
+                r += 1
+            out.append(s.finish())
+        assert hit or cut is None, f"cut {cut} never reached"
+        return out, s
+
+    full, s_full = go(RatioPreservingSampler([40, 60, 25], 16, seed=5), None)
+    for cut in [(0, 0), (1, 1), (2, 0)]:
+        part, s_part = go(RatioPreservingSampler([40, 60, 25], 16, seed=5), cut)
+        for x, y in zip(full, part):
+            same_batch(x, y)
+        same_state(s_full.state_dict(), s_part.state_dict())
+
+
 def test_big_rounds_and_epoch_wraps_match_reference():
     # rounds larger than a pool: epochs wrap inside steps (parking), tasks run dry.
     pools, B = [3000, 400, 1], 500
@@ -471,7 +503,8 @@ def test_acceptance_aware_needs_fewer_rounds_than_sampling_from_z():
 def test_corrupted_state_never_crashes(key, where, value):
     # A state saved mid-step right after an epoch wrap (parked prompts present), one entry
     # overwritten: loading raises ValueError or succeeds, and then the rest of the step
-    # raises ValueError/RuntimeError or completes; the process never aborts.
+    # raises ValueError/RuntimeError or completes; the process never aborts (the first
+    # version of this test found an out-of-bounds write when step_targets did not sum to B).
     s = RatioPreservingSampler([7, 30], 8, seed=3, oversample=1.0)
     acc = accept_fn([0.6, 0.6], 1)
     run_steps(s, [np.array([0.8, 0.2])] * 2, acc)
@@ -498,6 +531,8 @@ def test_corrupted_state_never_crashes(key, where, value):
         while (d := s2.next_round()) is not None:
             s2.report(d.task_ids, d.prompt_indices, np.ones(len(d), dtype=bool))
         b = s2.finish()
-        assert len(set(zip(b.task_ids.tolist(), b.prompt_indices.tolist()))) == len(b)
+        # (a state edited by hand, e.g. other Feistel keys mid-epoch, may sample differently
+        # from the original run; it is still a valid-looking batch of drawn prompts)
+        assert len(b) <= 8 and b.shortfall == 8 - len(b)
     except (ValueError, RuntimeError):
         pass

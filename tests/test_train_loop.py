@@ -179,3 +179,25 @@ def test_compare_writes_the_paper_style_table(tmp_path):
     b = read_metrics(tmp_path / "cmp" / "mtgrpo-s0")
     assert a[0] == b[0] == {"kind": "init", "from": str(tmp_path / "cmp" / "warmup-s0" / "checkpoint.pt")}
     assert a[1]["tasks"] == b[1]["tasks"]   # identical "before" evaluation (same model, same eval seed)
+
+
+def test_policy_update_direction_through_library_loss():
+    """One SGD step on the fused loss raises the log-likelihood of positive-advantage
+    completions and lowers it for negative ones (sign and wiring of logprobs -> loss)."""
+    import mtgrpo_core as mc
+    from mtgrpo_core.train.generation import HFGenerator
+    from mtgrpo_core.train.model import build_model, completion_logprobs
+
+    m = build_model(C.load_config(None, TINY).model, seed=0)
+    ro = HFGenerator(m, seed=0).generate(["S:abc=", "A:1+2="], 4, max_new_tokens=6)
+    adv = mc.group_advantages(torch.tensor([1., 0, 1, 0, 0, 1, 0, 1]), ro.prompt_index)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    lp0 = completion_logprobs(m, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    loss, _ = mc.grpo_loss(lp0, lp0.detach(), ro.completion_mask, adv, loss_agg="token-mean")
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        lp1 = completion_logprobs(m, ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
+    d = ((lp1 - lp0.detach()) * ro.completion_mask).sum(1)
+    assert torch.equal(d > 0, adv > 0), (d, adv)

@@ -5,10 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <sstream>
 #include <stdexcept>
-#include <unordered_map>
 
 namespace mtgrpo {
 namespace sampler {
@@ -520,7 +518,7 @@ Batch RatioPreservingSampler::finish() {
   for (int64_t k = 0; k < K; ++k)
     for (size_t i = static_cast<size_t>(quota[k]); i < acc_[k].size(); ++i) rest.emplace_back(static_cast<int32_t>(k), acc_[k][i]);
   const int64_t L = static_cast<int64_t>(rest.size());
-  const int64_t t = std::min(cfg_.batch_size - chosen, L);
+  const int64_t t = std::max<int64_t>(0, std::min(cfg_.batch_size - chosen, L));
   for (int64_t i = 0; i < t; ++i) {
     int64_t j = i + rng_.bounded(static_cast<uint32_t>(L - i));
     std::swap(rest[i], rest[j]);
@@ -658,6 +656,9 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
       if (!std::isfinite(s.step_inflation[k]) || s.step_inflation[k] < 1.0) bad("state_dict['step_inflation'][", k, "] is invalid");
       if (s.step_targets[k] < 0) bad("state_dict['step_targets'][", k, "] is negative");
     }
+    int64_t total = 0;
+    for (int64_t k = 0; k < K; ++k) total += s.step_targets[k];
+    if (total != c.batch_size) bad("state_dict['step_targets']: must sum to batch_size = ", c.batch_size, ", got ", total);
     x.z_ = s.step_weights;
     x.m_ = s.step_inflation;
     x.n_ = s.step_targets;

@@ -56,7 +56,6 @@ Ray workers (see the README section), whose import calls :func:`register`.
 from __future__ import annotations
 
 import importlib
-import math
 import sys
 from typing import Any, Optional
 
@@ -273,8 +272,9 @@ def _prompt_id(extra_info: Any, fallback: int) -> Any:
 def _batch_size(data_config: Any, batch_size: Optional[int]) -> int:
     if batch_size is not None:
         return int(batch_size)
-    gen = _cfg_get(data_config, "gen_batch_size", None)
-    bs = gen or _cfg_get(data_config, "train_batch_size", None)
+    # compose whole training batches: verl fetches gen_batch_size rows at a time (1 in the v1
+    # trainer's DAPO / async modes), and consecutive fetches add up to train_batch_size
+    bs = _cfg_get(data_config, "train_batch_size", None)
     if bs is None:
         raise ValueError("batch_size: give batch_size or a data_config with train_batch_size")
     return int(bs)
@@ -349,8 +349,7 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
     Parameters
     ----------
     data_source : the train dataset (verl's RLHFDataset or any indexable of dict rows)
-    data_config : verl's ``data`` config; ``train_batch_size`` (or ``gen_batch_size``) is the
-        batch size and ``data.sampler.kwargs`` (optional) overrides the keywords below
+    data_config : verl's ``data`` config; ``train_batch_size`` is the batch size and ``data.sampler.kwargs`` (optional) overrides the keywords below
     batch_size : int, optional, overrides the config
     task_key : str
         Row field holding the task ("data_source").

@@ -18,7 +18,8 @@ Typical loop::
 The algorithm, the PRNG (PCG32) and the exact order of random calls are documented in
 :mod:`mtgrpo_core.reference.sampler`, a pure-Python twin that gives bit-identical batches.
 Cost (C++): O(K) floating point and O(prompts drawn) integer work a step, independent of
-the pool sizes; about 0.2 ms a step at B=1024, K=9 (see bench/bench_sampler.py).
+the pool sizes (pool order is a keyed Feistel permutation, O(1) memory a task); about
+0.1 ms a step at B=1024, K=9 on a 2-core VM (bench/bench_sampler.py).
 """
 from __future__ import annotations
 

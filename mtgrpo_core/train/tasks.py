@@ -207,18 +207,32 @@ def _task_seed(seed: int, task: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(task.encode())) % (2**31)
 
 
+_PROTOS: dict[tuple, Any] = {}
+
+
 def _make_dataset(spec: TaskSpec, stream_seed: int):
+    """A reasoning-gym dataset for one stream. Datasets are built once per (family, config)
+    (spell_backward reads a 151k-word file) and shallow-copied with another seed: every
+    generator here draws item ``i`` from ``Random(self.seed + i)``."""
+    import copy
+
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(spec.family, **spec.config_dict, seed=stream_seed,
-                                        size=10**9)
+    key = (spec.family, spec.config)
+    proto = _PROTOS.get(key)
+    if proto is None:
+        proto = _PROTOS[key] = reasoning_gym.create_dataset(spec.family, **spec.config_dict,
+                                                            seed=0, size=10**9)
+    ds = copy.copy(proto)
+    ds.seed = int(stream_seed)
+    ds.config = copy.copy(proto.config)
+    ds.config.seed = int(stream_seed)
+    return ds
 
 
 def _generate_chunk(family: str, config: tuple, stream_seed: int, start: int, stop: int) -> list:
     """Items ``start..stop-1`` of one stream (runs in generation worker processes)."""
-    import reasoning_gym
-
-    ds = reasoning_gym.create_dataset(family, **dict(config), seed=stream_seed, size=10**9)
+    ds = _make_dataset(TaskSpec("", family, "", config, True, 0, 1.0), stream_seed)
     return [ds[i] for i in range(start, stop)]
 
 
@@ -258,7 +272,7 @@ class _TaskData:
         start, max_scan = 0, 8 * want + 1000
         while len(out) < want and start < max_scan:
             need = want - len(out)
-            stop = min(max_scan, start + max(64, int(need * 1.15) + 16))
+            stop = min(max_scan, start + int(need * 1.15) + 2)
             for entry in self._entries(stream_seed, start, stop, executor):
                 p = self._prompt(entry, split, len(out))
                 if p.text not in seen:

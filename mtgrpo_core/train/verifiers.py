@@ -405,12 +405,6 @@ class VerifierPool:
             w.proc.kill()
         w.proc.join(timeout=5.0)
 
-    def _ensure_workers(self) -> None:
-        if self._closed:
-            raise RuntimeError("VerifierPool is closed")
-        while len(self._workers) < self.n_workers:
-            self._workers.append(self._start_worker())
-
     @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers]
@@ -455,56 +449,83 @@ class VerifierPool:
         """
         n = len(items)
         scores = [0.0] * n
-        status = ["error"] * n
+        status: list = [None] * n
         if n == 0:
-            return scores, status
+            return scores, []
         if hook is not None and hook not in TEST_HOOKS:
             raise ValueError(f"hook: expected one of {sorted(TEST_HOOKS)} or None, got {hook!r}")
-        self._ensure_workers()
+        if self._closed:
+            raise RuntimeError("VerifierPool is closed")
         cfg_items = tuple(sorted(config.items()))
         queue = deque(list(range(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size))
         done = 0
+        failures = 0  # worker start/send failures; too many -> give up (items: "error")
+        max_failures = 2 * self.n_workers + 4
+
+        def start() -> Optional[_Worker]:
+            nonlocal failures
+            try:
+                return self._start_worker()
+            except Exception:  # noqa: BLE001 - e.g. EAGAIN/ENOMEM on fork
+                failures += 1
+                return None
 
         def dispatch(w: _Worker) -> bool:
+            nonlocal failures
+            w.job = None
             if not queue:
-                w.job = None
                 return True
             idxs = queue.popleft()
             try:
                 w.conn.send(("score", rg_name, cfg_items, hook, [items[i] for i in idxs]))
             except (OSError, ValueError):
                 queue.appendleft(idxs)
+                failures += 1
                 return False
             w.job = [idxs, 0]  # item indices, how many reported
             w.deadline = time.monotonic() + self.timeout_s
             return True
 
-        def replace(w: _Worker, why: str) -> _Worker:
+        def retire(w: _Worker, why: str) -> None:
+            """Kill w (its current item gets status `why`), re-queue its unfinished items and
+            put a fresh worker in its place (or drop the slot if none can be started)."""
             nonlocal done
-            idxs, k = w.job if w.job is not None else ([], 0)
-            if k < len(idxs):
-                status[idxs[k]] = why
-                done += 1
-                if k + 1 < len(idxs):
-                    queue.appendleft(idxs[k + 1:])
+            if w.job is not None:
+                idxs, k = w.job
+                if k < len(idxs):
+                    status[idxs[k]] = why
+                    done += 1
+                    if k + 1 < len(idxs):
+                        queue.appendleft(idxs[k + 1:])
+            w.job = None
             self._kill(w)
             self.restarts += 1
-            nw = self._start_worker()
-            self._workers[self._workers.index(w)] = nw
-            return nw
+            slot = self._workers.index(w)
+            nw = start()
+            if nw is None:
+                self._workers.pop(slot)
+            else:
+                self._workers[slot] = nw
+                if not dispatch(nw):
+                    retire(nw, "error")
 
+        while len(self._workers) < self.n_workers and failures <= max_failures:
+            w = start()
+            if w is not None:
+                self._workers.append(w)
         for w in list(self._workers):
             if not dispatch(w):
-                dispatch(replace(w, "error"))
-        while done < n:
+                retire(w, "error")
+        while done < n and failures <= max_failures and self._workers:
             busy = [w for w in self._workers if w.job is not None]
-            if not busy:  # every worker idle but items remain: dispatch again
+            if not busy:
+                if not queue:
+                    break
                 for w in list(self._workers):
-                    if not dispatch(w):
-                        dispatch(replace(w, "error"))
+                    if w in self._workers and w.job is None and not dispatch(w):
+                        retire(w, "error")
                 continue
-            now = time.monotonic()
-            wait_s = max(0.0, min(w.deadline for w in busy) - now)
+            wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
             ready = _mp_wait([w.conn for w in busy], timeout=wait_s)
             by_conn = {id(w.conn): w for w in busy}
             for c in ready:
@@ -512,23 +533,23 @@ class VerifierPool:
                 try:
                     while w.conn.poll():
                         st, i, val = w.conn.recv()
-                        idxs = w.job[0]
-                        j = idxs[i]
+                        j = w.job[0][i]
                         status[j] = st
                         scores[j] = val if st == "ok" else 0.0
                         w.job[1] = i + 1
                         done += 1
                         w.deadline = time.monotonic() + self.timeout_s
-                        if w.job[1] == len(idxs):
+                        if w.job[1] == len(w.job[0]):
                             break
-                except (EOFError, OSError):
-                    dispatch(replace(w, "error"))
+                except (EOFError, OSError):  # the worker died (crash, OOM kill, ...)
+                    retire(w, "error")
                     continue
-                if w.job[1] == len(w.job[0]):
-                    if not dispatch(w):
-                        dispatch(replace(w, "error"))
+                if w.job[1] == len(w.job[0]) and not dispatch(w):
+                    retire(w, "error")
             now = time.monotonic()
             for w in list(self._workers):
                 if w.job is not None and now >= w.deadline and w.conn not in ready:
-                    dispatch(replace(w, "timeout"))
+                    retire(w, "timeout")
+        # anything never scored (no worker could be started) counts as an error
+        status = [st if st is not None else "error" for st in status]
         return scores, status
