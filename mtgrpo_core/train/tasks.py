@@ -555,7 +555,9 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
         worker, worker count, ``"forkserver"`` or ``"spawn"``.
     generation : {"auto", "eager", "lazy"}
         How the train split is produced; ``auto`` = lazy when eager generation of a task
-        would take more than ~20 s at its measured rate (zebra, long-form countdown).
+        would take more than ~5 s at its measured rate (with default sizes: zebra and
+        long-form countdown lazy; cpu-3task, whose countdown item space is small and needs
+        full deduplication, eager).
     max_completion_chars : int, optional
         Longer completions are rejected (default 256 for compact suites, 65536 otherwise).
     verifier_hook : str, optional
@@ -587,7 +589,7 @@ def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
         if data is None:
             data = {}
             lazies = {t.name: generation == "lazy" or (
-                generation == "auto" and (train_size + test_size) / t.items_per_s > 20.0)
+                generation == "auto" and (train_size + test_size) / t.items_per_s > 5.0)
                 for t in spec.tasks}
             est = sum((test_size + (0 if lazies[t.name] else train_size)) / t.items_per_s
                       for t in spec.tasks)
