@@ -2,7 +2,7 @@
 
 Case: M = 8192 tokens, H = 512, V = 32,000, fp32 on CPU (the issue's shape); grads wrt hidden and
 weight. Providers: ``torch_ref`` (the reference, imported), ``torch_ref-compile`` (torch.compile
-of it, when ``--compile`` is given: inductor's C++ build takes minutes on 2 cores), ``mtgrpo-cpu``
+of it, inductor's C++ codegen: ~5 s to compile here; skipped with ``--no-compile``), ``mtgrpo-cpu``
 (chunked path) and, on a GPU, ``mtgrpo-triton`` and ``torch_ref`` on CUDA (bf16).
 Prints one JSON line per row (harness) and a summary with peak memory in GB and the ratios.
 
@@ -38,10 +38,11 @@ def make_inputs(M, H, V, dtype, device, seed=0):
     return h, w, y
 
 
-def step_fn(fn, h, w, y, **kw):
+def step_fn(fn, h, w, y, *, clear=True, **kw):
     def run():
-        h.grad = None
-        w.grad = None
+        if clear:  # off for the memory replay: freeing old grads inside would offset the peak
+            h.grad = None
+            w.grad = None
         lp = fn(h, w, y, **kw)
         lp.sum().backward()
         return None
@@ -84,18 +85,19 @@ def peak_memory_mb_cpu(fn) -> float:
 def bench_case(M, H, V, dtype, device, *, compile_ref: bool, warmup: int, repeats: int):
     h, w, y = make_inputs(M, H, V, dtype, device)
     case = f"M={M},H={H},V={V},{str(dtype).replace('torch.', '')},fwd+bwd"
-    providers = [("torch_ref", step_fn(linear_logprobs_ref, h, w, y))]
+    providers = [("torch_ref", linear_logprobs_ref, {})]
     if compile_ref:
-        compiled = torch.compile(linear_logprobs_ref, dynamic=False)
-        providers.append(("torch_ref-compile", step_fn(compiled, h, w, y)))
+        providers.append(("torch_ref-compile", torch.compile(linear_logprobs_ref, dynamic=False), {}))
     if device == "cuda":
-        providers.append(("mtgrpo-triton", step_fn(linear_logprobs, h, w, y, backend="triton")))
-    providers.append(("mtgrpo-cpu", step_fn(linear_logprobs, h, w, y, backend="cpu")))
+        providers.append(("mtgrpo-triton", linear_logprobs, {"backend": "triton"}))
+    providers.append(("mtgrpo-cpu", linear_logprobs, {"backend": "cpu"}))
     rows = []
     inputs_mb = (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20
-    for name, fn in providers:
-        med, p20, p80 = time_fn(fn, device=device, warmup=warmup, repeats=repeats)
-        peak = peak_memory_mb(fn, device=device) if device == "cuda" else peak_memory_mb_cpu(fn)
+    for name, fn, kw in providers:
+        med, p20, p80 = time_fn(step_fn(fn, h, w, y, **kw), device=device, warmup=warmup, repeats=repeats)
+        h.grad = w.grad = None
+        once = step_fn(fn, h, w, y, clear=False, **kw)
+        peak = peak_memory_mb(once, device=device) if device == "cuda" else peak_memory_mb_cpu(once)
         flops = 8 * M * H * V if name.startswith("mtgrpo") else 6 * M * H * V
         rows.append(Row(OP, case, name, device, med, p20, p80, peak_mb=peak,
                         extra={"inputs_mb": round(inputs_mb, 1), "gflop": round(flops / 1e9, 1)}))
@@ -134,7 +136,8 @@ def sweep(M, H, V, reps=3):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="chunk-size sweep of the chunked path")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="skip torch.compile of the reference (compiles in ~5 s here; off in quick mode)")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     if quick():
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep(M, H, V)
         return 0
-    rows = bench_case(M, H, V, torch.float32, "cpu", compile_ref=args.compile, warmup=warmup,
+    rows = bench_case(M, H, V, torch.float32, "cpu", compile_ref=not (args.no_compile or quick()), warmup=warmup,
                       repeats=repeats)
     emit(rows, csv_name=OP)
     summary(rows)
