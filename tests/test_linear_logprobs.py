@@ -31,14 +31,17 @@ def make(M, H, V, dtype=torch.float64, *, scale=1.0, bias=True, seed=0, lead=Non
     return cast(h), cast(w), cast(b), y
 
 
-def run(fn, h, w, b, y, *, temperature=1.0, seed=1, **kw):
-    """Values, entropy and grads of sum(gl * logp + ge * ent) for random upstream gl, ge."""
-    lp, ent = fn(h, w, y, bias=b, temperature=temperature, return_entropy=True, **kw)
+def run(fn, h, w, b, y, *, temperature=1.0, seed=1, entropy=True, **kw):
+    """Values, entropy and grads of sum(gl * logp + ge * ent) for random upstream gl, ge
+    (without ``entropy``: of sum(gl * logp), which takes the chunked path's other branch)."""
+    out = fn(h, w, y, bias=b, temperature=temperature, return_entropy=entropy, **kw)
+    lp, ent = out if entropy else (out, torch.zeros_like(out))
     g = torch.Generator().manual_seed(seed)
     gl = torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.dtype)
     ge = torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.dtype)
     leaves = [t for t in (h, w, b) if t is not None]
-    grads = torch.autograd.grad((gl * lp).sum() + (ge * ent).sum(), leaves)
+    loss = (gl * lp).sum() + ((ge * ent).sum() if entropy else 0)
+    grads = torch.autograd.grad(loss, leaves)
     return [lp.detach(), ent.detach(), *grads]
 
 
@@ -93,6 +96,14 @@ def test_fp32_matches_fp64_gold(backend, temperature):
         # on the grads, where the reference's is ~8e-6).
         tol = 2 * (r.double() - gg).abs().max().item() + 1e-5
         assert (k.double() - gg).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_without_entropy(backend):
+    h, w, b, y = make(37, 24, 101, torch.float32)
+    y[:10] = 7
+    got = run(linear_logprobs, h, w, b, y, temperature=0.7, entropy=False, backend=backend, **SMALL_CHUNKS[backend])
+    assert max_err(got, gold(h, w, b, y, temperature=0.7, entropy=False)) < 2e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -184,13 +195,16 @@ def test_partial_gradients(backend):
     torch.testing.assert_close(dh, dhr, rtol=1e-4, atol=1e-5)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(M=st.integers(1, 40), H=st.integers(1, 20), V=st.integers(1, 90), ct=st.integers(1, 48),
-       cv=st.integers(1, 100), temp=st.floats(0.3, 3.0), bias=st.booleans(), seed=st.integers(0, 99))
-def test_chunked_any_chunking_fp64(M, H, V, ct, cv, temp, bias, seed):
+       cv=st.integers(1, 100), temp=st.floats(0.3, 3.0), bias=st.booleans(), entropy=st.booleans(),
+       seed=st.integers(0, 99))
+def test_chunked_any_chunking_fp64(M, H, V, ct, cv, temp, bias, entropy, seed):
     h, w, b, y = make(M, H, V, seed=seed, bias=bias)
-    got = run(linear_logprobs, h, w, b, y, temperature=temp, backend="cpu", chunk_tokens=ct, chunk_vocab=cv)
-    ref = run(linear_logprobs_ref, h, w, b, y, temperature=temp)
+    y[: M // 2] = y[0]  # repeated targets: the one-hot scatter must accumulate
+    got = run(linear_logprobs, h, w, b, y, temperature=temp, entropy=entropy, backend="cpu",
+              chunk_tokens=ct, chunk_vocab=cv)
+    ref = run(linear_logprobs_ref, h, w, b, y, temperature=temp, entropy=entropy)
     assert max_err(got, ref) < 1e-10
 
 

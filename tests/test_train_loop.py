@@ -61,6 +61,9 @@ def test_each_algorithm_runs_the_real_loop(tmp_path, warm, algo):
         assert abs(sum(r["weights_after"]) - 1) < 1e-9
         assert all(0 <= x <= 1 for x in r["zero_grad_rate"] + r["train_acc"])
         assert sum(r["realized"]) == r["batch_prompts"]
+        assert len(r["task_loss_sum"]) == 3 and all(map(math.isfinite, r["task_loss_sum"]))
+        # tasks absent from the batch contribute nothing to the kernel's per-task sums
+        assert all(x == 0 for x, n in zip(r["task_loss_sum"], r["realized"]) if n == 0)
     if algo in ("grpo", "prompt-gdro", "rollout-gdro"):   # no filter: one round of exactly B prompts
         assert all(r["rounds"] == 1 and r["batch_prompts"] == 6 for r in recs)
     if algo == "mtgrpo":   # IWU moved the weights once per mini-batch, from I_k measured per mini-batch

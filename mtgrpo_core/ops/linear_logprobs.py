@@ -480,6 +480,7 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
     direct_dw = need_dw and weight.dtype == acc     # accumulate straight into dw's rows
     buf = torch.empty(min(ct, M) * cv, dtype=acc, device=dev)
     pbuf = torch.empty_like(buf) if ge_s is not None else None
+    hbuf = torch.empty((min(ct, M), H), dtype=acc, device=dev) if ge_s is None and need_dh else None
     rows = torch.arange(min(ct, M), device=dev)
     for v0 in range(0, V, cv):
         v1 = min(V, v0 + cv)
@@ -493,17 +494,38 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
             t1 = min(M, t0 + ct)
             z = _tile(buf, h[t0:t1], w_v, b_v, inv_temp)
             z.sub_(lse[t0:t1, None])                           # log p
-            g = gl_s[t0:t1, None]
-            if ge_s is None:
-                dz = z.exp_().mul_(g.neg())                    # -gl p
-            else:
-                p = pbuf[: z.numel()].view_as(z)
-                torch.exp(z, out=p)
-                # -p (gl + ge (log p + ent))
-                dz = z.add_(ent[t0:t1, None]).mul_(ge_s[t0:t1, None]).add_(g).mul_(p).neg_()
             inside = inside_all[t0:t1]
             r = rows[: t1 - t0][inside]
-            dz.index_put_((r, local_all[t0:t1][inside]), gl_s[t0:t1][inside], accumulate=True)
+            loc = local_all[t0:t1][inside]
+            h_t = h[t0:t1]
+            if ge_s is None:
+                # dz = diag(-gl) P + onehot * gl: keep P in the tile and apply the row scale to
+                # the [ct, H] sides of the matmuls (V / H times fewer elements than the tile)
+                # and the one-hot part as row gathers / scatters.
+                p = z.exp_()
+                gneg = gl_s[t0:t1].neg()
+                if need_dh:
+                    dh_t = dh[t0:t1]
+                    torch.mm(p, w_v, out=hbuf[: t1 - t0])
+                    if v0 == 0:
+                        torch.mul(hbuf[: t1 - t0], gneg[:, None], out=dh_t)
+                    else:
+                        dh_t.addcmul_(hbuf[: t1 - t0], gneg[:, None])
+                    # (index_add_ with a few hundred rows takes ~80 ms here: a slow path)
+                    dh_t.index_put_((r,), w_v[loc] * gl_s[t0:t1][inside, None], accumulate=True)
+                if need_dw:
+                    if t0 == 0:
+                        torch.mm(p.T, h_t * gneg[:, None], out=dw_v)
+                    else:
+                        dw_v.addmm_(p.T, h_t * gneg[:, None])
+                if need_db:
+                    db_v.addmv_(p.T, gneg)
+                continue
+            p = pbuf[: z.numel()].view_as(z)
+            torch.exp(z, out=p)
+            # dz = -p (gl + ge (log p + ent)) + onehot * gl
+            dz = z.add_(ent[t0:t1, None]).mul_(ge_s[t0:t1, None]).add_(gl_s[t0:t1, None]).mul_(p).neg_()
+            dz.index_put_((r, loc), gl_s[t0:t1][inside], accumulate=True)
             if need_dh:  # first vocabulary chunk writes, later ones accumulate
                 if v0 == 0:
                     torch.mm(dz, w_v, out=dh[t0:t1])
@@ -511,11 +533,18 @@ def _chunked_bwd(hidden, weight, bias, y, lse, ent, gl, ge, inv_temp, needs, chu
                     dh[t0:t1].addmm_(dz, w_v)
             if need_dw:
                 if t0 == 0:
-                    torch.mm(dz.T, h[t0:t1], out=dw_v)
+                    torch.mm(dz.T, h_t, out=dw_v)
                 else:
-                    dw_v.addmm_(dz.T, h[t0:t1])
+                    dw_v.addmm_(dz.T, h_t)
             if need_db:
                 db_v += dz.sum(0)
+        if ge_s is None and (need_dw or need_db):
+            # one-hot part of dz for the whole vocabulary chunk at once: dW[y_i] += gl_i h_i
+            loc_all = local_all[inside_all]
+            if need_dw and loc_all.numel():
+                dw_v.index_put_((loc_all,), h[inside_all] * gl_s[inside_all, None], accumulate=True)
+            if need_db:
+                db_v.index_put_((loc_all,), gl_s[inside_all], accumulate=True)
         if need_dw and not direct_dw:
             dw[v0:v1] = dw_v
         if need_db:

@@ -37,7 +37,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_toml
 from .generation import make_generator
-from .model import BOS, EOS, PAD, CharTokenizer, build_model, completion_logprobs
+from .model import PAD, CharTokenizer, build_model, completion_logprobs
 
 RP_ALGOS = ("mtgrpo",)
 
@@ -498,7 +498,6 @@ class Trainer:
         from .generation import Rollouts
 
         all_ro = _cat_rollouts([p.rollouts for p in parts])
-        offs = np.cumsum([0] + [len(p.task_ids) for p in parts])
         resp_off = np.cumsum([0] + [len(p.rollouts) for p in parts])
         rows, t, i, n, gof = [], [], [], [], []
         for new_j, (pi, j) in enumerate(kept):
@@ -514,7 +513,6 @@ class Trainer:
         ro = Rollouts(torch.as_tensor(np.concatenate(gof) if gof else np.zeros(0, np.int64)),
                       all_ro.prompt_ids[rr], all_ro.prompt_mask[rr], all_ro.completion_ids[rr],
                       all_ro.completion_mask[rr], all_ro.sampling_logprobs[rr], [all_ro.texts[k] for k in rows])
-        del offs
         return Groups(np.asarray(t, np.int64), np.asarray(i, np.int64), np.asarray(n, np.int64), ro,
                       rewards, correct, np.concatenate(gof) if gof else np.zeros(0, np.int64))
 
@@ -529,9 +527,7 @@ class Trainer:
         lo = self.cfg.loss
         return mc.grpo_loss(logp, old, mask, adv, seq_weights=seq_w, clip_eps_low=lo.clip_eps_low,
                             clip_eps_high=lo.clip_eps_high, loss_agg=lo.loss_agg, kl_coef=0.0,
-                            backend=lo.backend)
-        # per-task sums are taken from stats.per_sequence_loss with the batch's task ids (the
-        # I_k definition of ALGORITHMS.md 2.1), so the loss call needs no task_ids
+                            task_ids=task_ids, num_tasks=self.K, backend=lo.backend)
 
     def rl_step(self) -> dict:
         import mtgrpo_core as mc
@@ -607,7 +603,9 @@ class Trainer:
             losses.append(float(loss.detach()))
             stats_acc.append({"clip_frac_low": float(st.clip_frac_low), "clip_frac_high": float(st.clip_frac_high),
                               "ratio_mean": float(st.ratio_mean), "approx_kl": float(st.approx_kl),
-                              "grad_norm": float(gn) if gn is not None else None})
+                              "grad_norm": float(gn) if gn is not None else None,
+                              "task_loss_sum": st.task_loss_sum.detach().float().cpu().numpy()
+                              if getattr(st, "task_loss_sum", None) is not None else None})
             if cfg.run.algo == "mtgrpo":
                 with torch.no_grad():
                     logp2 = completion_logprobs(self.model, pid, pm, cid, cm).float()
@@ -641,7 +639,10 @@ class Trainer:
         rec["loss"] = float(np.mean(losses))
         for k in stats_acc[0]:
             vals = [s[k] for s in stats_acc if s[k] is not None]
-            rec[k] = float(np.mean(vals)) if vals else None
+            if k == "task_loss_sum":   # per-task loss sums from the fused kernel, summed over mini-batches
+                rec[k] = np.sum(vals, 0) if vals else None
+            else:
+                rec[k] = float(np.mean(vals)) if vals else None
         if I_hist:
             rec["improvement"] = np.mean(I_hist, 0)
         rec["weights_after"] = np.asarray(self.weights.weights, np.float64)
