@@ -13,7 +13,6 @@ Prints one JSON line per row (harness) and a summary with peak memory in GB and 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, emit, peak_memory_mb, quick, time_fn  # noqa: E402,F401
+from _harness import Row, emit, peak_memory_mb, quick  # noqa: E402
 
 from mtgrpo_core.ops.linear_logprobs import linear_logprobs  # noqa: E402
 from mtgrpo_core.reference.linear_logprobs import linear_logprobs_ref  # noqa: E402
@@ -49,39 +48,6 @@ def step_fn(fn, h, w, y, *, clear=True, **kw):
     return run
 
 
-def peak_memory_mb_cpu(fn) -> float:
-    """Peak torch-owned CPU memory during ``fn()`` above what was live before, in MB.
-
-    Same profiler replay as ``_harness.peak_memory_mb`` with one change: an op whose *self*
-    memory is negative (frees made inside it, e.g. a Python autograd.Function dropping its
-    temporaries) has that amount applied at the op's end, not its start. The harness applies it
-    at the start, before the op's children allocate, so for ``mtgrpo-cpu`` it reported 0.03 MB
-    where the real peak is ~150 MB (cross-checked with VmHWM of the process on a 2048 x 8000
-    case: replay 183 MB vs RSS 187 MB for torch_ref). Freed-at-end is an upper bound.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-        del out
-    events = []
-    for e in prof.events():
-        if e.name == "[memory]":
-            if e.cpu_memory_usage:
-                events.append((e.time_range.start, e.cpu_memory_usage))
-        elif e.self_cpu_memory_usage > 0:
-            events.append((e.time_range.start, e.self_cpu_memory_usage))
-        elif e.self_cpu_memory_usage < 0:
-            events.append((e.time_range.end, e.self_cpu_memory_usage))
-    events.sort()
-    cur = peak = 0
-    for _, mem in events:
-        cur += mem
-        peak = max(peak, cur)
-    return peak / 2**20
-
-
 def bench_case(M, H, V, dtype, device, *, compile_ref: bool, warmup: int, repeats: int):
     h, w, y = make_inputs(M, H, V, dtype, device)
     case = f"M={M},H={H},V={V},{str(dtype).replace('torch.', '')},fwd+bwd"
@@ -93,11 +59,29 @@ def bench_case(M, H, V, dtype, device, *, compile_ref: bool, warmup: int, repeat
     providers.append(("mtgrpo-cpu", linear_logprobs, {"backend": "cpu"}))
     rows = []
     inputs_mb = (h.numel() * h.element_size() + w.numel() * w.element_size()) / 2**20
-    for name, fn, kw in providers:
-        med, p20, p80 = time_fn(step_fn(fn, h, w, y, **kw), device=device, warmup=warmup, repeats=repeats)
+    # Timing is round-robin over the providers (one call each per round) rather than
+    # time_fn per provider in turn: on this 2-core machine other jobs' load drifts over minutes
+    # and a provider timed last would carry it (sequential runs gave this op 0.8x-2.2x of the
+    # reference and torch.compile 0.9x-1.6x of eager for the same code).
+    steps = [step_fn(fn, h, w, y, **kw) for _, fn, kw in providers]
+    for st in steps:
+        for _ in range(warmup):
+            st()
+    times = [[] for _ in steps]
+    for _ in range(repeats):
+        for i, st in enumerate(steps):
+            t0 = time.perf_counter()
+            st()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    for (name, fn, kw), ts in zip(providers, times):
+        ts.sort()
+        q = statistics.quantiles(ts, n=5) if len(ts) >= 5 else [ts[0]] * 4
+        med, p20, p80 = statistics.median(ts), q[0], q[3]
         h.grad = w.grad = None
         once = step_fn(fn, h, w, y, clear=False, **kw)
-        peak = peak_memory_mb(once, device=device) if device == "cuda" else peak_memory_mb_cpu(once)
+        peak = peak_memory_mb(once, device=device)
         flops = 8 * M * H * V if name.startswith("mtgrpo") else 6 * M * H * V
         rows.append(Row(OP, case, name, device, med, p20, p80, peak_mb=peak,
                         extra={"inputs_mb": round(inputs_mb, 1), "gflop": round(flops / 1e9, 1)}))

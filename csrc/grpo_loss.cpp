@@ -1,6 +1,31 @@
 // Glue of the fused GRPO loss on the CPU: argument checks (ValueError naming the
 // argument), dtype dispatch, OpenMP over rows. The arithmetic is in mtgrpo/grpo_loss.h.
+#include "mtgrpo/grpo_loss.h"  // also emits the float kernel for the baseline target (mtgrpo::vec)
+
+// The float kernel again for AVX-512 and AVX2+FMA (whole kernel compiled under the target,
+// see the header), chosen once at load time from the CPU's features: one build runs on any
+// x86-64. Elsewhere (or with Clang) only the baseline version exists.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MTGRPO_X86_DISPATCH 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2")
+#define MTGRPO_VEC_NS isa_avx512
+#define MTGRPO_VEC_WIDTH 16
 #include "mtgrpo/grpo_loss.h"
+#undef MTGRPO_VEC_WIDTH
+#undef MTGRPO_VEC_NS
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,bmi,bmi2")
+#define MTGRPO_VEC_NS isa_avx2
+#define MTGRPO_VEC_WIDTH 8
+#include "mtgrpo/grpo_loss.h"
+#undef MTGRPO_VEC_WIDTH
+#undef MTGRPO_VEC_NS
+#pragma GCC pop_options
+#endif
+
+#include <cstdlib>
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -66,21 +91,36 @@ inline __attribute__((always_inline)) void rows_in(const RowsArgs& A, int64_t r0
   }
 }
 
-// The float path is compiled for AVX-512, AVX2+FMA and baseline x86-64; the loader picks
-// the best the CPU has (GCC function multiversioning). Outside x86-64: one version.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MTGRPO_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define MTGRPO_CLONES
-#endif
+// ---- float kernel selection ------------------------------------------------------------
+using ItemsFn = void (*)(const FloatJob&, int64_t, int64_t);
+struct FloatKernels {
+  ItemsFn items;
+  ItemsFn seq_items;
+  const char* isa;
+};
 
-MTGRPO_CLONES void rows_float(const RowsArgs& A, int64_t r0, int64_t r1) {
-  switch (A.dt) {
-    case DType::F32: rows_in<float, float>(A, r0, r1); break;
-    case DType::BF16: rows_in<Bf16, float>(A, r0, r1); break;
-    case DType::F16: rows_in<F16, float>(A, r0, r1); break;
-    default: break;
-  }
+// Best version for this CPU; MTGRPO_CPU_ISA=avx512|avx2|baseline lowers the choice (tests,
+// benchmarks), never above what the CPU supports.
+FloatKernels pick_float_kernels() {
+  const char* env = std::getenv("MTGRPO_CPU_ISA");
+  const std::string want = env ? env : "";
+#ifdef MTGRPO_X86_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && (want.empty() || want == "avx512"))
+    return {isa_avx512::float_items, isa_avx512::float_seq_items, "avx512"};
+  if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
+    return {isa_avx2::float_items, isa_avx2::float_seq_items, "avx2"};
+#endif
+  return {vec::float_items, vec::float_seq_items, "baseline"};
+}
+
+const FloatKernels& float_kernels() {
+  static const FloatKernels k = pick_float_kernels();
+  return k;
 }
 
 void rows_double(const RowsArgs& A, int64_t r0, int64_t r1) { rows_in<double, double>(A, r0, r1); }
@@ -245,30 +285,75 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   std::vector<double> w_row(static_cast<size_t>(N));
   {
     py::gil_scoped_release nogil;
-    // Pass 1: tokens per row (1 byte per token).
+    // Work items of the float kernel: rows cut into spans of kSeg tokens (a fixed size, so
+    // the result does not depend on the thread count); short rows are one item, 4 at a time.
+    constexpr int64_t kSeg = 8192;
+    const bool f64 = dt == DType::F64;
+    const int64_t nseg = (T + kSeg - 1) / kSeg;
+    const int64_t items = N * nseg;
+    const int64_t chunk = nseg > 1 ? 1 : 4;
     std::vector<double> row_tok(static_cast<size_t>(N));
-#pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < N; ++i) {
-      const uint8_t* m = mk + static_cast<size_t>(i) * static_cast<size_t>(T);
-      int64_t c = 0;
+    std::vector<double> part(!f64 && nseg > 1 ? static_cast<size_t>(items) * kRowStats : 0);
+    std::vector<double> seq_part(!f64 && seq_level ? static_cast<size_t>(items) * 2 : 0);
+    std::vector<float> r_seq(!f64 && seq_level ? static_cast<size_t>(N) : 0);
+    const RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv,
+                     seq_level, &p, gb.ptr, stats};
+    const FloatJob J{dt, lb.ptr, ob.ptr, mk, ref_ptr, static_cast<const float*>(adv_tok), adv, w_row.data(),
+                     r_seq.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
+                     static_cast<float*>(gb.ptr), nseg > 1 ? part.data() : stats, seq_part.data()};
+    const FloatKernels& K = float_kernels();
+    // One parallel region for all passes: waking the worker threads once per call, not once
+    // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
+#pragma omp parallel
+    {
+      // Pass 1: tokens per row (1 byte per token), then the rows' aggregation weights.
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N; ++i) {
+        const uint8_t* m = mk + static_cast<size_t>(i) * static_cast<size_t>(T);
+        int64_t c = 0;
 #pragma omp simd reduction(+ : c)
-      for (int64_t t = 0; t < T; ++t) c += m[t] != 0;
-      row_tok[i] = static_cast<double>(c);
+        for (int64_t t = 0; t < T; ++t) c += m[t] != 0;
+        row_tok[i] = static_cast<double>(c);
+      }
+#pragma omp single
+      {
+        double total = 0.0, nonempty = 0.0;
+        for (int64_t i = 0; i < N; ++i) { total += row_tok[i]; nonempty += row_tok[i] > 0 ? 1.0 : 0.0; }
+        const double n_seq = seq_count_all ? static_cast<double>(N) : nonempty;
+        for (int64_t i = 0; i < N; ++i) w_row[i] = row_weight(p, row_tok[i], total, n_seq, T);
+      }
+      // Pass 2: the fused forward + backward.
+      if (f64) {  // the correctness path: scalar, whole rows
+        constexpr int64_t kChunk = 4;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t r0 = 0; r0 < N; r0 += kChunk) rows_double(A, r0, std::min(N, r0 + kChunk));
+      } else {
+        if (seq_level) {  // GSPO: the row's mean log-ratio first
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t k0 = 0; k0 < items; k0 += chunk) K.seq_items(J, k0, std::min(items, k0 + chunk));
+#pragma omp single
+          for (int64_t i = 0; i < N; ++i) {
+            double s = 0.0, c = 0.0;
+            for (int64_t j = 0; j < nseg; ++j) { s += seq_part[2 * (i * nseg + j)]; c += seq_part[2 * (i * nseg + j) + 1]; }
+            r_seq[i] = vexp(static_cast<float>(s / std::max(c, 1.0)));
+          }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t k0 = 0; k0 < items; k0 += chunk) K.items(J, k0, std::min(items, k0 + chunk));
+      }
     }
-    double total = 0.0, nonempty = 0.0;
-    for (int64_t i = 0; i < N; ++i) { total += row_tok[i]; nonempty += row_tok[i] > 0 ? 1.0 : 0.0; }
-    const double n_seq = seq_count_all ? static_cast<double>(N) : nonempty;
-    for (int64_t i = 0; i < N; ++i) w_row[i] = row_weight(p, row_tok[i], total, n_seq, T);
-
-    // Pass 2: the fused forward + backward, rows in parallel.
-    RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv, seq_level,
-               &p, gb.ptr, stats};
-    constexpr int64_t kChunk = 4;
-#pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t r0 = 0; r0 < N; r0 += kChunk) {
-      const int64_t r1 = std::min(N, r0 + kChunk);
-      if (dt == DType::F64) rows_double(A, r0, r1);
-      else rows_float(A, r0, r1);
+    if (!f64) {  // rows' statistics: spans folded in order, the loss share weighted
+      for (int64_t i = 0; i < N; ++i) {
+        double* out = stats + i * kRowStats;
+        if (nseg > 1) {
+          for (int c = 0; c < kRowStats; ++c) {
+            double s = 0.0;
+            for (int64_t j = 0; j < nseg; ++j) s += part[static_cast<size_t>(i * nseg + j) * kRowStats + c];
+            out[c] = s;
+          }
+        }
+        out[kLossContrib] *= static_cast<double>(static_cast<float>(w_row[i]));
+      }
     }
   }
 }
@@ -277,6 +362,8 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
 
 void register_grpo_loss(py::module_& m) {
   m.attr("GRPO_ROW_STATS") = static_cast<int>(kRowStats);
+  m.def("grpo_loss_cpu_isa", [] { return std::string(float_kernels().isa); },
+        "Instruction set of the float GRPO loss kernel picked for this CPU: 'avx512', 'avx2' or 'baseline'.");
   m.def("group_advantages_cpu", &group_advantages_cpu, py::arg("rewards"), py::arg("group_ids"), py::arg("adv_out"),
         py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("scale") = "group", py::arg("eps") = 1e-6,
         py::arg("unbiased") = true, py::arg("singleton_raw") = false, py::arg("clip") = 0.0,

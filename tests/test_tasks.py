@@ -21,6 +21,7 @@ import reasoning_gym
 
 SMALL = {
     "cpu-3task": dict(train_size=300, test_size=100),
+    "cpu-3task-arith": dict(train_size=300, test_size=100),
     "mtgrpo-3task": dict(train_size=12, test_size=4, generation="lazy"),
     "mtgrpo-9task": dict(train_size=4, test_size=2, generation="eager"),
 }
@@ -73,10 +74,11 @@ def _wrong_answer(spec, p):
 
 # ----------------------------------------------------------------------------------------
 def test_presets_load_and_splits_disjoint(suites):
-    assert set(tasks.SUITES) >= {"mtgrpo-3task", "mtgrpo-9task", "cpu-3task"}
+    assert set(tasks.SUITES) >= {"mtgrpo-3task", "mtgrpo-9task", "cpu-3task", "cpu-3task-arith"}
     assert suites["mtgrpo-3task"].task_names == ["countdown-4", "zebra_puzzles-4", "arc_1d-20"]
     assert len(suites["mtgrpo-9task"].task_names) == 9
-    assert suites["cpu-3task"].task_names == ["spell_backward", "countdown", "basic_arithmetic"]
+    assert suites["cpu-3task"].task_names == ["spell_backward", "countdown", "countdown-4"]
+    assert suites["cpu-3task-arith"].task_names == ["spell_backward", "countdown", "basic_arithmetic"]
     for name, s in suites.items():
         kw = SMALL[name]
         for t in s.task_names:
@@ -102,8 +104,11 @@ def test_presets_load_and_splits_disjoint(suites):
 
 
 def test_compact_and_long_form_prompts(suites):
-    s = suites["cpu-3task"]
+    s = suites["cpu-3task-arith"]
     sp, cd, ar = (s.prompts(t, "test", range(50)) for t in s.task_names)
+    for p in suites["cpu-3task"].prompts("countdown-4", "test", range(50)):
+        md = p.entry["metadata"]
+        assert p.text == "C:" + ",".join(map(str, md["numbers"])) + f">{md['target']}=" and len(md["numbers"]) == 4
     assert all(re.fullmatch(r"S:[A-Za-z]{3,10}=", p.text) and p.answer == p.entry["metadata"]["word"][::-1]
                for p in sp)
     for p in cd:
@@ -160,7 +165,7 @@ def test_reference_correct_wrong_garbage_rewards(suites):
             assert np.array_equal(s.score(ps, garbage), np.zeros(len(ps)))
             assert s.verifier_stats["rejected"] == before + len(ps)
     # configurable rewards
-    s2 = tasks.load_suite("cpu-3task", correct_reward=2.0, format_reward=0.5, **SMALL["cpu-3task"])
+    s2 = tasks.load_suite("cpu-3task-arith", correct_reward=2.0, format_reward=0.5, **SMALL["cpu-3task-arith"])
     ps = s2.prompts("basic_arithmetic", "test", range(3))
     np.testing.assert_allclose(s2.score(ps, [ps[0].answer, "123456", "x"]), [2.0, 0.5, 0.0])
 
@@ -349,8 +354,8 @@ def test_hostile_completions_every_preset(suites, ref_suites, mode, tmp_path):
 
 
 def test_pool_kills_hanging_verifier_and_recovers():
-    s = tasks.load_suite("cpu-3task", verifier="reference", timeout_s=0.75, n_workers=2,
-                         verifier_hook="hang_if_9", **SMALL["cpu-3task"])
+    s = tasks.load_suite("cpu-3task-arith", verifier="reference", timeout_s=0.75, n_workers=2,
+                         verifier_hook="hang_if_9", **SMALL["cpu-3task-arith"])
     try:
         ps = s.prompts("basic_arithmetic", "test", range(24))
         comps = [p.answer for p in ps]

@@ -30,8 +30,10 @@ about 40 per token and one exp (two with k3). Memory above the inputs: the [N, T
 gradient and O(N) statistics.
 
 Backends: "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), "cpu" (the
-C++ extension, OpenMP over rows, AVX2/AVX-512 versions picked at load time), "torch" (the
-reference). All registered through ``torch.library.custom_op`` so ``torch.compile`` traces.
+C++ extension: OpenMP over rows, rows longer than 8192 tokens split into spans; the float
+kernel is explicitly vectorised and built for AVX-512, AVX2+FMA and baseline x86-64, the best
+picked at load time, see ``_C.grpo_loss_cpu_isa()``; ``MTGRPO_CPU_ISA=avx2|baseline`` caps
+it), "torch" (the reference). All registered through ``torch.library.custom_op`` so ``torch.compile`` traces.
 """
 from __future__ import annotations
 
@@ -611,8 +613,9 @@ def grpo_loss(
 def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused, ref_given, task_ids,
                      num_tasks, cdt) -> GRPOStats:
     rs = rowstats.to(cdt)
-    tok = rs[:, TOKENS].sum()
-    denom = tok.clamp(min=1.0)
+    tot = rs.sum(0)  # every column's batch sum in one reduction (the scalars below are views)
+    tok = tot[TOKENS]
+    frac = tot / tok.clamp(min=1.0)
     row_tokens = rs[:, TOKENS]
     per_seq = rs[:, PG_SUM] / row_tokens.clamp(min=1.0)
     if advantages is not None and advantages.dim() == 2:
@@ -630,12 +633,12 @@ def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, 
     stats = GRPOStats(
         advantages=adv_out,
         per_sequence_loss=per_seq,
-        clip_frac_low=rs[:, CLIP_LOW].sum() / denom,
-        clip_frac_high=rs[:, CLIP_HIGH].sum() / denom,
-        dual_clip_frac=rs[:, DUAL].sum() / denom,
-        ratio_mean=rs[:, RATIO_SUM].sum() / denom,
-        approx_kl=rs[:, NEG_LOGR_SUM].sum() / denom,
-        ref_kl_mean=rs[:, KL_SUM].sum() / denom if ref_given else torch.zeros((), dtype=cdt, device=rs.device),
+        clip_frac_low=frac[CLIP_LOW],
+        clip_frac_high=frac[CLIP_HIGH],
+        dual_clip_frac=frac[DUAL],
+        ratio_mean=frac[RATIO_SUM],
+        approx_kl=frac[NEG_LOGR_SUM],
+        ref_kl_mean=frac[KL_SUM] if ref_given else torch.zeros((), dtype=cdt, device=rs.device),
         zero_adv_group_frac=zero_frac,
         num_tokens=tok,
     )

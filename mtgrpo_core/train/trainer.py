@@ -285,10 +285,7 @@ class Trainer:
         return out
 
     def score(self, prompts, texts) -> tuple[np.ndarray, np.ndarray]:
-        if hasattr(self.suite, "evaluate"):  # one verifier pass for both
-            rewards, correct = self.suite.evaluate(prompts, texts)
-        else:
-            rewards, correct = self.suite.score(prompts, texts), self.suite.is_correct(prompts, texts)
+        rewards, correct = self.suite.evaluate(prompts, texts)  # one verifier pass for both
         return np.asarray(rewards, dtype=np.float64), np.asarray(correct, dtype=bool)
 
     # ----------------------------------------------------------------- metrics / output

@@ -9,7 +9,8 @@
 // the row (token-mean: 1/M; seq-mean-token-mean: 1/(S M_i); seq-mean-token-sum: 1/S;
 // seq-mean-token-sum-norm: 1/(S L)). Cost per token: reads 2 (3 with a reference policy)
 // values and a mask byte, writes one float; about 40 flops and one exp (two with k3).
-#pragma once
+#ifndef MTGRPO_GRPO_LOSS_H
+#define MTGRPO_GRPO_LOSS_H
 
 #include <algorithm>
 #include <cmath>
@@ -161,88 +162,131 @@ void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, con
 }
 
 // ---- the row kernel ---------------------------------------------------------------------
+// Per-token contributions to the row's statistics (one lane of the vector loop).
+template <typename C>
+struct TokenAcc {
+  C pg, kl, r, nd, lo, hi, du, loss, m;
+};
+
+// One token: writes its gradient and adds its contributions to `acc`. Branch-free (selects
+// only) so the lane loop below vectorises.
+template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
+inline __attribute__((always_inline)) void grpo_token(
+    const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, const In* __restrict ref,
+    const C* __restrict adv_tok, int64_t t, C a_row, C r_seq, C lo, C hi, C cap, C dual, C beta, C w,
+    C* __restrict grad, C* __restrict acc, int lanes, int j) {
+  const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp), kval = static_cast<C>(kKlValueClamp);
+  const bool on = mk[t] != 0;
+  const C x = to_compute(lp[t]);
+  const C d = x - to_compute(old[t]);
+  const C dc = std::min(std::max(d, -lim), lim);
+  const C din = (d >= -lim && d <= lim) ? C(1) : C(0);
+  const C a = TOK_ADV ? adv_tok[t] * a_row : a_row;  // a_row: the sequence weight then
+  C r = SEQ ? r_seq : vexp(dc);
+  const C cap_grad = r <= cap ? C(1) : C(0);
+  r = std::min(r, cap);
+  const C rc = std::min(std::max(r, lo), hi);
+  const C l1 = -a * r, l2 = -a * rc;
+  const bool use1 = l1 >= l2;
+  C l = use1 ? l1 : l2;
+  C dldr = use1 ? -a : C(0);
+  const C l3 = -a * dual;
+  const bool du = (a < C(0)) && (l3 < l);
+  l = du ? l3 : l;
+  dldr = du ? C(0) : dldr;
+  C g = dldr * r * cap_grad * din;
+  C kl = C(0);
+  if constexpr (KL == 1) {
+    kl = x - to_compute(ref[t]);
+    g += beta;
+  } else if constexpr (KL == 2) {
+    const C v = x - to_compute(ref[t]);
+    kl = C(0.5) * v * v;
+    g += beta * v;
+  } else if constexpr (KL == 3) {
+    const C u = to_compute(ref[t]) - x;
+    const C uc = std::min(std::max(u, -klim), klim);
+    const C e = vexp(uc);
+    const C k3 = e - uc - C(1);
+    const C kin = (u >= -klim && u <= klim && k3 <= kval && k3 >= -kval) ? C(1) : C(0);
+    kl = std::min(std::max(k3, -kval), kval);
+    g += beta * (C(1) - e) * kin;
+  }
+  grad[t] = on ? w * g : C(0);
+  // acc is [9][lanes]: lane j of each statistic
+  acc[0 * lanes + j] += on ? l : C(0);
+  acc[1 * lanes + j] += on ? kl : C(0);
+  acc[2 * lanes + j] += on ? r : C(0);
+  acc[3 * lanes + j] += on ? -dc : C(0);
+  acc[4 * lanes + j] += (on && r < lo && a < C(0)) ? C(1) : C(0);
+  acc[5 * lanes + j] += (on && r > hi && a > C(0)) ? C(1) : C(0);
+  acc[6 * lanes + j] += (on && du) ? C(1) : C(0);
+  acc[7 * lanes + j] += on ? l + beta * kl : C(0);
+  acc[8 * lanes + j] += on ? C(1) : C(0);
+}
+
 // C: compute type (float or double). KL: 0 none, 1 k1, 2 k2, 3 k3. TOK_ADV: advantages per
 // token. SEQ: GSPO sequence-level ratio. `w` is the row's aggregation weight.
+// Tokens are processed in blocks of kLanes with one accumulator per lane (the sum order is
+// fixed: lane-wise, then lanes folded in order), which GCC vectorises without -ffast-math.
 template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
 inline __attribute__((always_inline)) void grpo_row(
     const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, const In* __restrict ref,
     const C* __restrict adv_tok, C a_row, int64_t T, const LossParams& p, C w, C* __restrict grad, double* out) {
+  constexpr int kLanes = 16;
   const C lo = static_cast<C>(1.0 - p.eps_low), hi = static_cast<C>(1.0 + p.eps_high);
   const C cap = static_cast<C>(p.ratio_cap), dual = static_cast<C>(p.dual_clip);
   const C beta = static_cast<C>(p.kl_coef);
-  const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp), kval = static_cast<C>(kKlValueClamp);
+  const C lim = static_cast<C>(kLogRatioClamp);
+  alignas(64) C acc[9 * kLanes];
+  for (int k = 0; k < 9 * kLanes; ++k) acc[k] = C(0);
   C r_seq = C(1);
   if constexpr (SEQ) {
-    C sd = C(0), cnt = C(0);
-#pragma omp simd reduction(+ : sd, cnt)
-    for (int64_t t = 0; t < T; ++t) {
-      const C d = to_compute(lp[t]) - to_compute(old[t]);
-      const C dc = std::min(std::max(d, -lim), lim);
-      sd += mk[t] ? dc : C(0);
-      cnt += mk[t] ? C(1) : C(0);
+    alignas(64) C sd[kLanes] = {}, cnt[kLanes] = {};
+    int64_t t0 = 0;
+    for (; t0 + kLanes <= T; t0 += kLanes) {
+#pragma GCC ivdep
+      for (int j = 0; j < kLanes; ++j) {
+        const int64_t t = t0 + j;
+        const C dc = std::min(std::max(to_compute(lp[t]) - to_compute(old[t]), -lim), lim);
+        sd[j] += mk[t] ? dc : C(0);
+        cnt[j] += mk[t] ? C(1) : C(0);
+      }
     }
-    r_seq = vexp(sd / std::max(cnt, C(1)));
-  }
-  C s_pg = 0, s_kl = 0, s_r = 0, s_nd = 0, s_lo = 0, s_hi = 0, s_du = 0, s_loss = 0, s_m = 0;
-#pragma omp simd reduction(+ : s_pg, s_kl, s_r, s_nd, s_lo, s_hi, s_du, s_loss, s_m)
-  for (int64_t t = 0; t < T; ++t) {
-    const bool on = mk[t] != 0;
-    const C x = to_compute(lp[t]);
-    const C d = x - to_compute(old[t]);
-    const C dc = std::min(std::max(d, -lim), lim);
-    const C din = (d >= -lim && d <= lim) ? C(1) : C(0);
-    const C a = TOK_ADV ? adv_tok[t] * a_row : a_row;  // a_row: the sequence weight
-    C r = SEQ ? r_seq : vexp(dc);
-    const C cap_grad = r <= cap ? C(1) : C(0);
-    r = std::min(r, cap);
-    const C rc = std::min(std::max(r, lo), hi);
-    const C l1 = -a * r, l2 = -a * rc;
-    const bool use1 = l1 >= l2;
-    C l = use1 ? l1 : l2;
-    C dldr = use1 ? -a : C(0);
-    const C l3 = -a * dual;
-    const bool du = (a < C(0)) && (l3 < l);
-    l = du ? l3 : l;
-    dldr = du ? C(0) : dldr;
-    C g = dldr * r * cap_grad * din;
-    C kl = C(0);
-    if constexpr (KL == 1) {
-      kl = x - to_compute(ref[t]);
-      g += beta;
-    } else if constexpr (KL == 2) {
-      const C v = x - to_compute(ref[t]);
-      kl = C(0.5) * v * v;
-      g += beta * v;
-    } else if constexpr (KL == 3) {
-      const C u = to_compute(ref[t]) - x;
-      const C uc = std::min(std::max(u, -klim), klim);
-      const C e = vexp(uc);
-      const C k3 = e - uc - C(1);
-      const C kin = (u >= -klim && u <= klim && k3 <= kval && k3 >= -kval) ? C(1) : C(0);
-      kl = std::min(std::max(k3, -kval), kval);
-      g += beta * (C(1) - e) * kin;
+    for (int64_t t = t0; t < T; ++t) {
+      const C dc = std::min(std::max(to_compute(lp[t]) - to_compute(old[t]), -lim), lim);
+      sd[0] += mk[t] ? dc : C(0);
+      cnt[0] += mk[t] ? C(1) : C(0);
     }
-    const C lt = l + beta * kl;
-    grad[t] = on ? w * g : C(0);
-    s_pg += on ? l : C(0);
-    s_kl += on ? kl : C(0);
-    s_r += on ? r : C(0);
-    s_nd += on ? -dc : C(0);
-    s_lo += (on && r < lo && a < C(0)) ? C(1) : C(0);
-    s_hi += (on && r > hi && a > C(0)) ? C(1) : C(0);
-    s_du += (on && du) ? C(1) : C(0);
-    s_loss += on ? lt : C(0);
-    s_m += on ? C(1) : C(0);
+    C s = C(0), c = C(0);
+    for (int j = 0; j < kLanes; ++j) { s += sd[j]; c += cnt[j]; }
+    r_seq = vexp(s / std::max(c, C(1)));
   }
-  out[kPgSum] = s_pg;
-  out[kKlSum] = s_kl;
-  out[kRatioSum] = s_r;
-  out[kNegLogRatioSum] = s_nd;
-  out[kClipLow] = s_lo;
-  out[kClipHigh] = s_hi;
-  out[kDualClip] = s_du;
-  out[kLossContrib] = static_cast<double>(w) * static_cast<double>(s_loss);
-  out[kTokens] = s_m;
+  int64_t t0 = 0;
+  for (; t0 + kLanes <= T; t0 += kLanes) {
+#pragma GCC ivdep
+    for (int j = 0; j < kLanes; ++j)
+      grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t0 + j, a_row, r_seq, lo, hi, cap, dual, beta, w,
+                                          grad, acc, kLanes, j);
+  }
+  for (int64_t t = t0; t < T; ++t)
+    grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t, a_row, r_seq, lo, hi, cap, dual, beta, w, grad,
+                                        acc, kLanes, 0);
+  double tot[9];
+  for (int k = 0; k < 9; ++k) {
+    double s = 0.0;
+    for (int j = 0; j < kLanes; ++j) s += static_cast<double>(acc[k * kLanes + j]);
+    tot[k] = s;
+  }
+  out[kPgSum] = tot[0];
+  out[kKlSum] = tot[1];
+  out[kRatioSum] = tot[2];
+  out[kNegLogRatioSum] = tot[3];
+  out[kClipLow] = tot[4];
+  out[kClipHigh] = tot[5];
+  out[kDualClip] = tot[6];
+  out[kLossContrib] = static_cast<double>(w) * tot[7];
+  out[kTokens] = tot[8];
 }
 
 // Aggregation weight of a row with `row_tokens` tokens, given the batch's token count
@@ -261,4 +305,398 @@ inline double row_weight(const LossParams& p, double row_tokens, double total_to
   return 0.0;
 }
 
+
+// One call of the float kernel: rows split into spans of `seg` tokens ("items": row-major,
+// ceil(T / seg) per row) so that one long row also spreads over threads. Item k writes
+// grad of its span and its statistics part[k * 9 .. +9] (kLossContrib not yet weighted);
+// with SEQ the pre-pass writes seq_part[k * 2 .. +2] (sum of clamped log-ratios, count)
+// and the main pass reads the row's GSPO ratio from r_seq[row].
+struct FloatJob {
+  DType dt;
+  const void* lp;
+  const void* old;
+  const uint8_t* mk;
+  const void* ref;
+  const float* adv_tok;  // [N, T] or null
+  const double* a_row;   // [N]
+  const double* w_row;   // [N]
+  const float* r_seq;    // [N] (SEQ main pass)
+  int64_t T, seg, nseg;
+  int kl;
+  bool tok_adv, seq;
+  const LossParams* p;
+  float* grad;
+  double* part;
+  double* seq_part;
+};
+
 }  // namespace mtgrpo
+
+#endif  // MTGRPO_GRPO_LOSS_H
+
+// ---- the float row kernel with explicit vectors ------------------------------------------
+// GCC/Clang generic vectors: blocks of 16 tokens as one zmm (AVX-512), two ymm (AVX2) or
+// four xmm (SSE2/NEON) per operation. The ISA is the one in force where this section is compiled: it is
+// emitted once as namespace mtgrpo::vec (the translation unit's target), and again each
+// time this header is included with MTGRPO_VEC_NS defined (the glue does so under
+// `#pragma GCC target(...)` for AVX-512 and AVX2 and picks one at run time). A target
+// attribute on the caller alone is not enough: GCC lowers the vector operations of each
+// helper in the helper's own target before inlining, and the result is scalar code.
+// Every token operation above is mirrored lane-wise with the same operation order and the same min/max/select conventions, so a
+// lane computes what grpo_token computes. Statistics are accumulated per lane in float
+// and folded in a fixed order (lanes 0..15 of the 16-token block, in double), the same
+// order for every ISA.
+#if defined(__GNUC__) || defined(__clang__)
+#if defined(MTGRPO_VEC_NS)
+#define MTGRPO_VEC_EMIT 1
+#elif !defined(MTGRPO_GRPO_LOSS_VEC_PORTABLE)
+#define MTGRPO_GRPO_LOSS_VEC_PORTABLE 1
+#define MTGRPO_VEC_NS vec
+#define MTGRPO_VEC_NS_DEFAULTED 1
+#define MTGRPO_VEC_EMIT 1
+#endif
+#endif
+
+#ifdef MTGRPO_VEC_EMIT
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors never cross a call (all inlined)
+#endif
+#ifndef MTGRPO_VINL
+#define MTGRPO_VINL inline __attribute__((always_inline))
+#define MTGRPO_VLAMBDA __attribute__((always_inline))
+#endif
+namespace mtgrpo {
+namespace MTGRPO_VEC_NS {
+
+// Native vector width (floats) of the target in force: MTGRPO_VEC_WIDTH when the includer
+// sets it (GCC does not define __AVX2__ etc. under `#pragma GCC target` in C++), else from
+// the command-line target. Vectors wider than the target would get their comparisons
+// lowered element by element. A block is always 16 tokens = kU vectors of kW lanes.
+#if defined(MTGRPO_VEC_WIDTH)
+constexpr int kW = MTGRPO_VEC_WIDTH;
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+constexpr int kW = 16;
+#elif defined(__AVX2__)
+constexpr int kW = 8;
+#else
+constexpr int kW = 4;
+#endif
+static_assert(kW == 4 || kW == 8 || kW == 16, "MTGRPO_VEC_WIDTH: 4, 8 or 16");
+constexpr int kBlock = 16;
+constexpr int kU = kBlock / kW;
+typedef float vf __attribute__((vector_size(4 * kW)));
+typedef int32_t vi __attribute__((vector_size(4 * kW)));
+typedef uint32_t vu __attribute__((vector_size(4 * kW)));
+typedef uint8_t vb __attribute__((vector_size(kW)));
+typedef uint16_t vh __attribute__((vector_size(2 * kW)));
+
+MTGRPO_VINL vf splat(float x) { return vf{} + x; }
+MTGRPO_VINL vf vmin(vf a, vf b) { return b < a ? b : a; }  // std::min(a, b)
+MTGRPO_VINL vf vmax(vf a, vf b) { return a < b ? b : a; }  // std::max(a, b)
+MTGRPO_VINL vf sel(vi m, vf a, vf b) { return m ? a : b; }
+MTGRPO_VINL vf ones_if(vi m) { return (vf)(m & (vi)splat(1.0f)); }  // m ? 1 : 0
+
+MTGRPO_VINL vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+MTGRPO_VINL vf load(const Bf16* p) {
+  vh h; std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+MTGRPO_VINL vf load(const F16* p) {  // lane-wise f16_to_float
+  vh h; std::memcpy(&h, p, sizeof h);
+  const vu x = __builtin_convertvector(h, vu);
+  const vu sign = (x & 0x8000u) << 16;
+  const vu em = x & 0x7fffu;
+  const vf mag = (vf)(em << 13) * 0x1p112f;
+  const vu special = (em << 13) | 0x7f800000u;
+  const vu bits = (((vi)em >= 0x7c00) ? special : (vu)mag) | sign;
+  return (vf)bits;
+}
+MTGRPO_VINL vi load_mask(const uint8_t* p) {
+  vb m; std::memcpy(&m, p, sizeof m);
+  return __builtin_convertvector(m, vi) != 0;
+}
+MTGRPO_VINL void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+// Lane-wise vexp(float): floor through truncation and a fix-up (exact for |z| < 2^31).
+MTGRPO_VINL vf vexp(vf x) {
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.0f));
+  const vf z = x * 1.44269504088896341f + 0.5f;
+  vf fn = __builtin_convertvector(__builtin_convertvector(z, vi), vf);
+  fn = fn > z ? fn - 1.0f : fn;
+  vf r = x - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const vi e = __builtin_convertvector(fn, vi) + 127;
+  return y * (vf)(e << 23);
+}
+
+struct Consts {
+  vf lo, hi, cap, dual, beta, w, a_row, r_seq, neg_a, l3, a_neg, a_pos;
+};
+
+struct Acc {
+  vf s[9];
+};
+
+// kW tokens starting at the given pointers (grpo_token on each lane).
+template <typename In, int KL, bool TOK_ADV, bool SEQ>
+MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
+                       const In* __restrict ref, const float* __restrict adv_tok, const Consts& c,
+                       float* __restrict grad, Acc& acc) {
+  const vf lim = splat(static_cast<float>(kLogRatioClamp));
+  const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
+  const vi on = load_mask(mk);
+  const vf x = load(lp);
+  const vf d = x - load(old);
+  const vf dc = vmin(vmax(d, nlim), lim);
+  const vf din = ones_if((d >= nlim) & (d <= lim));
+  vf a, neg_a, l3;
+  vi a_neg, a_pos;
+  if constexpr (TOK_ADV) {
+    a = load(adv_tok) * c.a_row;
+    neg_a = -a;
+    l3 = neg_a * c.dual;
+    a_neg = a < 0.0f;
+    a_pos = a > 0.0f;
+  } else {
+    a = c.a_row; neg_a = c.neg_a; l3 = c.l3;
+    a_neg = (vi)c.a_neg; a_pos = (vi)c.a_pos;
+  }
+  vf r = SEQ ? c.r_seq : vexp(dc);
+  const vf cap_grad = ones_if(r <= c.cap);
+  r = vmin(r, c.cap);
+  const vf rc = vmin(vmax(r, c.lo), c.hi);
+  const vf l1 = neg_a * r, l2 = neg_a * rc;
+  const vi use1 = l1 >= l2;
+  vf l = sel(use1, l1, l2);
+  vf dldr = sel(use1, neg_a, vf{});
+  const vi du = a_neg & (l3 < l);
+  l = sel(du, l3, l);
+  dldr = sel(du, vf{}, dldr);
+  vf g = dldr * r * cap_grad * din;
+  vf kl = vf{};
+  if constexpr (KL == 1) {
+    kl = x - load(ref);
+    g += c.beta;
+  } else if constexpr (KL == 2) {
+    const vf v = x - load(ref);
+    kl = 0.5f * v * v;
+    g += c.beta * v;
+  } else if constexpr (KL == 3) {
+    const float klim_s = static_cast<float>(kKlLogClamp), kval_s = static_cast<float>(kKlValueClamp);
+    const vf klim = splat(klim_s), nklim = splat(-klim_s), kval = splat(kval_s), nkval = splat(-kval_s);
+    const vf u = load(ref) - x;
+    const vf uc = vmin(vmax(u, nklim), klim);
+    const vf e = vexp(uc);
+    const vf k3 = e - uc - 1.0f;
+    const vf kin = ones_if((u >= nklim) & (u <= klim) & (k3 <= kval) & (k3 >= nkval));
+    kl = vmin(vmax(k3, nkval), kval);
+    g += c.beta * (1.0f - e) * kin;
+  }
+  store(grad, sel(on, c.w * g, vf{}));
+  acc.s[0] += sel(on, l, vf{});
+  acc.s[1] += sel(on, kl, vf{});
+  acc.s[2] += sel(on, r, vf{});
+  acc.s[3] += sel(on, -dc, vf{});
+  acc.s[4] += ones_if(on & (r < c.lo) & a_neg);
+  acc.s[5] += ones_if(on & (r > c.hi) & a_pos);
+  acc.s[6] += ones_if(on & du);
+  acc.s[7] += sel(on, l + c.beta * kl, vf{});
+  acc.s[8] += ones_if(on);
+}
+
+MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
+  for (int j = 0; j < kW; ++j) s += static_cast<double>(v[j]);
+  return s;
+}
+
+// Tokens [t0, t1) of one row (pointers at the row start): writes grad[t0, t1) and the
+// span's statistics part[9] (part[kLossContrib] not yet multiplied by the row weight).
+template <typename In, int KL, bool TOK_ADV, bool SEQ>
+MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
+                      const In* __restrict ref, const float* __restrict adv_tok, float a_row, float r_seq,
+                      int64_t t0, int64_t t1, const LossParams& p, float w, float* __restrict grad, double* part) {
+  Consts c;
+  c.lo = splat(static_cast<float>(1.0 - p.eps_low));
+  c.hi = splat(static_cast<float>(1.0 + p.eps_high));
+  c.cap = splat(static_cast<float>(p.ratio_cap));
+  c.dual = splat(static_cast<float>(p.dual_clip));
+  c.beta = splat(static_cast<float>(p.kl_coef));
+  c.w = splat(w);
+  c.a_row = splat(a_row);
+  c.r_seq = splat(r_seq);
+  c.neg_a = -c.a_row;
+  c.l3 = c.neg_a * c.dual;
+  c.a_neg = (vf)(c.a_row < 0.0f);
+  c.a_pos = (vf)(c.a_row > 0.0f);
+  // Lane j of a 16-token block is lane j % kW of sub-vector j / kW; one accumulator set per
+  // sub-vector (separate variables, not an array, so they stay in registers).
+  Acc a0, a1, a2, a3;
+  for (int k = 0; k < 9; ++k) a0.s[k] = a1.s[k] = a2.s[k] = a3.s[k] = vf{};
+  int64_t t = t0;
+  for (; t + kBlock <= t1; t += kBlock) {
+    block<In, KL, TOK_ADV, SEQ>(lp + t, old + t, mk + t, KL ? ref + t : nullptr, TOK_ADV ? adv_tok + t : nullptr, c,
+                                grad + t, a0);
+    if constexpr (kU >= 2) {
+      const int64_t t1v = t + kW;
+      block<In, KL, TOK_ADV, SEQ>(lp + t1v, old + t1v, mk + t1v, KL ? ref + t1v : nullptr,
+                                  TOK_ADV ? adv_tok + t1v : nullptr, c, grad + t1v, a1);
+    }
+    if constexpr (kU >= 4) {
+      const int64_t t2v = t + 2 * kW, t3v = t + 3 * kW;
+      block<In, KL, TOK_ADV, SEQ>(lp + t2v, old + t2v, mk + t2v, KL ? ref + t2v : nullptr,
+                                  TOK_ADV ? adv_tok + t2v : nullptr, c, grad + t2v, a2);
+      block<In, KL, TOK_ADV, SEQ>(lp + t3v, old + t3v, mk + t3v, KL ? ref + t3v : nullptr,
+                                  TOK_ADV ? adv_tok + t3v : nullptr, c, grad + t3v, a3);
+    }
+  }
+  const int64_t rem = t1 - t;
+  if (rem > 0) {  // tail: the same block on zero-padded copies (padding is masked out)
+    alignas(64) In lpb[kBlock], oldb[kBlock], refb[kBlock];
+    alignas(64) float advb[kBlock], gb[kBlock];
+    alignas(16) uint8_t mkb[kBlock];
+    std::memset(static_cast<void*>(lpb), 0, sizeof lpb);
+    std::memset(static_cast<void*>(oldb), 0, sizeof oldb);
+    std::memset(static_cast<void*>(refb), 0, sizeof refb);
+    std::memset(advb, 0, sizeof advb);
+    std::memset(mkb, 0, sizeof mkb);
+    const size_t n = static_cast<size_t>(rem);
+    std::memcpy(static_cast<void*>(lpb), lp + t, n * sizeof(In));
+    std::memcpy(static_cast<void*>(oldb), old + t, n * sizeof(In));
+    std::memcpy(mkb, mk + t, n);
+    if constexpr (KL != 0) std::memcpy(static_cast<void*>(refb), ref + t, n * sizeof(In));
+    if constexpr (TOK_ADV) std::memcpy(advb, adv_tok + t, n * sizeof(float));
+    block<In, KL, TOK_ADV, SEQ>(lpb, oldb, mkb, refb, advb, c, gb, a0);
+    if constexpr (kU >= 2) block<In, KL, TOK_ADV, SEQ>(lpb + kW, oldb + kW, mkb + kW, refb + kW, advb + kW, c, gb + kW, a1);
+    if constexpr (kU >= 4) {
+      block<In, KL, TOK_ADV, SEQ>(lpb + 2 * kW, oldb + 2 * kW, mkb + 2 * kW, refb + 2 * kW, advb + 2 * kW, c,
+                                  gb + 2 * kW, a2);
+      block<In, KL, TOK_ADV, SEQ>(lpb + 3 * kW, oldb + 3 * kW, mkb + 3 * kW, refb + 3 * kW, advb + 3 * kW, c,
+                                  gb + 3 * kW, a3);
+    }
+    std::memcpy(grad + t, gb, n * sizeof(float));
+  }
+  for (int k = 0; k < 9; ++k) {
+    double sum = 0.0;
+    sum = fold(a0.s[k], sum);
+    if constexpr (kU >= 2) sum = fold(a1.s[k], sum);
+    if constexpr (kU >= 4) sum = fold(a3.s[k], fold(a2.s[k], sum));
+    part[k] = sum;
+  }
+}
+
+// GSPO pre-pass over tokens [t0, t1): sum of the masked clamped log-ratios and the count.
+template <typename In>
+MTGRPO_VINL void seq_span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
+                          int64_t t0, int64_t t1, double* sum_cnt) {
+  const vf lim = splat(static_cast<float>(kLogRatioClamp));
+  const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
+  vf s0 = vf{}, s1 = vf{}, s2 = vf{}, s3 = vf{}, c0 = vf{}, c1 = vf{}, c2 = vf{}, c3 = vf{};
+  auto sub = [&](int64_t tu, vf& sv, vf& cv) MTGRPO_VLAMBDA {
+    const vi on = load_mask(mk + tu);
+    const vf dc = vmin(vmax(load(lp + tu) - load(old + tu), nlim), lim);
+    sv += sel(on, dc, vf{});
+    cv += ones_if(on);
+  };
+  int64_t t = t0;
+  for (; t + kBlock <= t1; t += kBlock) {
+    sub(t, s0, c0);
+    if constexpr (kU >= 2) sub(t + kW, s1, c1);
+    if constexpr (kU >= 4) { sub(t + 2 * kW, s2, c2); sub(t + 3 * kW, s3, c3); }
+  }
+  double ss = fold(s3, fold(s2, fold(s1, fold(s0)))), cc = fold(c3, fold(c2, fold(c1, fold(c0))));
+  for (; t < t1; ++t) {
+    if (!mk[t]) continue;
+    const float lim_s = static_cast<float>(kLogRatioClamp);
+    const float dc = std::min(std::max(to_compute(lp[t]) - to_compute(old[t]), -lim_s), lim_s);
+    ss += dc;
+    cc += 1.0;
+  }
+  sum_cnt[0] = ss;
+  sum_cnt[1] = cc;
+}
+
+// Items [k0, k1) of a FloatJob (see FloatJob). Non-template entry points, so that each
+// inclusion under a `#pragma GCC target` region compiles the whole kernel for that ISA.
+template <typename In, int KL, bool TOK, bool SEQ>
+MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
+  const int64_t T = J.T;
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k / J.nseg;
+    const int64_t t0 = (k - i * J.nseg) * J.seg;
+    const int64_t t1 = std::min(T, t0 + J.seg);
+    const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
+    span<In, KL, TOK, SEQ>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
+                           KL ? static_cast<const In*>(J.ref) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
+                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f, t0, t1, *J.p,
+                           static_cast<float>(J.w_row[i]), J.grad + off, J.part + k * kRowStats);
+  }
+}
+
+template <typename In, int KL>
+MTGRPO_VINL void items_kl(const FloatJob& J, int64_t k0, int64_t k1) {
+  if (J.tok_adv) {
+    if (J.seq) items_impl<In, KL, true, true>(J, k0, k1);
+    else items_impl<In, KL, true, false>(J, k0, k1);
+  } else {
+    if (J.seq) items_impl<In, KL, false, true>(J, k0, k1);
+    else items_impl<In, KL, false, false>(J, k0, k1);
+  }
+}
+
+template <typename In>
+MTGRPO_VINL void items_in(const FloatJob& J, int64_t k0, int64_t k1) {
+  switch (J.kl) {
+    case 1: items_kl<In, 1>(J, k0, k1); break;
+    case 2: items_kl<In, 2>(J, k0, k1); break;
+    case 3: items_kl<In, 3>(J, k0, k1); break;
+    default: items_kl<In, 0>(J, k0, k1); break;
+  }
+}
+
+inline void float_items(const FloatJob& J, int64_t k0, int64_t k1) {
+  switch (J.dt) {
+    case DType::BF16: items_in<Bf16>(J, k0, k1); break;
+    case DType::F16: items_in<F16>(J, k0, k1); break;
+    default: items_in<float>(J, k0, k1); break;
+  }
+}
+
+template <typename In>
+MTGRPO_VINL void seq_items_in(const FloatJob& J, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k / J.nseg;
+    const int64_t t0 = (k - i * J.nseg) * J.seg;
+    const size_t off = static_cast<size_t>(i) * static_cast<size_t>(J.T);
+    seq_span<In>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off, t0,
+                 std::min(J.T, t0 + J.seg), J.seq_part + 2 * k);
+  }
+}
+
+// GSPO pre-pass over items [k0, k1).
+inline void float_seq_items(const FloatJob& J, int64_t k0, int64_t k1) {
+  switch (J.dt) {
+    case DType::BF16: seq_items_in<Bf16>(J, k0, k1); break;
+    case DType::F16: seq_items_in<F16>(J, k0, k1); break;
+    default: seq_items_in<float>(J, k0, k1); break;
+  }
+}
+}  // namespace MTGRPO_VEC_NS
+}  // namespace mtgrpo
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#undef MTGRPO_VEC_EMIT
+#ifdef MTGRPO_VEC_NS_DEFAULTED
+#undef MTGRPO_VEC_NS
+#undef MTGRPO_VEC_NS_DEFAULTED
+#endif
+#endif  // MTGRPO_VEC_EMIT
+
