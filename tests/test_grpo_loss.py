@@ -384,3 +384,50 @@ def test_cpp_binding_bounds_checked_never_crashes():
         kw.update(override)
         with pytest.raises(ValueError, match=name):
             C.grpo_loss_fwd_bwd_cpu(**kw)
+
+
+# --------------------------------------------------------------------------- every compiled ISA
+_ISA_SCRIPT = """
+import torch, mtgrpo_core as mc
+from mtgrpo_core import _native
+from mtgrpo_core.reference.grpo_loss import grpo_loss_ref
+from mtgrpo_core.config import GRPOConfig
+print(_native.native().grpo_loss_cpu_isa())
+g = torch.Generator().manual_seed(3)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for kw in (dict(), dict(kl_coef=0.1, dual_clip=3.0, ratio_cap=1.5), dict(importance_level="sequence")):
+        lp = (-torch.rand(7, 45, generator=g, dtype=torch.float64) * 2)
+        old = lp + 0.3 * torch.randn(7, 45, generator=g, dtype=torch.float64)
+        ref = lp + 0.2 * torch.randn(7, 45, generator=g, dtype=torch.float64)
+        mask = torch.rand(7, 45, generator=g) > 0.2
+        r, gid = torch.randint(0, 3, (7,), generator=g).double(), torch.tensor([0, 0, 1, 1, 1, 5, 5])
+        lpq, oldq, refq = lp.to(dtype).double(), old.to(dtype).double(), ref.to(dtype).double()
+        x0 = lpq.clone().requires_grad_()
+        l0, _ = grpo_loss_ref(x0, oldq, mask, rewards=r, group_ids=gid, ref_logprobs=refq, config=GRPOConfig(**kw))
+        l0.backward()
+        x = lp.to(dtype).requires_grad_()
+        l, _ = mc.grpo_loss(x, old.to(dtype), mask, rewards=r, group_ids=gid, ref_logprobs=ref.to(dtype),
+                            backend="cpu", **kw)
+        l.backward()
+        assert abs(float(l.detach()) - float(l0.detach())) < 1e-5, (dtype, kw)
+        tol = 1e-5 if dtype == torch.float32 else 4e-5  # fp32 math on the same rounded inputs
+        err = float((x.grad.double() - x0.grad).abs().max())
+        assert err < tol, (dtype, kw, err)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_each_cpu_isa_version_matches_reference(isa):
+    # The best version for this CPU runs everywhere else in this file; the lower ones only
+    # run on older CPUs, so they are forced here (the choice is made once per process).
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MTGRPO_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[-1] == "ok"
+    assert lines[0] in (isa, "baseline")  # a CPU without the ISA falls back to baseline
