@@ -14,6 +14,19 @@ KL_VALUE_CLAMP: tl.constexpr = 10.0
 
 
 @triton.jit
+def load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T: tl.constexpr):
+    """One tile of a row: (offsets, in-bounds, mask, logp, old logp, clamped log-ratio)."""
+    offs = start + tl.arange(0, BLOCK_T)
+    inb = offs < T
+    m = (tl.load(MASK + base + offs, mask=inb, other=0) != 0) & inb
+    x = tl.load(LP + base + offs, mask=inb, other=0.0).to(tl.float32)
+    o = tl.load(OLD + base + offs, mask=inb, other=0.0).to(tl.float32)
+    d = x - o
+    dc = tl.minimum(tl.maximum(d, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    return offs, inb, m, x, d, dc
+
+
+@triton.jit
 def clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL: tl.constexpr):
     """Per element: (loss, d loss / d ratio, dual clip active) of
     max(-a r, -a clip(r, lo, hi)), then min(., -a c) where a < 0 when HAS_DUAL."""

@@ -256,7 +256,8 @@ try:  # triton is optional: the C++ and torch backends work without it
     import triton
     import triton.language as tl
 
-    from ._triton_helpers import LOG_RATIO_CLAMP, clipped_surrogate, kl_estimate, segment_sq_dev, segment_stats
+    from ._triton_helpers import (LOG_RATIO_CLAMP, clipped_surrogate, kl_estimate, load_token_tile, segment_sq_dev,
+                                  segment_stats)
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
@@ -336,12 +337,7 @@ if _HAS_TRITON:
         if SEQ:
             acc = tl.zeros([BLOCK_T], tl.float32)
             for start in range(0, T, BLOCK_T):
-                offs = start + tl.arange(0, BLOCK_T)
-                inb = offs < T
-                m = (tl.load(MASK + base + offs, mask=inb, other=0) != 0) & inb
-                x = tl.load(LP + base + offs, mask=inb, other=0.0).to(tl.float32)
-                o = tl.load(OLD + base + offs, mask=inb, other=0.0).to(tl.float32)
-                dc = tl.minimum(tl.maximum(x - o, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+                offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
                 acc += tl.where(m, dc, 0.0)
             r_seq = tl.exp(tl.sum(acc, 0) / tl.maximum(row_tok, 1.0))
         # ---- the tokens ----------------------------------------------------------------
@@ -355,13 +351,7 @@ if _HAS_TRITON:
         s_loss = tl.zeros([BLOCK_T], tl.float32)
         s_m = tl.zeros([BLOCK_T], tl.float32)
         for start in range(0, T, BLOCK_T):
-            offs = start + tl.arange(0, BLOCK_T)
-            inb = offs < T
-            m = (tl.load(MASK + base + offs, mask=inb, other=0) != 0) & inb
-            x = tl.load(LP + base + offs, mask=inb, other=0.0).to(tl.float32)
-            o = tl.load(OLD + base + offs, mask=inb, other=0.0).to(tl.float32)
-            d = x - o
-            dc = tl.minimum(tl.maximum(d, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+            offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
             din = tl.where((d >= -LOG_RATIO_CLAMP) & (d <= LOG_RATIO_CLAMP), 1.0, 0.0)
             if TOK_ADV:
                 a = tl.load(ADV + base + offs, mask=inb, other=0.0).to(tl.float32) * a_row
