@@ -93,8 +93,7 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     """Log-probs [N, T] of ``completion_ids`` under ``model`` given left-padded prompts.
 
     Uses :func:`mtgrpo_core.linear_logprobs` on the last hidden states and the lm_head weight
-    when the library provides it (never materialising [N, T, V] logits), else
-    log_softmax + gather. Differentiable when grad is enabled.
+    (never materialising [N, T, V] logits). Differentiable when grad is enabled.
     """
     N, P = prompt_ids.shape
     T = completion_ids.shape[1]
@@ -106,14 +105,6 @@ def completion_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     hidden = out.last_hidden_state[:, P - 1:P + T - 1]          # states that predict completion tokens
     weight = model.lm_head.weight
     bias = getattr(model.lm_head, "bias", None)
-    try:
-        import mtgrpo_core as mc
-        fn = getattr(mc, "linear_logprobs", None)
-    except Exception:  # pragma: no cover
-        fn = None
-    if fn is not None:
-        return fn(hidden, weight, completion_ids, bias=bias, temperature=temperature, backend=backend)
-    logits = torch.nn.functional.linear(hidden, weight, bias).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    from ..ops.linear_logprobs import linear_logprobs
+
+    return linear_logprobs(hidden, weight, completion_ids, bias=bias, temperature=temperature, backend=backend)
