@@ -33,20 +33,6 @@ void dispatch_value(int value_type, F&& f) {
   }
 }
 
-template <typename F>
-void dispatch_mask(int mask_kind, F&& f) {
-  switch (mask_kind) {
-    case kMaskU8: return f(std::integral_constant<int, kMaskU8>{});
-    case kMaskI16: return f(std::integral_constant<int, kMaskI16>{});
-    case kMaskI32: return f(std::integral_constant<int, kMaskI32>{});
-    case kMaskI64: return f(std::integral_constant<int, kMaskI64>{});
-    case kMaskH16: return f(std::integral_constant<int, kMaskH16>{});
-    case kMaskF32: return f(std::integral_constant<int, kMaskF32>{});
-    case kMaskF64: return f(std::integral_constant<int, kMaskF64>{});
-    default: fail("mask: unsupported mask kind ", mask_kind, " (expected 0..6)");
-  }
-}
-
 int value_bytes(int value_type) {
   switch (value_type) {
     case kF32: return 4;

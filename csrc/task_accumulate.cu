@@ -24,20 +24,6 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-template <typename F>
-void dispatch_mask(int mask_kind, F&& f) {
-  switch (mask_kind) {
-    case kMaskU8: return f(std::integral_constant<int, kMaskU8>{});
-    case kMaskI16: return f(std::integral_constant<int, kMaskI16>{});
-    case kMaskI32: return f(std::integral_constant<int, kMaskI32>{});
-    case kMaskI64: return f(std::integral_constant<int, kMaskI64>{});
-    case kMaskH16: return f(std::integral_constant<int, kMaskH16>{});
-    case kMaskF32: return f(std::integral_constant<int, kMaskF32>{});
-    case kMaskF64: return f(std::integral_constant<int, kMaskF64>{});
-    default: throw std::invalid_argument("mask: unsupported mask kind " + std::to_string(mask_kind));
-  }
-}
-
 template <int VT, int MK>
 void launch_masked_sum(const void* values, const void* mask, const int64_t* task_ids, const Plan& p,
                        void* sums, int64_t* counts, void* workspace, cudaStream_t stream) {

@@ -11,11 +11,30 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
 
 #include "mtgrpo/task_accumulate.cuh"
 
 namespace mtgrpo {
 namespace task_acc {
+
+// Calls f(std::integral_constant<int, MK>{}) for the runtime mask kind (shared by the CPU
+// glue and the CUDA launcher).
+template <typename F>
+void dispatch_mask(int mask_kind, F&& f) {
+  switch (mask_kind) {
+    case kMaskU8: return f(std::integral_constant<int, kMaskU8>{});
+    case kMaskI16: return f(std::integral_constant<int, kMaskI16>{});
+    case kMaskI32: return f(std::integral_constant<int, kMaskI32>{});
+    case kMaskI64: return f(std::integral_constant<int, kMaskI64>{});
+    case kMaskH16: return f(std::integral_constant<int, kMaskH16>{});
+    case kMaskF32: return f(std::integral_constant<int, kMaskF32>{});
+    case kMaskF64: return f(std::integral_constant<int, kMaskF64>{});
+    default: throw std::invalid_argument("mask: unsupported mask kind " + std::to_string(mask_kind) + " (expected 0..6)");
+  }
+}
 
 // Sum and count of one unit (len <= kSegLen elements), 32 strided lanes then the fold.
 template <int VT, int MK>
