@@ -201,6 +201,21 @@ if HAS_TRITON:
         tl.store(base + 3 * stride_q, tgt, mask=mask_m)
 
     @triton.jit
+    def _row_saved(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, offs_m, mask_m, WITH_ENTROPY: tl.constexpr):
+        """Per-token values saved by the forward pass and the upstream gradients of a row block:
+        (target ids, log-sum-exp, entropy, d loss / d logprob, d loss / d entropy)."""
+        y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
+        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
+        gl = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0)
+        if WITH_ENTROPY:
+            ent = tl.load(ent_ptr + offs_m, mask=mask_m, other=0.0)
+            ge = tl.load(ge_ptr + offs_m, mask=mask_m, other=0.0)
+        else:
+            ent = gl
+            ge = gl
+        return y, lse, ent, gl, ge
+
+    @triton.jit
     def _linear_logprobs_bwd_dh_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, dh_ptr, M, V, K,
             stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
@@ -211,15 +226,7 @@ if HAS_TRITON:
         pid_m = tl.program_id(0)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
-        y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
-        lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-        gl = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0)
-        if WITH_ENTROPY:
-            ent = tl.load(ent_ptr + offs_m, mask=mask_m, other=0.0)
-            ge = tl.load(ge_ptr + offs_m, mask=mask_m, other=0.0)
-        else:
-            ent = gl
-            ge = gl
+        y, lse, ent, gl, ge = _row_saved(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, offs_m, mask_m, WITH_ENTROPY)
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < V
@@ -254,15 +261,7 @@ if HAS_TRITON:
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
-            y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
-            lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
-            gl = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0)
-            if WITH_ENTROPY:
-                ent = tl.load(ent_ptr + offs_m, mask=mask_m, other=0.0)
-                ge = tl.load(ge_ptr + offs_m, mask=mask_m, other=0.0)
-            else:
-                ent = gl
-                ge = gl
+            y, lse, ent, gl, ge = _row_saved(y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, offs_m, mask_m, WITH_ENTROPY)
             z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
                              stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
                              HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
