@@ -309,6 +309,11 @@ void RatioPreservingSampler::start_step(const double* weights, int64_t n) {
   rounds_ = 0;
   round_open_ = false;
   round_start_ = 0;
+  clear_step_records();
+  active_ = true;
+}
+
+void RatioPreservingSampler::clear_step_records() {
   rec_task_.clear();
   rec_round_.clear();
   rec_prompt_.clear();
@@ -318,7 +323,6 @@ void RatioPreservingSampler::start_step(const double* weights, int64_t n) {
   guess_ = 0;
   std::fill(drawn_.begin(), drawn_.end(), 0);
   for (auto& a : acc_) a.clear();
-  active_ = true;
 }
 
 void RatioPreservingSampler::close_round() {
@@ -547,15 +551,7 @@ Batch RatioPreservingSampler::finish() {
   for (auto& P : perms_) P.end_step();
   active_ = false;
   round_open_ = false;
-  rec_task_.clear();
-  rec_round_.clear();
-  rec_prompt_.clear();
-  rec_status_.clear();
-  rec_index_.clear();
-  indexed_ = 0;
-  guess_ = 0;
-  std::fill(drawn_.begin(), drawn_.end(), 0);
-  for (auto& a : acc_) a.clear();
+  clear_step_records();
   ++steps_done_;
   return b;
 }

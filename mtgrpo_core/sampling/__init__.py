@@ -51,23 +51,13 @@ class RoundDraw:
         return int(self.task_ids.shape[0])
 
 
-@dataclass(frozen=True)
-class SampledBatch:
+class SampledBatch(BatchRef):
     """The step's batch of accepted prompts, grouped by task.
 
     task_ids int32[b], prompt_indices int64[b] with ``b = min(B, accepted)``; targets int64[K]
     (the n_k, summing to B); realized int64[K] (task counts in the batch); rounds (rounds
     drawn); shortfall = B - b; num_drawn / num_accepted (prompts drawn / accepted this step).
     """
-
-    task_ids: np.ndarray
-    prompt_indices: np.ndarray
-    targets: np.ndarray
-    realized: np.ndarray
-    rounds: int
-    shortfall: int
-    num_drawn: int
-    num_accepted: int
 
     def __len__(self) -> int:
         return int(self.task_ids.shape[0])
@@ -264,9 +254,7 @@ class RatioPreservingSampler:
     def finish(self) -> SampledBatch:
         """Select the batch (quota per task, then a uniform top-up) and end the step."""
         b = self._core.finish()
-        if isinstance(b, BatchRef):
-            b = b.__dict__
-        return SampledBatch(**b)
+        return SampledBatch(**(b.__dict__ if isinstance(b, BatchRef) else b))
 
     @property
     def filtered_ratios(self) -> np.ndarray:

@@ -229,6 +229,7 @@ class RatioPreservingSampler {
   enum Status : int8_t { kUnreported = 0, kAccepted = 1, kRejected = 2, kPending = 3 };
   void require_active(const char* what) const;
   void close_round();
+  void clear_step_records();  // forget this step's draws, reports and accepted prompts
   static uint64_t key(int64_t task, int64_t prompt) { return (static_cast<uint64_t>(task) << 32) | static_cast<uint64_t>(prompt); }
 
   SamplerConfig cfg_;
