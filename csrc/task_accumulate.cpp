@@ -113,13 +113,10 @@ py::array_t<Acc> new_vector(int64_t n) {
   return py::array_t<Acc>(py::ssize_t(n));
 }
 
-// The C++ CPU path: blocks of the plan on OpenMP threads, partials combined in block order.
-// Each block writes only its own partials, so any schedule gives the same bits; dynamic
-// scheduling lets one thread take over the blocks of a thread the OS has descheduled.
-py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
-                              const py::array& task_ids, int64_t num_tasks, int threads) {
-  Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
-  const int K = int(num_tasks);
+// Allocates sums[K] / counts[K], dispatches on the value and mask types and calls
+// run(VT, MK, values, mask, sums, counts) without the GIL; returns (sums, counts).
+template <typename Run>
+py::tuple masked_sum_outputs(const Inputs& in, int value_type, int mask_kind, int K, Run&& run) {
   py::object sums_obj, counts_obj;
   dispatch_value(value_type, [&](auto vt) {
     constexpr int VT = decltype(vt)::value;
@@ -130,24 +127,9 @@ py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const 
     Acc* sums_ptr = sums.mutable_data();
     int64_t* counts_ptr = counts.mutable_data();
     dispatch_mask(mask_kind, [&](auto mk) {
-      constexpr int MK = decltype(mk)::value;
-      using MS = typename MaskTraits<MK>::storage;
+      using MS = typename MaskTraits<decltype(mk)::value>::storage;
       py::gil_scoped_release nogil;
-      const Plan p = make_plan(in.rows, in.cols, K);
-      std::vector<Acc> part_sums(size_t(p.blocks) * K);
-      std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
-      const auto* v = static_cast<const VS*>(in.values);
-      const auto* m = static_cast<const MS*>(in.mask);
-      const int nt = threads > 0 ? threads : mtgrpo::num_threads();
-      (void)nt;
-#ifdef MTGRPO_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
-#endif
-      for (int64_t b = 0; b < p.blocks; ++b) {
-        block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
-                                   part_counts.data() + size_t(b) * K);
-      }
-      combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr, counts_ptr);
+      run(vt, mk, static_cast<const VS*>(in.values), static_cast<const MS*>(in.mask), sums_ptr, counts_ptr);
     });
     sums_obj = std::move(sums);
     counts_obj = std::move(counts);
@@ -155,31 +137,44 @@ py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const 
   return py::make_tuple(sums_obj, counts_obj);
 }
 
+// The C++ CPU path: blocks of the plan on OpenMP threads, partials combined in block order.
+// Each block writes only its own partials, so any schedule gives the same bits; dynamic
+// scheduling lets one thread take over the blocks of a thread the OS has descheduled.
+py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
+                              const py::array& task_ids, int64_t num_tasks, int threads) {
+  Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
+  const int K = int(num_tasks);
+  return masked_sum_outputs(in, value_type, mask_kind, K, [&](auto vt, auto mk, const auto* v, const auto* m,
+                                                              auto* sums_ptr, int64_t* counts_ptr) {
+    constexpr int VT = decltype(vt)::value;
+    constexpr int MK = decltype(mk)::value;
+    using Acc = typename ValueTraits<VT>::acc;
+    const Plan p = make_plan(in.rows, in.cols, K);
+    std::vector<Acc> part_sums(size_t(p.blocks) * K);
+    std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
+    const int nt = threads > 0 ? threads : mtgrpo::num_threads();
+    (void)nt;
+#ifdef MTGRPO_WITH_OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
+#endif
+    for (int64_t b = 0; b < p.blocks; ++b) {
+      block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
+                                 part_counts.data() + size_t(b) * K);
+    }
+    combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr, counts_ptr);
+  });
+}
+
 // The host twin of the CUDA kernels (scalar, single thread).
 py::tuple py_task_masked_sum_twin(const py::array& values, int value_type, const py::array& mask, int mask_kind,
                                const py::array& task_ids, int64_t num_tasks) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
   const int K = int(num_tasks);
-  py::object sums_obj, counts_obj;
-  dispatch_value(value_type, [&](auto vt) {
-    constexpr int VT = decltype(vt)::value;
-    using Acc = typename ValueTraits<VT>::acc;
-    using VS = typename ValueTraits<VT>::storage;
-    auto sums = new_vector<Acc>(K);
-    auto counts = new_vector<int64_t>(K);
-    Acc* sums_ptr = sums.mutable_data();
-    int64_t* counts_ptr = counts.mutable_data();
-    dispatch_mask(mask_kind, [&](auto mk) {
-      constexpr int MK = decltype(mk)::value;
-      using MS = typename MaskTraits<MK>::storage;
-      py::gil_scoped_release nogil;
-      task_masked_sum_twin<VT, MK>(static_cast<const VS*>(in.values), static_cast<const MS*>(in.mask),
-                                   in.task_ids, in.rows, in.cols, K, sums_ptr, counts_ptr);
-    });
-    sums_obj = std::move(sums);
-    counts_obj = std::move(counts);
+  return masked_sum_outputs(in, value_type, mask_kind, K, [&](auto vt, auto mk, const auto* v, const auto* m,
+                                                              auto* sums_ptr, int64_t* counts_ptr) {
+    task_masked_sum_twin<decltype(vt)::value, decltype(mk)::value>(v, m, in.task_ids, in.rows, in.cols, K, sums_ptr,
+                                                                   counts_ptr);
   });
-  return py::make_tuple(sums_obj, counts_obj);
 }
 
 // Backward on the CPU: out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, written in place into
