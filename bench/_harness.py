@@ -167,3 +167,41 @@ def memcpy_ms(nbytes: int, *, device: str = "cpu") -> float:
 def quick() -> bool:
     """MTGRPO_BENCH_QUICK=1 shrinks every benchmark (used by the test that runs them)."""
     return os.environ.get("MTGRPO_BENCH_QUICK", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------
+# Roofline on paper (until a GPU is measured): bytes and FLOPs against the H200's peaks
+# ---------------------------------------------------------------------------------------
+# NVIDIA H200 SXM datasheet: 4.8 TB/s HBM3e, 989 TFLOP/s dense BF16/FP16 tensor-core,
+# 67 TFLOP/s FP32 (non-tensor), 132 SMs.
+H200 = {"name": "H200", "hbm_bytes_per_s": 4.8e12, "bf16_flops_per_s": 989e12, "fp32_flops_per_s": 67e12,
+        "sms": 132}
+
+
+def roofline(*, min_bytes: float, kernel_bytes: float, flops: float = 0.0, tensor_core: bool = True,
+             device: dict = H200) -> dict:
+    """The paper roofline of one op: the minimum bytes it must move, the bytes the kernel moves
+    by construction, their ratio, and the lower bound on its time on ``device`` (ms):
+    max(kernel_bytes / bandwidth, flops / peak FLOP/s).
+
+    Parameters
+    ----------
+    min_bytes : bytes any implementation must read and write (inputs once, outputs once).
+    kernel_bytes : bytes this kernel reads and writes as written (re-reads included).
+    flops : floating-point operations (2 per multiply-add); 0 for memory-bound ops.
+    tensor_core : whether the FLOPs run on tensor cores (bf16/fp16/tf32 GEMMs) or CUDA cores.
+    """
+    if min_bytes <= 0 or kernel_bytes <= 0:
+        raise ValueError(f"min_bytes and kernel_bytes must be > 0, got {min_bytes}, {kernel_bytes}")
+    peak = device["bf16_flops_per_s"] if tensor_core else device["fp32_flops_per_s"]
+    t_mem = kernel_bytes / device["hbm_bytes_per_s"]
+    t_flop = flops / peak if flops else 0.0
+    return {
+        "device_model": device["name"],
+        "min_bytes": int(min_bytes),
+        "kernel_bytes": int(kernel_bytes),
+        "bytes_over_min": round(kernel_bytes / min_bytes, 3),
+        "flops": int(flops),
+        "lower_bound_ms": round(max(t_mem, t_flop) * 1e3, 4),
+        "bound": "memory" if t_mem >= t_flop else "compute",
+    }
