@@ -12,13 +12,15 @@
 // The summation order is fixed by a plan that depends only on (N, T, K), so every backend
 // that follows it (CUDA kernels, C++ CPU path, host twin) returns the same bits, run to run
 // and whatever the number of CPU threads:
-//   1. each row is cut into segments of at most kSegLen = 2048 columns; a "unit" is one
+//   1. each row is cut into segments of at most kSegLen = 1024 columns; a "unit" is one
 //      (row, segment); units are numbered row-major (u = n * segs_per_row + s).
 //   2. a unit is reduced by kLanes = 32 lanes (one CUDA warp): lane l adds the elements
 //      l, l+32, l+64, ... of the unit in order, then the 32 lane sums are folded by the
 //      shuffle tree lane[l] += lane[l+off] for off = 16, 8, 4, 2, 1.
 //   3. "block" b owns the units [b*upb, (b+1)*upb) and adds their sums, in unit order, to
-//      its K bins (shared memory on the GPU), giving partial[b][k].
+//      its K bins (shared memory on the GPU), giving partial[b][k]. upb is a multiple of
+//      kWarpsPerBlock = 8, so every tile of 8 units a CUDA block reduces at once is full
+//      (only the last block of the grid can have a short tile): no warp idles.
 //   4. sums[k] = partial[0][k] + partial[1][k] + ... in block order.
 // No floating-point atomics anywhere. Counts are integers (exact in any order).
 // Cost: one read of values and mask (N*T*(sizeof(value)+sizeof(mask)) bytes), N*T adds;
@@ -41,7 +43,10 @@ namespace task_acc {
 
 constexpr int kMaxTasks = 4096;               // the API's range of K
 constexpr int kLanes = 32;                    // lanes per unit reduction (one warp)
-constexpr int64_t kSegLen = 2048;             // columns per unit: keeps N=1, T=8M parallel
+// Columns per unit. 1024 (32 elements per lane) rather than 2048: at N=64, T=32768 it gives
+// 2048 units = 256 blocks of 8 busy warps (15.5 warps per SM on 132 SMs) instead of 128; at
+// N=1, T=8M it gives 8192 units, still 1024 blocks.
+constexpr int64_t kSegLen = 1024;
 constexpr int64_t kMinBlockElems = 8192;      // below this a block is mostly launch overhead
 constexpr int64_t kMaxPartials = int64_t(1) << 20;  // blocks*K partial bins at most (8 MB fp64)
 constexpr int64_t kMaxBlocksHi = 1024, kMaxBlocksLo = 64;
@@ -76,6 +81,10 @@ MTGRPO_HD Plan make_plan(int64_t rows, int64_t cols, int tasks) {
   int64_t upb = (kMinBlockElems + seg - 1) / seg;
   const int64_t spread = (p.units + max_blocks - 1) / max_blocks;
   if (spread > upb) upb = spread;
+  // Whole tiles: a CUDA block reduces kWarpsPerBlock units at a time (one per warp), so a
+  // block of 4 units (the old 8192-element minimum over 2048-column units) left 4 of its 8
+  // warps idle. Rounding up keeps blocks <= max_blocks (fewer, fuller blocks).
+  upb = (upb + kWarpsPerBlock - 1) / kWarpsPerBlock * kWarpsPerBlock;
   p.units_per_block = upb;
   p.blocks = p.units == 0 ? 1 : (p.units + upb - 1) / upb;
   return p;
@@ -94,8 +103,16 @@ MTGRPO_HD float bits_to_float(uint32_t u) {
 
 MTGRPO_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
-// IEEE binary16 -> binary32, exact (subnormals as mant * 2^-24, also exact).
+// IEEE binary16 -> binary32, exact (subnormals as mant * 2^-24, also exact). The device
+// uses the hardware conversion (cvt.f32.f16, also exact, so the same bits as the host
+// code below): the integer version costs ~15 instructions and, unrolled 8 times, made
+// ptxas spill in the fp16 sum kernels.
 MTGRPO_HD float f16_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#else
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;
@@ -105,6 +122,7 @@ MTGRPO_HD float f16_to_float(uint16_t h) {
     return sign ? -mag : mag;
   }
   return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+#endif
 }
 
 template <int VT> struct ValueTraits;
@@ -304,14 +322,19 @@ __device__ __forceinline__ uint32_t warp_count(uint32_t c) {
   return c;
 }
 
-// Shared memory: bins[K] (Acc), cbins[K] (uint32), then tile_sum[8] (Acc), tile_cnt[8].
+// Shared memory: bins[K] (Acc), cbins[K] (uint32), then tile_sum[2][8] (Acc) and
+// tile_cnt[2][8]: two tile buffers, so warps write tile i+1 while thread 0 still adds tile i
+// to the bins (one __syncthreads per tile instead of two). At most 4096*12 + 16*12 = 49,344
+// bytes (fp64, K = 4096), within sm_80's 163 KB and sm_90's 227 KB opt-in limits.
 inline size_t partial_kernel_smem_bytes(int tasks, int acc_bytes) {
   size_t head = size_t(tasks) * (acc_bytes + 4);
   head = (head + 15) & ~size_t(15);
-  return head + kWarpsPerBlock * (acc_bytes + 4);
+  return head + 2 * kWarpsPerBlock * (acc_bytes + 4);
 }
 
-// Steps 1-3 of the plan: one CUDA block per plan block, 256 threads (8 warps).
+// Steps 1-3 of the plan: one CUDA block per plan block, 256 threads (8 warps). Warp w
+// reduces unit tile+w of every tile of 8 units (the plan makes every tile full but the
+// grid's last); thread 0 then adds the 8 unit sums to the bins in unit order.
 template <int VT, int MK>
 __global__ void __launch_bounds__(kWarpsPerBlock * kLanes)
 task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restrict__ values,
@@ -326,19 +349,22 @@ task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restri
   uint32_t* cbins = reinterpret_cast<uint32_t*>(bins + K);
   size_t head = size_t(K) * (sizeof(Acc) + 4);
   head = (head + 15) & ~size_t(15);
-  Acc* tile_sum = reinterpret_cast<Acc*>(smem + head);
-  uint32_t* tile_cnt = reinterpret_cast<uint32_t*>(tile_sum + kWarpsPerBlock);
+  Acc* tile_sum = reinterpret_cast<Acc*>(smem + head);                      // [2][8]
+  uint32_t* tile_cnt = reinterpret_cast<uint32_t*>(tile_sum + 2 * kWarpsPerBlock);  // [2][8]
 
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
     bins[k] = Acc(0);
     cbins[k] = 0u;
   }
-  __syncthreads();
+  // No barrier here: thread 0 first touches the bins after the loop's first barrier, which
+  // every thread reaches after zeroing its bins; without a tile, thread i copies out the
+  // bins it zeroed itself.
   const int warp = threadIdx.x / kLanes;
   const int lane = threadIdx.x % kLanes;
   const int64_t u0 = int64_t(blockIdx.x) * p.units_per_block;
   const int64_t u1 = p.units < u0 + p.units_per_block ? p.units : u0 + p.units_per_block;
-  for (int64_t tile = u0; tile < u1; tile += kWarpsPerBlock) {
+  int buf = 0;
+  for (int64_t tile = u0; tile < u1; tile += kWarpsPerBlock, buf ^= 1) {
     const int64_t u = tile + warp;
     Acc s = Acc(0);
     uint32_t c = 0;
@@ -348,7 +374,11 @@ task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restri
       const auto* v = values + off;
       const auto* m = mask + off;
       const int n = int(len);
-#pragma unroll 4
+      // 8 independent loads of each array in flight per lane before the dependent adds
+      // (4 when both are 8-byte: fp64 values with an fp64/int64 mask spilled 4 bytes on
+      // sm_90 at 8, since ptxas holds these kernels to 32 registers).
+      constexpr int kUnroll = sizeof(*v) + sizeof(*m) >= 16 ? 4 : 8;
+#pragma unroll kUnroll
       for (int i = lane; i < n; i += kLanes) {
         const auto mi = m[i];
         s += masked_value<VT, MK>(v[i], mi);
@@ -358,21 +388,24 @@ task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restri
     s = warp_fold(s);
     c = warp_count(c);
     if (lane == 0) {
-      tile_sum[warp] = s;
-      tile_cnt[warp] = c;
+      tile_sum[buf * kWarpsPerBlock + warp] = s;
+      tile_cnt[buf * kWarpsPerBlock + warp] = c;
     }
+    // One barrier per tile: after it, buffer `buf` is complete. Thread 0 reads it while the
+    // other warps reduce the next tile into buffer buf^1; they can write `buf` again only
+    // after the next barrier, which thread 0 reaches after its adds.
     __syncthreads();
     if (threadIdx.x == 0) {
       const int64_t here = u1 - tile < kWarpsPerBlock ? u1 - tile : int64_t(kWarpsPerBlock);
       for (int64_t j = 0; j < here; ++j) {
         const int64_t k = task_ids[(tile + j) / p.segs_per_row];
         if (k < 0 || k >= K) continue;  // validated by the caller; never write out of bounds
-        bins[k] += tile_sum[j];
-        cbins[k] += tile_cnt[j];
+        bins[k] += tile_sum[buf * kWarpsPerBlock + j];
+        cbins[k] += tile_cnt[buf * kWarpsPerBlock + j];
       }
     }
-    __syncthreads();
   }
+  __syncthreads();  // thread 0's last adds, before every thread copies the bins out
   Acc* ps = part_sums + int64_t(blockIdx.x) * K;
   uint32_t* pc = part_counts + int64_t(blockIdx.x) * K;
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
