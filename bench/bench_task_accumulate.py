@@ -4,20 +4,25 @@ Cases: N x T in {1M, 8M} tokens (T = 1024, right-padded response masks, fp32 val
 mask), K in {3, 9, 100} tasks; modes ``fwd`` (``task_masked_sum``) and ``fwd+bwd``
 (``task_weighted_loss`` + backward to the token losses). Providers: ``mtgrpo-cpu`` (C++
 path), ``torch_ref`` (the reference from ``mtgrpo_core.reference.task_accumulate``),
-``mtgrpo-cuda`` on a GPU, and ``memcpy``: a copy of the bytes the op must touch (the
-bandwidth ceiling). GB/s counts the bytes the op must touch: values + mask + task ids read
-(fwd), plus the mask read and the gradient written (bwd).
+``index_add`` (fwd only: the idiomatic torch code, ``(values * mask).sum(1)`` scattered with
+``index_add_``), ``mtgrpo-cuda`` on a GPU, and ``memcpy``: a copy of the bytes the op must
+touch (the bandwidth ceiling). GB/s counts the bytes the op must touch: values + mask +
+task ids read (fwd), plus the mask read and the gradient written (bwd).
+Every row's ``extra`` carries the paper roofline (``_harness.roofline``) of its case: the
+minimum bytes, the bytes the CUDA kernels move by construction, and the H200 lower bound.
+``MTGRPO_BENCH_DEVICE=cpu|cuda`` limits the run to one device (``mtgrpo gpu-check`` sets cuda).
 Goal: mtgrpo-cpu at least 2x faster than torch_ref at 1M tokens and 3x at 8M.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, emit, memcpy_ms, peak_memory_mb, quick, time_fn  # noqa: E402
+from _harness import Row, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
 
 import mtgrpo_core as mc  # noqa: E402
 from mtgrpo_core.reference.task_accumulate import task_masked_sum_ref, task_weighted_loss_ref  # noqa: E402
@@ -38,8 +43,40 @@ def make_inputs(n: int, t: int, k: int, device: str):
     return values, mask, ids, weights
 
 
+def paper_roofline(n: int, t: int, k: int, value_bytes: int, mask_bytes: int, mode: str) -> dict:
+    """Bytes of one case on paper (fp32 accumulation: 4-byte sums; fp64 values: 8).
+
+    min_bytes: what any implementation must move. Forward: values + mask read once, the
+    8-byte task id of each row, sums (acc) + counts (int64) written. Backward adds the mask
+    read again and the gradient written (value bytes per token), ids read again.
+    kernel_bytes: what the CUDA kernels move as written. Forward: values + mask once, one
+    8-byte id read per unit (thread 0 of a block reads it for each of the row's units),
+    the partial bins written and read back once (blocks * K * (acc + 4-byte count)), the
+    outputs. Backward (task_weighted_grad_kernel): mask read, gradient written, ids read
+    once per row (cached across its T elements), the K-entry table.
+    """
+    from mtgrpo_core import _native
+
+    acc = 8 if value_bytes == 8 else 4
+    plan = _native.native().task_masked_sum_plan(n, t, k)
+    out = k * (acc + 8)
+    fwd_min = n * t * (value_bytes + mask_bytes) + 8 * n + out
+    fwd_kernel = (n * t * (value_bytes + mask_bytes) + 8 * plan["units"] + 2 * plan["blocks"] * k * (acc + 4)
+                  + out)
+    if mode == "fwd":
+        return roofline(min_bytes=fwd_min, kernel_bytes=fwd_kernel)
+    bwd = n * t * (mask_bytes + value_bytes) + 8 * n + k * value_bytes
+    return roofline(min_bytes=fwd_min + bwd, kernel_bytes=fwd_kernel + bwd)
+
+
+def _devices() -> list[str]:
+    want = os.environ.get("MTGRPO_BENCH_DEVICE", "all")
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return have if want in ("", "all") else [d for d in have if d == want]
+
+
 def main() -> None:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = _devices()
     shapes = QUICK_SHAPES if quick() else SHAPES
     tasks = QUICK_TASKS if quick() else TASKS
     rows: list[Row] = []
@@ -69,27 +106,38 @@ def main() -> None:
                     loss = mc.task_weighted_loss(x, mask, ids, weights, backend=backend)
                     return torch.autograd.grad(loss, x)[0]
 
-                modes = {"fwd": ({"torch_ref": fwd_ref}, fwd_native, fwd_bytes),
+                def fwd_index_add():
+                    picked = (values * mask).sum(dim=1)
+                    sums = torch.zeros(k, dtype=picked.dtype, device=device).index_add_(0, ids, picked)
+                    counts = torch.zeros(k, dtype=torch.int64, device=device).index_add_(
+                        0, ids, mask.sum(dim=1, dtype=torch.int64))
+                    return sums, counts
+
+                modes = {"fwd": ({"torch_ref": fwd_ref, "index_add": fwd_index_add}, fwd_native, fwd_bytes),
                          "fwd+bwd": ({"torch_ref": both_ref}, both_native, fwd_bytes + bwd_bytes)}
                 for mode, (providers, native_fn, nbytes) in modes.items():
                     if have_native:
                         providers = {**providers, native: native_fn}
                     case = f"{mode}/{n}x{t}/K{k}"
+                    rf = paper_roofline(n, t, k, values.element_size(), mask.element_size(), mode)
                     for name, fn in providers.items():
                         med, p20, p80 = time_fn(fn, device=device, warmup=2, repeats=repeats)
                         peak = peak_memory_mb(fn, device=device)
                         rows.append(Row("task_accumulate", case, name, device, med, p20, p80,
                                         gbps=nbytes / med / 1e6, peak_mb=peak,
-                                        extra={"tokens": n * t, "tasks": k, "mode": mode}))
+                                        extra={"tokens": n * t, "tasks": k, "mode": mode, **rf}))
                     med = memcpy_ms(nbytes, device=device)
                     rows.append(Row("task_accumulate", case, "memcpy", device, med, med, med,
-                                    gbps=nbytes / med / 1e6, extra={"tokens": n * t, "tasks": k, "mode": mode}))
+                                    gbps=nbytes / med / 1e6, extra={"tokens": n * t, "tasks": k, "mode": mode, **rf}))
     emit(rows, csv_name="task_accumulate")
     print("# task_accumulate: speedup of the native path over torch_ref (goal: >= 2x at 1M, >= 3x at 8M tokens)")
     for r in rows:
         if r.provider.startswith("mtgrpo"):
+            e = r.extra
             print(f"#   {r.device:4s} {r.case:24s} {r.provider:12s} {r.median_ms:9.3f} ms  {r.gbps:7.2f} GB/s  "
-                  f"x{r.speedup_vs_torch_ref:.2f} vs torch_ref")
+                  f"x{r.speedup_vs_torch_ref:.2f} vs torch_ref | paper: min {e['min_bytes'] / 1e6:.1f} MB, "
+                  f"kernel {e['kernel_bytes'] / 1e6:.1f} MB (x{e['bytes_over_min']}), "
+                  f"{e['device_model']} lower bound {e['lower_bound_ms']:.4f} ms")
 
 
 if __name__ == "__main__":

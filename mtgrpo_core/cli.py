@@ -151,6 +151,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- gpu-check (issue 11 item 9): one self-contained block ----------------------------------
+def _add_gpu_check(sub) -> None:
+    def cmd_gpu_check(args: argparse.Namespace) -> int:
+        from .gpu_check import main as gpu_check_main
+
+        return gpu_check_main(out=args.out, budget_s=args.budget_s)
+
+    s = sub.add_parser("gpu-check", help="on an NVIDIA GPU: requires_cuda tests + GPU benchmarks -> one "
+                                          "markdown table (bench/results/GPU-CHECK.md); exits 2 without a GPU")
+    s.add_argument("--out", help="markdown file to write (default: bench/results/GPU-CHECK.md)")
+    s.add_argument("--budget-s", type=float, default=480.0, help="time budget in seconds (default 480 = 8 min)")
+    s.set_defaults(fn=cmd_gpu_check)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mtgrpo", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -192,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--threshold", type=float, default=None, help="worst-task accuracy to reach (0-1)")
     s.add_argument("overrides", nargs="*", metavar="key=value")
     s.set_defaults(fn=cmd_compare)
+    _add_gpu_check(sub)
     args = p.parse_args(argv)
     return int(args.fn(args) or 0)
 

@@ -122,7 +122,7 @@ def make_case(name: str, seed: int = 0):
     if name == "fp64":
         n, t, k = 23, 111, 7
         return rnd(n, t, torch.float64), msk(n, t), torch.randint(0, k, (n,), generator=g), k
-    if name == "multi_segment_rows":  # T > 2048: several units per row
+    if name == "multi_segment_rows":  # T > 1024 (the unit length): several units per row
         n, t, k = 3, 5000, 2
         return rnd(n, t), msk(n, t), torch.tensor([1, 0, 1]), k
     if name == "single_long_row":
@@ -204,6 +204,9 @@ def test_determinism_and_thread_count_independence():
 def test_plan_is_bounded():
     for n, t, k in [(1, 1, 1), (8192, 1024, 100), (1, 8 << 20, 3), (8 << 20, 1, 4096), (1000, 3000, 7)]:
         p = C.task_masked_sum_plan(n, t, k)
+        # whole tiles: a CUDA block's 8 warps each reduce one unit of every tile of 8
+        assert p["units_per_block"] % 8 == 0
+        assert p["units"] <= 8 or p["blocks"] == 1 or p["units_per_block"] * (p["blocks"] - 1) < p["units"]
         assert 1 <= p["blocks"] <= 1024
         assert p["blocks"] * k <= max(1 << 20, 64 * k)
         assert p["blocks"] * p["units_per_block"] >= p["units"]
@@ -312,6 +315,113 @@ def test_torch_compile_traces_the_custom_ops():
     ref.backward()
     assert bits_equal(out.detach(), ref.detach()) and bits_equal(x1.grad, x2.grad)
     assert torch.ops.mtgrpo.task_masked_sum.default is not None
+
+
+# ---- the op template: gold gradients per backend, meta tensors, fullgraph compile -----------
+def _gold_grads(values, mask, ids, w, normalize):
+    """fp64 numpy gold of d loss / d token_loss and d loss / d w."""
+    v = values.detach().double().numpy()
+    sel = (mask != 0).numpy()
+    idn = ids.numpy().astype(np.int64)
+    wn = w.detach().double().numpy()
+    k = wn.shape[0]
+    sums = np.array([v[idn == t][sel[idn == t]].sum() for t in range(k)])
+    counts = np.array([sel[idn == t].sum() for t in range(k)])
+    if normalize == "task-token-mean":
+        coef = np.where(counts > 0, wn / np.maximum(counts, 1), 0.0)
+        dw = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    else:
+        total = max(counts.sum(), 1)
+        coef, dw = wn / total, sums / total
+    return coef[idn][:, None] * sel, dw
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("normalize", ["task-token-mean", "token-mean"])
+def test_gradients_vs_fp64_gold_every_backend(backend, normalize):
+    g = torch.Generator().manual_seed(21)
+    n, t, k = 33, 150, 5
+    values = torch.randn(n, t, generator=g, dtype=torch.float64).float().requires_grad_(True)
+    mask = torch.rand(n, t, generator=g) < 0.5
+    ids = torch.randint(0, k - 1, (n,), generator=g)  # task k-1 has no tokens
+    w = (torch.rand(k, generator=g) + 0.1).requires_grad_(True)
+    loss = mc.task_weighted_loss(values, mask, ids, w, normalize=normalize, backend=backend)
+    loss.backward()
+    gx, gw = _gold_grads(values, mask, ids, w, normalize)
+    np.testing.assert_allclose(values.grad.double().numpy(), gx, rtol=2e-6, atol=0)
+    np.testing.assert_allclose(w.grad.double().numpy(), gw, rtol=2e-6, atol=1e-7)
+    x2 = values.detach().clone().requires_grad_(True)
+    s, _ = mc.task_masked_sum(x2, mask, ids, k, backend=backend)
+    (s * torch.arange(1.0, k + 1)).sum().backward()
+    assert torch.equal(x2.grad, (ids.float() + 1)[:, None] * mask)
+
+
+def test_meta_tensors_give_shapes_and_dtypes():
+    meta = torch.device("meta")
+    for dtype, acc in [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]:
+        v = torch.empty(7, 11, dtype=dtype, device=meta)
+        m = torch.empty(7, 11, dtype=torch.bool, device=meta)
+        ids = torch.empty(7, dtype=torch.int64, device=meta)
+        s, c = mc.task_masked_sum(v, m, ids, 4)
+        assert s.device.type == "meta" and s.shape == (4,) and s.dtype == acc
+        assert c.shape == (4,) and c.dtype == torch.int64
+        x = v.clone().requires_grad_(True)
+        loss = mc.task_weighted_loss(x, m, ids, torch.empty(4, device=meta))
+        assert loss.device.type == "meta" and loss.shape == () and loss.dtype == acc
+        loss.backward()
+        assert x.grad.shape == (7, 11) and x.grad.dtype == dtype
+
+
+def _training_step_parts():
+    torch.manual_seed(0)
+    n, t, h, k = 12, 20, 8, 3
+    model = torch.nn.Linear(h, 1)
+    feats = torch.randn(n, t, h)
+    mask = torch.rand(n, t) < 0.7
+    ids = torch.arange(n) % k
+    w = torch.tensor([0.5, 1.0, 2.0])
+
+    def loss_fn(m):
+        token_loss = m(feats).squeeze(-1) ** 2  # [n, t]
+        return mc.task_weighted_loss(token_loss, mask, ids, w, backend="cpu")
+
+    return model, loss_fn
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fullgraph_training_step_has_no_graph_breaks(backend):
+    model, loss_fn = _training_step_parts()
+    explained = torch._dynamo.explain(loss_fn)(model)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    ref_model, _ = _training_step_parts()
+    ref_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(loss_fn, backend=backend, fullgraph=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    for _ in range(2):  # two steps: the compiled graph is reused after the update
+        opt.zero_grad()
+        loss = compiled(model)
+        loss.backward()
+        opt.step()
+        ref_opt.zero_grad()
+        ref = loss_fn(ref_model)
+        ref.backward()
+        ref_opt.step()
+        torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(model.weight, ref_model.weight, rtol=1e-6, atol=1e-7)
+
+
+def test_validate_flag_and_torch_backend_errors():
+    v, m, i = _ok()
+    with pytest.raises(TypeError, match="validate"):
+        mc.task_masked_sum(v, m, i, 3, validate=1)
+    # the reference path (a custom op too) names the argument like the C++ path
+    with pytest.raises(ValueError, match="task_ids"):
+        mc.task_weighted_loss(v, m, torch.tensor([0, 1, 5, 1]), torch.ones(3), backend="torch")
+    # CPU C++ path: checks the ids even with validate=False (it never reads out of bounds)
+    with pytest.raises(ValueError, match="task_ids"):
+        mc.task_masked_sum(v, m, torch.tensor([0, 1, 5, 1]), 3, backend="cpu", validate=False)
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -452,8 +562,78 @@ def test_cuda_weighted_loss_gradients(normalize, dtype):
 
 
 @pytest.mark.requires_cuda
-def test_cuda_bad_task_ids_raise():
+def test_cuda_ops_never_synchronise_the_host():
+    # sync debug mode "error" raises on any host<->device synchronisation (.item(), bool(t),
+    # nonzero, a blocking copy): the ops, forward and backward, must not do one.
     dev = torch.device("cuda")
-    with pytest.raises(ValueError, match="task_ids"):
-        mc.task_masked_sum(torch.randn(3, 4, device=dev), torch.ones(3, 4, device=dev),
-                           torch.tensor([0, 5, 1], device=dev), 3, backend="cuda")
+    values, mask, ids, k = make_case("random", seed=12)
+    x = values.to(dev).requires_grad_(True)
+    m, i, w = mask.to(dev), ids.to(dev), (torch.rand(k) + 0.1).to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s, c = mc.task_masked_sum(x, m, i, k)
+        loss = mc.task_weighted_loss(x, m, i, w) + s.sum()
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ts, tc = twin(values, mask, ids, k)
+    assert bits_equal(s, ts) and torch.equal(c.cpu(), tc)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_bad_task_ids_assert_on_the_device():
+    # An out-of-range id on CUDA is caught by torch._assert_async (no host sync), which ends
+    # the process's CUDA context: so the failing call runs in a child process. In the parent,
+    # validate=False skips the check and the kernel ignores the bad row.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch, mtgrpo_core as mc
+        d = torch.device("cuda")
+        s, c = mc.task_masked_sum(torch.randn(3, 4, device=d), torch.ones(3, 4, device=d),
+                                  torch.tensor([0, 5, 1], device=d), 3, backend="cuda")
+        torch.cuda.synchronize()
+        print("NO ERROR")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "NO ERROR" not in out.stdout, out.stdout + out.stderr
+    assert "assert" in (out.stdout + out.stderr).lower(), out.stderr[-2000:]
+    dev = torch.device("cuda")
+    v = torch.randn(3, 4, device=dev)
+    s, c = mc.task_masked_sum(v, torch.ones(3, 4, device=dev), torch.tensor([0, 5, 1], device=dev), 3,
+                              backend="cuda", validate=False)
+    assert c.tolist() == [4, 4, 0]
+    torch.testing.assert_close(s[:2].cpu(), torch.stack([v[0].sum(), v[2].sum()]).cpu(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("normalize", ["task-token-mean", "token-mean"])
+def test_cuda_gradients_vs_fp64_gold(normalize):
+    g = torch.Generator().manual_seed(21)
+    n, t, k = 33, 3000, 5
+    values = torch.randn(n, t, generator=g, dtype=torch.float64).float()
+    mask = torch.rand(n, t, generator=g) < 0.5
+    ids = torch.randint(0, k - 1, (n,), generator=g)
+    w = torch.rand(k, generator=g) + 0.1
+    dev = torch.device("cuda")
+    x, wd = values.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
+    mc.task_weighted_loss(x, mask.to(dev), ids.to(dev), wd, normalize=normalize, backend="cuda").backward()
+    gx, gw = _gold_grads(values, mask, ids, w, normalize)
+    np.testing.assert_allclose(x.grad.double().cpu().numpy(), gx, rtol=2e-6, atol=0)
+    np.testing.assert_allclose(wd.grad.double().cpu().numpy(), gw, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_plan_fills_every_warp():
+    # Issue 11 item 5: every tile of 8 units (one per warp) is full except the grid's last.
+    for n, t, k in [(64, 32768, 3), (1, 8 << 20, 3), (4096, 1024, 9), (3000, 1, 9), (37, 301, 5)]:
+        p = C.task_masked_sum_plan(n, t, k)
+        assert p["units_per_block"] % 8 == 0
+        x = torch.randn(n, t, device="cuda")
+        s, _ = mc.task_masked_sum(x, torch.ones_like(x, dtype=torch.bool), torch.arange(n, device="cuda") % k, k,
+                                  backend="cuda")
+        ts, _ = twin(x.cpu(), torch.ones(n, t, dtype=torch.bool), torch.arange(n) % k, k)
+        assert bits_equal(s, ts)

@@ -10,13 +10,14 @@ What
     (``k = task_ids[n]``; or ``/ total count``), and ``dL/dw_k = sums[k] / counts[k]``.
 
 Algorithm
-    One pass over values and mask, deterministic: rows are cut into units of at most 2048
+    One pass over values and mask, deterministic: rows are cut into units of at most 1024
     columns, 32 lanes reduce a unit (lane l adds elements l, l+32, ...; then a fixed
-    shuffle tree), blocks of units add their unit sums to K bins in unit order, and the
-    block partials are added in block order (no floating-point atomics). The plan depends
-    only on (N, T, K), so the C++ CPU path (blocks on OpenMP threads), the CUDA kernels
-    and their host twin give the same bits, run to run and for any thread count.
-    Accumulation in float32 (float64 for float64 values). The backward is one write pass:
+    shuffle tree), blocks of units (a multiple of 8: one unit per CUDA warp) add their
+    unit sums to K bins in unit order, and the block partials are added in block order
+    (no floating-point atomics). The plan depends only on (N, T, K), so the C++ CPU path
+    (blocks on OpenMP threads), the CUDA kernels and their host twin give the same bits,
+    run to run and for any thread count. Accumulation in float32 (float64 for float64
+    values). The backward is one write pass:
     ``grad[n,t] = mask[n,t] ? table[task_ids[n]] : 0`` with ``table[k] = coef_k * dL`` cast
     to the values' dtype once per task.
 
@@ -28,9 +29,14 @@ Cost
 
 Backends
     "cpu" (C++ extension, CPU tensors), "cuda" (CUDA kernels, CUDA tensors), "torch" (the
-    reference). Registered as ``torch.ops.mtgrpo.task_masked_sum`` and
-    ``torch.ops.mtgrpo.task_weighted_grad`` (``torch.library.custom_op`` + fake kernels), so
-    ``torch.compile`` traces them.
+    reference), picked by ``ops/_dispatch.py``. One template (CONTRIBUTING / OPS_TEMPLATE):
+    the public function validates shapes, dtypes and devices eagerly, resolves the
+    backend, and calls one ``torch.library`` custom op per public op
+    (``mtgrpo::task_masked_sum``, ``mtgrpo::task_weighted_loss``) with a fake
+    implementation (meta tensors, ``torch.compile``) and ``register_autograd``; both
+    backwards call ``mtgrpo::task_masked_sum_backward`` (the scatter above). Value checks
+    (ids in range, finite weights) run inside the ops' real implementations: ValueError
+    on CPU tensors, ``torch._assert_async`` on CUDA tensors (never a host sync).
 
 Source
     MT-GRPO task-weighted objective (ALGORITHMS.md); token-mean aggregation as verl's
@@ -45,10 +51,10 @@ import numpy as np
 import torch
 
 from .. import _native
-from ..reference.task_accumulate import accumulate_dtype, task_masked_sum_ref, task_weighted_loss_ref
+from ..reference.task_accumulate import accumulate_dtype, task_masked_sum_ref
 from ._dispatch import register_op, resolve_backend
 
-__all__ = ["task_masked_sum", "task_weighted_loss", "TaskWeightedLossFunction", "MAX_TASKS", "NORMALIZE_MODES"]
+__all__ = ["task_masked_sum", "task_weighted_loss", "MAX_TASKS", "NORMALIZE_MODES"]
 
 MAX_TASKS = 4096
 NORMALIZE_MODES = ("task-token-mean", "token-mean")
@@ -84,82 +90,187 @@ def _cuda_stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-# ---- custom ops ---------------------------------------------------------------------------
-def _task_masked_sum_impl(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
-                          num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """C++/CUDA per-task masked sum. Expects contiguous values/mask and int64 task ids."""
+# ---- kernels (called by the custom ops only) ---------------------------------------------
+# The value checks (ids in range, finite weights) live here, in the ops' real
+# implementations: they run for real tensors, eager or compiled, and never while
+# torch.compile traces (the fake implementations below run then). CPU tensors: a ValueError
+# naming the argument. CUDA tensors: torch._assert_async (no host synchronisation; a failure
+# surfaces as a device-side assert at the next synchronisation and ends the CUDA context),
+# or nothing when validate=False (the kernels skip out-of-range ids, never write out of
+# bounds).
+def _check_ids_in_range(task_ids: torch.Tensor, k: int, k_from: str) -> None:
+    if task_ids.numel() == 0:
+        return
+    if task_ids.device.type == "cuda":
+        torch._assert_async(((task_ids >= 0) & (task_ids < k)).all(),
+                            f"task_ids: expected every task id in [0, {k}) ({k_from}={k})")
+        return
+    bad = (task_ids < 0) | (task_ids >= k)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"task_ids: entry {i} is {int(task_ids[i])}, expected a task id in [0, {k}) "
+                         f"({k_from}={k})")
+
+
+def _check_finite_weights(w: torch.Tensor) -> None:
+    ok = torch.isfinite(w).all()
+    if w.device.type == "cuda":
+        torch._assert_async(ok, "task_weights: expected finite weights")
+    elif not bool(ok):
+        raise ValueError(f"task_weights: expected finite weights, got {w.cpu().tolist()}")
+
+
+def _masked_sum_kernel(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """sums[K], counts[K] on ``backend`` ("cpu", "cuda" or "torch"); ids already checked."""
+    v, m = values.detach().contiguous(), mask.detach().contiguous()
+    ids = task_ids.detach().to(torch.int64).contiguous()
+    if backend == "torch":
+        return task_masked_sum_ref(v, m, ids, num_tasks)
     C = _native.native()
-    vtype, mkind = _VALUE_TYPE[values.dtype], _mask_kind(mask.dtype)
-    if values.device.type == "cuda":
-        n, t = values.shape
-        acc = accumulate_dtype(values.dtype)
-        sums = torch.empty(num_tasks, dtype=acc, device=values.device)
-        counts = torch.empty(num_tasks, dtype=torch.int64, device=values.device)
+    vtype, mkind = _VALUE_TYPE[v.dtype], _mask_kind(m.dtype)
+    if backend == "cuda":
+        n, t = v.shape
+        acc = accumulate_dtype(v.dtype)
+        sums = torch.empty(num_tasks, dtype=acc, device=v.device)
+        counts = torch.empty(num_tasks, dtype=torch.int64, device=v.device)
         plan = C.task_masked_sum_plan(n, t, num_tasks)
         nbytes = plan["workspace_bytes_f64" if acc == torch.float64 else "workspace_bytes_f32"]
-        with torch.cuda.device(values.device):
-            ws = torch.empty(nbytes, dtype=torch.uint8, device=values.device)
-            C.task_masked_sum_cuda(values.data_ptr(), vtype, mask.data_ptr(), mkind, task_ids.data_ptr(), n, t,
+        with torch.cuda.device(v.device):
+            ws = torch.empty(nbytes, dtype=torch.uint8, device=v.device)
+            C.task_masked_sum_cuda(v.data_ptr(), vtype, m.data_ptr(), mkind, ids.data_ptr(), n, t,
                                    num_tasks, sums.data_ptr(), counts.data_ptr(), ws.data_ptr(), nbytes,
-                                   _cuda_stream(values.device))
+                                   _cuda_stream(v.device))
         return sums, counts
-    sums, counts = C.task_masked_sum_cpu(values.detach().view(_VALUE_VIEW[values.dtype]).numpy(), vtype,
-                                         _mask_view(mask.detach()).numpy(), mkind, task_ids.detach().numpy(),
-                                         num_tasks)
+    # "cpu": the C++ path checks the ids itself, in the same pass.
+    sums, counts = C.task_masked_sum_cpu(v.view(_VALUE_VIEW[v.dtype]).numpy(), vtype, _mask_view(m).numpy(),
+                                         mkind, ids.numpy(), num_tasks)
     return torch.from_numpy(sums), torch.from_numpy(counts)
 
 
-_task_masked_sum_op = torch.library.custom_op("mtgrpo::task_masked_sum", _task_masked_sum_impl, mutates_args=(),
-                                              device_types=("cpu", "cuda"))
+def _scatter_grad_kernel(table: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
+                         backend: str) -> torch.Tensor:
+    """``out[n,t] = mask[n,t] ? table[task_ids[n]] : 0`` in ``table.dtype``."""
+    m = mask.detach().contiguous()
+    ids = task_ids.detach().to(torch.int64).contiguous()
+    tab = table.detach().contiguous()
+    if backend == "torch":
+        return torch.where(m != 0, tab[ids][:, None], torch.zeros((), dtype=tab.dtype, device=tab.device))
+    C = _native.native()
+    out = torch.empty(m.shape, dtype=tab.dtype, device=m.device)
+    if backend == "cuda":
+        with torch.cuda.device(m.device):
+            C.task_weighted_grad_cuda(out.data_ptr(), _itemsize(tab.dtype), m.data_ptr(), _mask_kind(m.dtype),
+                                      ids.data_ptr(), tab.data_ptr(), m.shape[0], m.shape[1], tab.shape[0],
+                                      _cuda_stream(m.device))
+        return out
+    ints = _INT_VIEW[_itemsize(tab.dtype)]
+    C.task_weighted_grad_cpu(out.view(ints).numpy(), _mask_view(m).numpy(), _mask_kind(m.dtype), ids.numpy(),
+                             tab.view(ints).numpy())
+    return out
+
+
+def _weighted_terms(sums: torch.Tensor, counts: torch.Tensor, w: torch.Tensor, normalize: str):
+    """(loss, coef, dw) from the per-task sums: ``coef[k] = d loss / d token of task k``,
+    ``dw[k] = d loss / d w_k``. K-element torch ops on the sums' device (no host sync)."""
+    if normalize == "task-token-mean":
+        has = counts > 0
+        denom = counts.clamp_min(1).to(sums.dtype)
+        zero = torch.zeros_like(sums)
+        per_task = torch.where(has, sums / denom, zero)
+        return (w * per_task).sum(), torch.where(has, w / denom, zero), per_task
+    total = counts.sum().clamp_min(1).to(sums.dtype)  # "token-mean"
+    return (w * sums).sum() / total, w / total, sums / total
+
+
+# ---- the custom ops (one per public op, plus the shared backward scatter) ----------------
+@torch.library.custom_op("mtgrpo::task_masked_sum", mutates_args=())
+def _task_masked_sum_op(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
+                        backend: str, validate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if validate and backend != "cpu":  # the C++ path checks the ids in its own pass
+        _check_ids_in_range(task_ids, num_tasks, "num_tasks")
+    return _masked_sum_kernel(values, mask, task_ids, num_tasks, backend)
 
 
 @_task_masked_sum_op.register_fake
-def _task_masked_sum_fake(values, mask, task_ids, num_tasks):
+def _task_masked_sum_fake(values, mask, task_ids, num_tasks, backend, validate):
     acc = accumulate_dtype(values.dtype)
     return values.new_empty((num_tasks,), dtype=acc), values.new_empty((num_tasks,), dtype=torch.int64)
 
 
-def _task_weighted_grad_impl(mask: torch.Tensor, task_ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``out[n,t] = mask[n,t] ? table[task_ids[n]] : 0`` in ``table.dtype`` (contiguous inputs)."""
-    C = _native.native()
-    out = torch.empty(mask.shape, dtype=table.dtype, device=mask.device)
-    k = table.shape[0]
-    ints = _INT_VIEW[_itemsize(table.dtype)]
-    if mask.device.type == "cuda":
-        with torch.cuda.device(mask.device):
-            C.task_weighted_grad_cuda(out.data_ptr(), _itemsize(table.dtype), mask.data_ptr(), _mask_kind(mask.dtype),
-                                      task_ids.data_ptr(), table.data_ptr(), mask.shape[0], mask.shape[1], k,
-                                      _cuda_stream(mask.device))
-        return out
-    C.task_weighted_grad_cpu(out.view(ints).numpy(), _mask_view(mask).numpy(), _mask_kind(mask.dtype),
-                             task_ids.numpy(), table.view(ints).numpy())
-    return out
+@torch.library.custom_op("mtgrpo::task_masked_sum_backward", mutates_args=())
+def _task_masked_sum_backward_op(table: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
+                                 backend: str) -> torch.Tensor:
+    """The backward kernel of both ops: ``out[n,t] = mask[n,t] ? table[task_ids[n]] : 0``."""
+    return _scatter_grad_kernel(table, mask, task_ids, backend)
 
 
-_task_weighted_grad_op = torch.library.custom_op("mtgrpo::task_weighted_grad", _task_weighted_grad_impl,
-                                                 mutates_args=(), device_types=("cpu", "cuda"))
-
-
-@_task_weighted_grad_op.register_fake
-def _task_weighted_grad_fake(mask, task_ids, table):
+@_task_masked_sum_backward_op.register_fake
+def _task_masked_sum_backward_fake(table, mask, task_ids, backend):
     return mask.new_empty(mask.shape, dtype=table.dtype)
 
 
 def _sum_setup_context(ctx, inputs, output):
-    values, mask, task_ids, _ = inputs
+    values, mask, task_ids, _, backend, _ = inputs
     ctx.save_for_backward(mask, task_ids)
     ctx.values_dtype = values.dtype
+    ctx.backend = backend
 
 
 def _sum_backward(ctx, grad_sums, grad_counts):
     if grad_sums is None:
-        return None, None, None, None
+        return None, None, None, None, None, None
     mask, task_ids = ctx.saved_tensors
-    table = grad_sums.to(ctx.values_dtype).contiguous()
-    return torch.ops.mtgrpo.task_weighted_grad(mask, task_ids, table), None, None, None
+    table = grad_sums.to(ctx.values_dtype)
+    grad = torch.ops.mtgrpo.task_masked_sum_backward(table, mask, task_ids, ctx.backend)
+    return grad, None, None, None, None, None
 
 
 _task_masked_sum_op.register_autograd(_sum_backward, setup_context=_sum_setup_context)
+
+
+@torch.library.custom_op("mtgrpo::task_weighted_loss", mutates_args=())
+def _task_weighted_loss_op(token_loss: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
+                           task_weights: torch.Tensor, normalize: str, backend: str,
+                           validate: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [], coef [K], dw [K]); coef and dw are the saved gradient factors (the public
+    function returns only the loss)."""
+    k = task_weights.shape[0]
+    if validate:
+        _check_ids_in_range(task_ids, k, "len(task_weights)")
+        _check_finite_weights(task_weights.detach())
+    sums, counts = _masked_sum_kernel(token_loss, mask, task_ids, k, backend)
+    loss, coef, dw = _weighted_terms(sums, counts, task_weights.detach().to(sums.dtype), normalize)
+    return loss, coef, dw
+
+
+@_task_weighted_loss_op.register_fake
+def _task_weighted_loss_fake(token_loss, mask, task_ids, task_weights, normalize, backend, validate):
+    acc = accumulate_dtype(token_loss.dtype)
+    k = task_weights.shape[0]
+    return (token_loss.new_empty((), dtype=acc), token_loss.new_empty((k,), dtype=acc),
+            token_loss.new_empty((k,), dtype=acc))
+
+
+def _loss_setup_context(ctx, inputs, output):
+    token_loss, mask, task_ids, task_weights, _, backend, _ = inputs
+    _, coef, dw = output
+    ctx.save_for_backward(mask, task_ids, coef, dw)
+    ctx.loss_dtype, ctx.weights_dtype, ctx.backend = token_loss.dtype, task_weights.dtype, backend
+
+
+def _loss_backward(ctx, grad_loss, grad_coef, grad_dw):
+    # coef and dw are internal outputs: only the loss's gradient flows back.
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    mask, task_ids, coef, dw = ctx.saved_tensors
+    table = (coef * grad_loss).to(ctx.loss_dtype)
+    grad_x = torch.ops.mtgrpo.task_masked_sum_backward(table, mask, task_ids, ctx.backend)
+    grad_w = (dw * grad_loss).to(ctx.weights_dtype)
+    return grad_x, None, None, grad_w, None, None, None
+
+
+_task_weighted_loss_op.register_autograd(_loss_backward, setup_context=_loss_setup_context)
 
 
 # ---- validation ---------------------------------------------------------------------------
@@ -202,26 +313,14 @@ def _check_num_tasks(num_tasks) -> int:
     return k
 
 
-def _check_task_range(task_ids: torch.Tensor, k: int, k_from: str = "num_tasks") -> None:
-    """Data-dependent check (one device sync on CUDA); skipped while torch.compile traces
-    (the C++ path still rejects bad ids; the CUDA kernel skips them)."""
-    if task_ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    bad = (task_ids < 0) | (task_ids >= k)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"task_ids: entry {i} is {int(task_ids[i])}, expected a task id in [0, {k}) "
-                         f"({k_from}={k})")
-
-
-def _prepare(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor):
-    """Contiguous values and mask (non-contiguous inputs are copied once), int64 task ids."""
-    return values.contiguous(), mask.detach().contiguous(), task_ids.detach().to(torch.int64).contiguous()
-
-
 # ---- public functions ---------------------------------------------------------------------
+def _check_validate(validate) -> None:
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate: expected a bool, got {type(validate).__name__}")
+
+
 def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
-                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                    backend: str = "auto", validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-task sum and count of the masked values, deterministic.
 
     Parameters
@@ -231,6 +330,12 @@ def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Te
     task_ids : Tensor [N], integer, each in ``[0, num_tasks)``
     num_tasks : int, ``1 <= K <= 4096``
     backend : "auto" | "cpu" | "cuda" | "torch"
+    validate : bool
+        Check that every task id is in range. CPU tensors: a ValueError naming task_ids.
+        CUDA tensors: ``torch._assert_async`` (no host synchronisation; a bad id fails at the
+        next synchronisation as a device-side assert). False skips the check on CUDA and in
+        the reference; the CUDA kernels then ignore out-of-range ids (the C++ CPU path
+        always checks them).
 
     Returns
     -------
@@ -245,62 +350,9 @@ def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Te
     """
     _check_common(values, "values", mask, task_ids)
     k = _check_num_tasks(num_tasks)
+    _check_validate(validate)
     be = resolve_backend("task_masked_sum", backend, values.device)
-    if be != "cpu":  # the C++ path checks the ids itself, in the same pass (same message)
-        _check_task_range(task_ids, k)
-    if be == "torch":
-        return task_masked_sum_ref(values, mask, task_ids, k)
-    v, m, ids = _prepare(values, mask, task_ids)
-    if torch.compiler.is_compiling() or (values.requires_grad and torch.is_grad_enabled()):
-        return torch.ops.mtgrpo.task_masked_sum(v, m, ids, k)
-    # Eager without autograd: the same kernel, minus ~50 us of custom-op dispatch (grpo_loss
-    # calls this several times per step on [N, 1] statistics).
-    return _task_masked_sum_impl(v, m, ids, k)
-
-
-class TaskWeightedLossFunction(torch.autograd.Function):
-    """Autograd of the multi-task weighted loss on the C++/CUDA kernels.
-
-    forward(token_loss[N,T] contiguous, mask[N,T] contiguous, task_ids[N] int64,
-    task_weights[K], normalize) -> loss []. Saves the mask, the ids and two K-vectors.
-    """
-
-    @staticmethod
-    def forward(ctx, token_loss, mask, task_ids, task_weights, normalize):
-        k = task_weights.shape[0]
-        acc = accumulate_dtype(token_loss.dtype)
-        sum_op = torch.ops.mtgrpo.task_masked_sum if torch.compiler.is_compiling() else _task_masked_sum_impl
-        sums, counts = sum_op(token_loss, mask, task_ids, k)
-        w = task_weights.to(acc)
-        if normalize == "task-token-mean":
-            has = counts > 0
-            denom = counts.clamp_min(1).to(acc)
-            zero = torch.zeros_like(sums)
-            per_task = torch.where(has, sums / denom, zero)
-            coef = torch.where(has, w / denom, zero)      # d loss / d token of task k
-            loss = (w * per_task).sum()
-            dw = per_task
-        else:  # "token-mean"
-            total = counts.sum().clamp_min(1).to(acc)
-            loss = (w * sums).sum() / total
-            coef = w / total
-            dw = sums / total
-        ctx.save_for_backward(mask, task_ids, coef, dw)
-        ctx.loss_dtype = token_loss.dtype
-        ctx.weights_dtype = task_weights.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        mask, task_ids, coef, dw = ctx.saved_tensors
-        grad_loss = grad_w = None
-        if ctx.needs_input_grad[0]:
-            table = (coef * grad_out).to(ctx.loss_dtype).contiguous()
-            grad_op = torch.ops.mtgrpo.task_weighted_grad if torch.compiler.is_compiling() else _task_weighted_grad_impl
-            grad_loss = grad_op(mask, task_ids, table)
-        if ctx.needs_input_grad[3]:
-            grad_w = (dw * grad_out).to(ctx.weights_dtype)
-        return grad_loss, None, None, grad_w, None
+    return torch.ops.mtgrpo.task_masked_sum(values, mask, task_ids, k, be, validate)
 
 
 def _as_weights(task_weights, like: torch.Tensor) -> torch.Tensor:
@@ -326,7 +378,8 @@ def _as_weights(task_weights, like: torch.Tensor) -> torch.Tensor:
 
 
 def task_weighted_loss(token_loss: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, task_weights,
-                       normalize: str = "task-token-mean", backend: str = "auto") -> torch.Tensor:
+                       normalize: str = "task-token-mean", backend: str = "auto",
+                       validate: bool = True) -> torch.Tensor:
     """Multi-task weighted loss ``sum_k w_k * (mean of task k's masked token losses)``.
 
     Parameters
@@ -339,6 +392,10 @@ def task_weighted_loss(token_loss: torch.Tensor, mask: torch.Tensor, task_ids: t
         ``sum_k w_k * sums[k] / counts[k]`` (tasks with no token contribute 0), or
         "token-mean": ``sum_k w_k * sums[k] / sum_k counts[k]`` (0 when no token at all).
     backend : "auto" | "cpu" | "cuda" | "torch"
+    validate : bool
+        Check the task ids' range and that the weights are finite: a ValueError on CPU
+        tensors, ``torch._assert_async`` on CUDA tensors (no host synchronisation); False
+        skips both checks.
 
     Returns
     -------
@@ -359,11 +416,6 @@ def task_weighted_loss(token_loss: torch.Tensor, mask: torch.Tensor, task_ids: t
     k = w.shape[0]
     if not 1 <= k <= MAX_TASKS:
         raise ValueError(f"task_weights: expected 1 <= len(task_weights) <= {MAX_TASKS}, got {k}")
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(w.detach()).all()):
-        raise ValueError(f"task_weights: expected finite weights, got {w.detach().cpu().tolist()}")
-    _check_task_range(task_ids, k, "len(task_weights)")
+    _check_validate(validate)
     be = resolve_backend("task_weighted_loss", backend, token_loss.device)
-    if be == "torch":
-        return task_weighted_loss_ref(token_loss, mask, task_ids, w, normalize)
-    v, m, ids = _prepare(token_loss, mask, task_ids)
-    return TaskWeightedLossFunction.apply(v, m, ids, w, normalize)
+    return torch.ops.mtgrpo.task_weighted_loss(token_loss, mask, task_ids, w, normalize, be, validate)[0]
