@@ -237,9 +237,13 @@ def _task_weighted_loss_op(token_loss: torch.Tensor, mask: torch.Tensor, task_id
     function returns only the loss)."""
     k = task_weights.shape[0]
     if validate:
-        _check_ids_in_range(task_ids, k, "len(task_weights)")
+        if backend != "cpu":
+            _check_ids_in_range(task_ids, k, "len(task_weights)")
         _check_finite_weights(task_weights.detach())
-    sums, counts = _masked_sum_kernel(token_loss, mask, task_ids, k, backend)
+    try:
+        sums, counts = _masked_sum_kernel(token_loss, mask, task_ids, k, backend)
+    except ValueError as e:  # the C++ path's own id check (same pass): say where K came from
+        raise ValueError(f"{e} (len(task_weights)={k})") from None
     loss, coef, dw = _weighted_terms(sums, counts, task_weights.detach().to(sums.dtype), normalize)
     return loss, coef, dw
 
