@@ -268,9 +268,12 @@ def _loss_backward(ctx, grad_loss, grad_coef, grad_dw):
     if grad_loss is None:
         return None, None, None, None, None, None, None
     mask, task_ids, coef, dw = ctx.saved_tensors
-    table = (coef * grad_loss).to(ctx.loss_dtype)
-    grad_x = torch.ops.mtgrpo.task_masked_sum_backward(table, mask, task_ids, ctx.backend)
-    grad_w = (dw * grad_loss).to(ctx.weights_dtype)
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:  # skip the [N, T] write when only the weights need a gradient
+        table = (coef * grad_loss).to(ctx.loss_dtype)
+        grad_x = torch.ops.mtgrpo.task_masked_sum_backward(table, mask, task_ids, ctx.backend)
+    if ctx.needs_input_grad[3]:
+        grad_w = (dw * grad_loss).to(ctx.weights_dtype)
     return grad_x, None, None, grad_w, None, None, None
 
 

@@ -99,7 +99,7 @@ inline void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
   const int64_t u1 = std::min(p.units, u0 + p.units_per_block);
   for (int64_t u = u0; u < u1; ++u) {
     int64_t row, off, len;
-    if (p.segs_per_row == 1) {  // one unit per row (T <= 2048): no division
+    if (p.segs_per_row == 1) {  // one unit per row (T <= kSegLen = 1024): no division
       row = u;
       off = u * p.cols;
       len = p.cols;
