@@ -5,7 +5,8 @@ architecture with ``-Xptxas -v`` and the test reads ptxas' resource report: ever
 compiles for both, none spills (0 bytes spill stores / loads, 0 bytes stack frame), each
 reports its registers, and the shared memory it can ask for (static + the partial
 kernel's dynamic bins at K = 4096 in fp64) fits the device (163 KB sm_80, 227 KB sm_90).
-It also checks that the built extension was configured for both architectures.
+It also checks that the built extension was configured for both architectures and that the
+CMake build recorded the same ptxas report (build/<tag>/ptxas-task_accumulate-sm_XX.txt).
 
 The two compiles run in parallel, ~15-25 s on 2 loaded cores. Without nvcc the tests are
 skipped with the reason "requires_nvcc: ..." (pytest -ra prints it); this project's CI
@@ -174,6 +175,29 @@ def test_built_extension_targets_sm80_and_sm90():
         assert out.returncode == 0, out.stderr
         for arch in ARCHS:
             assert f".{arch}." in out.stdout, f"{so} has no {arch} cubin:\n{out.stdout}"
+
+
+def build_reports() -> dict[str, Path]:
+    """ptxas reports the CMake build recorded (build/<wheel tag>/ptxas-task_accumulate-sm_XX.txt)."""
+    return {p.stem.rsplit("-", 1)[1]: p for p in sorted(ROOT.glob("build/*/ptxas-task_accumulate-sm_*.txt"))}
+
+
+@requires_nvcc
+def test_build_recorded_ptxas_report_without_spills():
+    # `make build` (CMakeLists.txt, target mtgrpo_ptxas_report) writes ptxas' report per
+    # architecture next to the objects; every in-tree CUDA build dir must have both, clean.
+    cuda_builds = [c.parent for c in ROOT.glob("build/*/CMakeCache.txt")
+                   if re.search(r"^CMAKE_CUDA_COMPILER:\w+=\S", c.read_text(errors="replace"), re.M)]
+    assert cuda_builds, f"no CUDA build folder under {ROOT / 'build'} (run `make build`)"
+    for b in cuda_builds:
+        for arch in ARCHS:
+            report = b / f"ptxas-task_accumulate-{arch}.txt"
+            assert report.exists(), f"{report} missing: the build did not record ptxas' resource usage"
+            kernels = parse_ptxas(report.read_text(), arch)
+            counts = {fam: sum(k["family"] == fam for k in kernels) for fam in EXPECTED}
+            assert counts == EXPECTED, f"{report}: {counts}"
+            bad = [k["kernel"] for k in kernels if k["spill_stores"] or k["spill_loads"] or k["stack"]]
+            assert not bad, f"{report}: spills or stack in {bad}"
 
 
 def table() -> str:

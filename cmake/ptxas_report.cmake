@@ -1,0 +1,15 @@
+# Writes ptxas' resource report (-Xptxas -v: registers, spill stores/loads, stack, shared
+# memory per kernel) of one .cu file for one architecture to OUT. Run by CMakeLists.txt at
+# build time (cmake -P, so no shell redirection is needed); tests/test_cuda_compile.py reads
+# the report the build left and recompiles the source itself to assert on the same numbers.
+# Inputs: NVCC, ARCH (e.g. 90), SRC, INCLUDE_DIR, SRC_DIR, OUT. The flags are CMakeLists.txt's
+# CUDA flags (-O3 --expt-relaxed-constexpr, C++17).
+set(_args -std=c++17 -O3 --expt-relaxed-constexpr -I${INCLUDE_DIR} -I${SRC_DIR} -arch=sm_${ARCH}
+          -Xptxas -v -cubin -o ${OUT}.cubin)
+execute_process(COMMAND ${NVCC} ${_args} ${SRC}
+                RESULT_VARIABLE _rc OUTPUT_VARIABLE _out ERROR_VARIABLE _err)
+file(WRITE ${OUT} "${_err}${_out}")
+file(REMOVE ${OUT}.cubin)
+if(NOT _rc EQUAL 0)
+  message(FATAL_ERROR "ptxas report for sm_${ARCH} failed (nvcc exit ${_rc}):\n${_err}")
+endif()
