@@ -383,7 +383,9 @@ def _training_step_parts():
 
     def loss_fn(m):
         token_loss = m(feats).squeeze(-1) ** 2  # [n, t]
-        return mc.task_weighted_loss(token_loss, mask, ids, w, backend="cpu")
+        sums, counts = mc.task_masked_sum(token_loss, mask, ids, k)  # backend "auto" resolves inside the trace
+        aux = (sums / counts.clamp_min(1)).sum()
+        return mc.task_weighted_loss(token_loss, mask, ids, w, backend="cpu") + 0.1 * aux
 
     return model, loss_fn
 
