@@ -1,4 +1,4 @@
-"""Online difficulty classifier for GDRO (ALGORITHMS.md 3.1; Panaganti et al., arXiv 2601.19280).
+"""Online difficulty classifier for GDRO (docs/ALGORITHMS.md section 5.1; Panaganti et al., arXiv 2601.19280).
 
 What: each prompt (stable id: int or str) keeps the last H = 50 values of
 c(x) = 1 if any of its rollouts in a step was correct; p(x) = mean of that window
@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..weighting._common import as_vector, check_choice, check_float, check_positive_int, check_state
+from .._validate import as_vector, check_choice, check_float, check_positive_int, check_state
 
 __all__ = ["DifficultyClassifier"]
 

@@ -7,10 +7,10 @@ an unknown key is rejected with a did-you-mean suggestion, a wrong type names th
 expected type and the value received, and impossible combinations (``gdro.n_min >
 gdro.n_max``, a batch that cannot be split into mini-batches, ...) are rejected.
 
-Loss settings left unset (``None``) are filled from the algorithm preset
-(:data:`ALGO_PRESETS`): GRPO eps 0.2/0.2 with seq-mean-token-mean and zero-advantage groups
-kept; DAPO / MT-GRPO / SEC / GDRO clip-higher eps_high = 0.28 with token-mean; DAPO and
-MT-GRPO filter zero-advantage groups (dynamic sampling).
+Loss settings left unset (``None``) are filled from the algorithm's bundle
+(:mod:`mtgrpo_core.algorithms`): GRPO eps 0.2/0.2 with seq-mean-token-mean and zero-advantage
+groups kept; DAPO / MT-GRPO / SEC-DAPO / GDRO clip-higher eps_high = 0.28 with token-mean;
+DAPO, MT-GRPO and SEC-DAPO filter zero-advantage groups (dynamic sampling).
 """
 from __future__ import annotations
 
@@ -26,7 +26,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALGOS = ("grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro")
+from ..algorithms import algorithm_names, get_algorithm
+
+# Every name --algo / run.algo accepts (canonical names, then aliases such as "sec").
+ALGOS = algorithm_names(aliases=True)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -115,6 +118,7 @@ class MTGRPOConfig:
     weight_decay: float = 1e-5
     improvement_clip: float = 0.1
     optimizer: str = "adam"
+    eta: float = 1e-2             # Subroutine 2's regulariser (the reward-only ablation's weighting)
     reward_ema: float = 0.5
     acceptance_cap: float = 5.0
     rp_sampler: bool = True
@@ -186,15 +190,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Loss settings each algorithm implies (used where the config leaves them unset).
-ALGO_PRESETS = {
-    "grpo": dict(clip_eps_low=0.2, clip_eps_high=0.2, loss_agg="seq-mean-token-mean", filter_zero_adv=False),
-    "dapo": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "mtgrpo": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "sec": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "prompt-gdro": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=False),
-    "rollout-gdro": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=False),
-}
+def weighting_kwargs(name: str, cfg: "TrainConfig") -> dict:
+    """Constructor keywords of the task weighting ``name`` from the config's sections.
+
+    A weighting without an entry here is built with its own defaults (a new rule needs an
+    entry only when it wants config keys; CONTRIBUTING.md).
+    """
+    from ..weighting import canonical_weighting
+
+    m, sec = cfg.mtgrpo, cfg.sec
+    table = {
+        "iwu": dict(lam=m.lam, lr=m.weight_lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
+                    improvement_clip=m.improvement_clip),
+        "reward-only": dict(lr=m.weight_lr, eta=m.eta, optimizer=m.optimizer),
+        "sec": dict(lr=sec.lr, temperature=sec.temperature),
+    }
+    return table.get(canonical_weighting(name), {})
+
 
 _SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
 
@@ -353,10 +365,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.run.algo not in ALGOS:
         raise ConfigError(f"run.algo: unknown algorithm {cfg.run.algo!r}"
                           f"{_did_you_mean(cfg.run.algo, ALGOS)}; choose one of {', '.join(ALGOS)}")
-    preset = ALGO_PRESETS[cfg.run.algo]
+    algo = get_algorithm(cfg.run.algo)
     loss = cfg.loss
-    upd = {k: v for k, v in preset.items() if getattr(loss, k) is None}
-    if cfg.run.algo in ("prompt-gdro", "rollout-gdro") and loss.adv_clip is None:
+    upd = {k: v for k, v in algo.loss_preset().items() if getattr(loss, k) is None}
+    if algo.uses_difficulty_bins and loss.adv_clip is None:   # GDRO clips advantages at 5
         upd["adv_clip"] = cfg.gdro.adv_clip
     cfg = replace(cfg, loss=replace(loss, **upd))
     validate(cfg)
