@@ -4,17 +4,21 @@
 epoch of that pool (reshuffled when exhausted), the order docs/ALGORITHMS.md section 3.3
 asks for. :class:`MixedSampler` draws prompts for the algorithms without the
 ratio-preserving sampler: each prompt's task ~ Categorical(p), its index from the walker.
-Both are numpy-only and restore exactly through ``state_dict``.
+:class:`DynamicSampling` runs sampling rounds of mixed draws in the ratio-preserving
+sampler's interface (DAPO's dynamic sampling when filtering). All are numpy-only and restore
+exactly through ``state_dict``.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from ._validate import as_vector, check_positive_int
 
-__all__ = ["PoolWalker", "MixedSampler"]
+__all__ = ["PoolWalker", "MixedSampler", "DynamicSampling"]
 
 
 class PoolWalker:
@@ -140,3 +144,63 @@ class MixedSampler:
     def load_state_dict(self, d: dict) -> None:
         self.rng.bit_generator.state = d["rng"]
         self.walker.load_state_dict(d["walker"])
+
+
+class DynamicSampling:
+    """Sampling rounds without the ratio-preserving sampler, in the RP sampler's interface
+    (``start_step`` / ``next_round`` / ``report`` / ``finish``): each round draws prompts
+    with task probabilities z (:class:`~mtgrpo_core.pools.MixedSampler`); with the filter,
+    ``ceil(oversample * B)`` prompts per round for up to ``max_rounds`` rounds, keeping the
+    first B accepted (DAPO's dynamic sampling); without it, one round of exactly B."""
+
+    @dataclass
+    class Draw:
+        task_ids: np.ndarray
+        prompt_indices: np.ndarray
+
+    @dataclass
+    class Batch:
+        task_ids: np.ndarray
+        prompt_indices: np.ndarray
+        targets: np.ndarray
+        realized: np.ndarray
+        shortfall: int
+
+    def __init__(self, pool_sizes, batch_size: int, *, filtered: bool, oversample: float, max_rounds: int,
+                 seed: int):
+        self.mixed = MixedSampler(pool_sizes, seed=seed)
+        self.K = len(pool_sizes)
+        self.B = int(batch_size)
+        self.rounds = int(max_rounds) if filtered else 1
+        self.draw_n = int(math.ceil(oversample * self.B)) if filtered else self.B
+
+    def start_step(self, weights) -> None:
+        self.z = np.asarray(weights, np.float64)
+        self.round = 0
+        self.seen: set = set()
+        self.kept: list = []
+
+    def next_round(self) -> Optional[Draw]:
+        if self.round >= self.rounds or len(self.kept) >= self.B:
+            return None
+        self.round += 1
+        t_ids, p_idx = self.mixed.draw(self.draw_n, self.z, exclude=self.seen)
+        self.seen.update(zip(t_ids.tolist(), p_idx.tolist()))
+        return self.Draw(t_ids, p_idx)
+
+    def report(self, task_ids, prompt_indices, accepted) -> None:
+        for j in np.nonzero(np.asarray(accepted))[0]:
+            if len(self.kept) < self.B:
+                self.kept.append((int(task_ids[j]), int(prompt_indices[j])))
+
+    def finish(self) -> Batch:
+        t = np.asarray([k for k, _ in self.kept], np.int64)
+        i = np.asarray([x for _, x in self.kept], np.int64)
+        realized = np.bincount(t, minlength=self.K).astype(np.int64)
+        return self.Batch(t, i, self.z * self.B, realized, max(0, self.B - len(self.kept)))
+
+    def state_dict(self) -> dict:
+        return self.mixed.state_dict()
+
+    def load_state_dict(self, d: dict) -> None:
+        self.mixed.load_state_dict(d)

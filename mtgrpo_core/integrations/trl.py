@@ -85,8 +85,9 @@ class MTGRPOTrainer(GRPOTrainer):
     --------------------------------------
     task_column : str
         Dataset column naming each row's task ("task"). Reward functions also receive it.
-    task_weighting : "mtgrpo" | "regularized" | "uniform" | "sec"
-        Task-weight controller (:mod:`mtgrpo_core.weighting`).
+    task_weighting : str
+        A task-weighting name of :func:`mtgrpo_core.weighting.make_weighting`: "iwu" (alias
+        "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec".
     task_weighting_kwargs : dict
         Its hyperparameters, e.g. ``{"lam": 0.25}``.
     acceptance_aware : bool

@@ -63,7 +63,9 @@ import numpy as np
 import torch
 
 from ..ops import grpo_loss, group_advantages
-from ._batching import GDROBinComposer, TaskBatchComposer, group_labels
+from ..groups import group_labels
+from ..weighting import canonical_weighting
+from ._batching import GDROBinComposer, TaskBatchComposer
 
 try:  # the torch Sampler base; verl's dataloader is torchdata's StatefulDataLoader
     from torch.utils.data import Sampler
@@ -353,8 +355,10 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
     batch_size : int, optional, overrides the config
     task_key : str
         Row field holding the task ("data_source").
-    weighting : "mtgrpo" | "regularized" | "uniform" | "sec"
-    lam, lr, weight_decay : MT-GRPO IWU hyperparameters (0.2, 0.025, 1e-5)
+    weighting : a task-weighting name of :func:`mtgrpo_core.weighting.make_weighting`:
+        "iwu" (alias "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec"
+    lam, lr, weight_decay : MT-GRPO IWU hyperparameters (0.2, 0.025, 1e-5); ``lr`` is also
+        the reward-only and SEC step size
     acceptance_aware, acceptance_cap, rho_decay, reward_ema, correct_threshold, seed :
         see :class:`mtgrpo_core.integrations._batching.TaskBatchComposer`
     """
@@ -374,11 +378,9 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
             raise ValueError(f"data.sampler.kwargs: unknown keys {sorted(unknown)}; expected some of {sorted(opts)}")
         opts.update(extra)
         self.task_key = opts["task_key"]
-        ckw = {"lr": opts["lr"]}
-        if opts["weighting"] in ("mtgrpo", "iwu"):
-            ckw.update(lam=opts["lam"], weight_decay=opts["weight_decay"])
-        elif opts["weighting"] in ("uniform", "sec"):
-            ckw = {} if opts["weighting"] == "uniform" else {"lr": opts["lr"]}
+        kind = canonical_weighting(opts["weighting"])
+        ckw = {"iwu": {"lr": opts["lr"], "lam": opts["lam"], "weight_decay": opts["weight_decay"]},
+               "uniform": {}}.get(kind, {"lr": opts["lr"]})
         self.composer = TaskBatchComposer(
             _column(data_source, self.task_key), self.batch_size, weighting=opts["weighting"],
             acceptance_aware=opts["acceptance_aware"], acceptance_cap=opts["acceptance_cap"],
