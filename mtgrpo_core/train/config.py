@@ -154,7 +154,6 @@ class EvalConfig:
     k: int = 4                    # sampled completions per item (mean@k, pass@k)
     temperature: float = 1.0
     greedy: bool = True
-    batch_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -375,13 +374,94 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+LOSS_BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
+# A difficulty window is H bytes per prompt seen (a uint8 ring buffer): 10,000 visits x 100k
+# prompts is 1 GB, far past any use (the paper's H is 50).
+MAX_GDRO_WINDOW = 10_000
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """Every float (and float list) in every section must be finite: inf / nan are accepted
+    by TOML but would only fail after the warm-up (rl.lr = inf) or silently (grad_clip = nan)."""
+    import math
+
+    for sec in fields(cfg):
+        body = getattr(cfg, sec.name)
+        for f in fields(body):
+            v = getattr(body, f.name)
+            vals = v if isinstance(v, tuple) else (v,)
+            for x in vals:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ConfigError(f"{sec.name}.{f.name}: expected a finite number, got {v!r}")
+
+
+def _check_controllers(cfg: TrainConfig) -> None:
+    """Build every controller once from its section (microseconds), so a bad value is
+    reported now, naming the section, instead of after the warm-up."""
+    from .. import gdro, weighting
+
+    m, gd = cfg.mtgrpo, cfg.gdro
+    checks = [
+        ("mtgrpo", lambda: weighting.make_weighting("iwu", 2, **weighting_kwargs("iwu", cfg))),
+        ("mtgrpo", lambda: weighting.make_weighting("reward-only", 2, **weighting_kwargs("reward-only", cfg))),
+        ("mtgrpo", lambda: weighting.TaskRewardTracker(2, decay=m.reward_ema)),
+        ("sec", lambda: weighting.make_weighting("sec", 2, **weighting_kwargs("sec", cfg))),
+        ("gdro", lambda: gdro.DifficultyClassifier(edges=tuple(gd.edges), window=gd.window,
+                                                   hysteresis=gd.hysteresis, unseen=gd.unseen)),
+        ("gdro", lambda: gdro.make_advantage_weighting("prompt-gdro", 3, eta=gd.eta, gamma=gd.gamma, ema=gd.ema,
+                                                       cap=gd.cap)),
+        ("gdro", lambda: gdro.make_rollout_allocation(gd.allocator, 3, n_min=gd.n_min, n_max=gd.n_max,
+                                                      n_mean=gd.n_mean, eta=gd.eta, gamma=gd.gamma)),
+    ]
+    # constructor argument -> config key, where the names differ
+    rename = {("mtgrpo", "lr"): "weight_lr", ("mtgrpo", "decay"): "reward_ema", ("gdro", "method"): "allocator"}
+    for section, build in checks:
+        try:
+            build()
+        except (TypeError, ValueError) as e:
+            arg, sep, rest = str(e).partition(": ")
+            if sep and arg.isidentifier():
+                raise ConfigError(f"{section}.{rename.get((section, arg), arg)}: {rest}") from None
+            raise ConfigError(f"{section}: {e}") from None
+
+
 def validate(cfg: TrainConfig) -> None:
     def need(cond: bool, msg: str):
         if not cond:
             raise ConfigError(msg)
 
     r, w, e, g, lo, gd, m = cfg.rl, cfg.warmup, cfg.eval, cfg.generation, cfg.loss, cfg.gdro, cfg.model
+    _check_finite(cfg)
     need(cfg.run.device in ("cpu", "cuda", "auto"), f"run.device must be cpu|cuda|auto, got {cfg.run.device!r}")
+    if cfg.run.device == "cuda":
+        import torch
+
+        need(torch.cuda.is_available(), "run.device='cuda' but torch sees no CUDA device here (use cpu or auto)")
+    from .tasks import SUITES
+
+    need(cfg.tasks.suite in SUITES, f"tasks.suite: unknown suite {cfg.tasks.suite!r}"
+         f"{_did_you_mean(cfg.tasks.suite, SUITES)}; choose one of {', '.join(SUITES)}")
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings"):
+        need(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}")
+    need(w.pool_items >= 1 and r.pool_items >= 1,
+         f"warmup.pool_items and rl.pool_items must be >= 1, got {w.pool_items}, {r.pool_items}")
+    need(w.lr > 0 and w.weight_decay >= 0, f"warmup.lr must be > 0 and warmup.weight_decay >= 0, got {w.lr}, "
+         f"{w.weight_decay}")
+    need(r.weight_decay >= 0, f"rl.weight_decay must be >= 0, got {r.weight_decay}")
+    need(r.grad_clip >= 0, f"rl.grad_clip must be >= 0 (0 = no clipping), got {r.grad_clip}")
+    need(lo.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {lo.kl_coef}")
+    need(lo.backend in LOSS_BACKENDS, f"loss.backend must be one of {LOSS_BACKENDS}, got {lo.backend!r}"
+         f"{_did_you_mean(str(lo.backend), LOSS_BACKENDS)}")
+    need(e.temperature > 0, f"eval.temperature must be > 0 (use eval.greedy for greedy decoding), got {e.temperature}")
+    need(g.batch_size >= 1, f"generation.batch_size must be >= 1, got {g.batch_size}")
+    need(g.backend == "vllm" or (g.vllm_gpu_memory_utilization == GenerationConfig.vllm_gpu_memory_utilization
+                                  and g.vllm_sleep == GenerationConfig.vllm_sleep),
+         "generation.vllm_gpu_memory_utilization / vllm_sleep apply only to generation.backend='vllm'")
+    need(0 < g.vllm_gpu_memory_utilization <= 1,
+         f"generation.vllm_gpu_memory_utilization must be in (0, 1], got {g.vllm_gpu_memory_utilization}")
+    need(gd.window <= MAX_GDRO_WINDOW, f"gdro.window must be <= {MAX_GDRO_WINDOW}, got {gd.window}")
+    need(gd.adv_clip > 0, f"gdro.adv_clip must be > 0, got {gd.adv_clip}")
     need(cfg.run.dtype in ("float32", "bfloat16"), f"run.dtype must be float32|bfloat16, got {cfg.run.dtype!r}")
     need(cfg.run.threads >= 0, f"run.threads must be >= 0, got {cfg.run.threads}")
     need(m.hidden_size % m.num_attention_heads == 0,
@@ -433,6 +513,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     need(m.max_position_embeddings >= r.max_new_tokens + 8,
          "model.max_position_embeddings is too small for rl.max_new_tokens plus a prompt")
+    _check_controllers(cfg)
 
 
 def to_toml(cfg: TrainConfig) -> str:
