@@ -35,7 +35,7 @@ def _number(name: str, value, *, lo=None, hi=None, lo_open=False, optional=False
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Configuration of :func:`mtgrpo_core.grpo_loss` (ALGORITHMS.md section 1).
+    """Configuration of :func:`mtgrpo_core.grpo_loss` (docs/ALGORITHMS.md section 1).
 
     Defaults are PPO's symmetric clip (0.2 / 0.2, as verl and TRL), DAPO's token-mean
     aggregation, per-group std scaling with the unbiased std, and no KL term.

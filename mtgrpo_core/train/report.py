@@ -5,7 +5,7 @@ smoothed training-batch accuracy), task weights over steps, per-task zero-gradie
 target vs realised batch shares, and rollouts per difficulty bin (GDRO) or per task.
 Summary (``report.md``): per-task accuracy before/after RL, worst-task and average accuracy,
 and the relative change Delta% = mean_k (Acc_m(k) - Acc_b(k)) / Acc_b(k) * 100 against a
-baseline run when one is given (ALGORITHMS.md 2.4).
+baseline run when one is given (docs/ALGORITHMS.md section 7).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ checkpoints.
 
 One RL step reads top to bottom (:meth:`Trainer.rl_step`; docs/ARCHITECTURE.md):
 
-1. **Weights** z from the task-weighting controller (docs/ALGORITHMS.md sections 2-4).
+1. **Weights** z from the task-weighting controller (docs/ALGORITHMS.md sections 3-4).
 2. **Collect rollouts** (:meth:`Trainer.collect_rollouts`): sampling rounds from the
    algorithm's sampler (the ratio-preserving sampler, or a mixed draw with task
    probabilities z), each round generating ``n`` completions per prompt (``rl.group_size``,

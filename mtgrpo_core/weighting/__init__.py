@@ -5,7 +5,7 @@ and the per-task reward EMA.
 Every controller follows :class:`~mtgrpo_core.weighting.protocol.TaskWeighting` and is built
 by name with :func:`make_weighting`; the registered names (aliases in brackets) are
 ``"uniform"``, ``"iwu"`` (``"mtgrpo"``, ``"improvement-aware"``), ``"reward-only"``
-(``"regularized"``) and ``"sec"``. See docs/ALGORITHMS.md sections 2-4.
+(``"regularized"``) and ``"sec"``. See docs/ALGORITHMS.md sections 3-4.
 """
 from .protocol import (WEIGHTINGS, TaskStats, TaskWeighting, canonical_weighting, make_weighting,
                        register_weighting, weighting_names)

@@ -4,7 +4,7 @@ What: task weights z on the simplex, z = softmax(xi), updated once per optimiser
 from per-task rewards J_k and improvements I_k. The weights feed the ratio-preserving
 sampler (the batch holds task k in proportion z_k) and/or a task-weighted loss.
 
-Algorithms (docs/ALGORITHMS.md sections 2-4; MT-GRPO, Ramesh et al., arXiv 2602.05547):
+Algorithms (docs/ALGORITHMS.md sections 3-4; MT-GRPO, Ramesh et al., arXiv 2602.05547):
 - :class:`ImprovementAwareWeights` (IWU, the method): s_k = clip(I_k) + lambda J_k,
   g_k = z_k (s_k - sum_j z_j s_j), xi <- xi - step(g) with Adam (betas 0.9/0.999, L2
   weight decay added to the gradient, as the reference code) or plain gradient descent.
