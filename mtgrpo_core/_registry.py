@@ -3,7 +3,8 @@ weighting, rollout allocation): one set of names for the trainer, the simulator,
 integrations and the CLI (docs/ARCHITECTURE.md, "Names")."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Registry:

@@ -26,7 +26,6 @@ Adding an algorithm is one :func:`register_algorithm` call (see CONTRIBUTING.md)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ._registry import Registry
 
@@ -49,8 +48,8 @@ class Algorithm:
     sampler: str = "mixed"
     filter_zero_adv: bool = False
     weighting: str = "uniform"
-    advantage_weighting: Optional[str] = None
-    rollout_allocation: Optional[str] = None
+    advantage_weighting: str | None = None
+    rollout_allocation: str | None = None
     loss: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -8,7 +8,8 @@ so "zero-advantage" means exactly what the loss sees.
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -11,8 +11,9 @@ exactly through ``state_dict``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -180,7 +181,7 @@ class DynamicSampling:
         self.seen: set = set()
         self.kept: list = []
 
-    def next_round(self) -> Optional[Draw]:
+    def next_round(self) -> Draw | None:
         if self.round >= self.rounds or len(self.kept) >= self.B:
             return None
         self.round += 1

@@ -19,7 +19,8 @@ classify or update of 512 prompts is one dict lookup per id plus O(batch) numpy 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,8 @@ class DifficultyClassifier:
                  unseen: str = "separate"):
         e = as_vector("edges", edges)
         if e.size == 0 or np.any(e <= 0) or np.any(e >= 1) or np.any(np.diff(e) <= 0):
-            raise ValueError(f"edges: expected a strictly increasing non-empty sequence inside (0, 1), got {e.tolist()}")
+            raise ValueError("edges: expected a strictly increasing non-empty sequence inside (0, 1), "
+                             f"got {e.tolist()}")
         self.edges = e
         self.window = check_positive_int("window", window)
         self.hysteresis = check_float("hysteresis", hysteresis, 0.0, 0.5)

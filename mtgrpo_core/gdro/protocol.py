@@ -19,7 +19,7 @@ these names only.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class AdvantageWeighting(Protocol):
 
     num_groups: int
 
-    def response_weights(self, groups: Any) -> Optional[np.ndarray]: ...
+    def response_weights(self, groups: Any) -> np.ndarray | None: ...
 
     def observe(self, groups: Any, per_response_loss: Any) -> np.ndarray: ...
 

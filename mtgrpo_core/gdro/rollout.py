@@ -32,12 +32,12 @@ Cost: sqrt O(P + B^2); bandit O(B A T') for the DP with T' = P (n_mean - n_min) 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..weighting._common import (GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int,
-                                 check_state)
+from ..weighting._common import GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int, check_state
 from .prompt_gdro import as_groups
 
 __all__ = ["RolloutAllocator", "weighted_standard_error"]

@@ -27,7 +27,8 @@ every prompt id, about 10 ms at 100k prompts).
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,8 +56,8 @@ def _quota(q: np.ndarray, batch_size: int, capacity: np.ndarray) -> np.ndarray:
         free = (n < capacity) & (q > 0)
         if not free.any():
             free = n < capacity
-        extra = target_counts(np.where(free, np.maximum(q, 1e-12), 0.0) / np.where(free, np.maximum(q, 1e-12), 0.0).sum(),
-                              int(over.sum())).astype(np.int64)
+        share = np.where(free, np.maximum(q, 1e-12), 0.0)
+        extra = target_counts(share / share.sum(), int(over.sum())).astype(np.int64)
         n = n + extra
     return n
 
@@ -89,8 +90,8 @@ class TaskBatchComposer:
 
     def __init__(self, task_of_row: Sequence[Hashable], batch_size: int, *, weighting: Any = "mtgrpo",
                  acceptance_aware: bool = True, acceptance_cap: float = 5.0, rho_decay: float = 0.9,
-                 reward_ema: float = 0.5, correct_threshold: float = 1.0, task_names: Optional[Sequence] = None,
-                 seed: int = 0, controller_kwargs: Optional[dict] = None):
+                 reward_ema: float = 0.5, correct_threshold: float = 1.0, task_names: Sequence | None = None,
+                 seed: int = 0, controller_kwargs: dict | None = None):
         rows = list(task_of_row)
         if not rows:
             raise ValueError("task_of_row: the dataset is empty")
@@ -181,7 +182,8 @@ class TaskBatchComposer:
             nz = np.bincount(gt, weights=flat.astype(np.float64), minlength=self.num_tasks)
             has = ng > 0
             zero_frac = np.where(has, nz / np.maximum(ng, 1), np.nan)
-            self.rho = np.where(has, self.rho_decay * self.rho + (1.0 - self.rho_decay) * np.nan_to_num(zero_frac), self.rho)
+            ema = self.rho_decay * self.rho + (1.0 - self.rho_decay) * np.nan_to_num(zero_frac)
+            self.rho = np.where(has, ema, self.rho)
             mabs = per_task_mean(np.abs(group_advantages_np(r, labels)), t, self.num_tasks)[0]
         z = self.controller.observe(TaskStats.make(self.num_tasks, J, present=present, improvements=improvements,
                                                    mean_abs_advantage=mabs))
@@ -224,8 +226,8 @@ class GDROBinComposer:
     seed : int
     """
 
-    def __init__(self, prompt_ids: Sequence[Hashable], batch_size: int, *, classifier_kwargs: Optional[dict] = None,
-                 gdro_kwargs: Optional[dict] = None, correct_threshold: float = 1.0, seed: int = 0):
+    def __init__(self, prompt_ids: Sequence[Hashable], batch_size: int, *, classifier_kwargs: dict | None = None,
+                 gdro_kwargs: dict | None = None, correct_threshold: float = 1.0, seed: int = 0):
         self.prompt_ids = list(prompt_ids)
         if not self.prompt_ids:
             raise ValueError("prompt_ids: the dataset is empty")

@@ -182,7 +182,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
     extra: dict[str, list] = {"q_gdro": [], "wse": [], "wse_uniform": [], "mu": [], "alloc_mean": [],
                               "max_weight": []}
 
-    for step in range(cfg.steps):
+    for _ in range(cfg.steps):
         z = np.asarray(ctrl.weights, float)
         W.append(z.copy())
         p_all = _sigmoid(a[:, None] + b - d)

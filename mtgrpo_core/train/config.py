@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -101,12 +102,12 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    clip_eps_low: Optional[float] = None
-    clip_eps_high: Optional[float] = None
-    loss_agg: Optional[str] = None
-    filter_zero_adv: Optional[bool] = None
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    loss_agg: str | None = None
+    filter_zero_adv: bool | None = None
     adv_scale: str = "group"
-    adv_clip: Optional[float] = None
+    adv_clip: float | None = None
     kl_coef: float = 0.0
     backend: str = "auto"
 
@@ -189,7 +190,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def weighting_kwargs(name: str, cfg: "TrainConfig") -> dict:
+def weighting_kwargs(name: str, cfg: TrainConfig) -> dict:
     """Constructor keywords of the task weighting ``name`` from the config's sections.
 
     A weighting without an entry here is built with its own defaults (a new rule needs an
@@ -223,7 +224,7 @@ def _did_you_mean(word: str, options) -> str:
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Check ``value`` against the annotated type ``typ``; return the coerced value."""
     origin = get_origin(typ)
-    if origin is Union:  # Optional[X]
+    if origin is Union or origin is types.UnionType:  # Optional[X] / X | None
         args = [a for a in get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -465,7 +466,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.run.dtype in ("float32", "bfloat16"), f"run.dtype must be float32|bfloat16, got {cfg.run.dtype!r}")
     need(cfg.run.threads >= 0, f"run.threads must be >= 0, got {cfg.run.threads}")
     need(m.hidden_size % m.num_attention_heads == 0,
-         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
+         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+         f"({m.num_attention_heads})")
     need(m.num_attention_heads % m.num_key_value_heads == 0,
          "model.num_attention_heads must be a multiple of model.num_key_value_heads")
     need(cfg.tasks.verifier in ("fast", "reference"),
@@ -473,7 +475,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.tasks.train_size >= 0 and cfg.tasks.test_size >= 0, "tasks.train_size/test_size must be >= 0")
     need(w.steps >= 0 and w.batch_size >= 1, "warmup.steps must be >= 0 and warmup.batch_size >= 1")
     need(w.max_time_s >= 0 and r.max_time_s >= 0, "max_time_s must be >= 0 (0 = no cap)")
-    need(len(w.betas) == 2 and all(0 <= b < 1 for b in w.betas), f"warmup.betas must be two numbers in [0, 1), got {w.betas}")
+    need(len(w.betas) == 2 and all(0 <= b < 1 for b in w.betas),
+         f"warmup.betas must be two numbers in [0, 1), got {w.betas}")
     need(all(s >= 0 for s in w.task_shares) and (not w.task_shares or sum(w.task_shares) > 0),
          f"warmup.task_shares must be non-negative with a positive sum, got {w.task_shares}")
     need(r.steps >= 0, f"rl.steps must be >= 0, got {r.steps}")

@@ -35,7 +35,6 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -97,7 +96,7 @@ class Groups:
     rewards: np.ndarray         # [N]
     correct: np.ndarray         # [N] bool
     group_of: np.ndarray        # [N] prompt position in this Groups
-    bins: Optional[np.ndarray] = None   # [P] difficulty bin per prompt (GDRO algorithms), before generation
+    bins: np.ndarray | None = None   # [P] difficulty bin per prompt (GDRO algorithms), before generation
 
 
 def _cat_rollouts(parts):
@@ -509,7 +508,7 @@ class Trainer:
             rec["n_per_prompt_mean"] = float(batch.n.mean())
         return rec
 
-    def advantages(self, batch: Groups) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def advantages(self, batch: Groups) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Group-normalised advantages [N] and the advantage weighting's per-response
         multipliers [N] (None without one)."""
         import mtgrpo_core as mc
@@ -524,7 +523,7 @@ class Trainer:
             seq_w = None if w is None else torch.as_tensor(np.asarray(w), dtype=torch.float32)
         return adv, seq_w
 
-    def policy_update(self, batch: Groups, adv: torch.Tensor, seq_w: Optional[torch.Tensor]) -> dict:
+    def policy_update(self, batch: Groups, adv: torch.Tensor, seq_w: torch.Tensor | None) -> dict:
         """``rl.mini_batches`` optimiser updates over whole groups; returns the per-response
         loss before each update [N] and the step's loss metrics. A weighting that
         ``needs_improvement`` observes I_k after every mini-batch."""

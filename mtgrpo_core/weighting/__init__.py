@@ -7,10 +7,9 @@ by name with :func:`make_weighting`; the registered names (aliases in brackets) 
 ``"uniform"``, ``"iwu"`` (``"mtgrpo"``, ``"improvement-aware"``), ``"reward-only"``
 (``"regularized"``) and ``"sec"``. See docs/ALGORITHMS.md sections 3-4.
 """
-from .protocol import (WEIGHTINGS, TaskStats, TaskWeighting, canonical_weighting, make_weighting,
-                       register_weighting, weighting_names)
-from .task_weights import (ImprovementAwareWeights, RegularizedWeights, SECCurriculum, TaskRewardTracker,
-                           UniformWeights)
+from .protocol import (WEIGHTINGS, TaskStats, TaskWeighting, canonical_weighting, make_weighting, register_weighting,
+                       weighting_names)
+from .task_weights import ImprovementAwareWeights, RegularizedWeights, SECCurriculum, TaskRewardTracker, UniformWeights
 
 register_weighting("uniform")(UniformWeights)
 register_weighting("iwu", "mtgrpo", "improvement-aware")(ImprovementAwareWeights)

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import (as_mask, as_vector, check_choice, check_float, check_positive_int,  # noqa: F401
-                        check_state)
+from .._validate import as_mask, as_vector, check_choice, check_float, check_positive_int, check_state  # noqa: F401
 
 # |gradient| above this is clipped before Adam/SGD: it keeps g**2 finite (1e100**2 = 1e200)
 # whatever the scale of the rewards; realistic gradients are O(1), so it never binds.

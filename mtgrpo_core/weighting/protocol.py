@@ -25,7 +25,7 @@ Protocol (what the callers rely on)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -55,12 +55,12 @@ class TaskStats:
 
     rewards: np.ndarray
     present: np.ndarray
-    improvements: Optional[np.ndarray] = None
-    mean_abs_advantage: Optional[np.ndarray] = None
+    improvements: np.ndarray | None = None
+    mean_abs_advantage: np.ndarray | None = None
 
     @classmethod
     def make(cls, num_tasks: int, rewards: Any, present: Any = None, improvements: Any = None,
-             mean_abs_advantage: Any = None) -> "TaskStats":
+             mean_abs_advantage: Any = None) -> TaskStats:
         """Validated constructor: arrays of length ``num_tasks``, finite values.
 
         ``present`` defaults to all tasks.
