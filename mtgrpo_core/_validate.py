@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_vector", "as_mask", "as_groups", "check_positive_int", "check_float", "check_choice", "check_state"]
+__all__ = ["as_vector", "as_mask", "as_groups", "check_positive_int", "check_float", "check_choice", "check_state",
+           "check_option", "check_number"]
 
 
 def as_vector(name: str, x: Any, size: int | None = None, *, allow_none: bool = False,
@@ -94,3 +95,27 @@ def as_groups(name: str, groups: Any, num_groups: int) -> np.ndarray:
     if lo < 0 or hi >= num_groups:
         raise ValueError(f"{name}: expected group ids in [0, {num_groups}), got range [{lo}, {hi}]")
     return g.astype(np.int64, copy=False)
+
+
+def check_option(name: str, value: Any, options) -> None:
+    """``value`` must be one of the strings ``options`` (ValueError otherwise)."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, lo=None, hi=None, lo_open=False, optional=False, integer=False) -> None:
+    """A real number (an int with ``integer=True``; None allowed with ``optional=True``), finite,
+    within ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``): TypeError for the wrong kind of value,
+    ValueError for a value out of range."""
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name}: expected {'an int' if integer else 'a number'}{' or None' if optional else ''}, "
+                        f"got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ValueError(f"{name}: expected {'>' if lo_open else '>='} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name}: expected <= {hi}, got {value!r}")

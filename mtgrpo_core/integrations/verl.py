@@ -381,8 +381,9 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
         opts.update(extra)
         self.task_key = opts["task_key"]
         kind = canonical_weighting(opts["weighting"])
+        # the sampler's keywords each rule takes (a rule registered elsewhere gets its defaults)
         ckw = {"iwu": {"lr": opts["lr"], "lam": opts["lam"], "weight_decay": opts["weight_decay"]},
-               "uniform": {}}.get(kind, {"lr": opts["lr"]})
+               "reward-only": {"lr": opts["lr"]}, "sec": {"lr": opts["lr"]}}.get(kind, {})
         self.composer = TaskBatchComposer(
             _column(data_source, self.task_key), self.batch_size, weighting=opts["weighting"],
             acceptance_aware=opts["acceptance_aware"], acceptance_cap=opts["acceptance_cap"],
