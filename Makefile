@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUILD_LOCK := /tmp/mtgrpo-build.lock
 
-.PHONY: setup build demo test bench info clean
+.PHONY: setup build demo test lint bench info clean
 
 $(VENV)/.torch-installed:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests
+
+# ruff (configured in pyproject.toml) over the Python sources, tests and benchmarks
+lint: setup
+	$(VENV)/bin/ruff check mtgrpo_core tests bench
 
 bench: setup
 	$(VENV)/bin/mtgrpo bench all

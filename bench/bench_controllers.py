@@ -101,7 +101,7 @@ def main() -> None:
     def rewards_for(bt, n):  # simulated verifier outcome for the allocated rollouts
         return (bt["u"][: int(n.sum())] < np.repeat(p_true[bt["ids"]], n)).astype(np.float64)
 
-    for m, a in alloc.items():                          # a few steps so the state is not fresh
+    for a in alloc.values():                            # a few steps so the state is not fresh
         for _ in range(5):
             bt = nxt()
             g = clf.bins(bt["ids"])

@@ -59,9 +59,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
-
-    return demo_main()
+    # the demo is `mtgrpo train` with the embedded default config (mtgrpo_core/demo.py
+    # documents it); calling main here keeps cli -> demo free of an import cycle
+    return main(["train"])
 
 
 def _console():
@@ -127,6 +127,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .train.report import write_report
 
+    for d in (args.run, args.baseline):
+        if d is not None and not (Path(d) / "metrics.jsonl").exists():
+            print(f"mtgrpo report: no run at {d} (no metrics.jsonl there)", file=sys.stderr)
+            return 2
     md = write_report(args.run, args.baseline)
     print(md.read_text())
     print(f"# written: {md} and plots in {md.parent}")
@@ -177,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="the main job")
     s.set_defaults(fn=cmd_demo)
-    algos = ["grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro"]
+    from .algorithms import algorithm_names
+
+    algos = list(algorithm_names(aliases=True))
     s = sub.add_parser("train", help="train a policy (no arguments: the embedded CPU default)")
     s.add_argument("--config", help="TOML config file (default: the embedded default.toml)")
     s.add_argument("--algo", choices=algos)

@@ -1,8 +1,10 @@
 """Frozen hyperparameter dataclasses of the ops, validated once at construction."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
+
+from ._validate import check_number as _number
+from ._validate import check_option as _choice
 
 ADV_SCALES = ("group", "batch", "none")
 ADV_STDS = ("unbiased", "population")
@@ -13,29 +15,9 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 SEQ_COUNTS = ("nonempty", "all")
 
 
-def _choice(name: str, value, options) -> None:
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{name}: expected one of {options}, got {value!r}")
-
-
-def _number(name: str, value, *, lo=None, hi=None, lo_open=False, optional=False, integer=False) -> None:
-    if value is None and optional:
-        return
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name}: expected {'an int' if integer else 'a number'}{' or None' if optional else ''}, "
-                        f"got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value!r}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ValueError(f"{name}: expected {'>' if lo_open else '>='} {lo}, got {value!r}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name}: expected <= {hi}, got {value!r}")
-
-
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Configuration of :func:`mtgrpo_core.grpo_loss` (ALGORITHMS.md section 1).
+    """Configuration of :func:`mtgrpo_core.grpo_loss` (docs/ALGORITHMS.md section 1).
 
     Defaults are PPO's symmetric clip (0.2 / 0.2, as verl and TRL), DAPO's token-mean
     aggregation, per-group std scaling with the unbiased std, and no KL term.

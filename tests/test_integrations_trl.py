@@ -138,7 +138,8 @@ def _inputs(tok, B=6, Tp=5, Tc=7, seed=0, beta=False):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("variant", ["plain", "clip_higher_kl_delta", "kl_no_bias_correction", "sequence", "entropy_mask"])
+@pytest.mark.parametrize("variant", ["plain", "clip_higher_kl_delta", "kl_no_bias_correction", "sequence",
+                                     "entropy_mask"])
 def test_loss_parity_with_trl_compute_loss(setup, loss_type, variant):
     tok, data, out = setup
     model = _model(len(tok))
@@ -157,7 +158,8 @@ def test_loss_parity_with_trl_compute_loss(setup, loss_type, variant):
     tr.current_gradient_accumulation_steps = 2
     if variant in ("clip_higher_kl_delta", "kl_no_bias_correction"):
         tr.beta = 0.04  # set after construction: with beta != 0 TRL would load a reference model by name
-    inputs, g = _inputs(tok, seed=SEED_OF[(loss_type, variant)] if (loss_type, variant) in SEED_OF else zlib.crc32(f"{loss_type}-{variant}".encode()) % 1000)
+    seed = SEED_OF.get((loss_type, variant), zlib.crc32(f"{loss_type}-{variant}".encode()) % 1000)
+    inputs, g = _inputs(tok, seed=seed)
     with torch.no_grad():  # behaviour policy = current policy perturbed, so the clip is active
         lp, _, _ = tr._get_per_token_logps_and_entropies(
             model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),

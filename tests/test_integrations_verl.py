@@ -216,8 +216,9 @@ def test_mtgrpo_sampler_through_verl_create_rl_sampler_and_dataloader():
     names = sampler.composer.task_names
     acc = {"basic_arithmetic": 1.0, "chain_sum": 0.5, "arc_1d": 0.0}
     w_hist = []
+    expected_shares = sampler.composer.draw_shares()   # the shares the next batch is drawn with
     for step, batch in enumerate(loader):
-        shares = sampler.composer.draw_shares() if step == 0 else expected_shares
+        shares = expected_shares
         counts = collections.Counter(batch["data_source"])
         expect = target_counts(shares, B)
         assert [counts.get(n, 0) for n in names] == expect.tolist()

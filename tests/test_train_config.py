@@ -45,6 +45,19 @@ def test_overrides_types_and_roundtrip(tmp_path):
     (["rl.top_p=0"], r"rl.top_p must be in \(0, 1\]"),
     (["gdro.edges=[0.5, 0.2]"], r"gdro.edges must be increasing"),
     (["rl.steps"], r"not of the form section.key=value"),
+    # values that used to be accepted and fail later (issue 16 item 9)
+    (["model.num_attention_heads=0"], r"model.num_attention_heads must be >= 1, got 0"),
+    (["rl.lr=inf"], r"rl.lr: expected a finite number, got inf"),
+    (["rl.grad_clip=nan"], r"rl.grad_clip: expected a finite number, got nan"),
+    (["rl.pool_items=0"], r"rl.pool_items must be >= 1"),
+    (["generation.batch_size=0"], r"generation.batch_size must be >= 1, got 0"),
+    (["eval.temperature=0"], r"eval.temperature must be > 0"),
+    (["loss.backend=bogus"], r"loss.backend must be one of .*, got 'bogus'"),
+    (["gdro.window=10000000000"], r"gdro.window must be <= 10000, got 10000000000"),
+    (["sec.lr=2"], r"sec.lr: expected a finite number in \(0.0, 1.0\], got 2.0"),
+    (["mtgrpo.weight_lr=-1"], r"mtgrpo.weight_lr: expected a finite number in \(0.0, inf\]"),
+    (["tasks.suite=nope"], r"tasks.suite: unknown suite 'nope'"),
+    (["eval.batch_size=8"], r"unknown config key 'eval.batch_size'"),
 ])
 def test_bad_configs_rejected_with_clear_messages(overrides, match):
     with pytest.raises(C.ConfigError, match=match):
@@ -72,3 +85,10 @@ def test_cli_reports_config_errors(capsys):
     assert main(["train", "--out", "/nonexistent/never", "mtgrpo.lamda=0.2"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'mtgrpo.lamda' (did you mean 'mtgrpo.lam'?)" in err
+
+
+def test_report_on_a_missing_run_is_a_clean_error(tmp_path, capsys):
+    from mtgrpo_core.cli import main
+
+    assert main(["report", "--run", str(tmp_path / "missing")]) == 2
+    assert "no run at" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +48,12 @@ def _train_recs(out):
     return [r for r in read_metrics(out) if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("algo", ["grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro"])
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro",
+                                  "sec-grpo", "mtgrpo-reward-only", "iwu-no-rps", "rps-uniform"])
 def test_each_algorithm_runs_the_real_loop(tmp_path, warm, algo):
+    from mtgrpo_core.algorithms import get_algorithm
+
+    bundle = get_algorithm(algo)
     cfg = tiny_cfg(tmp_path, f"run.init_from={warm}", algo=algo)
     summary = train(cfg)
     recs = _train_recs(tmp_path)
@@ -64,14 +67,24 @@ def test_each_algorithm_runs_the_real_loop(tmp_path, warm, algo):
         assert len(r["task_loss_sum"]) == 3 and all(map(math.isfinite, r["task_loss_sum"]))
         # tasks absent from the batch contribute nothing to the kernel's per-task sums
         assert all(x == 0 for x, n in zip(r["task_loss_sum"], r["realized"]) if n == 0)
-    if algo in ("grpo", "prompt-gdro", "rollout-gdro"):   # no filter: one round of exactly B prompts
+    if not bundle.filter_zero_adv:   # no filter: one round of exactly B prompts (grpo, sec-grpo, GDRO)
         assert all(r["rounds"] == 1 and r["batch_prompts"] == 6 for r in recs)
     if algo == "mtgrpo":   # IWU moved the weights once per mini-batch, from I_k measured per mini-batch
         assert all(len(r["improvement"]) == 3 for r in recs)
         assert np.abs(np.asarray(recs[-1]["weights_after"]) - 1 / 3).max() > 1e-4
         assert all(sum(r["targets"]) == 6 for r in recs)
-    if algo == "sec":
+    if bundle.weighting == "sec":
         assert all(len(r["sec_reward"]) == 3 for r in recs)
+    if bundle.weighting == "iwu":   # the weights moved (IWU per mini-batch, from I_k)
+        assert np.abs(np.asarray(recs[-1]["weights_after"]) - 1 / 3).max() > 1e-4
+    if bundle.weighting == "reward-only":   # Subroutine 2 moves z only where J differs between tasks
+        J = np.asarray(recs[0]["J"])
+        moved = np.abs(np.asarray(recs[0]["weights_after"]) - 1 / 3).max() > 1e-12
+        assert moved == bool(np.ptp(J) > 0), (J, recs[0]["weights_after"])
+    if bundle.weighting == "uniform":
+        assert all(np.allclose(r["weights_after"], 1 / 3) for r in recs)
+    if bundle.sampler == "ratio-preserving":
+        assert all(sum(r["targets"]) == 6 for r in recs)
     if algo == "prompt-gdro":
         assert all(abs(sum(r["gdro_q"]) - 1) < 1e-9 for r in recs)
     if algo == "rollout-gdro":

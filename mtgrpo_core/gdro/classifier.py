@@ -1,4 +1,4 @@
-"""Online difficulty classifier for GDRO (ALGORITHMS.md 3.1; Panaganti et al., arXiv 2601.19280).
+"""Online difficulty classifier for GDRO (docs/ALGORITHMS.md section 5.1; Panaganti et al., arXiv 2601.19280).
 
 What: each prompt (stable id: int or str) keeps the last H = 50 values of
 c(x) = 1 if any of its rollouts in a step was correct; p(x) = mean of that window
@@ -19,11 +19,12 @@ classify or update of 512 prompts is one dict lookup per id plus O(batch) numpy 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..weighting._common import as_vector, check_choice, check_float, check_positive_int, check_state
+from .._validate import as_vector, check_choice, check_float, check_positive_int, check_state
 
 __all__ = ["DifficultyClassifier"]
 
@@ -70,7 +71,8 @@ class DifficultyClassifier:
                  unseen: str = "separate"):
         e = as_vector("edges", edges)
         if e.size == 0 or np.any(e <= 0) or np.any(e >= 1) or np.any(np.diff(e) <= 0):
-            raise ValueError(f"edges: expected a strictly increasing non-empty sequence inside (0, 1), got {e.tolist()}")
+            raise ValueError("edges: expected a strictly increasing non-empty sequence inside (0, 1), "
+                             f"got {e.tolist()}")
         self.edges = e
         self.window = check_positive_int("window", window)
         self.hysteresis = check_float("hysteresis", hysteresis, 0.0, 0.5)

@@ -1,4 +1,4 @@
-"""Prompt-GDRO: the data adversary over difficulty groups (ALGORITHMS.md 3.2;
+"""Prompt-GDRO: the data adversary over difficulty groups (docs/ALGORITHMS.md section 5.2;
 Panaganti et al., arXiv 2601.19280).
 
 What: per step, for each group b present, the mean per-response loss l_b (token-mean
@@ -23,27 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from ..weighting._common import (GRAD_LIMIT, as_vector, check_float, check_positive_int, check_state,
-                                 softmax)
+from .._validate import as_groups, as_vector, check_float, check_positive_int, check_state
+from ..weighting._common import GRAD_LIMIT, softmax
 
 __all__ = ["PromptGDRO"]
-
-
-def as_groups(name: str, groups: Any, num_groups: int) -> np.ndarray:
-    g = np.asarray(groups)
-    if g.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D integer array, got shape {g.shape}")
-    if g.size == 0:
-        return g.astype(np.int64)
-    if not np.issubdtype(g.dtype, np.integer):
-        if g.dtype.kind == "f" and np.all(np.isfinite(g)) and np.all(g == np.round(g)):
-            g = g.astype(np.int64)
-        else:
-            raise ValueError(f"{name}: expected integer group ids, got dtype {g.dtype}")
-    lo, hi = int(g.min()), int(g.max())
-    if lo < 0 or hi >= num_groups:
-        raise ValueError(f"{name}: expected group ids in [0, {num_groups}), got range [{lo}, {hi}]")
-    return g.astype(np.int64, copy=False)
 
 
 def capped_mean_one(values: np.ndarray, counts: np.ndarray, cap: float) -> np.ndarray:
@@ -146,6 +129,14 @@ class PromptGDRO:
         self.seen |= present
         self.steps += 1
         return self.distribution
+
+    def observe(self, groups: Any, per_response_loss: Any) -> np.ndarray:
+        """Protocol form of :meth:`update` (:class:`~mtgrpo_core.gdro.protocol.AdvantageWeighting`)."""
+        return self.update(groups, per_response_loss)
+
+    def metrics(self) -> dict:
+        """The adversary's distribution over groups (``gdro_q``)."""
+        return {"gdro_q": self.distribution}
 
     def state_dict(self) -> dict:
         return {"type": self.kind, "num_groups": self.num_groups, "eta": self.eta, "gamma": self.gamma,

@@ -1,4 +1,4 @@
-"""Rollout-GDRO: the compute adversary that chooses rollouts per prompt (ALGORITHMS.md 3.3;
+"""Rollout-GDRO: the compute adversary that chooses rollouts per prompt (docs/ALGORITHMS.md section 5.3;
 Panaganti et al., arXiv 2601.19280).
 
 Each prompt of group b gets n in [n_min, n_max] rollouts (default [2, 12]); the total over
@@ -32,12 +32,12 @@ Cost: sqrt O(P + B^2); bandit O(B A T') for the DP with T' = P (n_mean - n_min) 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..weighting._common import (GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int,
-                                 check_state)
+from ..weighting._common import GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int, check_state
 from .prompt_gdro import as_groups
 
 __all__ = ["RolloutAllocator", "weighted_standard_error"]
@@ -345,6 +345,13 @@ class RolloutAllocator:
             self.arm_value = np.where(obs, np.where(self.arm_seen, val, jm), self.arm_value)
             self.arm_seen |= obs
         self.steps += 1
+
+    def observe(self, groups_of_prompts: Any, n: Any, rewards_per_prompt: Any) -> None:
+        """Protocol form of :meth:`update` (:class:`~mtgrpo_core.gdro.protocol.RolloutAllocation`)."""
+        self.update(groups_of_prompts, n, rewards_per_prompt)
+
+    def metrics(self) -> dict:
+        return {}
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -6,13 +6,14 @@ What
   ``n_k`` times, ``n = target_counts(q, B)`` (largest remainder, sums to ``B``), with
   ``q_k ~ z_k m_k``: ``z`` the task weights of a controller from
   :mod:`mtgrpo_core.weighting` and ``m_k = min(1 / (1 - rho_k), cap)`` the acceptance-aware
-  inflation of ALGORITHMS.md 2.3 (``rho_k`` = EMA of the task's share of zero-advantage
+  inflation of docs/ALGORITHMS.md section 3.3 (``rho_k`` = EMA of the task's share of zero-advantage
   groups), so that the *informative* prompts of a batch are in ratio ``z`` in expectation
   when the host trainer cannot run extra generation rounds. Prompts of a task are walked in
   a fresh random order per epoch of that task's pool (no prompt twice in a batch).
   ``observe(task_ids, rewards, group_ids)`` folds one generation batch's results in: per
   task accuracy ``J_k`` (EMA, :class:`~mtgrpo_core.weighting.TaskRewardTracker`), ``rho``,
-  then one weight update ``z <- controller.update(J, improvements)``.
+  the mean |advantage| per task, then one weight update through the controller protocol
+  (``controller.observe(TaskStats)``, :mod:`mtgrpo_core.weighting.protocol`).
 * :class:`GDROBinComposer` (Prompt-GDRO realised by sampling): prompts are binned by
   :class:`~mtgrpo_core.gdro.DifficultyClassifier` (pass@k history), each batch holds bin
   ``b`` ``target_counts(q, B)`` times, ``q`` = :class:`~mtgrpo_core.gdro.PromptGDRO`'s
@@ -26,88 +27,19 @@ every prompt id, about 10 ms at 100k prompts).
 """
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional, Sequence
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..gdro import DifficultyClassifier, PromptGDRO
+from .._validate import check_positive_int
+from ..gdro import DifficultyClassifier, make_advantage_weighting
+from ..groups import group_advantages_np, group_labels, informative_groups, per_task_mean
+from ..pools import PoolWalker
 from ..sampling import target_counts
-from ..weighting import ImprovementAwareWeights, RegularizedWeights, SECCurriculum, TaskRewardTracker, UniformWeights
+from ..weighting import TaskRewardTracker, TaskStats, make_weighting
 
-__all__ = ["TaskBatchComposer", "GDROBinComposer", "make_controller", "group_labels", "CONTROLLERS"]
-
-CONTROLLERS = {
-    "iwu": ImprovementAwareWeights,
-    "mtgrpo": ImprovementAwareWeights,
-    "regularized": RegularizedWeights,
-    "uniform": UniformWeights,
-    "sec": SECCurriculum,
-}
-
-
-def make_controller(kind: str, num_tasks: int, **kwargs):
-    """A task-weight controller by name: "mtgrpo"/"iwu", "regularized", "uniform", "sec"."""
-    if kind not in CONTROLLERS:
-        raise ValueError(f"weighting: expected one of {sorted(CONTROLLERS)}, got {kind!r}")
-    return CONTROLLERS[kind](num_tasks, **kwargs)
-
-
-def group_labels(index: Sequence[Hashable]) -> np.ndarray:
-    """Dense int64 labels (first-appearance order) for any hashable group keys (uid strings)."""
-    seen: dict = {}
-    out = np.empty(len(index), dtype=np.int64)
-    for i, key in enumerate(index):
-        out[i] = seen.setdefault(key, len(seen))
-    return out
-
-
-def _zero_adv_groups(rewards: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: all rewards equal (and size > 1)? Returns (flat[G], first_row[G])."""
-    g = int(labels.max()) + 1 if labels.size else 0
-    gmax = np.full(g, -np.inf)
-    gmin = np.full(g, np.inf)
-    np.maximum.at(gmax, labels, rewards)
-    np.minimum.at(gmin, labels, rewards)
-    size = np.bincount(labels, minlength=g)
-    first = np.full(g, labels.size, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(labels.size))
-    return (gmax == gmin) & (size > 1), first
-
-
-class _PoolWalker:
-    """Per-pool random walk without replacement within an epoch (reshuffled when exhausted)."""
-
-    def __init__(self, members: Sequence[np.ndarray], rng: np.random.Generator):
-        self.members = [np.asarray(m, dtype=np.int64) for m in members]
-        self.rng = rng
-        self.order = [self.rng.permutation(m) for m in self.members]
-        self.pos = [0] * len(self.members)
-
-    def take(self, k: int, n: int) -> np.ndarray:
-        """n distinct members of pool k (n <= pool size)."""
-        order, pos = self.order[k], self.pos[k]
-        if pos + n <= order.size:  # the common case: one slice
-            self.pos[k] = pos + n
-            return order[pos:pos + n].copy()
-        out = order[pos:].tolist()
-        taken = set(out)
-        self.order[k] = order = self.rng.permutation(self.members[k])
-        pos = 0
-        while len(out) < n:  # across the epoch boundary: skip prompts already in this batch
-            x = int(order[pos])
-            pos += 1
-            if x not in taken:
-                out.append(x)
-                taken.add(x)
-        self.pos[k] = pos
-        return np.asarray(out, dtype=np.int64)
-
-    def state(self) -> dict:
-        return {"order": [o.tolist() for o in self.order], "pos": list(self.pos)}
-
-    def load(self, d: dict) -> None:
-        self.order = [np.asarray(o, dtype=np.int64) for o in d["order"]]
-        self.pos = [int(p) for p in d["pos"]]
+__all__ = ["TaskBatchComposer", "GDROBinComposer", "group_labels"]
 
 
 def _quota(q: np.ndarray, batch_size: int, capacity: np.ndarray) -> np.ndarray:
@@ -124,8 +56,8 @@ def _quota(q: np.ndarray, batch_size: int, capacity: np.ndarray) -> np.ndarray:
         free = (n < capacity) & (q > 0)
         if not free.any():
             free = n < capacity
-        extra = target_counts(np.where(free, np.maximum(q, 1e-12), 0.0) / np.where(free, np.maximum(q, 1e-12), 0.0).sum(),
-                              int(over.sum())).astype(np.int64)
+        share = np.where(free, np.maximum(q, 1e-12), 0.0)
+        extra = target_counts(share / share.sum(), int(over.sum())).astype(np.int64)
         n = n + extra
     return n
 
@@ -139,8 +71,10 @@ class TaskBatchComposer:
         The task (e.g. verl's ``data_source``) of each dataset row.
     batch_size : int
         Prompts per batch (B).
-    weighting : {"mtgrpo", "regularized", "uniform", "sec"} or a controller object
-        The task-weight controller (``update(rewards, improvements) -> z``, ``weights``).
+    weighting : str or a controller object
+        A task-weighting name of :func:`mtgrpo_core.weighting.make_weighting` (``"iwu"``
+        alias ``"mtgrpo"``, ``"reward-only"`` alias ``"regularized"``, ``"uniform"``,
+        ``"sec"``) or an object following :class:`~mtgrpo_core.weighting.TaskWeighting`.
     acceptance_aware : bool
         Inflate each task's draw by ``min(1 / (1 - rho_k), acceptance_cap)`` (default True).
     acceptance_cap, rho_decay, reward_ema : float
@@ -156,13 +90,12 @@ class TaskBatchComposer:
 
     def __init__(self, task_of_row: Sequence[Hashable], batch_size: int, *, weighting: Any = "mtgrpo",
                  acceptance_aware: bool = True, acceptance_cap: float = 5.0, rho_decay: float = 0.9,
-                 reward_ema: float = 0.5, correct_threshold: float = 1.0, task_names: Optional[Sequence] = None,
-                 seed: int = 0, controller_kwargs: Optional[dict] = None):
+                 reward_ema: float = 0.5, correct_threshold: float = 1.0, task_names: Sequence | None = None,
+                 seed: int = 0, controller_kwargs: dict | None = None):
         rows = list(task_of_row)
         if not rows:
             raise ValueError("task_of_row: the dataset is empty")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         names = list(task_names) if task_names is not None else sorted({r for r in rows}, key=str)
         pos = {t: i for i, t in enumerate(names)}
         missing = [r for r in {r for r in rows} if r not in pos]
@@ -176,7 +109,7 @@ class TaskBatchComposer:
         if batch_size > self.pool_sizes.sum():
             raise ValueError(f"batch_size: {batch_size} is larger than the dataset ({int(self.pool_sizes.sum())} rows)")
         self.batch_size = int(batch_size)
-        self.controller = (make_controller(weighting, self.num_tasks, **(controller_kwargs or {}))
+        self.controller = (make_weighting(weighting, self.num_tasks, **(controller_kwargs or {}))
                            if isinstance(weighting, str) else weighting)
         self.tracker = TaskRewardTracker(self.num_tasks, decay=reward_ema)
         self.acceptance_aware = bool(acceptance_aware)
@@ -185,7 +118,7 @@ class TaskBatchComposer:
         self.correct_threshold = float(correct_threshold)
         self.rho = np.zeros(self.num_tasks)
         self.rng = np.random.default_rng(seed)
-        self._walk = _PoolWalker(members, self.rng)
+        self._walk = PoolWalker(members, self.rng)
         self.batches = 0
         self.updates = 0
         self.last_counts = np.zeros(self.num_tasks, dtype=np.int64)
@@ -230,28 +163,30 @@ class TaskBatchComposer:
             raise ValueError(f"rewards: expected the shape of task_ids {t.shape}, got {r.shape}")
         if t.size and (t.min() < 0 or t.max() >= self.num_tasks):
             raise ValueError(f"task_ids: expected values in [0, {self.num_tasks}), got [{t.min()}, {t.max()}]")
-        present = np.bincount(t, minlength=self.num_tasks) > 0
         correct = (r >= self.correct_threshold).astype(np.float64)
-        cnt = np.bincount(t, minlength=self.num_tasks)
-        acc = np.where(present, np.bincount(t, weights=correct, minlength=self.num_tasks) / np.maximum(cnt, 1), 0.0)
+        acc, present = per_task_mean(correct, t, self.num_tasks)
         J = self.tracker.update(acc, present)
         zero_frac = np.full(self.num_tasks, np.nan)
+        mabs = None
         if group_ids is not None:
             g = np.asarray(group_ids)
-            labels = g.astype(np.int64) if np.issubdtype(g.dtype, np.integer) else group_labels(list(g))
-            if labels.shape != t.shape:
-                raise ValueError(f"group_ids: expected shape {t.shape}, got {labels.shape}")
-            flat, first = _zero_adv_groups(r, group_labels(labels.tolist()))
+            if g.shape != t.shape:
+                raise ValueError(f"group_ids: expected shape {t.shape}, got {g.shape}")
+            labels = group_labels(g.tolist())
+            ngroups = int(labels.max()) + 1 if labels.size else 0
+            first = np.full(ngroups, labels.size, dtype=np.int64)
+            np.minimum.at(first, labels, np.arange(labels.size))
+            flat = ~informative_groups(r, labels, ngroups)
             gt = t[first]
             ng = np.bincount(gt, minlength=self.num_tasks)
             nz = np.bincount(gt, weights=flat.astype(np.float64), minlength=self.num_tasks)
             has = ng > 0
             zero_frac = np.where(has, nz / np.maximum(ng, 1), np.nan)
-            self.rho = np.where(has, self.rho_decay * self.rho + (1.0 - self.rho_decay) * np.nan_to_num(zero_frac), self.rho)
-        if isinstance(self.controller, SECCurriculum):
-            z = self.controller.update(J, present=present)
-        else:
-            z = self.controller.update(J, improvements)
+            ema = self.rho_decay * self.rho + (1.0 - self.rho_decay) * np.nan_to_num(zero_frac)
+            self.rho = np.where(has, ema, self.rho)
+            mabs = per_task_mean(np.abs(group_advantages_np(r, labels)), t, self.num_tasks)[0]
+        z = self.controller.observe(TaskStats.make(self.num_tasks, J, present=present, improvements=improvements,
+                                                   mean_abs_advantage=mabs))
         self.updates += 1
         out = {}
         for k, name in enumerate(self.task_names):
@@ -264,14 +199,14 @@ class TaskBatchComposer:
 
     def state_dict(self) -> dict:
         return {"controller": self.controller.state_dict(), "tracker": self.tracker.state_dict(),
-                "rho": self.rho.tolist(), "walk": self._walk.state(), "rng": self.rng.bit_generator.state,
+                "rho": self.rho.tolist(), "walk": self._walk.state_dict(), "rng": self.rng.bit_generator.state,
                 "batches": self.batches, "updates": self.updates}
 
     def load_state_dict(self, d: dict) -> None:
         self.controller.load_state_dict(d["controller"])
         self.tracker.load_state_dict(d["tracker"])
         self.rho = np.asarray(d["rho"], dtype=np.float64)
-        self._walk.load(d["walk"])
+        self._walk.load_state_dict(d["walk"])
         self.rng.bit_generator.state = d["rng"]
         self.batches, self.updates = int(d["batches"]), int(d["updates"])
 
@@ -291,18 +226,17 @@ class GDROBinComposer:
     seed : int
     """
 
-    def __init__(self, prompt_ids: Sequence[Hashable], batch_size: int, *, classifier_kwargs: Optional[dict] = None,
-                 gdro_kwargs: Optional[dict] = None, correct_threshold: float = 1.0, seed: int = 0):
+    def __init__(self, prompt_ids: Sequence[Hashable], batch_size: int, *, classifier_kwargs: dict | None = None,
+                 gdro_kwargs: dict | None = None, correct_threshold: float = 1.0, seed: int = 0):
         self.prompt_ids = list(prompt_ids)
         if not self.prompt_ids:
             raise ValueError("prompt_ids: the dataset is empty")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        check_positive_int("batch_size", batch_size)
         if batch_size > len(self.prompt_ids):
             raise ValueError(f"batch_size: {batch_size} is larger than the dataset ({len(self.prompt_ids)} rows)")
         self.batch_size = int(batch_size)
         self.classifier = DifficultyClassifier(**(classifier_kwargs or {}))
-        self.gdro = PromptGDRO(self.classifier.num_groups, **(gdro_kwargs or {}))
+        self.gdro = make_advantage_weighting("prompt-gdro", self.classifier.num_groups, **(gdro_kwargs or {}))
         self.correct_threshold = float(correct_threshold)
         self.rng = np.random.default_rng(seed)
         self.last_counts = np.zeros(self.classifier.num_groups, dtype=np.int64)
@@ -332,7 +266,7 @@ class GDROBinComposer:
             raise ValueError(f"rewards: expected shape ({len(ids)},), got {r.shape}")
         loss = 1.0 - r if per_response_loss is None else np.asarray(per_response_loss, dtype=np.float64)
         groups = self.classifier.bins(ids)
-        q = self.gdro.update(groups, loss)
+        q = self.gdro.observe(groups, loss)
         uniq = list(dict.fromkeys(ids))
         pos = {p: i for i, p in enumerate(uniq)}
         anyc = np.zeros(len(uniq), bool)

@@ -34,7 +34,7 @@ What
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ try:
     from torch.utils.data import Sampler
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
-    raise ImportError("mtgrpo_core.integrations.trl needs TRL: pip install 'mtgrpo_core[trl]' (tested with trl 1.16)") from e
+    raise ImportError("mtgrpo_core.integrations.trl needs TRL: pip install 'mtgrpo_core[trl]' "
+                      "(tested with trl 1.16)") from e
 
 __all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES"]
 
@@ -85,8 +86,9 @@ class MTGRPOTrainer(GRPOTrainer):
     --------------------------------------
     task_column : str
         Dataset column naming each row's task ("task"). Reward functions also receive it.
-    task_weighting : "mtgrpo" | "regularized" | "uniform" | "sec"
-        Task-weight controller (:mod:`mtgrpo_core.weighting`).
+    task_weighting : str
+        A task-weighting name of :func:`mtgrpo_core.weighting.make_weighting`: "iwu" (alias
+        "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec".
     task_weighting_kwargs : dict
         Its hyperparameters, e.g. ``{"lam": 0.25}``.
     acceptance_aware : bool
@@ -97,7 +99,7 @@ class MTGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, task_column: str = "task", task_weighting: str = "mtgrpo",
-                 task_weighting_kwargs: Optional[dict] = None, acceptance_aware: bool = True,
+                 task_weighting_kwargs: dict | None = None, acceptance_aware: bool = True,
                  correct_threshold: float = 1.0, loss_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -202,7 +204,8 @@ class MTGRPOTrainer(GRPOTrainer):
         elif self.loss_type == "bnpo":
             kw.update(loss_agg="token-mean")
         elif self.loss_type == "dr_grpo":
-            kw.update(loss_agg="seq-mean-token-sum-norm", seq_count="all", norm_length=float(self.max_completion_length))
+            kw.update(loss_agg="seq-mean-token-sum-norm", seq_count="all",
+                      norm_length=float(self.max_completion_length))
         else:  # dapo: sum / (active tokens of the generation batch / processes), rescaled to one window
             normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":

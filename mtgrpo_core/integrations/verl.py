@@ -57,13 +57,15 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..ops import grpo_loss, group_advantages
-from ._batching import GDROBinComposer, TaskBatchComposer, group_labels
+from ..groups import group_labels
+from ..ops import group_advantages, grpo_loss
+from ..weighting import canonical_weighting
+from ._batching import GDROBinComposer, TaskBatchComposer
 
 try:  # the torch Sampler base; verl's dataloader is torchdata's StatefulDataLoader
     from torch.utils.data import Sampler
@@ -108,7 +110,7 @@ def compute_policy_loss_mtgrpo(
     response_mask: torch.Tensor,
     loss_agg_mode: str = "token-mean",
     config: Any = None,
-    rollout_is_weights: Optional[torch.Tensor] = None,
+    rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """verl's vanilla PPO-clip policy loss through :func:`mtgrpo_core.grpo_loss`.
 
@@ -121,7 +123,8 @@ def compute_policy_loss_mtgrpo(
         Behaviour / current log-probabilities (``log_prob`` requires grad).
     advantages : Tensor[B, T] (or [B])
     response_mask : Tensor[B, T], bool or 0/1
-    loss_agg_mode : "token-mean" | "token-sum" | "seq-mean-token-sum" | "seq-mean-token-mean" | "seq-mean-token-sum-norm"
+    loss_agg_mode : "token-mean" | "token-sum" | "seq-mean-token-sum" | "seq-mean-token-mean"
+        | "seq-mean-token-sum-norm"
     config : verl ActorConfig (clip_ratio, clip_ratio_low, clip_ratio_high, clip_ratio_c,
         global_batch_info)
     rollout_is_weights : Tensor[B, T] or None, non-negative
@@ -214,7 +217,7 @@ def compute_mtgrpo_grpo_advantage(
     response_mask: torch.Tensor,
     index: Any = None,
     epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: Optional[bool] = None,
+    norm_adv_by_std_in_grpo: bool | None = None,
     config: Any = None,
     **unused: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +272,7 @@ def _prompt_id(extra_info: Any, fallback: int) -> Any:
     return fallback
 
 
-def _batch_size(data_config: Any, batch_size: Optional[int]) -> int:
+def _batch_size(data_config: Any, batch_size: int | None) -> int:
     if batch_size is not None:
         return int(batch_size)
     # compose whole training batches: verl fetches gen_batch_size rows at a time (1 in the v1
@@ -318,7 +321,7 @@ class _VerlSamplerBase(Sampler):
     """Index sampler for verl's dataloader: yields ``len(dataset) // B`` batches of ``B``
     indices per epoch, each composed by ``self.composer``; ``update(batch)`` feeds results back."""
 
-    def __init__(self, data_source, data_config=None, *, batch_size: Optional[int] = None):
+    def __init__(self, data_source, data_config=None, *, batch_size: int | None = None):
         self.data_source = data_source
         self.data_config = data_config
         self.batch_size = _batch_size(data_config, batch_size)
@@ -349,17 +352,20 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
     Parameters
     ----------
     data_source : the train dataset (verl's RLHFDataset or any indexable of dict rows)
-    data_config : verl's ``data`` config; ``train_batch_size`` is the batch size and ``data.sampler.kwargs`` (optional) overrides the keywords below
+    data_config : verl's ``data`` config; ``train_batch_size`` is the batch size and
+        ``data.sampler.kwargs`` (optional) overrides the keywords below
     batch_size : int, optional, overrides the config
     task_key : str
         Row field holding the task ("data_source").
-    weighting : "mtgrpo" | "regularized" | "uniform" | "sec"
-    lam, lr, weight_decay : MT-GRPO IWU hyperparameters (0.2, 0.025, 1e-5)
+    weighting : a task-weighting name of :func:`mtgrpo_core.weighting.make_weighting`:
+        "iwu" (alias "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec"
+    lam, lr, weight_decay : MT-GRPO IWU hyperparameters (0.2, 0.025, 1e-5); ``lr`` is also
+        the reward-only and SEC step size
     acceptance_aware, acceptance_cap, rho_decay, reward_ema, correct_threshold, seed :
         see :class:`mtgrpo_core.integrations._batching.TaskBatchComposer`
     """
 
-    def __init__(self, data_source, data_config=None, *, batch_size: Optional[int] = None,
+    def __init__(self, data_source, data_config=None, *, batch_size: int | None = None,
                  task_key: str = "data_source", weighting: str = "mtgrpo", lam: float = 0.2, lr: float = 0.025,
                  weight_decay: float = 1e-5, acceptance_aware: bool = True, acceptance_cap: float = 5.0,
                  rho_decay: float = 0.9, reward_ema: float = 0.5, correct_threshold: float = 1.0,
@@ -374,11 +380,10 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
             raise ValueError(f"data.sampler.kwargs: unknown keys {sorted(unknown)}; expected some of {sorted(opts)}")
         opts.update(extra)
         self.task_key = opts["task_key"]
-        ckw = {"lr": opts["lr"]}
-        if opts["weighting"] in ("mtgrpo", "iwu"):
-            ckw.update(lam=opts["lam"], weight_decay=opts["weight_decay"])
-        elif opts["weighting"] in ("uniform", "sec"):
-            ckw = {} if opts["weighting"] == "uniform" else {"lr": opts["lr"]}
+        kind = canonical_weighting(opts["weighting"])
+        # the sampler's keywords each rule takes (a rule registered elsewhere gets its defaults)
+        ckw = {"iwu": {"lr": opts["lr"], "lam": opts["lam"], "weight_decay": opts["weight_decay"]},
+               "reward-only": {"lr": opts["lr"]}, "sec": {"lr": opts["lr"]}}.get(kind, {})
         self.composer = TaskBatchComposer(
             _column(data_source, self.task_key), self.batch_size, weighting=opts["weighting"],
             acceptance_aware=opts["acceptance_aware"], acceptance_cap=opts["acceptance_cap"],
@@ -419,7 +424,7 @@ class PromptGDROSampler(_VerlSamplerBase):
     correct_threshold, seed
     """
 
-    def __init__(self, data_source, data_config=None, *, batch_size: Optional[int] = None, id_key: str = "extra_info",
+    def __init__(self, data_source, data_config=None, *, batch_size: int | None = None, id_key: str = "extra_info",
                  edges=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), window: int = 50, hysteresis: float = 0.03,
                  unseen: str = "separate", eta: float = 0.65, gamma: float = 0.01, ema: float = 0.12,
                  correct_threshold: float = 1.0, seed: int = 0):

@@ -19,14 +19,17 @@ What it models (no language model; a few thousand numbers per step):
   the sum of task k's per-response clipped surrogate (eps 0.2 / 0.28) from before to after
   the update, at the new / old probability ratio of each sampled response.
 - Task weights reach the batch through the ratio-preserving sampler
-  (``mtgrpo_core.sampling.RatioPreservingSampler`` when importable; otherwise a direct
-  weighted draw with the same filtering), so the batch keeps informative prompts only
-  and holds tasks in proportion to the weights.
+  (``mtgrpo_core.sampling.RatioPreservingSampler`` when importable; otherwise the mixed
+  draw with dynamic sampling of :class:`mtgrpo_core.pools.DynamicSampling`), so the batch
+  keeps informative prompts only and holds tasks in proportion to the weights.
 
-Algorithms: ``uniform``, ``sec``, ``reward-only`` (RegularizedWeights, small eta: the
-strict worst-task update), ``iwu`` (ImprovementAwareWeights), ``prompt-gdro``
-(DifficultyClassifier + PromptGDRO reweighting, uniform sampling without filtering), and
-``rollout-sqrt`` / ``rollout-bandit`` (RolloutAllocator; records WSE vs uniform n).
+Algorithms, by the registry names the trainer and the integrations use too: the task
+weightings of :func:`mtgrpo_core.weighting.make_weighting` (``uniform``, ``sec``,
+``reward-only`` (Subroutine 2, small eta: the strict worst-task update), ``iwu``; aliases
+such as ``mtgrpo`` work), the advantage weighting ``prompt-gdro`` (DifficultyClassifier +
+PromptGDRO reweighting, uniform sampling without filtering), and ``rollout-<rule>`` for the
+rollout allocations of :func:`mtgrpo_core.gdro.make_rollout_allocation` (``rollout-sqrt``,
+``rollout-bandit``; records WSE vs uniform n).
 
 Cost: about 1 ms per step at K = 3, B = 48, G = 8 on one core.
 """
@@ -37,11 +40,16 @@ from typing import Any
 
 import numpy as np
 
-from ..gdro import DifficultyClassifier, PromptGDRO, RolloutAllocator, weighted_standard_error
-from ..weighting import (ImprovementAwareWeights, RegularizedWeights, SECCurriculum, TaskRewardTracker,
-                         UniformWeights)
+from ..gdro import (DifficultyClassifier, advantage_weighting_names, make_advantage_weighting,
+                    make_rollout_allocation, rollout_allocation_names, weighted_standard_error)
+from ..groups import group_advantages_np, informative_groups
+from ..pools import DynamicSampling
+from ..weighting import TaskRewardTracker, TaskStats, canonical_weighting, make_weighting, weighting_names
 
-ALGOS = ("uniform", "sec", "reward-only", "iwu", "prompt-gdro", "rollout-sqrt", "rollout-bandit")
+# The registry names (docs/ARCHITECTURE.md, "Names"): task weightings, advantage weightings,
+# "rollout-" + each rollout allocation.
+ALGOS = (weighting_names() + advantage_weighting_names()
+         + tuple(f"rollout-{n}" for n in rollout_allocation_names()))
 
 
 @dataclass(frozen=True)
@@ -118,90 +126,31 @@ def _load_sampler():
         return None
 
 
-class _DirectSampler:
-    """Fallback when the RP sampler is unavailable: one round of ``oversample * B`` prompts
-    drawn with task probabilities = weights (uniform within a task, without replacement in a
-    step), then per task the first accepted prompts up to largest-remainder targets, topped up."""
-
-    def __init__(self, pool_sizes, batch_size, *, oversample=3.0, seed=0, **_):
-        self.pool_sizes = np.asarray(pool_sizes)
-        self.B = batch_size
-        self.M = oversample
-        self.rng = np.random.default_rng(seed)
-
-    def start_step(self, weights):
-        self.z = np.asarray(weights, float)
-        self.done = False
-        self.acc_t, self.acc_p = [], []
-
-    def next_round(self):
-        if self.done:
-            return None
-        self.done = True
-        n = int(self.M * self.B)
-        counts = self.rng.multinomial(n, self.z / self.z.sum())
-        t, p = [], []
-        for k, c in enumerate(counts):
-            c = min(int(c), int(self.pool_sizes[k]))
-            t.append(np.full(c, k, np.int32))
-            p.append(self.rng.choice(self.pool_sizes[k], size=c, replace=False).astype(np.int64))
-
-        class D:
-            pass
-        d = D()
-        d.task_ids, d.prompt_indices = np.concatenate(t), np.concatenate(p)
-        return d
-
-    def report(self, task_ids, prompt_indices, accepted):
-        self.acc_t.append(np.asarray(task_ids)[accepted])
-        self.acc_p.append(np.asarray(prompt_indices)[accepted])
-
-    def finish(self):
-        t = np.concatenate(self.acc_t) if self.acc_t else np.zeros(0, np.int32)
-        p = np.concatenate(self.acc_p) if self.acc_p else np.zeros(0, np.int64)
-        raw = self.z * self.B
-        tgt = np.floor(raw).astype(int)
-        tgt[np.argsort(-(raw - tgt), kind="stable")[: self.B - tgt.sum()]] += 1
-        keep = np.zeros(t.size, bool)
-        for k in range(self.z.size):
-            keep[np.flatnonzero(t == k)[: tgt[k]]] = True
-        rest = np.flatnonzero(~keep)[: max(self.B - int(keep.sum()), 0)]
-        keep[rest] = True
-
-        class Bt:
-            pass
-        b = Bt()
-        b.task_ids, b.prompt_indices = t[keep], p[keep]
-        return b
+def _weighting_kwargs(name: str, cfg: SimConfig) -> dict:
+    table = {
+        "iwu": dict(lam=cfg.lam, lr=cfg.weight_lr, weight_decay=cfg.weight_decay, optimizer="adam",
+                    improvement_clip=cfg.improvement_clip),
+        "reward-only": dict(lr=cfg.weight_lr, eta=cfg.reward_only_eta, optimizer="adam"),
+        "sec": dict(lr=cfg.sec_lr, temperature=cfg.sec_temperature),
+    }
+    return table.get(name, {})
 
 
-def _make_controller(algo: str, cfg: SimConfig):
-    K = cfg.num_tasks
-    if algo in ("uniform", "prompt-gdro", "rollout-sqrt", "rollout-bandit"):
-        return UniformWeights(K)
-    if algo == "sec":
-        return SECCurriculum(K, lr=cfg.sec_lr, temperature=cfg.sec_temperature)
-    if algo == "reward-only":
-        return RegularizedWeights(K, lr=cfg.weight_lr, eta=cfg.reward_only_eta, optimizer="adam")
-    if algo == "iwu":
-        return ImprovementAwareWeights(K, lam=cfg.lam, lr=cfg.weight_lr, weight_decay=cfg.weight_decay,
-                                       optimizer="adam", improvement_clip=cfg.improvement_clip)
-    raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
-
-
-def _advantages(y: np.ndarray, seg: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Group-normalised advantages for flat rewards ``y`` with group index ``seg`` (sizes n)."""
-    mean = np.bincount(seg, weights=y, minlength=n.size) / n
-    dev = y - mean[seg]
-    var = np.bincount(seg, weights=dev * dev, minlength=n.size) / np.maximum(n - 1, 1)
-    std = np.sqrt(var)
-    return np.where(n[seg] > 1, dev / (std[seg] + 1e-6), 0.0)
+def _parse_algo(algo: str) -> tuple[str, str | None, str | None]:
+    """(task weighting, advantage weighting or None, rollout allocation or None) of a sim name."""
+    if algo in advantage_weighting_names(aliases=True):
+        return "uniform", algo, None
+    if isinstance(algo, str) and algo.startswith("rollout-") and algo[8:] in rollout_allocation_names(aliases=True):
+        return "uniform", None, algo[8:]
+    try:
+        return canonical_weighting(algo), None, None
+    except ValueError:
+        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}") from None
 
 
 def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
     """Run one seeded simulation of ``cfg.steps`` steps with weighting / GDRO ``algo``."""
-    if algo not in ALGOS:
-        raise ValueError(f"algo: expected one of {ALGOS}, got {algo!r}")
+    wname, adv_name, alloc_name = _parse_algo(algo)
     K, P, G, B = cfg.num_tasks, cfg.pool_size, cfg.group_size, cfg.batch_size
     if len(cfg.difficulty_means) != K:
         raise ValueError(f"difficulty_means: expected {K} values, got {len(cfg.difficulty_means)}")
@@ -210,28 +159,30 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
     a = np.zeros(K)
     b = np.zeros((K, P))
     M = np.eye(K) - (cfg.interference / max(K - 1, 1)) * (1.0 - np.eye(K))
-    ctrl = _make_controller(algo, cfg)
+    ctrl = make_weighting(wname, K, **_weighting_kwargs(wname, cfg))
     tracker = TaskRewardTracker(K, decay=cfg.reward_ema)
-    gdro = algo == "prompt-gdro"
-    rollout = algo.startswith("rollout-")
+    gdro = adv_name is not None
+    rollout = alloc_name is not None
     filtered = not (gdro or rollout)
     Sampler = _load_sampler() if (cfg.use_sampler and filtered) else None
     sampler_name = ("rp-sampler" if Sampler is not None else "direct") if filtered else "unfiltered"
     if filtered:
         kw = dict(oversample=cfg.oversample, max_rounds=cfg.max_rounds, acceptance_cap=cfg.acceptance_cap,
                   seed=cfg.seed + 1)
-        sampler = (Sampler or _DirectSampler)([P] * K, B, **kw)
+        sampler = (Sampler([P] * K, B, **kw) if Sampler is not None else
+                   DynamicSampling([P] * K, B, filtered=True, oversample=cfg.oversample, max_rounds=cfg.max_rounds,
+                                   seed=cfg.seed + 1))
     if gdro or rollout:
         clf = DifficultyClassifier()
-        pg = PromptGDRO(clf.num_groups, eta=cfg.gdro_eta) if gdro else None
-        ra = (RolloutAllocator(clf.num_groups, n_min=cfg.n_min, n_max=cfg.n_max, n_mean=cfg.n_mean,
-                               method=algo.split("-")[1]) if rollout else None)
+        pg = make_advantage_weighting(adv_name, clf.num_groups, eta=cfg.gdro_eta) if gdro else None
+        ra = (make_rollout_allocation(alloc_name, clf.num_groups, n_min=cfg.n_min, n_max=cfg.n_max,
+                                      n_mean=cfg.n_mean) if rollout else None)
     succ = [_sigmoid(a[:, None] + b - d).mean(axis=1)]
     W, ZG = [], []
     extra: dict[str, list] = {"q_gdro": [], "wse": [], "wse_uniform": [], "mu": [], "alloc_mean": [],
                               "max_weight": []}
 
-    for step in range(cfg.steps):
+    for _ in range(cfg.steps):
         z = np.asarray(ctrl.weights, float)
         W.append(z.copy())
         p_all = _sigmoid(a[:, None] + b - d)
@@ -250,7 +201,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
                 pi = np.asarray(draw.prompt_indices, np.int64)
                 y = (rng.random((t.size, G)) < p_all[t, pi][:, None]).astype(np.float64)
                 c = y.sum(axis=1)
-                acc = (c > 0) & (c < G)
+                acc = informative_groups(y.reshape(-1), np.repeat(np.arange(t.size), G), t.size)
                 sampler.report(draw.task_ids, draw.prompt_indices, acc)
                 for k_, i_, row in zip(t.tolist(), pi.tolist(), y):
                     ys[(k_, i_)] = row
@@ -276,7 +227,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
             Y = (rng.random(int(n.sum())) < np.repeat(p_all[bt, bp], n)).astype(np.float64)
             seg0 = np.repeat(np.arange(B), n)
             c = np.bincount(seg0, weights=Y, minlength=B)
-            zero = (c == 0) | (c == n)
+            zero = ~informative_groups(Y, seg0, B)
             drawn_cnt += np.bincount(bt, minlength=K)
             drawn_zero += np.bincount(bt, weights=zero.astype(float), minlength=K)
             drawn_hits += np.bincount(bt, weights=c, minlength=K)
@@ -290,7 +241,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
             succ.append(succ[-1])
             continue
         seg = np.repeat(np.arange(nb), n)
-        A = _advantages(Y, seg, n.astype(float))
+        A = group_advantages_np(Y, seg)
         resp_w = np.ones(Y.size)
         if gdro:
             resp_groups = np.repeat(groups, n)
@@ -313,23 +264,19 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
         present = np.bincount(bt, minlength=K) > 0
         I = np.where(present, I, 0.0)
         I = I / {"prompts": nb, "responses": Y.size, "none": 1}[cfg.improvement_unit]
-        # controller updates
-        if algo == "sec":
-            mabs = np.bincount(resp_task, weights=np.abs(A), minlength=K) / np.maximum(
-                np.bincount(resp_task, minlength=K), 1)
-            ctrl.update(mabs, present=present)
-        elif algo == "reward-only":
-            ctrl.update(J)
-        elif algo == "iwu":
-            ctrl.update(J, I)
+        # controller updates (one per step: the simulated step is one mini-batch)
+        mabs = np.bincount(resp_task, weights=np.abs(A), minlength=K) / np.maximum(
+            np.bincount(resp_task, minlength=K), 1)
+        ctrl.observe(TaskStats.make(K, J, present=present, improvements=I if ctrl.needs_improvement else None,
+                                    mean_abs_advantage=mabs))
         if gdro:
-            pg.update(resp_groups, loss_after)
+            pg.observe(resp_groups, loss_after)
             extra["q_gdro"].append(pg.distribution.copy())
         if gdro or rollout:
             clf.update(ids, c > 0)
         if rollout:
             rewards_flat = Y
-            ra.update(groups, n, rewards_flat)
+            ra.observe(groups, n, rewards_flat)
             # WSE with the true per-bin sigma of this batch's prompts vs uniform n
             pb = p_old
             cnt_b = np.bincount(groups, minlength=clf.num_groups).astype(float)

@@ -87,7 +87,8 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
             continue
         worst = [min(x.values()) for x in a]
         avg = [float(np.mean(list(x.values()))) for x in a]
-        rel = [relative_change(x, dapo_by_seed[i]) for i, x in enumerate(a) if i in dapo_by_seed] if algo != "dapo" else []
+        rel = ([relative_change(x, dapo_by_seed[i]) for i, x in enumerate(a) if i in dapo_by_seed]
+               if algo != "dapo" else [])
         st = [steps_to_threshold(r, threshold) for r in rows[algo]]
         st_txt = ", ".join("-" if s is None else str(s) for s in st)
         rel_txt = "0 (ref)" if algo == "dapo" else (f"{np.mean(rel):+.1f}" if rel and None not in rel else "-")

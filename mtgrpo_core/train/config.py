@@ -7,26 +7,30 @@ an unknown key is rejected with a did-you-mean suggestion, a wrong type names th
 expected type and the value received, and impossible combinations (``gdro.n_min >
 gdro.n_max``, a batch that cannot be split into mini-batches, ...) are rejected.
 
-Loss settings left unset (``None``) are filled from the algorithm preset
-(:data:`ALGO_PRESETS`): GRPO eps 0.2/0.2 with seq-mean-token-mean and zero-advantage groups
-kept; DAPO / MT-GRPO / SEC / GDRO clip-higher eps_high = 0.28 with token-mean; DAPO and
-MT-GRPO filter zero-advantage groups (dynamic sampling).
+Loss settings left unset (``None``) are filled from the algorithm's bundle
+(:mod:`mtgrpo_core.algorithms`): GRPO eps 0.2/0.2 with seq-mean-token-mean and zero-advantage
+groups kept; DAPO / MT-GRPO / SEC-DAPO / GDRO clip-higher eps_high = 0.28 with token-mean;
+DAPO, MT-GRPO and SEC-DAPO filter zero-advantage groups (dynamic sampling).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import sys
+import types
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ALGOS = ("grpo", "dapo", "mtgrpo", "sec", "prompt-gdro", "rollout-gdro")
+from ..algorithms import algorithm_names, get_algorithm
+
+# Every name --algo / run.algo accepts (canonical names, then aliases such as "sec").
+ALGOS = algorithm_names(aliases=True)
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -98,12 +102,12 @@ class RLConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    clip_eps_low: Optional[float] = None
-    clip_eps_high: Optional[float] = None
-    loss_agg: Optional[str] = None
-    filter_zero_adv: Optional[bool] = None
+    clip_eps_low: float | None = None
+    clip_eps_high: float | None = None
+    loss_agg: str | None = None
+    filter_zero_adv: bool | None = None
     adv_scale: str = "group"
-    adv_clip: Optional[float] = None
+    adv_clip: float | None = None
     kl_coef: float = 0.0
     backend: str = "auto"
 
@@ -115,6 +119,7 @@ class MTGRPOConfig:
     weight_decay: float = 1e-5
     improvement_clip: float = 0.1
     optimizer: str = "adam"
+    eta: float = 1e-2             # Subroutine 2's regulariser (the reward-only ablation's weighting)
     reward_ema: float = 0.5
     acceptance_cap: float = 5.0
     rp_sampler: bool = True
@@ -150,7 +155,6 @@ class EvalConfig:
     k: int = 4                    # sampled completions per item (mean@k, pass@k)
     temperature: float = 1.0
     greedy: bool = True
-    batch_size: int = 512
 
 
 @dataclass(frozen=True)
@@ -186,15 +190,23 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Loss settings each algorithm implies (used where the config leaves them unset).
-ALGO_PRESETS = {
-    "grpo": dict(clip_eps_low=0.2, clip_eps_high=0.2, loss_agg="seq-mean-token-mean", filter_zero_adv=False),
-    "dapo": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "mtgrpo": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "sec": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=True),
-    "prompt-gdro": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=False),
-    "rollout-gdro": dict(clip_eps_low=0.2, clip_eps_high=0.28, loss_agg="token-mean", filter_zero_adv=False),
-}
+def weighting_kwargs(name: str, cfg: TrainConfig) -> dict:
+    """Constructor keywords of the task weighting ``name`` from the config's sections.
+
+    A weighting without an entry here is built with its own defaults (a new rule needs an
+    entry only when it wants config keys; CONTRIBUTING.md).
+    """
+    from ..weighting import canonical_weighting
+
+    m, sec = cfg.mtgrpo, cfg.sec
+    table = {
+        "iwu": dict(lam=m.lam, lr=m.weight_lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
+                    improvement_clip=m.improvement_clip),
+        "reward-only": dict(lr=m.weight_lr, eta=m.eta, optimizer=m.optimizer),
+        "sec": dict(lr=sec.lr, temperature=sec.temperature),
+    }
+    return table.get(canonical_weighting(name), {})
+
 
 _SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
 
@@ -212,7 +224,7 @@ def _did_you_mean(word: str, options) -> str:
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Check ``value`` against the annotated type ``typ``; return the coerced value."""
     origin = get_origin(typ)
-    if origin is Union:  # Optional[X]
+    if origin is Union or origin is types.UnionType:  # Optional[X] / X | None
         args = [a for a in get_args(typ) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
@@ -353,14 +365,65 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.run.algo not in ALGOS:
         raise ConfigError(f"run.algo: unknown algorithm {cfg.run.algo!r}"
                           f"{_did_you_mean(cfg.run.algo, ALGOS)}; choose one of {', '.join(ALGOS)}")
-    preset = ALGO_PRESETS[cfg.run.algo]
+    algo = get_algorithm(cfg.run.algo)
     loss = cfg.loss
-    upd = {k: v for k, v in preset.items() if getattr(loss, k) is None}
-    if cfg.run.algo in ("prompt-gdro", "rollout-gdro") and loss.adv_clip is None:
+    upd = {k: v for k, v in algo.loss_preset().items() if getattr(loss, k) is None}
+    if algo.uses_difficulty_bins and loss.adv_clip is None:   # GDRO clips advantages at 5
         upd["adv_clip"] = cfg.gdro.adv_clip
     cfg = replace(cfg, loss=replace(loss, **upd))
     validate(cfg)
     return cfg
+
+
+LOSS_BACKENDS = ("auto", "cpu", "torch", "triton", "cuda")
+# A difficulty window is H bytes per prompt seen (a uint8 ring buffer): 10,000 visits x 100k
+# prompts is 1 GB, far past any use (the paper's H is 50).
+MAX_GDRO_WINDOW = 10_000
+
+
+def _check_finite(cfg: TrainConfig) -> None:
+    """Every float (and float list) in every section must be finite: inf / nan are accepted
+    by TOML but would only fail after the warm-up (rl.lr = inf) or silently (grad_clip = nan)."""
+    import math
+
+    for sec in fields(cfg):
+        body = getattr(cfg, sec.name)
+        for f in fields(body):
+            v = getattr(body, f.name)
+            vals = v if isinstance(v, tuple) else (v,)
+            for x in vals:
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ConfigError(f"{sec.name}.{f.name}: expected a finite number, got {v!r}")
+
+
+def _check_controllers(cfg: TrainConfig) -> None:
+    """Build every controller once from its section (microseconds), so a bad value is
+    reported now, naming the section, instead of after the warm-up."""
+    from .. import gdro, weighting
+
+    m, gd = cfg.mtgrpo, cfg.gdro
+    checks = [
+        ("mtgrpo", lambda: weighting.make_weighting("iwu", 2, **weighting_kwargs("iwu", cfg))),
+        ("mtgrpo", lambda: weighting.make_weighting("reward-only", 2, **weighting_kwargs("reward-only", cfg))),
+        ("mtgrpo", lambda: weighting.TaskRewardTracker(2, decay=m.reward_ema)),
+        ("sec", lambda: weighting.make_weighting("sec", 2, **weighting_kwargs("sec", cfg))),
+        ("gdro", lambda: gdro.DifficultyClassifier(edges=tuple(gd.edges), window=gd.window,
+                                                   hysteresis=gd.hysteresis, unseen=gd.unseen)),
+        ("gdro", lambda: gdro.make_advantage_weighting("prompt-gdro", 3, eta=gd.eta, gamma=gd.gamma, ema=gd.ema,
+                                                       cap=gd.cap)),
+        ("gdro", lambda: gdro.make_rollout_allocation(gd.allocator, 3, n_min=gd.n_min, n_max=gd.n_max,
+                                                      n_mean=gd.n_mean, eta=gd.eta, gamma=gd.gamma)),
+    ]
+    # constructor argument -> config key, where the names differ
+    rename = {("mtgrpo", "lr"): "weight_lr", ("mtgrpo", "decay"): "reward_ema", ("gdro", "method"): "allocator"}
+    for section, build in checks:
+        try:
+            build()
+        except (TypeError, ValueError) as e:
+            arg, sep, rest = str(e).partition(": ")
+            if sep and arg.isidentifier():
+                raise ConfigError(f"{section}.{rename.get((section, arg), arg)}: {rest}") from None
+            raise ConfigError(f"{section}: {e}") from None
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -369,11 +432,42 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(msg)
 
     r, w, e, g, lo, gd, m = cfg.rl, cfg.warmup, cfg.eval, cfg.generation, cfg.loss, cfg.gdro, cfg.model
+    _check_finite(cfg)
     need(cfg.run.device in ("cpu", "cuda", "auto"), f"run.device must be cpu|cuda|auto, got {cfg.run.device!r}")
+    if cfg.run.device == "cuda":
+        import torch
+
+        need(torch.cuda.is_available(), "run.device='cuda' but torch sees no CUDA device here (use cpu or auto)")
+    from .tasks import SUITES
+
+    need(cfg.tasks.suite in SUITES, f"tasks.suite: unknown suite {cfg.tasks.suite!r}"
+         f"{_did_you_mean(cfg.tasks.suite, SUITES)}; choose one of {', '.join(SUITES)}")
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings"):
+        need(getattr(m, k) >= 1, f"model.{k} must be >= 1, got {getattr(m, k)}")
+    need(w.pool_items >= 1 and r.pool_items >= 1,
+         f"warmup.pool_items and rl.pool_items must be >= 1, got {w.pool_items}, {r.pool_items}")
+    need(w.lr > 0 and w.weight_decay >= 0, f"warmup.lr must be > 0 and warmup.weight_decay >= 0, got {w.lr}, "
+         f"{w.weight_decay}")
+    need(r.weight_decay >= 0, f"rl.weight_decay must be >= 0, got {r.weight_decay}")
+    need(r.grad_clip >= 0, f"rl.grad_clip must be >= 0 (0 = no clipping), got {r.grad_clip}")
+    need(lo.kl_coef >= 0, f"loss.kl_coef must be >= 0, got {lo.kl_coef}")
+    need(lo.backend in LOSS_BACKENDS, f"loss.backend must be one of {LOSS_BACKENDS}, got {lo.backend!r}"
+         f"{_did_you_mean(str(lo.backend), LOSS_BACKENDS)}")
+    need(e.temperature > 0, f"eval.temperature must be > 0 (use eval.greedy for greedy decoding), got {e.temperature}")
+    need(g.batch_size >= 1, f"generation.batch_size must be >= 1, got {g.batch_size}")
+    need(g.backend == "vllm" or (g.vllm_gpu_memory_utilization == GenerationConfig.vllm_gpu_memory_utilization
+                                  and g.vllm_sleep == GenerationConfig.vllm_sleep),
+         "generation.vllm_gpu_memory_utilization / vllm_sleep apply only to generation.backend='vllm'")
+    need(0 < g.vllm_gpu_memory_utilization <= 1,
+         f"generation.vllm_gpu_memory_utilization must be in (0, 1], got {g.vllm_gpu_memory_utilization}")
+    need(gd.window <= MAX_GDRO_WINDOW, f"gdro.window must be <= {MAX_GDRO_WINDOW}, got {gd.window}")
+    need(gd.adv_clip > 0, f"gdro.adv_clip must be > 0, got {gd.adv_clip}")
     need(cfg.run.dtype in ("float32", "bfloat16"), f"run.dtype must be float32|bfloat16, got {cfg.run.dtype!r}")
     need(cfg.run.threads >= 0, f"run.threads must be >= 0, got {cfg.run.threads}")
     need(m.hidden_size % m.num_attention_heads == 0,
-         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads ({m.num_attention_heads})")
+         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_attention_heads "
+         f"({m.num_attention_heads})")
     need(m.num_attention_heads % m.num_key_value_heads == 0,
          "model.num_attention_heads must be a multiple of model.num_key_value_heads")
     need(cfg.tasks.verifier in ("fast", "reference"),
@@ -381,7 +475,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.tasks.train_size >= 0 and cfg.tasks.test_size >= 0, "tasks.train_size/test_size must be >= 0")
     need(w.steps >= 0 and w.batch_size >= 1, "warmup.steps must be >= 0 and warmup.batch_size >= 1")
     need(w.max_time_s >= 0 and r.max_time_s >= 0, "max_time_s must be >= 0 (0 = no cap)")
-    need(len(w.betas) == 2 and all(0 <= b < 1 for b in w.betas), f"warmup.betas must be two numbers in [0, 1), got {w.betas}")
+    need(len(w.betas) == 2 and all(0 <= b < 1 for b in w.betas),
+         f"warmup.betas must be two numbers in [0, 1), got {w.betas}")
     need(all(s >= 0 for s in w.task_shares) and (not w.task_shares or sum(w.task_shares) > 0),
          f"warmup.task_shares must be non-negative with a positive sum, got {w.task_shares}")
     need(r.steps >= 0, f"rl.steps must be >= 0, got {r.steps}")
@@ -421,6 +516,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     need(m.max_position_embeddings >= r.max_new_tokens + 8,
          "model.max_position_embeddings is too small for rl.max_new_tokens plus a prompt")
+    _check_controllers(cfg)
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -9,7 +9,7 @@ the measured CPU-DEFAULT-RUN facts, learns the compact CPU suite fastest on 2 co
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

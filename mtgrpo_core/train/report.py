@@ -5,7 +5,7 @@ smoothed training-batch accuracy), task weights over steps, per-task zero-gradie
 target vs realised batch shares, and rollouts per difficulty bin (GDRO) or per task.
 Summary (``report.md``): per-task accuracy before/after RL, worst-task and average accuracy,
 and the relative change Delta% = mean_k (Acc_m(k) - Acc_b(k)) / Acc_b(k) * 100 against a
-baseline run when one is given (ALGORITHMS.md 2.4).
+baseline run when one is given (docs/ALGORITHMS.md section 7).
 """
 from __future__ import annotations
 
@@ -82,15 +82,21 @@ def make_plots(run: dict, out_dir: Path) -> list[Path]:
         if tr:
             ax.plot(steps, 100 * _smooth([r["train_acc"][k] for r in tr]), "--", alpha=0.6,
                     color=line.get_color() if line is not None else None, label=f"{n} (train batch)")
-    ax.set_xlabel("RL step"); ax.set_ylabel("accuracy %"); ax.set_title("Per-task accuracy")
-    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("accuracy %")
+    ax.set_title("Per-task accuracy")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     save(fig, "accuracy.png")
     # 2. weights
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for k, n in enumerate(names):
         if tr:
             ax.plot(steps, [r.get("weights_after", r["weights"])[k] for r in tr], label=n)
-    ax.set_xlabel("RL step"); ax.set_ylabel("z_k"); ax.set_title("Task weights"); ax.legend(fontsize=7)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("z_k")
+    ax.set_title("Task weights")
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     save(fig, "task_weights.png")
     # 3. zero-gradient rate
@@ -98,8 +104,11 @@ def make_plots(run: dict, out_dir: Path) -> list[Path]:
     for k, n in enumerate(names):
         if tr:
             ax.plot(steps, _smooth([r["zero_grad_rate"][k] for r in tr]), label=n)
-    ax.set_xlabel("RL step"); ax.set_ylabel("zero-advantage group share"); ax.set_title("Zero-gradient rate per task")
-    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("zero-advantage group share")
+    ax.set_title("Zero-gradient rate per task")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     save(fig, "zero_grad_rate.png")
     # 4. target vs realised shares
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -110,8 +119,11 @@ def make_plots(run: dict, out_dir: Path) -> list[Path]:
             (l,) = ax.plot(steps, _smooth([r["realized"][k] / t for r, t in zip(tr, tot_r)]), label=f"{n} realised")
             ax.plot(steps, [r["targets"][k] / t for r, t in zip(tr, tot_t)], ":", color=l.get_color(),
                     label=f"{n} target")
-    ax.set_xlabel("RL step"); ax.set_ylabel("batch share"); ax.set_title("Target vs realised batch shares")
-    ax.legend(fontsize=7); ax.grid(alpha=0.3)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("batch share")
+    ax.set_title("Target vs realised batch shares")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
     save(fig, "batch_shares.png")
     # 5. rollouts per bin (GDRO) or per task
     fig, ax = plt.subplots(figsize=(7, 3.5))

@@ -33,7 +33,7 @@ Cost
     See ``Suite.generation_seconds`` and the module's tests/README for measured figures.
 
 Source
-    MT-GRPO task setup (ALGORITHMS.md 2.4); compact CPU suite from CPU-DEFAULT-RUN.md.
+    MT-GRPO task setup (docs/ALGORITHMS.md section 7); compact CPU suite from CPU-DEFAULT-RUN.md.
 """
 from __future__ import annotations
 

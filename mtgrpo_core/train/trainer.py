@@ -1,28 +1,33 @@
-"""The training loop: supervised warm-up, then GRPO / DAPO / MT-GRPO / SEC / Prompt-GDRO /
-Rollout-GDRO on a multi-task suite, with periodic evaluation, metrics and checkpoints.
+"""The training loop: supervised warm-up, then one of the algorithms of
+:mod:`mtgrpo_core.algorithms` on a multi-task suite, with periodic evaluation, metrics and
+checkpoints.
 
-One RL step (ALGORITHMS.md sections 1-3):
-1. Task weights z from the algorithm's controller (IWU for MT-GRPO, the SEC bandit, uniform
-   otherwise).
-2. Sampling rounds. MT-GRPO: the ratio-preserving sampler (targets n_k from z, acceptance-
-   aware oversampling, up to ``rl.max_rounds`` rounds). Others: a mixed draw with task
-   probabilities z; DAPO / SEC redraw until B prompts survive the zero-advantage filter
-   (dynamic sampling); GRPO / GDRO draw B prompts once and keep every group.
-   Each round generates G completions per prompt (Rollout-GDRO: n per prompt from the
-   allocator), scores them with the suite's isolated verifiers, and records per-task
-   accuracy J_k (before filtering) and the zero-gradient rate.
-3. Advantages (group-normalised, ragged groups allowed) and ``rl.mini_batches`` optimiser
-   updates of the fused clipped loss (:func:`mtgrpo_core.grpo_loss`). MT-GRPO measures I_k
-   on every mini-batch: the per-task sum of per-response losses on the same samples after
-   the step minus before it (same old log-probs and advantages), negated and clipped, then
-   updates the weights once per mini-batch. Prompt-GDRO reweights advantages by bin weights
-   and updates its scores with the per-response losses; the difficulty classifier is
-   updated after the step with "any rollout correct".
-4. Metrics (one JSON line per step), evaluation every ``eval.every`` steps, checkpoints
-   every ``checkpoint.every`` steps (atomic, exact resume).
+One RL step reads top to bottom (:meth:`Trainer.rl_step`; docs/ARCHITECTURE.md):
+
+1. **Weights** z from the task-weighting controller (docs/ALGORITHMS.md sections 3-4).
+2. **Collect rollouts** (:meth:`Trainer.collect_rollouts`): sampling rounds from the
+   algorithm's sampler (the ratio-preserving sampler, or a mixed draw with task
+   probabilities z), each round generating ``n`` completions per prompt (``rl.group_size``,
+   or the rollout allocation's choice by difficulty bin), scoring them with the suite's
+   verifiers and recording per-task accuracy J_k (before filtering) and the zero-gradient
+   rate. With ``filter_zero_adv`` the zero-advantage groups are dropped and redrawn.
+3. **Advantages** (group-normalised, ragged groups allowed), times the advantage
+   weighting's per-response weights when the algorithm has one (Prompt-GDRO).
+4. **Policy update**: ``rl.mini_batches`` optimiser updates of the fused clipped loss
+   (:func:`mtgrpo_core.grpo_loss`), with a KL term to the frozen warm-started policy when
+   ``loss.kl_coef > 0``. A weighting with ``needs_improvement`` (MT-GRPO's IWU) gets I_k
+   measured on every mini-batch (the per-task sum of per-response losses on the same
+   samples after the step minus before it, negated) and observes it right there.
+5. **Observe**: the other controllers fold the step in (task weighting, advantage
+   weighting, rollout allocation, then the difficulty classifier with "any rollout
+   correct").
+
+Then metrics (one JSON line per step), evaluation every ``eval.every`` steps and
+checkpoints every ``checkpoint.every`` steps (atomic, exact resume).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,12 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..algorithms import get_algorithm
+from ..groups import informative_groups, per_task_mean
+from ..pools import DynamicSampling
+from ..weighting import TaskStats
 from . import checkpoint as ckpt
-from .config import TrainConfig, to_toml
+from .config import TrainConfig, to_toml, weighting_kwargs
 from .generation import make_generator
 from .model import PAD, CharTokenizer, build_model, completion_logprobs
-
-RP_ALGOS = ("mtgrpo",)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -79,52 +86,6 @@ def _auto_threads() -> int:
     return n if load < 0.75 * n else 1
 
 
-class MixedSampler:
-    """Draws prompts for the non-RP algorithms: each prompt's task ~ Categorical(p), its
-    index from that task's pool without replacement within an epoch (reshuffled when
-    exhausted). Exact resume through ``state_dict``."""
-
-    def __init__(self, pool_sizes, seed: int):
-        self.pool_sizes = [int(s) for s in pool_sizes]
-        self.rng = np.random.default_rng(seed)
-        self.perms = [self.rng.permutation(n) for n in self.pool_sizes]
-        self.pos = [0] * len(self.pool_sizes)
-
-    def _next(self, k: int) -> int:
-        if self.pos[k] >= self.pool_sizes[k]:
-            self.perms[k] = self.rng.permutation(self.pool_sizes[k])
-            self.pos[k] = 0
-        v = int(self.perms[k][self.pos[k]])
-        self.pos[k] += 1
-        return v
-
-    def draw(self, n: int, probs, exclude=()) -> tuple[np.ndarray, np.ndarray]:
-        p = np.asarray(probs, dtype=np.float64)
-        p = p / p.sum()
-        tasks = self.rng.choice(len(p), size=int(n), p=p)
-        seen = set(exclude)
-        t_out, i_out = [], []
-        for k in tasks:
-            for _ in range(4):  # skip a repeat inside the batch (only possible after a reshuffle)
-                idx = self._next(int(k))
-                if (int(k), idx) not in seen:
-                    break
-            else:
-                continue
-            seen.add((int(k), idx))
-            t_out.append(int(k))
-            i_out.append(idx)
-        return np.asarray(t_out, dtype=np.int32), np.asarray(i_out, dtype=np.int64)
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state, "perms": [p.copy() for p in self.perms], "pos": list(self.pos)}
-
-    def load_state_dict(self, d: dict) -> None:
-        self.rng.bit_generator.state = d["rng"]
-        self.perms = [np.asarray(p) for p in d["perms"]]
-        self.pos = list(d["pos"])
-
-
 @dataclass
 class Groups:
     """Generated groups of one or more rounds (prompt-major)."""
@@ -135,6 +96,7 @@ class Groups:
     rewards: np.ndarray         # [N]
     correct: np.ndarray         # [N] bool
     group_of: np.ndarray        # [N] prompt position in this Groups
+    bins: np.ndarray | None = None   # [P] difficulty bin per prompt (GDRO algorithms), before generation
 
 
 def _cat_rollouts(parts):
@@ -208,64 +170,59 @@ class Trainer:
         self.phase = "warmup"
         self.rl_time = 0.0
         self.metric_lines = 0
+        self.algo = get_algorithm(cfg.run.algo)
+        self.ref_model = None   # the frozen warm-started policy, the KL reference (only when loss.kl_coef > 0)
         self._build_controllers()
 
     # ----------------------------------------------------------------- controllers
     def _build_controllers(self) -> None:
-        cfg, K, algo = self.cfg, self.K, self.cfg.run.algo
-        from .. import weighting
+        """The algorithm's bundle (:mod:`mtgrpo_core.algorithms`) made concrete from the config."""
+        from .. import gdro, weighting
 
-        m = cfg.mtgrpo
-        if algo == "mtgrpo":
-            self.weights = weighting.ImprovementAwareWeights(
-                K, lam=m.lam, lr=m.weight_lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
-                improvement_clip=m.improvement_clip)
-        elif algo == "sec":
-            self.weights = weighting.SECCurriculum(K, lr=cfg.sec.lr, temperature=cfg.sec.temperature)
-        else:
-            self.weights = weighting.UniformWeights(K)
+        cfg, K, algo = self.cfg, self.K, self.algo
+        m, g = cfg.mtgrpo, cfg.gdro
+        self.weighting = weighting.make_weighting(algo.weighting, K, **weighting_kwargs(algo.weighting, cfg))
         self.tracker = weighting.TaskRewardTracker(K, decay=m.reward_ema)
-        self.use_rp = algo in RP_ALGOS and m.rp_sampler
-        if self.use_rp:
+        # mtgrpo.rp_sampler = false swaps the RP sampler for the mixed draw (the IWU-without-RPS ablation)
+        if algo.sampler == "ratio-preserving" and m.rp_sampler:
             from ..sampling import RatioPreservingSampler
 
             self.sampler = RatioPreservingSampler(
                 self.pool_sizes, cfg.rl.batch_prompts, oversample=cfg.rl.oversample,
                 max_rounds=cfg.rl.max_rounds, acceptance_cap=m.acceptance_cap, seed=cfg.run.seed)
         else:
-            self.sampler = MixedSampler(self.pool_sizes, seed=cfg.run.seed + 1)
-        self.clf = self.pgdro = self.alloc = None
-        if algo in ("prompt-gdro", "rollout-gdro"):
-            from .. import gdro
-
-            g = cfg.gdro
-            self.clf = gdro.DifficultyClassifier(edges=tuple(g.edges), window=g.window,
-                                                 hysteresis=g.hysteresis, unseen=g.unseen)
-            if algo == "prompt-gdro":
-                self.pgdro = gdro.PromptGDRO(self.clf.num_groups, eta=g.eta, gamma=g.gamma, ema=g.ema, cap=g.cap)
-            else:
-                self.alloc = gdro.RolloutAllocator(self.clf.num_groups, n_min=g.n_min, n_max=g.n_max,
-                                                   n_mean=g.n_mean, method=g.allocator, eta=g.eta, gamma=g.gamma)
+            self.sampler = DynamicSampling(self.pool_sizes, cfg.rl.batch_prompts, filtered=cfg.loss.filter_zero_adv,
+                                           oversample=cfg.rl.oversample, max_rounds=cfg.rl.max_rounds,
+                                           seed=cfg.run.seed + 1)
+        self.clf = self.adv_weighting = self.alloc = None
+        if algo.uses_difficulty_bins:
+            self.clf = gdro.DifficultyClassifier(edges=tuple(g.edges), window=g.window, hysteresis=g.hysteresis,
+                                                 unseen=g.unseen)
+        if algo.advantage_weighting is not None:
+            self.adv_weighting = gdro.make_advantage_weighting(algo.advantage_weighting, self.clf.num_groups,
+                                                               eta=g.eta, gamma=g.gamma, ema=g.ema, cap=g.cap)
+        if algo.rollout_allocation is not None:   # the rule itself is gdro.allocator (sqrt | bandit)
+            self.alloc = gdro.make_rollout_allocation(g.allocator, self.clf.num_groups, n_min=g.n_min,
+                                                      n_max=g.n_max, n_mean=g.n_mean, eta=g.eta, gamma=g.gamma)
         self.batch_rng = np.random.default_rng(cfg.run.seed + 2)
 
+    def _optional_controllers(self) -> dict:
+        return {name: obj for name, obj in (("clf", self.clf), ("adv_weighting", self.adv_weighting),
+                                            ("alloc", self.alloc)) if obj is not None}
+
     def _controllers_state(self) -> dict:
-        d = {"weights": self.weights.state_dict(), "tracker": self.tracker.state_dict(),
+        d = {"weights": self.weighting.state_dict(), "tracker": self.tracker.state_dict(),
              "sampler": self.sampler.state_dict(), "batch_rng": self.batch_rng.bit_generator.state}
-        for name in ("clf", "pgdro", "alloc"):
-            obj = getattr(self, name)
-            if obj is not None:
-                d[name] = obj.state_dict()
+        d.update({name: obj.state_dict() for name, obj in self._optional_controllers().items()})
         return d
 
     def _load_controllers(self, d: dict) -> None:
-        self.weights.load_state_dict(d["weights"])
+        self.weighting.load_state_dict(d["weights"])
         self.tracker.load_state_dict(d["tracker"])
         self.sampler.load_state_dict(d["sampler"])
         self.batch_rng.bit_generator.state = d["batch_rng"]
-        for name in ("clf", "pgdro", "alloc"):
-            obj = getattr(self, name)
-            if obj is not None:
-                obj.load_state_dict(d[name])
+        for name, obj in self._optional_controllers().items():
+            obj.load_state_dict(d[name])
 
     # ----------------------------------------------------------------- prompts
     def prompts(self, k: int, split: str, indices) -> list:
@@ -307,6 +264,8 @@ class Trainer:
             "controllers": self._controllers_state(), "generator": self.generator.state_dict(),
             "rng": ckpt.rng_state(), "task_names": self.task_names,
         }
+        if self.ref_model is not None:
+            state["ref_model"] = self.ref_model.state_dict()
         ckpt.save_atomic(state, self.out / ckpt.CKPT_NAME)
 
     def load_checkpoint(self, path, *, full: bool = True) -> dict:
@@ -319,10 +278,22 @@ class Trainer:
             ckpt.set_rng_state(st["rng"])
             self.step, self.phase = int(st["step"]), st["phase"]
             self.rl_time, self.metric_lines = float(st["rl_time"]), int(st["metric_lines"])
+            if "ref_model" in st:
+                self._freeze_reference()
+                self.ref_model.load_state_dict(st["ref_model"])
             mpath = self.out / "metrics.jsonl"
             lines = mpath.read_text().splitlines(True) if mpath.exists() else []
             ckpt.write_text_atomic(mpath, "".join(lines[:self.metric_lines]))
         return st
+
+    def _freeze_reference(self) -> None:
+        """The KL reference: a frozen copy of the policy as it enters RL (after the warm-up or
+        ``run.init_from``). Only built when ``loss.kl_coef > 0`` (it costs one forward pass of
+        every response per step)."""
+        if self.cfg.loss.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
 
     # ----------------------------------------------------------------- warm-up
     def warmup(self) -> dict:
@@ -390,10 +361,7 @@ class Trainer:
         self.console.print(t)
 
     # ----------------------------------------------------------------- rollouts
-    def _n_for(self, bins) -> np.ndarray | None:
-        return None
-
-    def generate_groups(self, task_ids, prompt_indices, n) -> Groups:
+    def generate_groups(self, task_ids, prompt_indices, n, bins=None) -> Groups:
         ps = self.prompts_mixed(task_ids, prompt_indices)
         r = self.cfg.rl
         ro = self.generator.generate([p.text for p in ps], [int(x) for x in n], max_new_tokens=r.max_new_tokens,
@@ -401,94 +369,56 @@ class Trainer:
         pi = ro.prompt_index.numpy()
         rewards, correct = self.score([ps[int(i)] for i in pi], ro.texts)
         return Groups(np.asarray(task_ids, np.int64), np.asarray(prompt_indices, np.int64), np.asarray(n, np.int64),
-                      ro, rewards, correct, pi)
+                      ro, rewards, correct, pi, None if bins is None else np.asarray(bins, np.int64))
 
-    @staticmethod
-    def _group_flags(g: Groups) -> np.ndarray:
-        """Per prompt: True when its group's rewards are not all equal (non-zero advantage)."""
-        P = len(g.task_ids)
-        mx = np.full(P, -np.inf)
-        mn = np.full(P, np.inf)
-        np.maximum.at(mx, g.group_of, g.rewards)
-        np.minimum.at(mn, g.group_of, g.rewards)
-        return (mx - mn) > 1e-12
-
-    def _round_stats(self, g: Groups, acc: dict) -> None:
+    def _round_stats(self, g: Groups, informative: np.ndarray, acc: dict) -> None:
         """Accumulate per-task correct / rollouts / groups / zero-adv groups over rounds."""
-        informative = self._group_flags(g)
         t_resp = g.task_ids[g.group_of]
         acc["correct"] += np.bincount(t_resp, weights=g.correct.astype(np.float64), minlength=self.K)
         acc["rollouts"] += np.bincount(t_resp, minlength=self.K)
         acc["groups"] += np.bincount(g.task_ids, minlength=self.K)
         acc["zero_groups"] += np.bincount(g.task_ids, weights=(~informative).astype(np.float64), minlength=self.K)
         acc["reward"] += np.bincount(t_resp, weights=g.rewards, minlength=self.K)
-        # J_k: accuracy of this round's rollouts for the tasks present in it
-        cnt = np.bincount(t_resp, minlength=self.K)
-        present = cnt > 0
-        J = np.divide(np.bincount(t_resp, weights=g.correct.astype(np.float64), minlength=self.K),
-                      np.maximum(cnt, 1))
-        self.tracker.update(J, present)
 
-    def sample_batch(self, z: np.ndarray, bins_fn=None) -> tuple[Groups, dict]:
-        """Sampling rounds until the batch is full; returns the selected groups and stats."""
-        cfg, B = self.cfg, self.cfg.rl.batch_prompts
+    def collect_rollouts(self, z: np.ndarray) -> tuple[Groups, dict]:
+        """Sampling rounds until the sampler stops; returns the selected groups and stats.
+
+        Each round: the sampler's draw, the difficulty bins of the drawn prompts (from the
+        history up to the previous step; GDRO algorithms only), the rollouts per prompt
+        (the rollout allocation's, else ``rl.group_size``), generation and scoring, then
+        J_k of the round's rollouts into the reward tracker and the zero-advantage filter's
+        verdict back to the sampler.
+        """
+        cfg = self.cfg
         acc = {k: np.zeros(self.K) for k in ("correct", "rollouts", "groups", "zero_groups", "reward")}
         filt = bool(cfg.loss.filter_zero_adv)
-        parts, kept = [], []   # kept: (part index, prompt position)
-        info = {"rounds": 0}
-        G = cfg.rl.group_size
-        if self.use_rp:
-            self.sampler.start_step(np.asarray(z, np.float64))
-            while True:
-                draw = self.sampler.next_round()
-                if draw is None:
-                    break
-                g = self.generate_groups(draw.task_ids, draw.prompt_indices, np.full(len(draw.task_ids), G))
-                self._round_stats(g, acc)
-                ok = self._group_flags(g) if filt else np.ones(len(g.task_ids), bool)
-                self.sampler.report(np.asarray(draw.task_ids), np.asarray(draw.prompt_indices), ok)
-                parts.append(g)
-                info["rounds"] += 1
-            batch = self.sampler.finish()
-            where = {}
-            for pi, g in enumerate(parts):
-                for j, (t, i) in enumerate(zip(g.task_ids, g.prompt_indices)):
-                    where[(int(t), int(i))] = (pi, j)
-            kept = [where[(int(t), int(i))] for t, i in zip(batch.task_ids, batch.prompt_indices)]
-            info.update(targets=np.asarray(batch.targets), realized=np.asarray(batch.realized),
-                        shortfall=int(batch.shortfall))
-        else:
-            seen: set = set()
-            rounds = cfg.rl.max_rounds if filt else 1
-            draw_n = int(math.ceil(cfg.rl.oversample * B)) if filt else B
-            p = np.asarray(z, np.float64)
-            for _ in range(rounds):
-                t_ids, p_idx = self.sampler.draw(draw_n, p, exclude=seen)
-                seen.update(zip(t_ids.tolist(), p_idx.tolist()))
-                if self.clf is not None:
-                    bins = self.clf.bins(self.prompt_uids(t_ids, p_idx))
-                    info["bins"] = np.asarray(bins)
-                if self.alloc is not None:
-                    n = np.asarray(self.alloc.allocate(info["bins"]), np.int64)
-                else:
-                    n = np.full(len(t_ids), G)
-                g = self.generate_groups(t_ids, p_idx, n)
-                self._round_stats(g, acc)
-                ok = self._group_flags(g) if filt else np.ones(len(t_ids), bool)
-                pi = len(parts)
-                parts.append(g)
-                info["rounds"] += 1
-                for j in np.nonzero(ok)[0]:
-                    if len(kept) < B:
-                        kept.append((pi, int(j)))
-                if len(kept) >= B:
-                    break
-            realized = np.zeros(self.K, np.int64)
-            for pi, j in kept:
-                realized[parts[pi].task_ids[j]] += 1
-            info.update(targets=np.asarray(z) * B, realized=realized, shortfall=max(0, B - len(kept)))
-        sel = self._select(parts, kept)
-        return sel, {**info, **acc}
+        parts: list[Groups] = []
+        self.sampler.start_step(np.asarray(z, np.float64))
+        while True:
+            draw = self.sampler.next_round()
+            if draw is None:
+                break
+            t_ids, p_idx = np.asarray(draw.task_ids), np.asarray(draw.prompt_indices)
+            bins = None if self.clf is None else np.asarray(self.clf.bins(self.prompt_uids(t_ids, p_idx)))
+            n = (np.full(len(t_ids), cfg.rl.group_size) if self.alloc is None
+                 else np.asarray(self.alloc.allocate(bins), np.int64))
+            g = self.generate_groups(t_ids, p_idx, n, bins)
+            informative = informative_groups(g.rewards, g.group_of, len(g.task_ids))
+            self._round_stats(g, informative, acc)
+            # J_k: accuracy of this round's rollouts for the tasks present in it
+            J, present = per_task_mean(g.correct.astype(np.float64), g.task_ids[g.group_of], self.K)
+            self.tracker.update(J, present)
+            self.sampler.report(t_ids, p_idx, informative if filt else np.ones(len(t_ids), bool))
+            parts.append(g)
+        batch = self.sampler.finish()
+        where = {}
+        for pi, g in enumerate(parts):
+            for j, (t, i) in enumerate(zip(g.task_ids, g.prompt_indices)):
+                where[(int(t), int(i))] = (pi, j)
+        kept = [where[(int(t), int(i))] for t, i in zip(batch.task_ids, batch.prompt_indices)]
+        info = {"rounds": len(parts), "targets": np.asarray(batch.targets), "realized": np.asarray(batch.realized),
+                "shortfall": int(batch.shortfall)}
+        return self._select(parts, kept), {**info, **acc}
 
     def _select(self, parts, kept) -> Groups:
         """Gather the kept prompts' groups from the rounds into one Groups."""
@@ -496,46 +426,72 @@ class Trainer:
 
         all_ro = _cat_rollouts([p.rollouts for p in parts])
         resp_off = np.cumsum([0] + [len(p.rollouts) for p in parts])
-        rows, t, i, n, gof = [], [], [], [], []
+        rows, t, i, n, gof, bins = [], [], [], [], [], []
         for new_j, (pi, j) in enumerate(kept):
             g = parts[pi]
             r = np.nonzero(g.group_of == j)[0] + resp_off[pi]
             rows.append(r)
-            t.append(g.task_ids[j]); i.append(g.prompt_indices[j]); n.append(g.n[j])
+            t.append(g.task_ids[j])
+            i.append(g.prompt_indices[j])
+            n.append(g.n[j])
             gof.append(np.full(len(r), new_j))
+            if g.bins is not None:
+                bins.append(g.bins[j])
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         rr = torch.as_tensor(rows, dtype=torch.long)
         rewards = np.concatenate([p.rewards for p in parts])[rows]
         correct = np.concatenate([p.correct for p in parts])[rows]
-        ro = Rollouts(torch.as_tensor(np.concatenate(gof) if gof else np.zeros(0, np.int64)),
-                      all_ro.prompt_ids[rr], all_ro.prompt_mask[rr], all_ro.completion_ids[rr],
+        gof = np.concatenate(gof) if gof else np.zeros(0, np.int64)
+        ro = Rollouts(torch.as_tensor(gof), all_ro.prompt_ids[rr], all_ro.prompt_mask[rr], all_ro.completion_ids[rr],
                       all_ro.completion_mask[rr], all_ro.sampling_logprobs[rr], [all_ro.texts[k] for k in rows])
         return Groups(np.asarray(t, np.int64), np.asarray(i, np.int64), np.asarray(n, np.int64), ro,
-                      rewards, correct, np.concatenate(gof) if gof else np.zeros(0, np.int64))
+                      rewards, correct, gof, np.asarray(bins, np.int64) if self.clf is not None else None)
 
     def prompt_uids(self, task_ids, prompt_indices) -> np.ndarray:
         """Stable integer id of a training prompt (task index, pool index)."""
         return np.asarray(task_ids, np.int64) * 1_000_000_000 + np.asarray(prompt_indices, np.int64)
 
     # ----------------------------------------------------------------- one RL step
-    def _loss(self, logp, old, mask, adv, seq_w, task_ids):
+    def _loss(self, logp, old, mask, adv, seq_w, task_ids, ref=None):
         import mtgrpo_core as mc
 
         lo = self.cfg.loss
         return mc.grpo_loss(logp, old, mask, adv, seq_weights=seq_w, clip_eps_low=lo.clip_eps_low,
-                            clip_eps_high=lo.clip_eps_high, loss_agg=lo.loss_agg, kl_coef=0.0,
-                            task_ids=task_ids, num_tasks=self.K, backend=lo.backend)
+                            clip_eps_high=lo.clip_eps_high, loss_agg=lo.loss_agg, ref_logprobs=ref,
+                            kl_coef=lo.kl_coef if ref is not None else 0.0, task_ids=task_ids, num_tasks=self.K,
+                            backend=lo.backend)
 
     def rl_step(self) -> dict:
-        import mtgrpo_core as mc
-
-        cfg, K = self.cfg, self.K
+        """One RL step: weights -> collect rollouts -> advantages -> policy update -> observe."""
         t0 = time.time()
         self.generator.sync_weights(self.model)   # vLLM: load the trained weights; HF: same object
-        z = np.asarray(self.weights.weights, np.float64)
-        batch, info = self.sample_batch(z)
+        z = np.asarray(self.weighting.weights, np.float64)                        # 1. weights
+        batch, info = self.collect_rollouts(z)                                    # 2. rollouts
         t_gen = time.time() - t0
-        rec = {"kind": "train", "step": self.step + 1, "algo": cfg.run.algo, "weights": z,
+        rec = self._step_record(z, batch, info)
+        if len(batch.task_ids) == 0:
+            rec["skipped"] = True
+            self.step += 1
+            rec["time_s"] = time.time() - t0
+            return rec
+        adv, seq_w = self.advantages(batch)                                       # 3. advantages
+        upd = self.policy_update(batch, adv, seq_w)                               # 4. update (+ I_k)
+        self.observe(batch, adv, upd["per_response_loss"])                        # 5. observe
+        self.step += 1
+        rec.update(upd["metrics"])
+        rec.update(self.weighting.metrics())
+        if self.adv_weighting is not None:
+            rec.update(self.adv_weighting.metrics())
+        if self.alloc is not None:
+            rec.update(self.alloc.metrics())
+        rec["weights_after"] = np.asarray(self.weighting.weights, np.float64)
+        rec["completion_len"] = float(batch.rollouts.completion_mask.sum(1).float().mean())
+        rec["gen_time_s"] = t_gen
+        rec["time_s"] = time.time() - t0
+        return rec
+
+    def _step_record(self, z: np.ndarray, batch: Groups, info: dict) -> dict:
+        rec = {"kind": "train", "step": self.step + 1, "algo": self.cfg.run.algo, "weights": z,
                "rounds": info["rounds"], "targets": info["targets"], "realized": info["realized"],
                "shortfall": info["shortfall"], "batch_prompts": len(batch.task_ids)}
         rol = np.maximum(info["rollouts"], 1)
@@ -543,57 +499,68 @@ class Trainer:
         rec["train_reward"] = info["reward"] / rol
         rec["zero_grad_rate"] = info["zero_groups"] / np.maximum(info["groups"], 1)
         rec["rollouts_per_task"] = info["rollouts"]
-        rec["J"] = np.asarray(self.tracker.values, np.float64) if hasattr(self.tracker, "values") else None
-        if len(batch.task_ids) == 0:
-            rec["skipped"] = True
-            self.step += 1
-            rec["time_s"] = time.time() - t0
-            return rec
-        dev = self.device
-        ro = batch.rollouts
-        N = len(ro)
-        task_resp = torch.as_tensor(batch.task_ids[batch.group_of], dtype=torch.long)
-        gid = torch.as_tensor(batch.group_of, dtype=torch.long)
-        rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
-        adv = mc.group_advantages(rewards, gid, scale=cfg.loss.adv_scale, clip=cfg.loss.adv_clip)
-        seq_w = None
-        bins_resp = None
-        if self.clf is not None:
-            uids = self.prompt_uids(batch.task_ids, batch.prompt_indices)
-            bins_prompt = np.asarray(self.clf.bins(uids))
-            bins_resp = bins_prompt[batch.group_of]
-            if self.pgdro is not None:
-                seq_w = torch.as_tensor(np.asarray(self.pgdro.response_weights(bins_resp)), dtype=torch.float32)
-            rec["bin_prompts"] = np.bincount(bins_prompt, minlength=self.clf.num_groups)
-            rec["bin_rollouts"] = np.bincount(bins_prompt, weights=batch.n.astype(np.float64),
-                                              minlength=self.clf.num_groups)
-        if self.alloc is not None:
+        rec["J"] = np.asarray(self.tracker.values, np.float64)
+        if batch.bins is not None and len(batch.task_ids):
+            G = self.clf.num_groups
+            rec["bin_prompts"] = np.bincount(batch.bins, minlength=G)
+            rec["bin_rollouts"] = np.bincount(batch.bins, weights=batch.n.astype(np.float64), minlength=G)
+        if self.alloc is not None and len(batch.task_ids):
             rec["n_per_prompt_mean"] = float(batch.n.mean())
-        # mini-batches of whole groups
+        return rec
+
+    def advantages(self, batch: Groups) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Group-normalised advantages [N] and the advantage weighting's per-response
+        multipliers [N] (None without one)."""
+        import mtgrpo_core as mc
+
+        lo = self.cfg.loss
+        rewards = torch.as_tensor(batch.rewards, dtype=torch.float32)
+        adv = mc.group_advantages(rewards, torch.as_tensor(batch.group_of, dtype=torch.long), scale=lo.adv_scale,
+                                  clip=lo.adv_clip)
+        seq_w = None
+        if self.adv_weighting is not None:
+            w = self.adv_weighting.response_weights(batch.bins[batch.group_of])
+            seq_w = None if w is None else torch.as_tensor(np.asarray(w), dtype=torch.float32)
+        return adv, seq_w
+
+    def policy_update(self, batch: Groups, adv: torch.Tensor, seq_w: torch.Tensor | None) -> dict:
+        """``rl.mini_batches`` optimiser updates over whole groups; returns the per-response
+        loss before each update [N] and the step's loss metrics. A weighting that
+        ``needs_improvement`` observes I_k after every mini-batch."""
+        cfg, K, dev = self.cfg, self.K, self.device
+        ro = batch.rollouts
+        task_resp = torch.as_tensor(batch.task_ids[batch.group_of], dtype=torch.long)
         P = len(batch.task_ids)
         order = self.batch_rng.permutation(P)
         chunks = [c for c in np.array_split(order, min(cfg.rl.mini_batches, P)) if len(c)]
         mask_all = ro.completion_mask
+        measure_I = bool(self.weighting.needs_improvement)
         self.model.train()
-        # old log-probs: the policy before this step's first update
+        # old log-probs: the policy before this step's first update; reference: the frozen warm start
         with torch.no_grad():
             old_all = completion_logprobs(self.model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
                                           ro.completion_ids.to(dev), mask_all.to(dev)).float()
+            ref_all = None
+            if self.ref_model is not None:
+                ref_all = completion_logprobs(self.ref_model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
+                                              ro.completion_ids.to(dev), mask_all.to(dev)).float()
         losses, I_hist, stats_acc = [], [], []
-        per_resp_loss = torch.zeros(N)
+        per_resp_loss = torch.zeros(len(ro))
         for c in chunks:
             sel = torch.as_tensor(np.nonzero(np.isin(batch.group_of, c))[0], dtype=torch.long)
             pid, pm = ro.prompt_ids[sel].to(dev), ro.prompt_mask[sel].to(dev)
             cid, cm = ro.completion_ids[sel].to(dev), mask_all[sel].to(dev)
             old = old_all[sel.to(dev)]
+            ref = ref_all[sel.to(dev)] if ref_all is not None else None
             a = adv[sel].to(dev)
             sw = seq_w[sel].to(dev) if seq_w is not None else None
             tids = task_resp[sel].to(dev)
             logp = completion_logprobs(self.model, pid, pm, cid, cm).float()
-            loss, st = self._loss(logp, old, cm, a, sw, tids)
+            loss, st = self._loss(logp, old, cm, a, sw, tids, ref)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.rl.grad_clip) if cfg.rl.grad_clip > 0 else None
+            gn = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.rl.grad_clip)
+                  if cfg.rl.grad_clip > 0 else None)
             self.opt.step()
             before = st.per_sequence_loss.detach().float().cpu()
             per_resp_loss[sel] = before
@@ -603,50 +570,46 @@ class Trainer:
                               "grad_norm": float(gn) if gn is not None else None,
                               "task_loss_sum": st.task_loss_sum.detach().float().cpu().numpy()
                               if getattr(st, "task_loss_sum", None) is not None else None})
-            if cfg.run.algo == "mtgrpo":
+            if ref is not None:
+                stats_acc[-1]["ref_kl"] = float(st.ref_kl_mean)
+            if measure_I:
                 with torch.no_grad():
                     logp2 = completion_logprobs(self.model, pid, pm, cid, cm).float()
-                    _, st2 = self._loss(logp2, old, cm, a, sw, tids)
+                    _, st2 = self._loss(logp2, old, cm, a, sw, tids, ref)
                 after = st2.per_sequence_loss.detach().float().cpu()
                 tk = tids.cpu().numpy()
                 I = -(np.bincount(tk, weights=after.numpy().astype(np.float64), minlength=K)
                       - np.bincount(tk, weights=before.numpy().astype(np.float64), minlength=K))
                 I_hist.append(I)
-                self.weights.update(rewards=np.asarray(self.tracker.values, np.float64), improvements=I)
-        if cfg.run.algo == "sec":
-            # SEC's bandit reward: mean |advantage| of each task's responses in this batch
-            a_abs = adv.abs().numpy().astype(np.float64)
-            cnt = np.bincount(task_resp.numpy(), minlength=K)
-            r_sec = np.bincount(task_resp.numpy(), weights=a_abs, minlength=K) / np.maximum(cnt, 1)
-            self.weights.update(rewards=r_sec, improvements=None, present=cnt > 0)
-            rec["sec_reward"] = r_sec
-        if self.pgdro is not None:
-            self.pgdro.update(bins_resp, per_resp_loss.numpy())
-            rec["gdro_q"] = np.asarray(self.pgdro.distribution)
-        if self.alloc is not None:
-            uids = self.prompt_uids(batch.task_ids, batch.prompt_indices)
-            bins_prompt = np.asarray(self.clf.bins(uids))
-            rpp = [batch.rewards[batch.group_of == j] for j in range(P)]
-            self.alloc.update(bins_prompt, batch.n, rpp)
-        if self.clf is not None:
-            any_c = np.zeros(P, bool)
-            np.logical_or.at(any_c, batch.group_of, batch.correct)
-            self.clf.update(self.prompt_uids(batch.task_ids, batch.prompt_indices), any_c)
-        self.step += 1
-        rec["loss"] = float(np.mean(losses))
+                self.weighting.observe(TaskStats.make(K, self.tracker.values, improvements=I))
+        metrics = {"loss": float(np.mean(losses))}
         for k in stats_acc[0]:
             vals = [s[k] for s in stats_acc if s[k] is not None]
             if k == "task_loss_sum":   # per-task loss sums from the fused kernel, summed over mini-batches
-                rec[k] = np.sum(vals, 0) if vals else None
+                metrics[k] = np.sum(vals, 0) if vals else None
             else:
-                rec[k] = float(np.mean(vals)) if vals else None
+                metrics[k] = float(np.mean(vals)) if vals else None
         if I_hist:
-            rec["improvement"] = np.mean(I_hist, 0)
-        rec["weights_after"] = np.asarray(self.weights.weights, np.float64)
-        rec["completion_len"] = float(mask_all.sum(1).float().mean())
-        rec["gen_time_s"] = t_gen
-        rec["time_s"] = time.time() - t0
-        return rec
+            metrics["improvement"] = np.mean(I_hist, 0)
+        return {"per_response_loss": per_resp_loss.numpy(), "metrics": metrics}
+
+    def observe(self, batch: Groups, adv: torch.Tensor, per_response_loss: np.ndarray) -> None:
+        """Every controller folds the step in: the task weighting (unless it observed per
+        mini-batch), the advantage weighting, the rollout allocation, then the classifier."""
+        task_resp = batch.task_ids[batch.group_of]
+        if not self.weighting.needs_improvement:
+            mabs, present = per_task_mean(adv.abs().numpy().astype(np.float64), task_resp, self.K)
+            self.weighting.observe(TaskStats.make(self.K, self.tracker.values, present=present,
+                                                  mean_abs_advantage=mabs))
+        if self.adv_weighting is not None:
+            self.adv_weighting.observe(batch.bins[batch.group_of], per_response_loss)
+        if self.alloc is not None:
+            P = len(batch.task_ids)
+            self.alloc.observe(batch.bins, batch.n, [batch.rewards[batch.group_of == j] for j in range(P)])
+        if self.clf is not None:
+            any_c = np.zeros(len(batch.task_ids), bool)
+            np.logical_or.at(any_c, batch.group_of, batch.correct)
+            self.clf.update(self.prompt_uids(batch.task_ids, batch.prompt_indices), any_c)
 
     # ----------------------------------------------------------------- the run
     def run(self) -> dict:
@@ -675,6 +638,7 @@ class Trainer:
             ev = self.evaluate("test", tag="before")
             self._log(ev)
             self._print_eval(ev, "before RL")
+            self._freeze_reference()
             self.phase = "rl"
             self.save_checkpoint()
         if self.phase == "rl":

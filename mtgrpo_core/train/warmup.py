@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from .model import EOS, PAD
+from .model import PAD
 
 
 def _counts(shares, total: int) -> np.ndarray:

@@ -5,10 +5,9 @@ Everything here is numpy float64 on the host; the controllers hold a handful of 
 """
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
+
+from .._validate import as_mask, as_vector, check_choice, check_float, check_positive_int, check_state  # noqa: F401
 
 # |gradient| above this is clipped before Adam/SGD: it keeps g**2 finite (1e100**2 = 1e200)
 # whatever the scale of the rewards; realistic gradients are O(1), so it never binds.
@@ -18,79 +17,11 @@ GRAD_LIMIT = 1e100
 LOGIT_LIMIT = 1e150
 
 
-def as_vector(name: str, x: Any, size: int | None = None, *, allow_none: bool = False,
-              dtype=np.float64) -> np.ndarray | None:
-    """``x`` as a finite 1-D float64 array of length ``size`` (ValueError naming ``name``)."""
-    if x is None:
-        if allow_none:
-            return None
-        raise ValueError(f"{name}: expected an array of length {size}, got None")
-    try:
-        arr = np.asarray(x, dtype=dtype)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: expected numbers, got {type(x).__name__} ({e})") from None
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D array, got shape {arr.shape}")
-    if size is not None and arr.shape[0] != size:
-        raise ValueError(f"{name}: expected length {size}, got {arr.shape[0]}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: expected finite values, got {arr.tolist()[:8]}...")
-    return arr
-
-
-def as_mask(name: str, x: Any, size: int) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != 1 or arr.shape[0] != size:
-        raise ValueError(f"{name}: expected a boolean array of length {size}, got shape {arr.shape}")
-    if arr.dtype != np.bool_:
-        if not np.all(np.isin(arr, (0, 1))):
-            raise ValueError(f"{name}: expected booleans (or 0/1), got {arr.tolist()[:8]}")
-        arr = arr.astype(bool)
-    return arr
-
-
-def check_positive_int(name: str, v: Any, minimum: int = 1) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
-    return int(v)
-
-
-def check_float(name: str, v: Any, lo: float = -math.inf, hi: float = math.inf, *,
-                lo_open: bool = False, hi_open: bool = False) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a number, got {v!r}") from None
-    bad = (not math.isfinite(f)) or f < lo or f > hi or (lo_open and f == lo) or (hi_open and f == hi)
-    if bad:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"{name}: expected a finite number in {lb}{lo}, {hi}{rb}, got {v!r}")
-    return f
-
-
-def check_choice(name: str, v: Any, choices: tuple[str, ...]) -> str:
-    if v not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {v!r}")
-    return v
-
-
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax through log-sum-exp: finite and on the simplex for any finite ``x``."""
     m = np.max(x)
     e = np.exp(x - m)
     return e / e.sum()
-
-
-def check_state(d: Any, kind: str, **expect: Any) -> dict:
-    if not isinstance(d, dict):
-        raise ValueError(f"state_dict: expected a dict, got {type(d).__name__}")
-    if d.get("type") != kind:
-        raise ValueError(f"state_dict: expected type {kind!r}, got {d.get('type')!r}")
-    for k, v in expect.items():
-        if d.get(k) != v:
-            raise ValueError(f"state_dict: {k} is {d.get(k)!r}, this object has {v!r}")
-    return d
 
 
 class Adam:

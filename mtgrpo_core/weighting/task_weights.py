@@ -4,7 +4,7 @@ What: task weights z on the simplex, z = softmax(xi), updated once per optimiser
 from per-task rewards J_k and improvements I_k. The weights feed the ratio-preserving
 sampler (the batch holds task k in proportion z_k) and/or a task-weighted loss.
 
-Algorithms (ALGORITHMS.md section 2; MT-GRPO, Ramesh et al., arXiv 2602.05547):
+Algorithms (docs/ALGORITHMS.md sections 3-4; MT-GRPO, Ramesh et al., arXiv 2602.05547):
 - :class:`ImprovementAwareWeights` (IWU, the method): s_k = clip(I_k) + lambda J_k,
   g_k = z_k (s_k - sum_j z_j s_j), xi <- xi - step(g) with Adam (betas 0.9/0.999, L2
   weight decay added to the gradient, as the reference code) or plain gradient descent.
@@ -34,6 +34,7 @@ import numpy as np
 
 from ._common import (GRAD_LIMIT, LOGIT_LIMIT, Adam, as_mask, as_vector, check_choice, check_float,
                       check_positive_int, check_state, softmax)
+from .protocol import TaskStats
 
 __all__ = ["ImprovementAwareWeights", "RegularizedWeights", "UniformWeights", "SECCurriculum",
            "TaskRewardTracker"]
@@ -73,6 +74,9 @@ class _LogitWeights:
     def _hparams(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay, "optimizer": self.optimizer}
 
+    def metrics(self) -> dict:
+        return {}
+
     def state_dict(self) -> dict:
         return {"type": self.kind, "num_tasks": self.num_tasks, **self._hparams(),
                 "xi": self.xi.tolist(), "steps": self.steps, "adam": self._adam.state()}
@@ -104,6 +108,7 @@ class ImprovementAwareWeights(_LogitWeights):
     """
 
     kind = "ImprovementAwareWeights"
+    needs_improvement = True   # s_k = I_k + lambda J_k: the caller measures I_k per mini-batch
 
     def __init__(self, num_tasks: int, lam: float = 0.2, lr: float = 0.025, weight_decay: float = 1e-5,
                  optimizer: str = "adam", improvement_clip: float = 0.1):
@@ -134,6 +139,10 @@ class ImprovementAwareWeights(_LogitWeights):
         s = np.clip(s, -GRAD_LIMIT, GRAD_LIMIT)
         return self._step(s)
 
+    def observe(self, stats: TaskStats) -> np.ndarray:
+        """Protocol form of :meth:`update`: J = ``stats.rewards``, I = ``stats.improvements``."""
+        return self.update(stats.rewards, stats.improvements)
+
     def _hparams(self) -> dict:
         return {**super()._hparams(), "lam": self.lam, "improvement_clip": self.improvement_clip}
 
@@ -147,6 +156,7 @@ class RegularizedWeights(_LogitWeights):
     """
 
     kind = "RegularizedWeights"
+    needs_improvement = False
 
     def __init__(self, num_tasks: int, lr: float = 0.025, eta: float = 1e-2, optimizer: str = "adam"):
         super().__init__(num_tasks, lr, check_float("eta", eta, 0.0), optimizer)
@@ -157,6 +167,10 @@ class RegularizedWeights(_LogitWeights):
         as_vector("improvements", improvements, self.num_tasks, allow_none=True)
         return self._step(np.clip(J, -GRAD_LIMIT, GRAD_LIMIT))
 
+    def observe(self, stats: TaskStats) -> np.ndarray:
+        """Protocol form of :meth:`update` on J = ``stats.rewards``."""
+        return self.update(stats.rewards)
+
     def _hparams(self) -> dict:
         return {**super()._hparams(), "eta": self.eta}
 
@@ -165,6 +179,7 @@ class UniformWeights:
     """z = 1/K, whatever the inputs (the GRPO / DAPO baseline)."""
 
     kind = "UniformWeights"
+    needs_improvement = False
 
     def __init__(self, num_tasks: int):
         self.num_tasks = check_positive_int("num_tasks", num_tasks)
@@ -177,6 +192,12 @@ class UniformWeights:
         as_vector("rewards", rewards, self.num_tasks, allow_none=True)
         as_vector("improvements", improvements, self.num_tasks, allow_none=True)
         return self.weights
+
+    def observe(self, stats: TaskStats) -> np.ndarray:
+        return self.weights
+
+    def metrics(self) -> dict:
+        return {}
 
     def state_dict(self) -> dict:
         return {"type": self.kind, "num_tasks": self.num_tasks}
@@ -203,6 +224,7 @@ class SECCurriculum:
     """
 
     kind = "SECCurriculum"
+    needs_improvement = False
 
     def __init__(self, num_tasks: int, lr: float = 0.5, temperature: float = 0.2):
         self.num_tasks = check_positive_int("num_tasks", num_tasks)
@@ -210,6 +232,7 @@ class SECCurriculum:
         self.temperature = check_float("temperature", temperature, 0.0, lo_open=True)
         self.q = np.zeros(self.num_tasks)
         self.steps = 0
+        self.last_rewards = None   # the last update's arm rewards, for metrics()
 
     @property
     def weights(self) -> np.ndarray:
@@ -231,7 +254,19 @@ class SECCurriculum:
         q_new = np.clip(np.nan_to_num(q_new, nan=0.0), -LOGIT_LIMIT, LOGIT_LIMIT)
         self.q = np.where(mask, q_new, self.q)
         self.steps += 1
+        self.last_rewards = r
         return self.weights
+
+    def observe(self, stats: TaskStats) -> np.ndarray:
+        """TD(0) update with the arms' reward ``stats.mean_abs_advantage`` for the tasks
+        ``stats.present`` (SEC's learnability signal; required)."""
+        if stats.mean_abs_advantage is None:
+            raise ValueError("stats.mean_abs_advantage: SEC's reward is the mean |advantage| per task, got None")
+        return self.update(stats.mean_abs_advantage, present=stats.present)
+
+    def metrics(self) -> dict:
+        """The last arm rewards (``sec_reward``)."""
+        return {"sec_reward": self.last_rewards}
 
     def state_dict(self) -> dict:
         return {"type": self.kind, "num_tasks": self.num_tasks, "lr": self.lr,
