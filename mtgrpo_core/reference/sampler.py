@@ -47,6 +47,11 @@ _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 STATE_FORMAT = "mtgrpo_core.RatioPreservingSampler/1"
 ROUNDINGS = ("largest-remainder", "multinomial")
+#: Largest total apportioned: float(total) must be exact so that |n_k - z_k B| < 1 holds.
+MAX_TOTAL = 2**53
+#: Largest multinomial total (batch size or prompts a round): the draw costs one PCG32
+#: double a prompt, ~5 s for 2**22 in this Python twin (~40 ms in C++); 2**31 took hours.
+MAX_MULTINOMIAL_DRAWS = 2**22
 _UNREPORTED, _ACCEPTED, _REJECTED = 0, 1, 2
 
 
@@ -114,6 +119,15 @@ def check_weights(weights, num_tasks: int, name: str = "weights") -> list[float]
     return out
 
 
+def _check_total(total: int, method: str, name: str = "batch_size") -> None:
+    """ValueError naming ``name`` when ``total`` is above the documented bounds."""
+    if total > MAX_TOTAL:
+        raise ValueError(f"{name}: at most 2**53, got {total}")
+    if method == "multinomial" and total > MAX_MULTINOMIAL_DRAWS:
+        raise ValueError(f"{name}: rounding='multinomial' allows at most 2**22 = {MAX_MULTINOMIAL_DRAWS}, got {total} "
+                         "(one draw a prompt; use 'largest-remainder' for larger sizes)")
+
+
 def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
     """Split ``total`` in proportion to ``w`` (non-negative, positive sum); see module doc."""
     K = len(w)
@@ -123,6 +137,7 @@ def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
     out = [0] * K
     if total <= 0:
         return out
+    _check_total(total, method)
     if method == "largest-remainder":
         rem = [0.0] * K
         active = []
@@ -143,6 +158,15 @@ def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
             out[order[i % len(order)]] += 1
             i += 1
             left -= 1
+        # overshoot (normalised weights summing to 1 + K ulp): give back from the smallest
+        # remainders, skipping zeros, exactly like the C++ core
+        i = 0
+        while left < 0:
+            k = order[len(order) - 1 - i % len(order)]
+            if out[k] > 0:
+                out[k] -= 1
+                left += 1
+            i += 1
         return out
     cum = []
     c = 0.0
@@ -170,6 +194,7 @@ def target_counts_ref(weights, batch_size: int, method: str = "largest-remainder
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
     if method not in ROUNDINGS:
         raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {method!r}")
+    _check_total(int(batch_size), method)
     ws = check_weights(w, w.shape[0])
     return np.asarray(apportion(ws, int(batch_size), method, Pcg32(seed)), dtype=np.int64)
 
@@ -308,11 +333,15 @@ class RatioPreservingSamplerRef:
             raise ValueError(f"rho_decay: must lie in [0, 1), got {rho_decay}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
+        _check_total(int(batch_size), rounding)
         r = math.floor(float(oversample) * float(batch_size) + 0.5)
         if r > 2147483647:
             raise ValueError(f"oversample: oversample * batch_size = {r} prompts a round is too many (max 2**31 - 1)")
         if max(r, 1) * max_rounds > _MASK32:
             raise ValueError("max_rounds: oversample * batch_size * max_rounds must stay below 2**32 prompts a step")
+        if rounding == "multinomial" and r > MAX_MULTINOMIAL_DRAWS:
+            raise ValueError(f"oversample: rounding='multinomial' allows at most 2**22 = {MAX_MULTINOMIAL_DRAWS} "
+                             f"prompts a round, oversample * batch_size = {r}")
         self.pool_sizes = ps
         self.batch_size = int(batch_size)
         self.oversample = float(oversample)

@@ -16,6 +16,18 @@ GRAD_LIMIT = 1e100
 # logits are kept within +-1e150: softmax only sees differences, and this keeps
 # weight_decay * xi and Adam's moments finite for any finite step size.
 LOGIT_LIMIT = 1e150
+# Hyperparameter ceilings, far above any useful value (paper: lr 0.025, weight decay
+# 1e-5..1e-2, lambda 0.1..1.2) and low enough that no product overflows: with |xi| <= 1e150
+# and |g| <= 1e100, weight_decay * xi + g <= 1e153, whose square (Adam's second moment,
+# 1e306) is still finite; 1e300 gave inf - inf = NaN weights before these bounds.
+MAX_LR = 1e3
+MAX_WEIGHT_DECAY = 1e3
+MAX_COEF = 1e6  # lambda, eta of the GDRO controllers, improvement clip
+# Sizes: every controller allocates O(size) (the classifier O(prompts * window), the
+# rollout allocator O(groups * arms)); above these a constructor would die in MemoryError.
+MAX_TASKS = 1_000_000
+MAX_WINDOW = 100_000
+MAX_ROLLOUTS = 65_536
 
 
 def as_vector(name: str, x: Any, size: int | None = None, *, allow_none: bool = False,
@@ -49,10 +61,27 @@ def as_mask(name: str, x: Any, size: int) -> np.ndarray:
     return arr
 
 
-def check_positive_int(name: str, v: Any, minimum: int = 1) -> int:
+def check_positive_int(name: str, v: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
+    if maximum is not None and int(v) > maximum:
+        raise ValueError(f"{name}: expected an integer in [{minimum}, {maximum}], got {v!r}")
+    return int(v)
+
+
+def check_int(name: str, v: Any, minimum: int = 0) -> int:
+    """An integer >= ``minimum`` (ValueError naming ``name``); bools and floats are refused."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
     return int(v)
+
+
+def check_logits(name: str, x: Any, size: int, limit: float = LOGIT_LIMIT) -> np.ndarray:
+    """Finite logits of length ``size`` within +-``limit`` (ValueError naming ``name``)."""
+    arr = as_vector(name, x, size)
+    if np.any(np.abs(arr) > limit):
+        raise ValueError(f"{name}: expected values within +-{limit:g}, got {arr.tolist()[:8]}")
+    return arr
 
 
 def check_float(name: str, v: Any, lo: float = -math.inf, hi: float = math.inf, *,
@@ -118,6 +147,14 @@ class Adam:
         return {"m": self.m.tolist(), "v": self.v.tolist(), "t": self.t}
 
     def load(self, d: dict) -> None:
-        m = as_vector("state_dict['m']", d["m"], self.m.shape[0])
-        v = as_vector("state_dict['v']", d["v"], self.v.shape[0])
-        self.m, self.v, self.t = m.copy(), v.copy(), int(d["t"])
+        if not isinstance(d, dict):
+            raise ValueError(f"state_dict['adam']: expected a dict, got {type(d).__name__}")
+        for key in ("m", "v", "t"):
+            if key not in d:
+                raise ValueError(f"state_dict['adam']: missing key {key!r}")
+        m = as_vector("state_dict['adam']['m']", d["m"], self.m.shape[0])
+        v = as_vector("state_dict['adam']['v']", d["v"], self.v.shape[0])
+        if np.any(v < 0):
+            raise ValueError(f"state_dict['adam']['v']: second moments must be >= 0, got {v.tolist()[:8]}")
+        t = check_int("state_dict['adam']['t']", d["t"], 0)  # t < 0 would divide by 1 - b**0 = 0
+        self.m, self.v, self.t = m.copy(), v.copy(), t
