@@ -447,6 +447,23 @@ class Suite:
         with self._stats_lock:
             return dict(self._stats)
 
+    def load_verifier_stats(self, stats: dict) -> None:
+        """Restore counters saved from :attr:`verifier_stats` (a resumed run continues them).
+
+        ``stats`` maps each counter name (``timeouts``, ``errors``, ``rejected``) to an
+        integer >= 0; unknown names or bad values raise ValueError and change nothing."""
+        if not isinstance(stats, dict):
+            raise ValueError(f"stats: expected a dict, got {type(stats).__name__}")
+        new = {}
+        for k, v in stats.items():
+            if k not in self._stats:
+                raise ValueError(f"stats: unknown counter {k!r}; expected {sorted(self._stats)}")
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < 0:
+                raise ValueError(f"stats[{k!r}]: expected an integer >= 0, got {v!r}")
+            new[k] = int(v)
+        with self._stats_lock:
+            self._stats.update(new)
+
     def reset_verifier_stats(self) -> None:
         with self._stats_lock:
             for k in self._stats:
