@@ -5,6 +5,8 @@ acceptance-aware sampling needs fewer rounds than sampling from z alone; MT-GRPO
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -536,3 +538,60 @@ def test_corrupted_state_never_crashes(key, where, value):
         assert len(b) <= 8 and b.shortfall == 8 - len(b)
     except (ValueError, RuntimeError):
         pass
+
+
+# ------------------------------------------------------------------ size bounds (issue 16, item 7)
+def test_target_counts_huge_sizes_are_refused_or_exact_never_slow():
+    from mtgrpo_core.sampling import MAX_BATCH_SIZE, MAX_MULTINOMIAL_BATCH_SIZE
+
+    assert MAX_BATCH_SIZE == 2**53 and MAX_MULTINOMIAL_BATCH_SIZE == 2**22
+    t0 = time.perf_counter()
+    for B, method in ((2**62, "largest-remainder"), (2**53 + 1, "largest-remainder"), (2**64 + 3, "largest-remainder"),
+                      (2**40, "multinomial"), (2**22 + 1, "multinomial")):
+        with pytest.raises(ValueError, match=r"batch_size: .*at most 2\*\*(53|22)"):
+            target_counts([0.5, 0.5], B, method=method, seed=1)
+        with pytest.raises(ValueError, match=r"batch_size"):
+            target_counts_ref([0.5, 0.5], B, method, 1)
+    assert time.perf_counter() - t0 < 1.0
+    # at 2**53 these weights made the floors overshoot the total ("apportion: rounding
+    # overshoot" leaked from C++; the Python twin returned a sum above B): now both agree
+    w = [0.43290787262701125, 0.5670921273729889]
+    n = target_counts(w, 2**53)
+    assert int(n.sum()) == 2**53 and np.array_equal(n, target_counts_ref(w, 2**53))
+    assert np.all(np.abs(n - np.asarray(w) * 2.0**53) <= 1.0)
+    # the largest multinomial is drawn (C++: tens of ms)
+    m = target_counts([0.25, 0.75], 2**22, method="multinomial", seed=3)
+    assert int(m.sum()) == 2**22 and abs(m[0] / 2**22 - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampler_huge_batch_sizes_are_refused_quickly(backend):
+    t0 = time.perf_counter()
+    for kw, pat in ((dict(batch_size=2**31, rounding="multinomial"), r"batch_size: .*2\*\*22"),
+                    (dict(batch_size=2**21, oversample=3.0, rounding="multinomial"), r"oversample: .*2\*\*22"),
+                    (dict(batch_size=2**60, oversample=1e-12), r"batch_size: at most 2\*\*53")):
+        with pytest.raises(ValueError, match=pat):
+            RatioPreservingSampler([5, 5], backend=backend, **kw)
+    assert time.perf_counter() - t0 < 1.0
+    # the largest multinomial batch still works
+    s = RatioPreservingSampler([50, 50], 2**22, oversample=1.0, rounding="multinomial", max_rounds=1, backend=backend)
+    assert s.batch_size == 2**22
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupted_state_batch_size_is_refused_and_changes_nothing(backend):
+    s = RatioPreservingSampler([7, 9], 4, rounding="multinomial", seed=5, backend=backend)
+    good = s.state_dict()
+    t0 = time.perf_counter()
+    for bad in (2**31, 2**22 + 1, -1, 0):
+        with pytest.raises(ValueError, match="batch_size"):
+            s.load_state_dict({**good, "batch_size": bad})
+    with pytest.raises(ValueError, match="batch_size"):
+        s.load_state_dict({**good, "batch_size": 2**62, "rounding": "largest-remainder"})
+    with pytest.raises((ValueError, TypeError)):
+        s.load_state_dict({**good, "batch_size": 2**64})
+    assert time.perf_counter() - t0 < 1.0
+    st = s.state_dict()
+    assert st["batch_size"] == 4 and st["rounding"] == "multinomial" and st["rng_state"] == good["rng_state"]
+    s.start_step([0.5, 0.5])
+    assert s.next_round() is not None
