@@ -32,6 +32,11 @@ Randomness: one PCG32 stream (O'Neill 2014, XSH-RR 64/32, stream constant
 ``bounded(n)``; every call is made in the same order as the C++ core, and every float
 operation is a single IEEE double operation, so both give bit-identical batches.
 
+Bounds: totals above ``MAX_TOTAL`` = 2**53 are refused (float(total) must be exact for
+``|n_k - z_k B| < 1``), and multinomial totals (batch size, prompts a round) above
+``MAX_MULTINOMIAL_DRAWS`` = 2**22, since the multinomial costs one draw a prompt; both raise
+ValueError naming the argument, here, in the C++ core and on ``load_state_dict``.
+
 Cost: O(K) floats and O(R) integer work a round (Python loops: a few us a prompt); memory
 O(K + prompts drawn this step), independent of pool sizes. Use ``mtgrpo_core.sampling``.
 """
