@@ -50,6 +50,7 @@ KNOWN_OP_DEFECTS = {
     ("grpo_loss", "torch", "nan-masked"): "item 5: NaN at a masked position leaks into the loss",
     ("grpo_loss", "torch", "nan-unmasked"): "item 5: NaN at an unmasked position is accepted",
     ("grpo_loss", "torch", "f64-rewards-task-ids"): "item 5: float64 rewards + task_ids, bare RuntimeError",
+    ("fused_linear_grpo_loss", "torch", "f64-rewards-task-ids"): "item 5 (through the fused op)",
     ("*", "*", "meta"): "item 6: meta tensors raise 'Tensor.item() cannot be called on meta tensors'",
 }
 
@@ -344,10 +345,14 @@ def _execute(cases):
     return results
 
 
-def _close(a, b, dtype):
+def _close(a, b, dtype, scale=1.0):
+    """allclose on every output; ``scale`` multiplies atol by the size of the terms that
+    cancel (1/temperature for the LM-head ops: a float32 gradient that should be exactly 0,
+    e.g. V = 1, is then ~1e-7 * |h| / T)."""
     if len(a) != len(b):
         return False
     rtol, atol = {"float64": (1e-7, 1e-9), "float32": (2e-4, 2e-5)}.get(dtype, (1e-7, 1e-9))
+    atol *= scale
     for x, y in zip(a, b):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         if x.shape != y.shape or not np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True):
@@ -361,6 +366,13 @@ def _precision(spec):
     if spec["dtype"] == "float32" or (spec.get("adv") == "rewards" and spec.get("rewards_dtype") == "float32"):
         return "float32"
     return spec["dtype"]
+
+
+def _scale(spec):
+    # capped at 1e4 so that the known tiny-temperature defects (errors ~1e21) still show
+    t = spec.get("temperature")
+    return 1.0 if t is None or spec["op"] not in ("linear_logprobs", "fused_linear_grpo_loss") else \
+        min(max(1.0, 1.0 / t), 1e4)
 
 
 def _known(spec, backend):
@@ -402,7 +414,7 @@ def _tally(cases, results):
         if spec["target"] == "op" and spec.get("valid", True) and not spec.get("meta"):
             ref, cpu = res.get(REFERENCE, {}), res.get("cpu", {})
             if ref.get("status") == "ok" and cpu.get("status") == "ok" and (ref["finite"] or spec.get("nan_expected")) and \
-                    not _close(cpu["outs"], ref["outs"], _precision(spec)):
+                    not _close(cpu["outs"], ref["outs"], _precision(spec), _scale(spec)):
                 found.append(("disagree", "cpu", "values/gradients differ from the reference"))
         for cat, b, detail in found:
             k = _known(spec, b)
@@ -544,6 +556,7 @@ def _directed_op_cases():
         dict(base, op="grpo_loss", special="nan-masked"),                                    # item 5
         dict(base, op="grpo_loss", special="nan-unmasked"),
         dict(base, op="grpo_loss", adv="rewards", tasks=True, rewards_dtype="float64", dtype="float32"),
+        dict(base, op="fused_linear_grpo_loss", adv="rewards", tasks=True, rewards_dtype="float64", dtype="float32"),
         dict(base, op="grpo_loss", meta=True),                                               # item 6
         dict(base, op="fused_linear_grpo_loss", temperature=1e-30, dtype="float32", seed=12580617, N=4, T=4,
              mask="float32", mask_p=1.0, group=3, level="sequence", agg="seq-mean-token-sum", kl=0.1,
@@ -666,7 +679,7 @@ def test_fuzz_controllers():
 #: Config overrides of issue 16 item 9 that must be refused at load time.
 ISSUE_CONFIG_CASES = ["model.num_attention_heads=0", "rl.lr=inf", "rl.grad_clip=nan", "rl.pool_items=0",
                       "generation.batch_size=0", "eval.temperature=0", "loss.backend=bogus",
-                      "gdro.window=10000000000"]
+                      "gdro.window=10000000000", "model.num_key_value_heads=0"]
 #: Of those, the ones this branch does not refuse cleanly (accepted, or an exception other
 #: than ValueError/TypeError): issue 16 item 9, fixed on branch `algo`. Strict: exactly these
 #: must still misbehave here; the lead empties the list after merging that branch.

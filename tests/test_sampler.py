@@ -595,3 +595,26 @@ def test_corrupted_state_batch_size_is_refused_and_changes_nothing(backend):
     assert st["batch_size"] == 4 and st["rounding"] == "multinomial" and st["rng_state"] == good["rng_state"]
     s.start_step([0.5, 0.5])
     assert s.next_round() is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_refuse_inconsistent_states_at_load(backend):
+    """The Python twin used to accept these and fail later with 'LazyPermutation.draw: no
+    prompt left in this step (inconsistent state)' (found by tests/test_fuzz.py)."""
+    s = RatioPreservingSampler([40, 27, 26], 17, oversample=0.5, rounding="multinomial", seed=7065, backend=backend)
+    good = s.state_dict()
+    for key, val in (("perm_pos", np.full(3, 10**12)), ("perm_cursor", np.full(3, -1)), ("rho", np.full(3, 2.0)),
+                     ("rng_inc", 2), ("steps_done", -5), ("perm_keys", np.full(12, -1)),
+                     ("park_task", np.array([5])), ("rec_task", np.array([0], np.int32))):
+        extra = {"park_prompt": np.array([0])} if key == "park_task" else {}
+        with pytest.raises(ValueError, match=key.split("_")[0]):
+            s.load_state_dict({**good, key: val, **extra})
+    assert _same_state(s.state_dict(), good)
+    s.start_step([0.2, 0.4, 0.4])
+    while (d := s.next_round()) is not None:
+        s.report(d.task_ids, d.prompt_indices, np.ones(len(d), bool))
+    assert s.finish().shortfall == 0
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
