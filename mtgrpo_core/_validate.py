@@ -43,7 +43,16 @@ def as_mask(name: str, x: Any, size: int) -> np.ndarray:
     return arr
 
 
-def check_positive_int(name: str, v: Any, minimum: int = 1) -> int:
+def check_positive_int(name: str, v: Any, minimum: int = 1, maximum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
+    if maximum is not None and int(v) > maximum:
+        raise ValueError(f"{name}: expected an integer in [{minimum}, {maximum}], got {v!r}")
+    return int(v)
+
+
+def check_int(name: str, v: Any, minimum: int = 0) -> int:
+    """An integer >= ``minimum`` (ValueError naming ``name``); bools and floats are refused."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or int(v) < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {v!r}")
     return int(v)

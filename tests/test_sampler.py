@@ -5,6 +5,8 @@ acceptance-aware sampling needs fewer rounds than sampling from z alone; MT-GRPO
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -536,3 +538,83 @@ def test_corrupted_state_never_crashes(key, where, value):
         assert len(b) <= 8 and b.shortfall == 8 - len(b)
     except (ValueError, RuntimeError):
         pass
+
+
+# ------------------------------------------------------------------ size bounds (issue 16, item 7)
+def test_target_counts_huge_sizes_are_refused_or_exact_never_slow():
+    from mtgrpo_core.sampling import MAX_BATCH_SIZE, MAX_MULTINOMIAL_BATCH_SIZE
+
+    assert MAX_BATCH_SIZE == 2**53 and MAX_MULTINOMIAL_BATCH_SIZE == 2**22
+    t0 = time.perf_counter()
+    for B, method in ((2**62, "largest-remainder"), (2**53 + 1, "largest-remainder"), (2**64 + 3, "largest-remainder"),
+                      (2**40, "multinomial"), (2**22 + 1, "multinomial")):
+        with pytest.raises(ValueError, match=r"batch_size: .*at most 2\*\*(53|22)"):
+            target_counts([0.5, 0.5], B, method=method, seed=1)
+        with pytest.raises(ValueError, match=r"batch_size"):
+            target_counts_ref([0.5, 0.5], B, method, 1)
+    assert time.perf_counter() - t0 < 1.0
+    # at 2**53 these weights made the floors overshoot the total ("apportion: rounding
+    # overshoot" leaked from C++; the Python twin returned a sum above B): now both agree
+    w = [0.43290787262701125, 0.5670921273729889]
+    n = target_counts(w, 2**53)
+    assert int(n.sum()) == 2**53 and np.array_equal(n, target_counts_ref(w, 2**53))
+    assert np.all(np.abs(n - np.asarray(w) * 2.0**53) <= 1.0)
+    # the largest multinomial is drawn (C++: tens of ms)
+    m = target_counts([0.25, 0.75], 2**22, method="multinomial", seed=3)
+    assert int(m.sum()) == 2**22 and abs(m[0] / 2**22 - 0.25) < 0.01
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampler_huge_batch_sizes_are_refused_quickly(backend):
+    t0 = time.perf_counter()
+    for kw, pat in ((dict(batch_size=2**31, rounding="multinomial"), r"batch_size: .*2\*\*22"),
+                    (dict(batch_size=2**21, oversample=3.0, rounding="multinomial"), r"oversample: .*2\*\*22"),
+                    (dict(batch_size=2**60, oversample=1e-12), r"batch_size: at most 2\*\*53")):
+        with pytest.raises(ValueError, match=pat):
+            RatioPreservingSampler([5, 5], backend=backend, **kw)
+    assert time.perf_counter() - t0 < 1.0
+    # the largest multinomial batch still works
+    s = RatioPreservingSampler([50, 50], 2**22, oversample=1.0, rounding="multinomial", max_rounds=1, backend=backend)
+    assert s.batch_size == 2**22
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupted_state_batch_size_is_refused_and_changes_nothing(backend):
+    s = RatioPreservingSampler([7, 9], 4, rounding="multinomial", seed=5, backend=backend)
+    good = s.state_dict()
+    t0 = time.perf_counter()
+    for bad in (2**31, 2**22 + 1, -1, 0):
+        with pytest.raises(ValueError, match="batch_size"):
+            s.load_state_dict({**good, "batch_size": bad})
+    with pytest.raises(ValueError, match="batch_size"):
+        s.load_state_dict({**good, "batch_size": 2**62, "rounding": "largest-remainder"})
+    with pytest.raises((ValueError, TypeError)):
+        s.load_state_dict({**good, "batch_size": 2**64})
+    assert time.perf_counter() - t0 < 1.0
+    st = s.state_dict()
+    assert st["batch_size"] == 4 and st["rounding"] == "multinomial" and st["rng_state"] == good["rng_state"]
+    s.start_step([0.5, 0.5])
+    assert s.next_round() is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_both_backends_refuse_inconsistent_states_at_load(backend):
+    """The Python twin used to accept these and fail later with 'LazyPermutation.draw: no
+    prompt left in this step (inconsistent state)' (found by tests/test_fuzz.py)."""
+    s = RatioPreservingSampler([40, 27, 26], 17, oversample=0.5, rounding="multinomial", seed=7065, backend=backend)
+    good = s.state_dict()
+    for key, val in (("perm_pos", np.full(3, 10**12)), ("perm_cursor", np.full(3, -1)), ("rho", np.full(3, 2.0)),
+                     ("rng_inc", 2), ("steps_done", -5), ("perm_keys", np.full(12, -1)),
+                     ("park_task", np.array([5])), ("rec_task", np.array([0], np.int32))):
+        extra = {"park_prompt": np.array([0])} if key == "park_task" else {}
+        with pytest.raises(ValueError, match=key.split("_")[0]):
+            s.load_state_dict({**good, key: val, **extra})
+    assert _same_state(s.state_dict(), good)
+    s.start_step([0.2, 0.4, 0.4])
+    while (d := s.next_round()) is not None:
+        s.report(d.task_ids, d.prompt_indices, np.ones(len(d), bool))
+    assert s.finish().shortfall == 0
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from mtgrpo_core.train import checkpoint as _ckpt
 from mtgrpo_core.train import config as C
 from mtgrpo_core.train.trainer import Trainer, read_metrics, train
 
@@ -102,7 +103,7 @@ def test_rl_updates_change_the_policy_and_rp_sampler_preserves_ratios(tmp_path, 
     cfg = tiny_cfg(tmp_path, f"run.init_from={warm}", "rl.steps=3", algo="mtgrpo")
     tr = Trainer(cfg)
     tr.run()
-    w0 = torch.load(warm, weights_only=False)["model"]
+    w0 = _ckpt.load(warm)["model"]
     w1 = tr.model.state_dict()
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
     for r in _train_recs(tmp_path):   # realised counts hit the targets whenever there is no shortfall
@@ -136,15 +137,15 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path, warm, algo):
     proc.wait()
     assert killed, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
-    st = torch.load(kill_dir / "checkpoint.pt", weights_only=False)
+    st = _ckpt.load(kill_dir / "checkpoint.pt")
     assert st["phase"] == "rl" and 1 <= st["step"] < steps      # killed mid-training
     res = subprocess.run([sys.executable, "-m", "mtgrpo_core.cli", "train", "--resume", "--out", str(kill_dir),
                           "--no-report"], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = read_metrics(ref_dir), read_metrics(kill_dir)
     assert _strip_times(a) == _strip_times(b)
-    wa = torch.load(ref_dir / "checkpoint.pt", weights_only=False)
-    wb = torch.load(kill_dir / "checkpoint.pt", weights_only=False)
+    wa = _ckpt.load(ref_dir / "checkpoint.pt")
+    wb = _ckpt.load(kill_dir / "checkpoint.pt")
     assert wa["step"] == wb["step"] == steps
     for k in wa["model"]:
         assert torch.equal(wa["model"][k], wb["model"][k]), k

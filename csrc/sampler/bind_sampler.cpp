@@ -83,6 +83,10 @@ py::array_t<int64_t> target_counts(const py::object& weights, int64_t batch_size
   if (batch_size <= 0) fail("batch_size: must be positive, got ", batch_size);
   smp::check_weights(w.data(), K, K, "weights");
   smp::Rounding r = smp::parse_rounding(method);
+  if (batch_size > smp::kMaxTotal) fail("batch_size: at most 2**53, got ", batch_size);
+  if (r == smp::Rounding::Multinomial && batch_size > smp::kMaxMultinomialDraws)
+    fail("batch_size: method='multinomial' allows at most 2**22 = ", smp::kMaxMultinomialDraws, ", got ", batch_size,
+         " (one draw a prompt; use 'largest-remainder' for larger sizes)");
   smp::Pcg32 rng(seed);
   std::vector<int64_t> out(static_cast<size_t>(K));
   smp::apportion(w.data(), K, batch_size, r, rng, out.data());

@@ -66,6 +66,11 @@ void apportion(const double* w, int64_t K, int64_t total, Rounding method, Pcg32
   for (int64_t k = 0; k < K; ++k) out[k] = 0;
   if (total <= 0) return;
   if (!(S > 0.0)) throw std::logic_error("apportion: weights sum to zero");
+  // Callers validate these bounds and raise ValueError; this is the last line of defence
+  // against an hours-long multinomial loop or an inexact float(total).
+  if (total > kMaxTotal) throw std::invalid_argument("batch_size: at most 2**53 can be apportioned exactly");
+  if (method == Rounding::Multinomial && total > kMaxMultinomialDraws)
+    throw std::invalid_argument("batch_size: multinomial rounding draws one number per prompt; at most 2**22 prompts");
   if (method == Rounding::LargestRemainder) {
     std::vector<double> rem(static_cast<size_t>(K), 0.0);
     std::vector<int64_t> order;
@@ -80,11 +85,22 @@ void apportion(const double* w, int64_t K, int64_t total, Rounding method, Pcg32
       order.push_back(k);
     }
     int64_t left = total - assigned;
-    if (left < 0 || order.empty()) throw std::logic_error("apportion: rounding overshoot");
+    if (order.empty()) throw std::logic_error("apportion: no positive weight");
     std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
       return rem[a] != rem[b] ? rem[a] > rem[b] : a < b;
     });
     for (int64_t i = 0; left > 0; ++i, --left) out[order[static_cast<size_t>(i) % order.size()]] += 1;
+    // Overshoot: the normalised weights can sum to 1 + K ulp, so for totals near 2^53 the
+    // floors can add up to more than `total` (2^62 did before totals were bounded). Take
+    // the excess back from the smallest remainders (walking `order` backwards), skipping
+    // zeros; the Python twin does the same.
+    for (int64_t i = 0; left < 0; ++i) {
+      int64_t k = order[order.size() - 1 - static_cast<size_t>(i) % order.size()];
+      if (out[k] > 0) {
+        out[k] -= 1;
+        ++left;
+      }
+    }
     return;
   }
   // Multinomial(total, z): inverse CDF per draw; cum is non-decreasing so the first index
@@ -253,6 +269,7 @@ void SamplerConfig::validate() const {
     if (pool_sizes[k] < 0 || pool_sizes[k] > kMaxPool)
       bad("pool_sizes[", k, "] = ", pool_sizes[k], " is outside [0, 2**32 - 1]");
   if (batch_size <= 0) bad("batch_size: must be positive, got ", batch_size);
+  if (batch_size > kMaxTotal) bad("batch_size: at most 2**53, got ", batch_size);
   if (!std::isfinite(oversample) || !(oversample > 0.0)) bad("oversample: must be a finite number > 0, got ", oversample);
   if (max_rounds < 1) bad("max_rounds: must be >= 1, got ", max_rounds);
   if (!std::isfinite(acceptance_cap) || !(acceptance_cap >= 1.0))
@@ -263,6 +280,16 @@ void SamplerConfig::validate() const {
   if (!(r <= 2147483647.0)) bad("oversample: oversample * batch_size = ", r, " prompts a round is too many (max 2**31 - 1)");
   if (std::max(r, 1.0) * static_cast<double>(max_rounds) > 4294967295.0)
     bad("max_rounds: oversample * batch_size * max_rounds must stay below 2**32 prompts a step");
+  if (rounding == Rounding::Multinomial) {
+    // One PCG32 double per prompt: 2^22 draws take ~40 ms here (C++) and ~5 s in the
+    // Python twin; 2^31 took hours there, so larger sizes are refused, not drawn.
+    if (batch_size > kMaxMultinomialDraws)
+      bad("batch_size: rounding='multinomial' allows at most 2**22 = ", kMaxMultinomialDraws, ", got ", batch_size,
+          " (use rounding='largest-remainder', O(K) for any size)");
+    if (r > static_cast<double>(kMaxMultinomialDraws))
+      bad("oversample: rounding='multinomial' allows at most 2**22 = ", kMaxMultinomialDraws,
+          " prompts a round, oversample * batch_size = ", r);
+  }
 }
 
 int64_t SamplerConfig::round_size() const {

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import as_vector, check_choice, check_float, check_positive_int, check_state
+from ..weighting._common import MAX_WINDOW, as_vector, check_choice, check_float, check_positive_int, check_state
 
 __all__ = ["DifficultyClassifier"]
 
@@ -74,7 +74,8 @@ class DifficultyClassifier:
             raise ValueError("edges: expected a strictly increasing non-empty sequence inside (0, 1), "
                              f"got {e.tolist()}")
         self.edges = e
-        self.window = check_positive_int("window", window)
+        # window bytes a prompt: 1e10 (a config typo) allocated 640 GB before this bound
+        self.window = check_positive_int("window", window, 1, MAX_WINDOW)
         self.hysteresis = check_float("hysteresis", hysteresis, 0.0, 0.5)
         self.unseen = check_choice("unseen", unseen, ("separate", "hardest"))
         self.num_bins = int(e.size + 1)
@@ -202,18 +203,29 @@ class DifficultyClassifier:
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, edges=self.edges.tolist(), window=self.window, unseen=self.unseen)
+        for key in ("ids", "windows", "counts", "bins", "hysteresis"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
         ids, windows, counts, bins = d["ids"], d["windows"], d["counts"], d["bins"]
         n = len(ids)
         if not (len(windows) == len(counts) == len(bins) == n):
             raise ValueError("state_dict: ids, windows, counts and bins must have the same length")
-        self.hysteresis = float(d["hysteresis"])
+        hysteresis = check_float("state_dict['hysteresis']", d["hysteresis"], 0.0, 0.5)
+        # validate every entry before touching the live state (a bad state changes nothing)
+        for key, w, c, b in zip(ids, windows, counts, bins):
+            if (not isinstance(w, str) or isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0
+                    or isinstance(b, bool) or not isinstance(b, (int, np.integer))
+                    or len(w) != min(int(c), self.window) or not 0 <= int(b) < self.num_bins
+                    or w.strip("01") != ""):
+                raise ValueError(f"state_dict: inconsistent entry for id {key!r}")
+        if len(set(ids)) != n:
+            raise ValueError("state_dict['ids']: duplicate prompt ids")
+        self.hysteresis = hysteresis
         self._slot = {}
         self._alloc(max(64, n))
         self._n = n
         for s, (key, w, c, b) in enumerate(zip(ids, windows, counts, bins)):
             c = int(c)
-            if len(w) != min(c, self.window) or not 0 <= int(b) < self.num_bins:
-                raise ValueError(f"state_dict: inconsistent entry for id {key!r}")
             vals = np.frombuffer(w.encode(), np.uint8) - ord("0")
             if c <= self.window:
                 self._hist[s, :c] = vals

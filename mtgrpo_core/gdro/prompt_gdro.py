@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import as_groups, as_vector, check_float, check_positive_int, check_state
-from ..weighting._common import GRAD_LIMIT, softmax
+from .._validate import as_groups, as_mask, as_vector, check_float, check_int, check_positive_int, check_state
+from ..weighting._common import GRAD_LIMIT, MAX_COEF, MAX_TASKS, softmax
 
 __all__ = ["PromptGDRO"]
 
@@ -76,11 +76,11 @@ class PromptGDRO:
 
     def __init__(self, num_groups: int, eta: float = 0.65, gamma: float = 0.01, ema: float = 0.12,
                  cap: float = 15.0, share_normalize: bool = True, share_floor: float | None = None):
-        self.num_groups = check_positive_int("num_groups", num_groups)
-        self.eta = check_float("eta", eta, 0.0)
+        self.num_groups = check_positive_int("num_groups", num_groups, 1, MAX_TASKS)
+        self.eta = check_float("eta", eta, 0.0, MAX_COEF)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0)
         self.ema = check_float("ema", ema, 0.0, 1.0, lo_open=True)
-        self.cap = check_float("cap", cap, 1.0)
+        self.cap = check_float("cap", cap, 1.0, MAX_COEF)
         self.share_normalize = bool(share_normalize)
         self.share_floor = (1.0 / self.num_groups if share_floor is None
                             else check_float("share_floor", share_floor, 0.0, 1.0, lo_open=True))
@@ -146,8 +146,11 @@ class PromptGDRO:
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, num_groups=self.num_groups)
-        self.scores = as_vector("state_dict['scores']", d["scores"], self.num_groups).copy()
-        self.seen = np.asarray(d["seen"], bool).copy()
-        if self.seen.shape != (self.num_groups,):
-            raise ValueError(f"state_dict: seen must have length {self.num_groups}")
-        self.steps = int(d["steps"])
+        for key in ("scores", "seen", "steps"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        # validate all, then assign: a bad state leaves the object unchanged
+        scores = as_vector("state_dict['scores']", d["scores"], self.num_groups).copy()
+        seen = as_mask("state_dict['seen']", d["seen"], self.num_groups).copy()
+        steps = check_int("state_dict['steps']", d["steps"], 0)
+        self.scores, self.seen, self.steps = scores, seen, steps

@@ -37,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
-from ..weighting._common import GRAD_LIMIT, as_vector, check_choice, check_float, check_positive_int, check_state
-from .prompt_gdro import as_groups
+from ..weighting._common import (GRAD_LIMIT, MAX_COEF, MAX_ROLLOUTS, MAX_TASKS, as_mask, as_vector, check_choice,
+                                 check_float, check_int, check_positive_int, check_state)
+from .._validate import as_groups
 
 __all__ = ["RolloutAllocator", "weighted_standard_error"]
 
@@ -131,15 +132,15 @@ class RolloutAllocator:
     def __init__(self, num_groups: int, n_min: int = 2, n_max: int = 12, n_mean: float = 4, method: str = "sqrt",
                  mu_lr: float = 0.05, eta: float = 0.65, gamma: float = 0.01, var_floor: float = 0.01,
                  ema: float = 0.1, arm_lr: float = 0.3):
-        self.num_groups = check_positive_int("num_groups", num_groups)
-        self.n_min = check_positive_int("n_min", n_min)
-        self.n_max = check_positive_int("n_max", n_max)
+        self.num_groups = check_positive_int("num_groups", num_groups, 1, MAX_TASKS)
+        self.n_min = check_positive_int("n_min", n_min, 1, MAX_ROLLOUTS)
+        self.n_max = check_positive_int("n_max", n_max, 1, MAX_ROLLOUTS)
         if self.n_max < self.n_min:
             raise ValueError(f"n_max: expected >= n_min = {self.n_min}, got {self.n_max}")
         self.n_mean = check_float("n_mean", n_mean, self.n_min, self.n_max)
         self.method = check_choice("method", method, ("sqrt", "bandit"))
-        self.mu_lr = check_float("mu_lr", mu_lr, 0.0)
-        self.eta = check_float("eta", eta, 0.0)
+        self.mu_lr = check_float("mu_lr", mu_lr, 0.0, MAX_COEF)
+        self.eta = check_float("eta", eta, 0.0, MAX_COEF)
         self.gamma = check_float("gamma", gamma, 0.0, 1.0)
         self.var_floor = check_float("var_floor", var_floor, 0.0, 0.25, lo_open=True)
         self.ema = check_float("ema", ema, 0.0, 1.0, lo_open=True)
@@ -366,14 +367,27 @@ class RolloutAllocator:
         check_state(d, self.kind, num_groups=self.num_groups, n_min=self.n_min, n_max=self.n_max,
                     method=self.method)
         G, A = self.num_groups, self.arms.size
-        self.n_mean = check_float("state_dict['n_mean']", d["n_mean"], self.n_min, self.n_max)
-        self.p = as_vector("state_dict['p']", d["p"], G).copy()
-        self.p_seen = np.asarray(d["p_seen"], bool).reshape(G).copy()
-        av = np.asarray(d["arm_value"], np.float64)
+        for key in ("n_mean", "p", "p_seen", "arm_value", "arm_seen", "mu", "steps"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        # validate everything first: a bad state leaves the allocator unchanged
+        n_mean = check_float("state_dict['n_mean']", d["n_mean"], self.n_min, self.n_max)
+        p = as_vector("state_dict['p']", d["p"], G).copy()
+        if np.any((p < 0) | (p > 1)):
+            raise ValueError(f"state_dict['p']: expected mean rewards in [0, 1], got {p.tolist()[:8]}")
+        p_seen = as_mask("state_dict['p_seen']", d["p_seen"], G).copy()
+        try:
+            av = np.asarray(d["arm_value"], np.float64)
+            seen = np.asarray(d["arm_seen"])
+        except (TypeError, ValueError):
+            raise ValueError("state_dict['arm_value'/'arm_seen']: expected numeric arrays") from None
         if av.shape != (G, A) or not np.all(np.isfinite(av)):
             raise ValueError(f"state_dict: arm_value must be finite with shape {(G, A)}")
-        self.arm_value = av.copy()
-        self.arm_seen = np.asarray(d["arm_seen"], bool).reshape(G, A).copy()
-        self.mu = check_float("state_dict['mu']", d["mu"], 0.0)
-        self.steps = int(d["steps"])
-        self.last_demand = float("nan") if d.get("last_demand") is None else float(d["last_demand"])
+        if seen.shape != (G, A) or not np.all(np.isin(seen, (0, 1))):
+            raise ValueError(f"state_dict: arm_seen must be booleans with shape {(G, A)}")
+        mu = check_float("state_dict['mu']", d["mu"], 0.0, MAX_COEF * self.n_max)
+        steps = check_int("state_dict['steps']", d["steps"], 0)
+        ld = d.get("last_demand")
+        last = float("nan") if ld is None else check_float("state_dict['last_demand']", ld)
+        self.n_mean, self.p, self.p_seen, self.arm_value = n_mean, p, p_seen, av.copy()
+        self.arm_seen, self.mu, self.steps, self.last_demand = seen.astype(bool), mu, steps, last

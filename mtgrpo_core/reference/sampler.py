@@ -32,6 +32,11 @@ Randomness: one PCG32 stream (O'Neill 2014, XSH-RR 64/32, stream constant
 ``bounded(n)``; every call is made in the same order as the C++ core, and every float
 operation is a single IEEE double operation, so both give bit-identical batches.
 
+Bounds: totals above ``MAX_TOTAL`` = 2**53 are refused (float(total) must be exact for
+``|n_k - z_k B| < 1``), and multinomial totals (batch size, prompts a round) above
+``MAX_MULTINOMIAL_DRAWS`` = 2**22, since the multinomial costs one draw a prompt; both raise
+ValueError naming the argument, here, in the C++ core and on ``load_state_dict``.
+
 Cost: O(K) floats and O(R) integer work a round (Python loops: a few us a prompt); memory
 O(K + prompts drawn this step), independent of pool sizes. Use ``mtgrpo_core.sampling``.
 """
@@ -47,6 +52,11 @@ _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 STATE_FORMAT = "mtgrpo_core.RatioPreservingSampler/1"
 ROUNDINGS = ("largest-remainder", "multinomial")
+#: Largest total apportioned: float(total) must be exact so that |n_k - z_k B| < 1 holds.
+MAX_TOTAL = 2**53
+#: Largest multinomial total (batch size or prompts a round): the draw costs one PCG32
+#: double a prompt, ~5 s for 2**22 in this Python twin (~40 ms in C++); 2**31 took hours.
+MAX_MULTINOMIAL_DRAWS = 2**22
 _UNREPORTED, _ACCEPTED, _REJECTED = 0, 1, 2
 
 
@@ -114,6 +124,15 @@ def check_weights(weights, num_tasks: int, name: str = "weights") -> list[float]
     return out
 
 
+def _check_total(total: int, method: str, name: str = "batch_size") -> None:
+    """ValueError naming ``name`` when ``total`` is above the documented bounds."""
+    if total > MAX_TOTAL:
+        raise ValueError(f"{name}: at most 2**53, got {total}")
+    if method == "multinomial" and total > MAX_MULTINOMIAL_DRAWS:
+        raise ValueError(f"{name}: rounding='multinomial' allows at most 2**22 = {MAX_MULTINOMIAL_DRAWS}, got {total} "
+                         "(one draw a prompt; use 'largest-remainder' for larger sizes)")
+
+
 def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
     """Split ``total`` in proportion to ``w`` (non-negative, positive sum); see module doc."""
     K = len(w)
@@ -123,6 +142,7 @@ def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
     out = [0] * K
     if total <= 0:
         return out
+    _check_total(total, method)
     if method == "largest-remainder":
         rem = [0.0] * K
         active = []
@@ -143,6 +163,15 @@ def apportion(w: list[float], total: int, method: str, rng: Pcg32) -> list[int]:
             out[order[i % len(order)]] += 1
             i += 1
             left -= 1
+        # overshoot (normalised weights summing to 1 + K ulp): give back from the smallest
+        # remainders, skipping zeros, exactly like the C++ core
+        i = 0
+        while left < 0:
+            k = order[len(order) - 1 - i % len(order)]
+            if out[k] > 0:
+                out[k] -= 1
+                left += 1
+            i += 1
         return out
     cum = []
     c = 0.0
@@ -170,6 +199,7 @@ def target_counts_ref(weights, batch_size: int, method: str = "largest-remainder
         raise ValueError(f"batch_size: must be positive, got {batch_size}")
     if method not in ROUNDINGS:
         raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {method!r}")
+    _check_total(int(batch_size), method)
     ws = check_weights(w, w.shape[0])
     return np.asarray(apportion(ws, int(batch_size), method, Pcg32(seed)), dtype=np.int64)
 
@@ -308,11 +338,15 @@ class RatioPreservingSamplerRef:
             raise ValueError(f"rho_decay: must lie in [0, 1), got {rho_decay}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
+        _check_total(int(batch_size), rounding)
         r = math.floor(float(oversample) * float(batch_size) + 0.5)
         if r > 2147483647:
             raise ValueError(f"oversample: oversample * batch_size = {r} prompts a round is too many (max 2**31 - 1)")
         if max(r, 1) * max_rounds > _MASK32:
             raise ValueError("max_rounds: oversample * batch_size * max_rounds must stay below 2**32 prompts a step")
+        if rounding == "multinomial" and r > MAX_MULTINOMIAL_DRAWS:
+            raise ValueError(f"oversample: rounding='multinomial' allows at most 2**22 = {MAX_MULTINOMIAL_DRAWS} "
+                             f"prompts a round, oversample * batch_size = {r}")
         self.pool_sizes = ps
         self.batch_size = int(batch_size)
         self.oversample = float(oversample)
@@ -526,13 +560,111 @@ class RatioPreservingSamplerRef:
         return d
 
     def load_state_dict(self, d: dict) -> None:
-        """Restore a state from either implementation (light checks; the C++ core checks all)."""
+        """Restore a state from either implementation. Checks what the C++ core checks
+        (lengths, index ranges, rng_inc odd, rho in [0, 1], records consistent with the
+        step); on ValueError the sampler is unchanged."""
         if d.get("format") != STATE_FORMAT:
             raise ValueError(f"state_dict['format']: expected {STATE_FORMAT!r}")
         try:
             self._load(d)
         except KeyError as e:
             raise ValueError(f"state_dict: missing key {e}") from None
+        except (TypeError, OverflowError) as e:
+            raise ValueError(f"state_dict: wrong type ({e})") from None
+
+    @staticmethod
+    def _check_state(d: dict, new: "RatioPreservingSamplerRef") -> None:
+        """ValueError naming the key when ``d`` is inconsistent (mirrors load_state in C++)."""
+        K = new.num_tasks
+        ps = new.pool_sizes
+
+        def need(key, want):
+            got = len(d[key])
+            if got != want:
+                raise ValueError(f"state_dict['{key}']: expected length {want}, got {got}")
+
+        if int(d["rng_inc"]) % 2 == 0 or not 0 <= int(d["rng_inc"]) < 2**64 or not 0 <= int(d["rng_state"]) < 2**64:
+            raise ValueError("state_dict['rng_inc']: must be odd (and both rng words uint64)")
+        need("rho", K)
+        for k in range(K):
+            r = float(d["rho"][k])
+            if not (math.isfinite(r) and 0.0 <= r <= 1.0):
+                raise ValueError(f"state_dict['rho'][{k}] is outside [0, 1]")
+        if int(d["steps_done"]) < 0:
+            raise ValueError("state_dict['steps_done']: must be >= 0")
+        for key in ("perm_epoch", "perm_pos", "perm_limit", "perm_cursor"):
+            need(key, K)
+        need("perm_keys", 4 * K)
+        need("park_prompt", len(d["park_task"]))
+        parked, park_set = [0] * K, set()
+        for i, (k, x) in enumerate(zip(d["park_task"], d["park_prompt"])):
+            k, x = int(k), int(x)
+            if not 0 <= k < K:
+                raise ValueError(f"state_dict['park_task'][{i}] is outside [0, {K})")
+            if not 0 <= x < ps[k] or (k, x) in park_set:
+                raise ValueError(f"state_dict['park_prompt'][{i}]: parked prompts must be distinct pool indices")
+            park_set.add((k, x))
+            parked[k] += 1
+        for k in range(K):
+            pos, lim, cur = int(d["perm_pos"][k]), int(d["perm_limit"][k]), int(d["perm_cursor"][k])
+            if pos < 0 or lim < pos or lim > ps[k] or cur < 0 or cur > ps[k]:
+                raise ValueError(f"state_dict['perm_pos'/'perm_limit'/'perm_cursor'][{k}]: need 0 <= pos <= limit "
+                                 "<= pool size, 0 <= cursor <= pool size")
+            if int(d["perm_epoch"][k]) < 0:
+                raise ValueError(f"state_dict['perm_epoch'][{k}]: must be >= 0")
+            if any(not 0 <= int(v) <= _MASK32 for v in d["perm_keys"][4 * k:4 * k + 4]):
+                raise ValueError(f"state_dict['perm_keys'][{k}]: keys are uint32")
+            if parked[k] > ps[k] or (lim < ps[k] and lim != ps[k] - parked[k]):
+                raise ValueError(f"state_dict['perm_limit'][{k}]: inconsistent with the parked prompts")
+            if pos < ps[k] - parked[k] and pos > cur:
+                raise ValueError(f"state_dict['perm_cursor'][{k}]: behind perm_pos")
+        if not bool(d["step_active"]):
+            if len(d["rec_task"]) or len(d["acc_task"]):
+                raise ValueError("state_dict['rec_task']: records given but no step is active")
+            return
+        for key in ("step_weights", "step_inflation", "step_targets"):
+            need(key, K)
+        for k in range(K):
+            w, m, n = float(d["step_weights"][k]), float(d["step_inflation"][k]), int(d["step_targets"][k])
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"state_dict['step_weights'][{k}] is invalid")
+            if not math.isfinite(m) or m < 1.0:
+                raise ValueError(f"state_dict['step_inflation'][{k}] is invalid")
+            if n < 0:
+                raise ValueError(f"state_dict['step_targets'][{k}] is negative")
+        if sum(int(x) for x in d["step_targets"]) != new.batch_size:
+            raise ValueError(f"state_dict['step_targets']: must sum to batch_size = {new.batch_size}")
+        rounds = int(d["step_rounds"])
+        if not 0 <= rounds <= new.max_rounds:
+            raise ValueError("state_dict['step_rounds'] is out of range")
+        R = len(d["rec_task"])
+        for key in ("rec_prompt", "rec_round", "rec_status"):
+            need(key, R)
+        if not 0 <= int(d["round_start"]) <= R:
+            raise ValueError("state_dict['round_start'] is out of range")
+        seen, accepted = set(), {}
+        for i in range(R):
+            k, p = int(d["rec_task"][i]), int(d["rec_prompt"][i])
+            if not (0 <= k < K and 0 <= p < ps[k]):
+                raise ValueError(f"state_dict['rec_task'/'rec_prompt'][{i}] is out of range")
+            if int(d["rec_status"][i]) not in (0, 1, 2):
+                raise ValueError(f"state_dict['rec_status'][{i}] must be 0, 1 or 2")
+            if not 0 <= int(d["rec_round"][i]) < max(rounds, 1):
+                raise ValueError(f"state_dict['rec_round'][{i}] is out of range")
+            if (k, p) in seen:
+                raise ValueError(f"state_dict['rec_prompt'][{i}]: prompt drawn twice in one step")
+            seen.add((k, p))
+            if int(d["rec_status"][i]) == _ACCEPTED:
+                accepted[(k, p)] = False
+        need("acc_prompt", len(d["acc_task"]))
+        if len(d["acc_task"]) != len(accepted):
+            raise ValueError("state_dict['acc_task']: must list every accepted prompt once")
+        for i, (k, p) in enumerate(zip(d["acc_task"], d["acc_prompt"])):
+            key = (int(k), int(p))
+            if accepted.get(key, True):
+                raise ValueError(f"state_dict['acc_prompt'][{i}] is not an accepted prompt of this step, "
+                                 "or is listed twice")
+            accepted[key] = True
 
     def _load(self, d: dict) -> None:
         if [int(x) for x in d["pool_sizes"]] != self.pool_sizes:
@@ -541,6 +673,7 @@ class RatioPreservingSamplerRef:
             self.pool_sizes, int(d["batch_size"]), oversample=float(d["oversample"]), max_rounds=int(d["max_rounds"]),
             acceptance_cap=float(d["acceptance_cap"]), rho_decay=float(d["rho_decay"]), rounding=str(d["rounding"]),
             acceptance_aware=bool(d["acceptance_aware"]))
+        self._check_state(d, new)
         new.rng.state, new.rng.inc = int(d["rng_state"]), int(d["rng_inc"])
         new.rho = [float(x) for x in d["rho"]]
         new.steps_done = int(d["steps_done"])

@@ -32,9 +32,18 @@ from typing import Sequence
 import numpy as np
 
 from .. import _native
-from ..reference.sampler import ROUNDINGS, BatchRef, RatioPreservingSamplerRef, target_counts_ref
+from ..reference.sampler import (MAX_MULTINOMIAL_DRAWS, MAX_TOTAL, ROUNDINGS, BatchRef, RatioPreservingSamplerRef,
+                                 _check_total, target_counts_ref)
 
-__all__ = ["RatioPreservingSampler", "RoundDraw", "SampledBatch", "target_counts"]
+__all__ = ["RatioPreservingSampler", "RoundDraw", "SampledBatch", "target_counts", "MAX_BATCH_SIZE",
+           "MAX_MULTINOMIAL_BATCH_SIZE"]
+
+#: Largest batch size (any rounding): 2**53, the largest integer a double holds exactly.
+MAX_BATCH_SIZE = MAX_TOTAL
+#: Largest batch size, and prompts a round, with ``rounding="multinomial"``: 2**22. The draw
+#: costs one random number a prompt (2**31 took hours in the Python twin), so larger sizes
+#: raise ValueError instead of running; ``largest-remainder`` is O(K) for any size.
+MAX_MULTINOMIAL_BATCH_SIZE = MAX_MULTINOMIAL_DRAWS
 
 _BACKENDS = ("auto", "cpp", "python")
 
@@ -141,7 +150,9 @@ def target_counts(weights, batch_size: int, method: str = "largest-remainder", s
     weights : array-like float[K]
         Task weights z: finite, >= 0, summing to 1 within 1e-6.
     batch_size : int
-        B > 0.
+        B > 0; at most :data:`MAX_BATCH_SIZE` (2**53), and at most
+        :data:`MAX_MULTINOMIAL_BATCH_SIZE` (2**22) with ``method="multinomial"`` (ValueError
+        otherwise: the multinomial costs one draw a prompt).
     method : {"largest-remainder", "multinomial"}
         ``largest-remainder`` (deterministic): ``floor(z_k B)`` plus one for the largest
         remainders, so ``|n_k - z_k B| < 1``. ``multinomial``: ``Multinomial(B, z)`` drawn
@@ -157,6 +168,7 @@ def target_counts(weights, batch_size: int, method: str = "largest-remainder", s
         raise ValueError(f"batch_size: must be positive, got {B}")
     if method not in ROUNDINGS:
         raise ValueError(f"method: expected 'largest-remainder' or 'multinomial', got {method!r}")
+    _check_total(B, method)
     s = _seed(seed)
     if _native.has("sampler_target_counts"):
         return _native.native().sampler_target_counts(w, B, method, s)
@@ -172,7 +184,9 @@ class RatioPreservingSampler:
         Prompts in each task's pool (indices ``0 .. pool_sizes[k]-1``); 0 allowed for a task
         that never gets weight. Each pool is walked in a fresh random order per epoch.
     batch_size : int
-        B, accepted prompts wanted per step.
+        B, accepted prompts wanted per step; at most :data:`MAX_BATCH_SIZE`, and at most
+        :data:`MAX_MULTINOMIAL_BATCH_SIZE` (also for ``oversample * B``) with
+        ``rounding="multinomial"``. A ``state_dict`` is held to the same bounds.
     oversample : float
         Prompts drawn a round = ``floor(oversample * B + 0.5)`` (paper: 3).
     max_rounds : int
@@ -207,6 +221,7 @@ class RatioPreservingSampler:
                     acceptance_cap=_float(acceptance_cap, "acceptance_cap"), rho_decay=_float(rho_decay, "rho_decay"))
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
+        _check_total(B, rounding)
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
         if backend == "cpp" and not _native.has("RatioPreservingSamplerCore"):

@@ -263,6 +263,7 @@ class Trainer:
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "controllers": self._controllers_state(), "generator": self.generator.state_dict(),
             "rng": ckpt.rng_state(), "task_names": self.task_names,
+            "verifier_stats": dict(getattr(self.suite, "verifier_stats", {})),  # restored on resume
         }
         if self.ref_model is not None:
             state["ref_model"] = self.ref_model.state_dict()
@@ -276,6 +277,8 @@ class Trainer:
             self._load_controllers(st["controllers"])
             self.generator.load_state_dict(st["generator"])
             ckpt.set_rng_state(st["rng"])
+            if "verifier_stats" in st and hasattr(self.suite, "load_verifier_stats"):
+                self.suite.load_verifier_stats(st["verifier_stats"])
             self.step, self.phase = int(st["step"]), st["phase"]
             self.rl_time, self.metric_lines = float(st["rl_time"]), int(st["metric_lines"])
             if "ref_model" in st:
@@ -615,6 +618,7 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         ck = self.out / ckpt.CKPT_NAME
+        ckpt.remove_stale_tmp(self.out)  # temp files of a writer that was killed mid-write
         if self.resume and not ck.exists():
             # killed before its first checkpoint (during the warm-up): nothing to resume from
             self._print(f"[yellow]resume: no checkpoint in {self.out} yet; starting the run from the beginning")

@@ -15,7 +15,9 @@ What
        reasoning-gym's own ``score_answer`` with a per-item time limit (a worker that goes
        silent is killed and replaced) and an address-space limit (``RLIMIT_AS``). A verifier
        that raises, hangs or dies yields status ``"error"``/``"timeout"``, never an exception
-       in the caller.
+       in the caller. The pool is NOT a sandbox (see its docstring): workers confine
+       themselves where Linux allows (private tmp dir, no network, no writes outside it),
+       but only the grammars of layer 1 make it safe to feed them model output.
 
 Cost
     Grammar + fast check: a few microseconds per answer (countdown ~10-20 us). Pool: one
@@ -28,10 +30,14 @@ Source
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import multiprocessing.context as _mpc
 import os
 import re
+import sys
 import time
+import types
 from collections import deque
 from fractions import Fraction
 from multiprocessing.connection import wait as _mp_wait
@@ -242,6 +248,61 @@ def fast_correct(kind: str, answer: str, entry: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# Process contexts that never re-import the caller's __main__
+# ---------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _hidden_main():
+    """Show multiprocessing a bare ``__main__`` while a child starts.
+
+    ``spawn`` and ``forkserver`` children re-import the parent's main script
+    (``spawn.get_preparation_data`` records its path) so that objects defined there can be
+    unpickled. Our workers only run functions of this package, and re-running a script
+    that calls ``load_suite`` at top level (no ``if __name__ == "__main__"`` guard) made
+    every child start the same pool again: BrokenProcessPool. With a stub main module the
+    preparation data carries no script path, so nothing of the user's is re-executed.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+class _SpawnProcess(_mpc.SpawnProcess):
+    def start(self):
+        with _hidden_main():
+            super().start()
+
+
+class _SpawnContext(_mpc.SpawnContext):
+    Process = _SpawnProcess
+
+
+_CONTEXTS = {"spawn": _SpawnContext()}
+if hasattr(_mpc, "ForkServerContext"):  # POSIX
+    class _ForkServerProcess(_mpc.ForkServerProcess):
+        def start(self):
+            with _hidden_main():
+                super().start()
+
+    class _ForkServerContext(_mpc.ForkServerContext):
+        Process = _ForkServerProcess
+
+    _CONTEXTS["forkserver"] = _ForkServerContext()
+
+
+def clean_context(method: str):
+    """A multiprocessing context (``"spawn"`` or ``"forkserver"``) whose processes start
+    without re-importing the caller's ``__main__`` (see :func:`_hidden_main`). Usable as
+    ``ProcessPoolExecutor(mp_context=...)``."""
+    if method not in _CONTEXTS:
+        raise ValueError(f"method: expected one of {sorted(_CONTEXTS)}, got {method!r}")
+    return _CONTEXTS[method]
+
+
+# ---------------------------------------------------------------------------------------
 # 3. Worker pool running reasoning-gym's own score_answer
 # ---------------------------------------------------------------------------------------
 def _hook_hang(answer, entry):
@@ -270,8 +331,33 @@ def _hook_hang_on_marker(answer, entry):
     return 1.0
 
 
+def _hook_write_file(answer, entry):
+    """Creates the file named by ``answer`` (a relative name lands in the worker's private
+    temporary directory); 1.0 when the write went through. Tests: writes outside fail."""
+    with open(answer, "w") as f:
+        f.write("written by a verifier worker\n")
+    return 1.0
+
+
+def _hook_connect(answer, entry):
+    """Connects to TCP ``host:port`` given in ``answer``; 1.0 on success."""
+    import socket
+
+    host, port = answer.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=2.0):
+        return 1.0
+
+
+def _hook_sandbox(answer, entry):
+    """Scores 1.0 and reports nothing; the worker's sandbox list is read with ``ping``."""
+    return 1.0
+
+
 #: Test-only verifier replacements, selected by name (``VerifierPool.score(hook=...)``).
 TEST_HOOKS = {
+    "write_file": _hook_write_file,
+    "connect": _hook_connect,
+    "noop": _hook_sandbox,
     "hang": _hook_hang,
     "crash": _hook_crash,
     "raise": _hook_raise,
@@ -291,19 +377,149 @@ def _vm_size_bytes() -> int:
     return 0
 
 
-def _worker_main(conn, memory_mb: int) -> None:  # pragma: no cover - runs in the child
-    """Worker loop: ('score', rg_name, cfg_items, hook, [(answer, entry), ...]) -> one
-    ('ok'|'error', i, score) message per item; ('ping',) -> ('pong',); None -> exit."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import reasoning_gym  # noqa: F401  (imports before the limit: they need the memory)
+# ---------------------------------------------------------------------------------------
+# Worker confinement (Linux; each layer applied when the kernel allows, reported by ping)
+# ---------------------------------------------------------------------------------------
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_PR_SET_NO_NEW_PRIVS = 38
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+# linux/landlock.h: write-side filesystem rights (reads and execution stay allowed, so
+# lazily imported modules and data files still load)
+_LL_FS_WRITE = ((1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10)
+                | (1 << 11) | (1 << 12))  # write file, remove dir/file, make char/dir/reg/sock/fifo/block/sym
+_LL_FS_REFER, _LL_FS_TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
+_LL_NET_ALL = (1 << 0) | (1 << 1)  # bind / connect TCP, ABI 4
+_LL_SCOPE_ALL = (1 << 0) | (1 << 1)  # abstract unix sockets, signals to outside, ABI 6
 
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def landlock_abi() -> int:
+    """Landlock ABI version of this kernel (0 when unavailable or not Linux x86-64/arm64)."""
+    import platform
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return 0
+    try:
+        r = _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, 1)  # LANDLOCK_CREATE_RULESET_VERSION
+    except Exception:  # noqa: BLE001
+        return 0
+    return int(r) if r > 0 else 0
+
+
+def _landlock(private_dir: str) -> list:
+    """Forbid writes outside ``private_dir``, TCP bind/connect and signals/abstract sockets
+    reaching outside this process's domain; returns the layers applied."""
+    import ctypes
+
+    abi = landlock_abi()
+    if abi < 1:
+        return []
+    fs = _LL_FS_WRITE | (_LL_FS_REFER if abi >= 2 else 0) | (_LL_FS_TRUNCATE if abi >= 3 else 0)
+    net = _LL_NET_ALL if abi >= 4 else 0
+    scope = _LL_SCOPE_ALL if abi >= 6 else 0
+    attr = (ctypes.c_uint64 * 3)(fs, net, scope)
+    size = 24 if abi >= 6 else (16 if abi >= 4 else 8)
+    libc = _libc()
+    fd = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0)
+    if fd < 0:
+        return []
+    try:
+        dfd = os.open(private_dir, os.O_PATH | os.O_DIRECTORY)
+        try:
+            class _PathBeneath(ctypes.Structure):
+                _pack_ = 1
+                _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+            rule = _PathBeneath(fs, dfd)
+            if libc.syscall(_SYS_LANDLOCK_ADD_RULE, fd, 1, ctypes.byref(rule), 0) != 0:
+                return []
+        finally:
+            os.close(dfd)
+        if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            return []
+        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, fd, 0) != 0:
+            return []
+    finally:
+        os.close(fd)
+    return ["landlock-fs"] + (["landlock-net"] if net else []) + (["landlock-scope"] if scope else [])
+
+
+def _confine(memory_mb: int, private_dir: Optional[str]) -> list:
+    """Confine this worker; returns the names of the layers that took effect.
+
+    - ``private-tmp``: ``private_dir`` (a fresh 0700 directory the parent made and removes
+      when the worker goes) is the cwd, ``TMPDIR`` and ``tempfile.tempdir``.
+    - ``netns``: a new, empty network namespace (no interface but a down loopback), via
+      ``unshare(CLONE_NEWNET)`` (root) or ``CLONE_NEWUSER | CLONE_NEWNET`` (unprivileged
+      user namespaces).
+    - ``landlock-fs`` / ``landlock-net`` / ``landlock-scope``: the kernel refuses writes
+      outside the private directory, TCP bind/connect, and signals or abstract unix
+      sockets to other processes (Linux >= 5.13 / 6.7 / 6.12).
+    - ``rlimits``: address space (``memory_mb`` above the imports), file size 64 MiB, 64 open
+      files, no core dumps; as non-root also no new processes (``RLIMIT_NPROC`` does not
+      bind root).
+    No uid change: reasoning-gym's scorers import modules lazily, and an interpreter under a
+    0700 home (pyenv in /root here) would be unreadable to ``nobody``.
+    """
+    import signal
+    import tempfile
+
+    done = []
+    d = private_dir
+    try:
+        if d is None:
+            raise OSError("no private directory")
+        os.chdir(d)
+        os.environ["TMPDIR"] = d
+        tempfile.tempdir = d
+        done.append("private-tmp")
+    except OSError:
+        d = None
+    if sys.platform == "linux":
+        try:
+            libc = _libc()
+            if libc.unshare(_CLONE_NEWNET) == 0 or libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+                done.append("netns")
+        except Exception:  # noqa: BLE001
+            pass
+        if d is not None:
+            try:
+                done += _landlock(d)
+            except Exception:  # noqa: BLE001
+                pass
     try:
         import resource
 
         limit = _vm_size_bytes() + int(memory_mb) * (1 << 20)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    except Exception:  # noqa: BLE001 - platforms without RLIMIT_AS: time limit still holds
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # oversize write: OSError, not a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        nofile = max(64, len(os.listdir("/proc/self/fd")) + 16) if os.path.isdir("/proc/self/fd") else 64
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if os.getuid() != 0:
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        done.append("rlimits")
+    except Exception:  # noqa: BLE001 - platforms without these limits: time limit still holds
         pass
+    return done
+
+
+def _worker_main(conn, memory_mb: int, private_dir: Optional[str] = None) -> None:  # pragma: no cover - child
+    """Worker loop: ('score', rg_name, cfg_items, hook, [(answer, entry), ...]) -> one
+    ('ok'|'error', i, score) message per item; ('ping',) -> ('pong', confinement layers);
+    None -> exit."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import reasoning_gym  # noqa: F401  (imports before the limit: they need the memory)
+
+    layers = _confine(memory_mb, private_dir)
     datasets: dict = {}
     while True:
         try:
@@ -313,7 +529,7 @@ def _worker_main(conn, memory_mb: int) -> None:  # pragma: no cover - runs in th
         if msg is None:
             return
         if msg[0] == "ping":
-            conn.send(("pong",))
+            conn.send(("pong", layers))
             continue
         _, rg_name, cfg_items, hook, items = msg
         key = (rg_name, cfg_items)
@@ -343,14 +559,26 @@ def _worker_main(conn, memory_mb: int) -> None:  # pragma: no cover - runs in th
 
 
 class _Worker:
-    __slots__ = ("proc", "conn", "job", "deadline")
+    __slots__ = ("proc", "conn", "job", "deadline", "tmpdir")
 
-    def __init__(self, proc, conn):
+    def __init__(self, proc, conn, tmpdir=None):
         self.proc, self.conn, self.job, self.deadline = proc, conn, None, 0.0
+        self.tmpdir = tmpdir
 
 
 class VerifierPool:
     """Persistent pool of verifier processes running reasoning-gym's ``score_answer``.
+
+    **Not a sandbox.** The workers run third-party scoring code on model output
+    (reasoning-gym's countdown scorer hands the answer to ``sympy.parse_expr``, which
+    evaluates it: a crafted answer executed a payload in a test). Use it only behind the
+    strict grammars of :func:`check_grammar` (what :class:`~mtgrpo_core.train.tasks.Suite`
+    does), never on raw text. As defence in depth each worker confines itself where the
+    platform allows (:meth:`confinement` lists what took effect): a private temporary
+    directory as cwd and ``TMPDIR``; on Linux a fresh network namespace and Landlock rules
+    (no file writes outside that directory, no TCP bind/connect, no signals to other
+    processes); address-space, file-size, open-file and (non-root) process limits. It keeps
+    the uid, and reads are not restricted: a payload can still read what the trainer can.
 
     Parameters
     ----------
@@ -358,7 +586,9 @@ class VerifierPool:
         Worker processes (started lazily, on the first :meth:`score`).
     timeout_s : float
         Per-item limit: a worker that reports nothing for this long is killed and replaced;
-        its current item gets status ``"timeout"``, the rest of its chunk is re-queued.
+        its current item gets status ``"timeout"`` and the rest of its chunk is re-queued
+        once. If that rest times out again, all its unscored items get ``"timeout"``: a
+        chunk costs at most two timeouts however many of its items hang.
     memory_mb : int
         Address space a worker may add after importing reasoning-gym (``RLIMIT_AS``).
     context : str
@@ -380,7 +610,7 @@ class VerifierPool:
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.chunk_size = max(1, int(chunk_size))
-        self._ctx = mp.get_context(context)
+        self._ctx = clean_context(context)
         if context == "forkserver":
             self._ctx.set_forkserver_preload(["mtgrpo_core.train.verifiers", "reasoning_gym"])
         self._workers: list[_Worker] = []
@@ -389,12 +619,25 @@ class VerifierPool:
 
     # -- process management -------------------------------------------------------------
     def _start_worker(self) -> _Worker:
+        import tempfile
+
+        try:
+            tmpdir = tempfile.mkdtemp(prefix="mtgrpo-verifier-")  # 0700, removed in _kill
+        except OSError:
+            tmpdir = None
         parent, child = self._ctx.Pipe(duplex=True)
-        p = self._ctx.Process(target=_worker_main, args=(child, self.memory_mb), daemon=True,
+        p = self._ctx.Process(target=_worker_main, args=(child, self.memory_mb, tmpdir), daemon=True,
                               name="mtgrpo-verifier")
-        p.start()
+        try:
+            p.start()
+        except BaseException:
+            if tmpdir is not None:
+                import shutil
+
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
         child.close()
-        return _Worker(p, parent)
+        return _Worker(p, parent, tmpdir)
 
     def _kill(self, w: _Worker) -> None:
         try:
@@ -404,6 +647,28 @@ class VerifierPool:
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(timeout=5.0)
+        if w.tmpdir is not None:
+            import shutil
+
+            shutil.rmtree(w.tmpdir, ignore_errors=True)
+            w.tmpdir = None
+
+    def confinement(self) -> list[list[str]]:
+        """The confinement layers in effect in each worker (starts the workers if needed):
+        names from ``private-tmp``, ``netns``, ``landlock-fs``, ``landlock-net``,
+        ``landlock-scope``, ``rlimits`` (see :func:`_confine`)."""
+        if self._closed:
+            raise RuntimeError("VerifierPool is closed")
+        while len(self._workers) < self.n_workers:
+            self._workers.append(self._start_worker())
+        out = []
+        for w in self._workers:
+            w.conn.send(("ping",))
+            if not w.conn.poll(60.0):
+                raise RuntimeError(f"verifier worker {w.proc.pid} did not answer a ping within 60 s")
+            msg = w.conn.recv()
+            out.append(list(msg[1]) if len(msg) > 1 else [])
+        return out
 
     @property
     def pids(self) -> list[int]:
@@ -457,7 +722,10 @@ class VerifierPool:
         if self._closed:
             raise RuntimeError("VerifierPool is closed")
         cfg_items = tuple(sorted(config.items()))
-        queue = deque(list(range(s, min(s + self.chunk_size, n))) for s in range(0, n, self.chunk_size))
+        # (item indices, timeouts this chunk already cost): a chunk's second timeout gives up
+        # on everything it has left, so hanging items cost at most two timeouts a chunk
+        # (the first only loses the hanging item) instead of one timeout per item
+        queue = deque((list(range(s, min(s + self.chunk_size, n))), 0) for s in range(0, n, self.chunk_size))
         done = 0
         failures = 0  # worker start/send failures; too many -> give up (items: "error")
         max_failures = 2 * self.n_workers + 4
@@ -475,14 +743,14 @@ class VerifierPool:
             w.job = None
             if not queue:
                 return True
-            idxs = queue.popleft()
+            idxs, strikes = queue.popleft()
             try:
                 w.conn.send(("score", rg_name, cfg_items, hook, [items[i] for i in idxs]))
             except (OSError, ValueError):
-                queue.appendleft(idxs)
+                queue.appendleft((idxs, strikes))
                 failures += 1
                 return False
-            w.job = [idxs, 0]  # item indices, how many reported
+            w.job = [idxs, 0, strikes]  # item indices, how many reported, timeouts so far
             w.deadline = time.monotonic() + self.timeout_s
             return True
 
@@ -491,12 +759,16 @@ class VerifierPool:
             put a fresh worker in its place (or drop the slot if none can be started)."""
             nonlocal done
             if w.job is not None:
-                idxs, k = w.job
-                if k < len(idxs):
+                idxs, k, strikes = w.job
+                if why == "timeout" and strikes >= 1:
+                    for i in idxs[k:]:  # second timeout of this chunk: give up on the rest
+                        status[i] = "timeout"
+                    done += len(idxs) - k
+                elif k < len(idxs):
                     status[idxs[k]] = why
                     done += 1
                     if k + 1 < len(idxs):
-                        queue.appendleft(idxs[k + 1:])
+                        queue.appendleft((idxs[k + 1:], strikes + (why == "timeout")))
             w.job = None
             self._kill(w)
             self.restarts += 1

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from ._common import (GRAD_LIMIT, LOGIT_LIMIT, Adam, as_mask, as_vector, check_choice, check_float,
-                      check_positive_int, check_state, softmax)
+from ._common import (GRAD_LIMIT, LOGIT_LIMIT, MAX_COEF, MAX_LR, MAX_TASKS, MAX_WEIGHT_DECAY, Adam, as_mask, as_vector,
+                      check_choice, check_float, check_int, check_logits, check_positive_int, check_state, softmax)
 from .protocol import TaskStats
 
 __all__ = ["ImprovementAwareWeights", "RegularizedWeights", "UniformWeights", "SECCurriculum",
@@ -46,9 +46,10 @@ class _LogitWeights:
     kind = "base"
 
     def __init__(self, num_tasks: int, lr: float, weight_decay: float, optimizer: str):
-        self.num_tasks = check_positive_int("num_tasks", num_tasks)
-        self.lr = check_float("lr", lr, 0.0, lo_open=True)
-        self.weight_decay = check_float("weight_decay", weight_decay, 0.0)
+        self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
+        # bounded so that no update can overflow into NaN weights (see _common.MAX_LR)
+        self.lr = check_float("lr", lr, 0.0, MAX_LR, lo_open=True)
+        self.weight_decay = check_float("weight_decay", weight_decay, 0.0, MAX_WEIGHT_DECAY)
         self.optimizer = check_choice("optimizer", optimizer, ("adam", "sgd"))
         self.xi = np.zeros(self.num_tasks)
         self._adam = Adam(self.num_tasks, self.lr, (0.9, 0.999), self.weight_decay)
@@ -83,9 +84,15 @@ class _LogitWeights:
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, num_tasks=self.num_tasks)
-        self.xi = as_vector("state_dict['xi']", d["xi"], self.num_tasks).copy()
-        self.steps = int(d["steps"])
-        self._adam.load(d["adam"])
+        for key in ("xi", "steps", "adam"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        # validate everything before assigning, so a bad state leaves the object unchanged
+        xi = check_logits("state_dict['xi']", d["xi"], self.num_tasks).copy()
+        steps = check_int("state_dict['steps']", d["steps"], 0)
+        adam = Adam(self.num_tasks, self.lr, (0.9, 0.999), self.weight_decay)
+        adam.load(d["adam"])
+        self.xi, self.steps, self._adam = xi, steps, adam
 
 
 class ImprovementAwareWeights(_LogitWeights):
@@ -113,8 +120,8 @@ class ImprovementAwareWeights(_LogitWeights):
     def __init__(self, num_tasks: int, lam: float = 0.2, lr: float = 0.025, weight_decay: float = 1e-5,
                  optimizer: str = "adam", improvement_clip: float = 0.1):
         super().__init__(num_tasks, lr, weight_decay, optimizer)
-        self.lam = check_float("lam", lam, 0.0)
-        self.improvement_clip = check_float("improvement_clip", improvement_clip, 0.0, lo_open=True)
+        self.lam = check_float("lam", lam, 0.0, MAX_COEF)
+        self.improvement_clip = check_float("improvement_clip", improvement_clip, 0.0, MAX_COEF, lo_open=True)
 
     def update(self, rewards: Any, improvements: Any = None) -> np.ndarray:
         """One IWU step.
@@ -159,7 +166,7 @@ class RegularizedWeights(_LogitWeights):
     needs_improvement = False
 
     def __init__(self, num_tasks: int, lr: float = 0.025, eta: float = 1e-2, optimizer: str = "adam"):
-        super().__init__(num_tasks, lr, check_float("eta", eta, 0.0), optimizer)
+        super().__init__(num_tasks, lr, check_float("eta", eta, 0.0, MAX_WEIGHT_DECAY), optimizer)
         self.eta = self.weight_decay
 
     def update(self, rewards: Any, improvements: Any = None) -> np.ndarray:
@@ -182,7 +189,7 @@ class UniformWeights:
     needs_improvement = False
 
     def __init__(self, num_tasks: int):
-        self.num_tasks = check_positive_int("num_tasks", num_tasks)
+        self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
 
     @property
     def weights(self) -> np.ndarray:
@@ -227,7 +234,7 @@ class SECCurriculum:
     needs_improvement = False
 
     def __init__(self, num_tasks: int, lr: float = 0.5, temperature: float = 0.2):
-        self.num_tasks = check_positive_int("num_tasks", num_tasks)
+        self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
         self.lr = check_float("lr", lr, 0.0, 1.0, lo_open=True)
         self.temperature = check_float("temperature", temperature, 0.0, lo_open=True)
         self.q = np.zeros(self.num_tasks)
@@ -274,8 +281,11 @@ class SECCurriculum:
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, num_tasks=self.num_tasks)
-        self.q = as_vector("state_dict['q']", d["q"], self.num_tasks).copy()
-        self.steps = int(d["steps"])
+        for key in ("q", "steps"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        q = check_logits("state_dict['q']", d["q"], self.num_tasks).copy()
+        self.q, self.steps = q, check_int("state_dict['steps']", d["steps"], 0)
 
 
 class TaskRewardTracker:
@@ -290,7 +300,7 @@ class TaskRewardTracker:
     kind = "TaskRewardTracker"
 
     def __init__(self, num_tasks: int, decay: float = 0.5, initial: float = 0.0):
-        self.num_tasks = check_positive_int("num_tasks", num_tasks)
+        self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
         self.decay = check_float("decay", decay, 0.0, 1.0, hi_open=True)
         self.initial = check_float("initial", initial)
         self.values = np.full(self.num_tasks, self.initial)
@@ -327,5 +337,9 @@ class TaskRewardTracker:
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, num_tasks=self.num_tasks)
-        self.values = as_vector("state_dict['values']", d["values"], self.num_tasks).copy()
+        for key in ("values", "seen"):
+            if key not in d:
+                raise ValueError(f"state_dict: missing key {key!r}")
+        values = as_vector("state_dict['values']", d["values"], self.num_tasks).copy()
         self.seen = as_mask("state_dict['seen']", d["seen"], self.num_tasks).copy()
+        self.values = values

@@ -71,12 +71,19 @@ struct Pcg32 {
 };
 
 enum class Rounding { LargestRemainder, Multinomial };
+
+// Size bounds (documented in mtgrpo_core.sampling): every total above 2^53 is refused
+// (float(total) would be inexact, so |n_k - z_k T| < 1 could not hold), and a multinomial
+// total above 2^22 too (it costs one draw a prompt; see SamplerConfig::validate).
+constexpr int64_t kMaxTotal = int64_t(1) << 53;
+constexpr int64_t kMaxMultinomialDraws = int64_t(1) << 22;
 Rounding parse_rounding(const std::string& name);  // throws invalid_argument naming "rounding"
 const char* rounding_name(Rounding r);
 
 // Splits `total` into K non-negative counts in proportion to w (w_k >= 0 finite, sum > 0;
 // zero-weight entries get 0). LargestRemainder: floor(z_k T) plus one for the largest
-// remainders (ties to the lower index); |n_k - z_k T| < 1. Multinomial: T categorical
+// remainders (ties to the lower index); |n_k - z_k T| < 1. T <= kMaxTotal (and
+// <= kMaxMultinomialDraws for Multinomial), else invalid_argument. Multinomial: T categorical
 // draws by inverse CDF on next_double(). z_k = w_k / sum(w), the sum taken left to right.
 void apportion(const double* w, int64_t K, int64_t total, Rounding method, Pcg32& rng, int64_t* out);
 
