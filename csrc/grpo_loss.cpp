@@ -96,6 +96,7 @@ using ItemsFn = void (*)(const FloatJob&, int64_t, int64_t);
 struct FloatKernels {
   ItemsFn items;
   ItemsFn seq_items;
+  ItemsFn coef_items;
   const char* isa;
 };
 
@@ -111,11 +112,11 @@ FloatKernels pick_float_kernels() {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   if (avx512 && (want.empty() || want == "avx512"))
-    return {isa_avx512::float_items, isa_avx512::float_seq_items, "avx512"};
+    return {isa_avx512::float_items, isa_avx512::float_seq_items, isa_avx512::float_coef_items, "avx512"};
   if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
-    return {isa_avx2::float_items, isa_avx2::float_seq_items, "avx2"};
+    return {isa_avx2::float_items, isa_avx2::float_seq_items, isa_avx2::float_coef_items, "avx2"};
 #endif
-  return {vec::float_items, vec::float_seq_items, "baseline"};
+  return {vec::float_items, vec::float_seq_items, vec::float_coef_items, "baseline"};
 }
 
 const FloatKernels& float_kernels() {
@@ -296,11 +297,14 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     std::vector<double> part(!f64 && nseg > 1 ? static_cast<size_t>(items) * kRowStats : 0);
     std::vector<double> seq_part(!f64 && seq_level ? static_cast<size_t>(items) * 2 : 0);
     std::vector<float> r_seq(!f64 && seq_level ? static_cast<size_t>(N) : 0);
+    const bool seq_tok = !f64 && seq_level && tok_adv;  // GSPO with token advantages: second pre-pass
+    std::vector<double> coef_part(seq_tok ? static_cast<size_t>(items) : 0);
+    std::vector<float> seq_coef(seq_tok ? static_cast<size_t>(N) : 0);
     const RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv,
                      seq_level, &p, gb.ptr, stats};
     const FloatJob J{dt, lb.ptr, ob.ptr, mk, ref_ptr, static_cast<const float*>(adv_tok), adv, w_row.data(),
-                     r_seq.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
-                     static_cast<float*>(gb.ptr), nseg > 1 ? part.data() : stats, seq_part.data()};
+                     r_seq.data(), seq_coef.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
+                     static_cast<float*>(gb.ptr), nseg > 1 ? part.data() : stats, seq_part.data(), coef_part.data()};
     const FloatKernels& K = float_kernels();
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
@@ -336,6 +340,16 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
             double s = 0.0, c = 0.0;
             for (int64_t j = 0; j < nseg; ++j) { s += seq_part[2 * (i * nseg + j)]; c += seq_part[2 * (i * nseg + j) + 1]; }
             r_seq[i] = vexp(static_cast<float>(s / std::max(c, 1.0)));
+          }
+          if (seq_tok) {  // the row's mean d loss / d r at its sequence ratio (spans folded in order)
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t k0 = 0; k0 < items; k0 += chunk) K.coef_items(J, k0, std::min(items, k0 + chunk));
+#pragma omp single
+            for (int64_t i = 0; i < N; ++i) {
+              double s = 0.0, c = 0.0;
+              for (int64_t j = 0; j < nseg; ++j) { s += coef_part[i * nseg + j]; c += seq_part[2 * (i * nseg + j) + 1]; }
+              seq_coef[i] = static_cast<float>(s / std::max(c, 1.0));
+            }
           }
         }
 #pragma omp for schedule(dynamic, 1)
