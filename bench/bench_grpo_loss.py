@@ -123,16 +123,15 @@ def main() -> None:
             rows.append(Row("grpo_loss", case, "memcpy", device, mc_ms, mc_ms, mc_ms, gbps=nbytes / mc_ms / 1e6))
     emit(rows)
     print("# paper roofline (H200, 4.8 TB/s): GRPO loss fwd+bwd, fused advantages, token-mean, no KL")
-    print("# shape        dtype  provider        min B/tok  kernel B/tok  x min  lower bound ms")
+    print("# shape        dtype  path                   min B/tok  kernel B/tok  x min  lower bound ms")
     for n, t in PAPER_SHAPES:
         for s, dname in ((4, "fp32"), (2, "bf16")):
-            for prov, kw in (("mtgrpo-triton", {}), ("mtgrpo-triton", {"upstream_one": False}),
-                             ("mtgrpo-triton", {"seq": True})):
+            for label, kw in (("triton", {}), ("triton, upstream != 1", {"upstream_one": False}),
+                              ("triton, GSPO", {"seq": True}), ("cpu (C++)", {})):
+                prov = "mtgrpo-cpu" if label.startswith("cpu") else "mtgrpo-triton"
                 r = paper_roofline(n, t, s, prov, **kw)
-                label = prov + ("" if not kw else " (" + ", ".join(
-                    "upstream != 1" if k == "upstream_one" else "GSPO" for k in kw) + ")")
-                print(f"# {n:>4}x{t:<7} {dname:5}  {label:30} {min_bytes_per_token(s):>3} "
-                      f"{kernel_bytes_per_token(prov, s, **kw):>12} {r['bytes_over_min']:>6} {r['lower_bound_ms']:>10}")
+                print(f"# {n:>4}x{t:<7} {dname:5}  {label:22} {min_bytes_per_token(s):>9} "
+                      f"{kernel_bytes_per_token(prov, s, **kw):>13} {r['bytes_over_min']:>6} {r['lower_bound_ms']:>15}")
     # Summary of the goals at the largest shape (issue: >= 10x eager, >= 2x compiled, memory <= one [N, T] fp32).
     big = f"{shapes[-1][0]}x{shapes[-1][1]}"
     by = {r.provider: r for r in rows if r.case == big and r.device == "cpu"}

@@ -1,5 +1,14 @@
 // Glue of the fused GRPO loss on the CPU: argument checks (ValueError naming the
 // argument), dtype dispatch, OpenMP over rows. The arithmetic is in mtgrpo/grpo_loss.h.
+// No FMA contraction: GCC contracts a * b + c into one fused multiply-add where the target
+// has FMA (the AVX2 and AVX-512 versions below) but not in the baseline x86-64 version, so
+// the same source rounded differently per ISA (token-level losses differed in the last bits
+// between avx2 and baseline). Without contraction every version computes the same bits.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 #include "mtgrpo/grpo_loss.h"  // also emits the float kernel for the baseline target (mtgrpo::vec)
 
 // The float kernel again for AVX-512 and AVX2+FMA (whole kernel compiled under the target,

@@ -614,3 +614,42 @@ def test_triton_grid_spans_chunks_of_long_rows():
         use_ref = ref if "kl_coef" in kw else None
         gold = run("torch", lp, old, mask, rewards, gids, use_ref, torch.float64, **kw)
         assert_close_all(run("triton", lp, old, mask, rewards, gids, use_ref, torch.float32, **kw), gold)
+
+
+_BITS_SCRIPT = """
+import hashlib, torch, mtgrpo_core as mc
+g = torch.Generator().manual_seed(3)
+out = []
+for dtype in (torch.float32, torch.bfloat16):
+    for kw in (dict(kl_coef=0.1), dict(importance_level="sequence"), dict(importance_level="sequence", dual_clip=2.0)):
+        n, t = 5, 20000  # rows of 3 spans of 8192 tokens: the span split is part of the check
+        lp = (-torch.rand(n, t, generator=g)).to(dtype)
+        old = (lp.float() + 0.1 * torch.randn(n, t, generator=g)).to(dtype)
+        ref = (lp.float() + 0.1 * torch.randn(n, t, generator=g)).to(dtype)
+        mask = torch.rand(n, t, generator=g) > 0.2
+        adv = torch.randn(n, t, generator=g)
+        x = lp.clone().requires_grad_()
+        l, s = mc.grpo_loss(x, old, mask, adv, ref_logprobs=ref, backend="cpu", **kw)
+        l.backward()
+        out.append(hashlib.md5(x.grad.float().numpy().tobytes() + l.detach().double().numpy().tobytes()
+                               + s.ratio_mean.double().numpy().tobytes()).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_cpu_bits_identical_across_isa_versions_and_thread_counts():
+    # Every compiled ISA version and any OpenMP thread count give the same bits (token level,
+    # KL, GSPO with token advantages, bf16): fixed span plan, fixed fold order, no FMA contraction.
+    import os
+    import subprocess
+    import sys
+
+    outs = set()
+    for isa in ("avx2", "baseline"):
+        for threads in ("1", "2"):
+            env = dict(os.environ, MTGRPO_CPU_ISA=isa, OMP_NUM_THREADS=threads)
+            p = subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True, text=True,
+                               timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            outs.add(p.stdout.strip())
+    assert len(outs) == 1, outs
