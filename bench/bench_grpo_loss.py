@@ -47,8 +47,7 @@ def kernel_bytes_per_token(provider: str, s: int, *, ref: bool = False, seq: boo
     counts; GSPO's pre-pass reads logp, old and mask instead: 2s + 1), the main pass (reads
     logp, old, mask (+ ref), writes dL/dlogp in the input dtype: 3s + 1 (+ s)), and a backward
     that moves nothing when the upstream gradient is 1 (else reads and writes the gradient: 2s).
-    mtgrpo-cpu: the same passes, but the C++ kernel writes an fp32 gradient (4 B) and low
-    precision inputs get a cast pass (read 4, write s).
+    mtgrpo-cpu: the same passes (the C++ kernel also writes the gradient in the input dtype).
     torch_ref (eager): about ten materialised [N, T] fp32 intermediates, each written and read
     once: counted as 10 * 8 B on top of the inputs (an estimate, not a construction).
     """
@@ -58,8 +57,7 @@ def kernel_bytes_per_token(provider: str, s: int, *, ref: bool = False, seq: boo
     if provider == "mtgrpo-triton":
         return pre + inputs + s + bwd
     if provider == "mtgrpo-cpu":
-        cast = 0 if s == 4 else 4 + s
-        return pre + inputs + 4 + cast + bwd
+        return pre + inputs + s + bwd
     return inputs + 10 * 8 + s
 
 

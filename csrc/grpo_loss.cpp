@@ -202,7 +202,7 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
 }
 
 // Fused forward + backward. Inputs are C-contiguous arrays; outputs are preallocated:
-// grad[N, T] (compute dtype: float64 for float64 inputs, else float32), rowstats[N, 9]
+// grad[N, T] (the input dtype: bf16 / fp16 gradients are rounded once, in the kernel), rowstats[N, 9]
 // float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given).
 void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
                            py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
@@ -223,7 +223,7 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   if (static_cast<size_t>(lb.itemsize) != item) fail("logprobs: expected ", item, "-byte elements for ", dtype);
   auto ob = check_2d(old_logprobs, "old_logprobs", N, T, item);
   auto mb = check_2d(mask, "mask", N, T, 1);
-  auto gb = check_2d(grad, "grad", N, T, citem);
+  auto gb = check_2d(grad, "grad", N, T, item);  // the input dtype: written once, never cast
   auto sb = checked_buffer(rowstats, "rowstats", 2);
   if (sb.shape[0] != N || sb.shape[1] != kRowStats || sb.itemsize != 8)
     fail("rowstats: expected float64 [", N, ", ", static_cast<int>(kRowStats), "]");
@@ -313,7 +313,7 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
                      seq_level, &p, gb.ptr, stats};
     const FloatJob J{dt, lb.ptr, ob.ptr, mk, ref_ptr, static_cast<const float*>(adv_tok), adv, w_row.data(),
                      r_seq.data(), seq_coef.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
-                     static_cast<float*>(gb.ptr), nseg > 1 ? part.data() : stats, seq_part.data(), coef_part.data()};
+                     gb.ptr, nseg > 1 ? part.data() : stats, seq_part.data(), coef_part.data()};
     const FloatKernels& K = float_kernels();
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).

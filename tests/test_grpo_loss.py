@@ -653,3 +653,26 @@ def test_cpu_bits_identical_across_isa_versions_and_thread_counts():
             assert p.returncode == 0, p.stderr[-3000:]
             outs.add(p.stdout.strip())
     assert len(outs) == 1, outs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_gradient_is_the_fp32_gradient_rounded_once(dtype):
+    # The C++ kernel writes bf16 / fp16 gradients itself (one pass, no fp32 [N, T] + cast):
+    # they must be exactly the fp32 kernel's gradient on the same (upcast) inputs, rounded to
+    # nearest even -- normal and fp16-subnormal magnitudes alike (advantages over 1e-9 .. 1e2).
+    g = torch.Generator().manual_seed(5)
+    n, t = 7, 301
+    lp = (-torch.rand(n, t, generator=g)).to(dtype)
+    old = (lp.float() + 0.2 * torch.randn(n, t, generator=g)).to(dtype)
+    mask = torch.rand(n, t, generator=g) > 0.1
+    adv = torch.randn(n, t, generator=g) * 10.0 ** torch.randint(-9, 3, (n, t), generator=g).float()
+    for kw in (dict(), dict(importance_level="sequence"), dict(loss_agg="seq-mean-token-sum", dual_clip=2.0)):
+        x = lp.clone().requires_grad_()
+        mc.grpo_loss(x, old, mask, adv, backend="cpu", **kw)[0].backward()
+        x32 = lp.float().requires_grad_()
+        mc.grpo_loss(x32, old.float(), mask, adv, backend="cpu", **kw)[0].backward()
+        assert x.grad.dtype == dtype
+        assert torch.equal(x.grad, x32.grad.to(dtype)), (kw, (x.grad.float() - x32.grad.to(dtype).float()).abs().max())
+        if dtype == torch.float16:
+            tiny = x.grad[(x.grad != 0) & (x.grad.abs() < 6.1e-5)]
+            assert tiny.numel() > 0  # subnormal halves were exercised

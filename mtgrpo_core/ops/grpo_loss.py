@@ -661,7 +661,7 @@ def aot_launches():
 def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp):
     n, t = lp.shape
     cdt = _compute_dtype(lp.dtype)
-    grad = torch.empty((n, t), dtype=cdt)
+    grad = torch.empty((n, t), dtype=lp.dtype)  # the kernel rounds bf16 / fp16 gradients itself
     rowstats = torch.empty((n, NUM_ROW_STATS), dtype=torch.float64)
     adv_out = torch.empty(n, dtype=torch.float64)
     flat = torch.empty(n, dtype=torch.uint8)
@@ -673,11 +673,9 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     kw = dict(kp, adv_scale=_ADV_SCALE_NAME[kp["adv_scale"]])
     _native.native().grpo_loss_fwd_bwd_cpu(
         _as_numpy(lp), _as_numpy(old), mask.numpy(), _opt(adv), _opt(rw), _opt(gid), _opt(sw), _opt(ref),
-        _DTYPE_NAME[lp.dtype], grad.numpy(), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(), **kw)
+        _DTYPE_NAME[lp.dtype], _as_numpy(grad), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(), **kw)
     loss = rowstats[:, LOSS_CONTRIB].sum().to(cdt)
-    # The C++ kernel writes the compute dtype; low-precision inputs get their gradient cast here
-    # (one extra CPU pass for bf16/fp16; the Triton kernel writes the input dtype directly).
-    return loss, grad if grad.dtype == lp.dtype else grad.to(lp.dtype), rowstats, adv_out, flat, leader
+    return loss, grad, rowstats, adv_out, flat, leader
 
 
 # The dispatch key sets of a plain eager thread (taken at import, outside any op).

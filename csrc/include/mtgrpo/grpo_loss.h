@@ -8,7 +8,9 @@
 // and dL/dlogp is written in the same pass, already scaled by the aggregation weight of
 // the row (token-mean: 1/M; seq-mean-token-mean: 1/(S M_i); seq-mean-token-sum: 1/S;
 // seq-mean-token-sum-norm: 1/(S L)). Cost per token: reads 2 (3 with a reference policy)
-// values and a mask byte, writes one float; about 40 flops and one exp (two with k3).
+// values and a mask byte, writes one value in the input dtype (bf16 / fp16 rounded to
+// nearest even in the kernel, no fp32 [N, T] and no cast pass); about 40 flops and one exp
+// (two with k3). GSPO with token advantages: every token gets r_seq * mean_s(m_s dldr_s).
 #ifndef MTGRPO_GRPO_LOSS_H
 #define MTGRPO_GRPO_LOSS_H
 
@@ -350,7 +352,7 @@ struct FloatJob {
   int kl;
   bool tok_adv, seq;
   const LossParams* p;
-  float* grad;
+  void* grad;            // [N, T] in the input dtype (float, Bf16 or F16)
   double* part;
   double* seq_part;
   double* coef_part;
@@ -443,6 +445,29 @@ MTGRPO_VINL vi load_mask(const uint8_t* p) {
   return __builtin_convertvector(m, vi) != 0;
 }
 MTGRPO_VINL void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// float -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for non-NaN values).
+MTGRPO_VINL void store(Bf16* p, vf v) {
+  vu u = (vu)v;
+  u = u + 0x7fffu + ((u >> 16) & 1u);
+  const vh h = __builtin_convertvector(u >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+// float -> float16, round to nearest even, lane-wise with integer and one float add (the
+// subnormal case rounds through the FPU's own RNE): the same bits on every ISA. Overflow -> inf.
+MTGRPO_VINL void store(F16* p, vf v) {
+  const vu x = (vu)v;
+  const vu sign = (x >> 16) & 0x8000u;
+  const vu ax = x & 0x7fffffffu;
+  const vu denorm_magic = vu{} + (((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const vu sub = (vu)((vf)ax + (vf)denorm_magic) - denorm_magic;  // |x| < 2^-14
+  const vu odd = (ax >> 13) & 1u;
+  const vu nrm = (ax + ((15u - 127u) << 23) + 0xfffu + odd) >> 13;  // 2^-14 <= |x| < 65520
+  const vu big = (vu)(((vi)ax > (vi)(vu{} + 0x7f800000u)) ? (vi)(vu{} + 0x7e00u) : (vi)(vu{} + 0x7c00u));
+  vu o = ((vi)ax >= (vi)(vu{} + ((127u + 16u) << 23))) ? big : (((vi)ax < (vi)(vu{} + (113u << 23))) ? sub : nrm);
+  o |= sign;
+  const vh h = __builtin_convertvector(o, vh);
+  std::memcpy(p, &h, sizeof h);
+}
 
 // Lane-wise vexp(float): floor through truncation and a fix-up (exact for |z| < 2^31).
 MTGRPO_VINL vf vexp(vf x) {
@@ -475,7 +500,7 @@ struct Acc {
 template <typename In, int KL, bool TOK_ADV, bool SEQ>
 MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                        const In* __restrict ref, const float* __restrict adv_tok, const Consts& c,
-                       float* __restrict grad, Acc& acc) {
+                       In* __restrict grad, Acc& acc) {
   const vf lim = splat(static_cast<float>(kLogRatioClamp));
   const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
   const vi on = load_mask(mk);
@@ -548,7 +573,7 @@ MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
 template <typename In, int KL, bool TOK_ADV, bool SEQ>
 MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                       const In* __restrict ref, const float* __restrict adv_tok, float a_row, float r_seq,
-                      float seq_coef, int64_t t0, int64_t t1, const LossParams& p, float w, float* __restrict grad,
+                      float seq_coef, int64_t t0, int64_t t1, const LossParams& p, float w, In* __restrict grad,
                       double* part) {
   Consts c;
   c.lo = splat(static_cast<float>(1.0 - p.eps_low));
@@ -588,7 +613,8 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
   const int64_t rem = t1 - t;
   if (rem > 0) {  // tail: the same block on zero-padded copies (padding is masked out)
     alignas(64) In lpb[kBlock], oldb[kBlock], refb[kBlock];
-    alignas(64) float advb[kBlock], gb[kBlock];
+    alignas(64) float advb[kBlock];
+    alignas(64) In gb[kBlock];
     alignas(16) uint8_t mkb[kBlock];
     std::memset(static_cast<void*>(lpb), 0, sizeof lpb);
     std::memset(static_cast<void*>(oldb), 0, sizeof oldb);
@@ -609,7 +635,7 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
       block<In, KL, TOK_ADV, SEQ>(lpb + 3 * kW, oldb + 3 * kW, mkb + 3 * kW, refb + 3 * kW, advb + 3 * kW, c,
                                   gb + 3 * kW, a3);
     }
-    std::memcpy(grad + t, gb, n * sizeof(float));
+    std::memcpy(static_cast<void*>(grad + t), static_cast<const void*>(gb), n * sizeof(In));
   }
   for (int k = 0; k < 9; ++k) {
     double sum = 0.0;
@@ -707,7 +733,7 @@ MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
                            KL ? static_cast<const In*>(J.ref) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
                            static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
                            (SEQ && TOK) ? J.seq_coef[i] : 0.0f, t0, t1, *J.p,
-                           static_cast<float>(J.w_row[i]), J.grad + off, J.part + k * kRowStats);
+                           static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
   }
 }
 
