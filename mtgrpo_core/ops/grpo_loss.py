@@ -783,6 +783,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.applied = None  # the upstream scale already applied to the saved gradient (None: none yet)
     ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the outputs that get none: autograd would otherwise
+    # allocate and memset an [N, T] tensor for the gradient buffer's "gradient" (4 B/token).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, g_loss, *unused):
@@ -795,6 +798,8 @@ def _backward(ctx, g_loss, *unused):
     out of place by ``upstream / applied``, so a gradient returned earlier never changes.
     Under ``torch.compile`` it is ``buf * upstream`` (Inductor fuses it into the consumer).
     """
+    if g_loss is None:  # the loss itself took no part in what is being differentiated
+        return (None,) * 11
     (buf,) = ctx.saved_tensors
     s = g_loss.to(torch.float32)
     if torch.compiler.is_compiling() or buf.device.type not in ("cpu", "cuda"):
