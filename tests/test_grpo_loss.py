@@ -676,3 +676,24 @@ def test_cpu_low_precision_gradient_is_the_fp32_gradient_rounded_once(dtype):
         if dtype == torch.float16:
             tiny = x.grad[(x.grad != 0) & (x.grad.abs() < 6.1e-5)]
             assert tiny.numel() > 0  # subnormal halves were exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_upstream_scale_kernel(dtype):
+    # The CUDA backward scales the saved gradient in place with the "== 1" test on the device:
+    # upstream 1 leaves every bit unchanged, anything else multiplies in fp32 and rounds once.
+    import sys
+
+    G = sys.modules["mtgrpo_core.ops.grpo_loss"]
+    g0 = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    g = g0.clone()
+    G._scale_grad_(g, torch.tensor(1.0))
+    assert torch.equal(g, g0)
+    G._scale_grad_(g, torch.tensor(-0.37))
+    want = g0.float() * -0.37
+    if dtype == torch.float32:
+        assert torch.equal(g, want)
+    else:  # one rounding to bf16: within one bf16 ulp (2^-7 relative). On a GPU it is round-to-
+        # nearest-even; Triton's numpy interpreter truncates fp32 -> bf16, so the bound is one ulp.
+        assert ((g.float() - want).abs() <= want.abs() * 2.0**-7).all()
+        assert ((g.float() - want).abs() > 0).any()  # it was scaled and rounded, not left alone
