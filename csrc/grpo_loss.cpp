@@ -1,5 +1,14 @@
 // Glue of the fused GRPO loss on the CPU: argument checks (ValueError naming the
 // argument), dtype dispatch, OpenMP over rows. The arithmetic is in mtgrpo/grpo_loss.h.
+// No FMA contraction: GCC contracts a * b + c into one fused multiply-add where the target
+// has FMA (the AVX2 and AVX-512 versions below) but not in the baseline x86-64 version, so
+// the same source rounded differently per ISA (token-level losses differed in the last bits
+// between avx2 and baseline). Without contraction every version computes the same bits.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("fp-contract=off")
+#elif defined(__clang__)
+#pragma clang fp contract(off)
+#endif
 #include "mtgrpo/grpo_loss.h"  // also emits the float kernel for the baseline target (mtgrpo::vec)
 
 // The float kernel again for AVX-512 and AVX2+FMA (whole kernel compiled under the target,
@@ -96,6 +105,7 @@ using ItemsFn = void (*)(const FloatJob&, int64_t, int64_t);
 struct FloatKernels {
   ItemsFn items;
   ItemsFn seq_items;
+  ItemsFn coef_items;
   const char* isa;
 };
 
@@ -111,11 +121,11 @@ FloatKernels pick_float_kernels() {
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   if (avx512 && (want.empty() || want == "avx512"))
-    return {isa_avx512::float_items, isa_avx512::float_seq_items, "avx512"};
+    return {isa_avx512::float_items, isa_avx512::float_seq_items, isa_avx512::float_coef_items, "avx512"};
   if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
-    return {isa_avx2::float_items, isa_avx2::float_seq_items, "avx2"};
+    return {isa_avx2::float_items, isa_avx2::float_seq_items, isa_avx2::float_coef_items, "avx2"};
 #endif
-  return {vec::float_items, vec::float_seq_items, "baseline"};
+  return {vec::float_items, vec::float_seq_items, vec::float_coef_items, "baseline"};
 }
 
 const FloatKernels& float_kernels() {
@@ -192,7 +202,7 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
 }
 
 // Fused forward + backward. Inputs are C-contiguous arrays; outputs are preallocated:
-// grad[N, T] (compute dtype: float64 for float64 inputs, else float32), rowstats[N, 9]
+// grad[N, T] (the input dtype: bf16 / fp16 gradients are rounded once, in the kernel), rowstats[N, 9]
 // float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given).
 void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
                            py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
@@ -213,7 +223,7 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   if (static_cast<size_t>(lb.itemsize) != item) fail("logprobs: expected ", item, "-byte elements for ", dtype);
   auto ob = check_2d(old_logprobs, "old_logprobs", N, T, item);
   auto mb = check_2d(mask, "mask", N, T, 1);
-  auto gb = check_2d(grad, "grad", N, T, citem);
+  auto gb = check_2d(grad, "grad", N, T, item);  // the input dtype: written once, never cast
   auto sb = checked_buffer(rowstats, "rowstats", 2);
   if (sb.shape[0] != N || sb.shape[1] != kRowStats || sb.itemsize != 8)
     fail("rowstats: expected float64 [", N, ", ", static_cast<int>(kRowStats), "]");
@@ -296,11 +306,14 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     std::vector<double> part(!f64 && nseg > 1 ? static_cast<size_t>(items) * kRowStats : 0);
     std::vector<double> seq_part(!f64 && seq_level ? static_cast<size_t>(items) * 2 : 0);
     std::vector<float> r_seq(!f64 && seq_level ? static_cast<size_t>(N) : 0);
+    const bool seq_tok = !f64 && seq_level && tok_adv;  // GSPO with token advantages: second pre-pass
+    std::vector<double> coef_part(seq_tok ? static_cast<size_t>(items) : 0);
+    std::vector<float> seq_coef(seq_tok ? static_cast<size_t>(N) : 0);
     const RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv,
                      seq_level, &p, gb.ptr, stats};
     const FloatJob J{dt, lb.ptr, ob.ptr, mk, ref_ptr, static_cast<const float*>(adv_tok), adv, w_row.data(),
-                     r_seq.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
-                     static_cast<float*>(gb.ptr), nseg > 1 ? part.data() : stats, seq_part.data()};
+                     r_seq.data(), seq_coef.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
+                     gb.ptr, nseg > 1 ? part.data() : stats, seq_part.data(), coef_part.data()};
     const FloatKernels& K = float_kernels();
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
@@ -336,6 +349,16 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
             double s = 0.0, c = 0.0;
             for (int64_t j = 0; j < nseg; ++j) { s += seq_part[2 * (i * nseg + j)]; c += seq_part[2 * (i * nseg + j) + 1]; }
             r_seq[i] = vexp(static_cast<float>(s / std::max(c, 1.0)));
+          }
+          if (seq_tok) {  // the row's mean d loss / d r at its sequence ratio (spans folded in order)
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t k0 = 0; k0 < items; k0 += chunk) K.coef_items(J, k0, std::min(items, k0 + chunk));
+#pragma omp single
+            for (int64_t i = 0; i < N; ++i) {
+              double s = 0.0, c = 0.0;
+              for (int64_t j = 0; j < nseg; ++j) { s += coef_part[i * nseg + j]; c += seq_part[2 * (i * nseg + j) + 1]; }
+              seq_coef[i] = static_cast<float>(s / std::max(c, 1.0));
+            }
           }
         }
 #pragma omp for schedule(dynamic, 1)

@@ -431,3 +431,269 @@ def test_each_cpu_isa_version_matches_reference(isa):
     lines = out.stdout.split()
     assert lines[-1] == "ok"
     assert lines[0] in (isa, "baseline")  # a CPU without the ISA falls back to baseline
+
+
+# --------------------------------------------------------------------------- issue 16 regressions
+ALL_BACKENDS = ["torch", "cpu", "triton"]
+
+
+def _grad_of(backend, lp, old, mask, dtype=torch.float64, **kw):
+    x = lp.detach().to(dtype).requires_grad_()
+    loss, stats = mc.grpo_loss(x, None if old is None else old.to(dtype), mask, backend=backend, **kw)
+    loss.backward()
+    return loss.detach().double(), x.grad.double(), stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", [dict(), dict(dual_clip=2.0, ratio_cap=1.4, loss_agg="seq-mean-token-mean")])
+def test_gspo_token_advantages_gradient_is_the_sequence_ratios(backend, extra):
+    # issue 16 item 1: with [N, T] advantages every token's gradient is
+    # w * r_seq * mean_s(m_s dldr_s), not its own dldr (the loss value agreed, the gradient not).
+    lp, old, mask, _, _, _ = make_case(5, 37, spread=0.2)
+    adv = torch.randn(5, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    kw = dict(importance_level="sequence", advantages=adv, **extra)
+    gold = _grad_of("torch", lp, old, mask, **kw)
+    for dtype in (torch.float64, torch.float32):
+        got = _grad_of(backend, lp, old, mask, dtype, **kw)
+        torch.testing.assert_close(got[0], gold[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], gold[1], rtol=1e-5, atol=1e-5)
+    # the per-token gradient (the old, wrong one) differs from the gold by far more than the tolerance
+    tok = _grad_of("torch", lp, old, mask, importance_level="token", advantages=adv, **extra)[1]
+    assert (tok - gold[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_uint8_mask_values_above_one_count_once(backend):
+    # issue 16 item 2: a uint8 mask holding 2..255 means "token", exactly like 1.
+    lp, old, mask, rewards, gids, _ = make_case(6, 19)
+    m1 = mask.to(torch.uint8)
+    m7 = m1 * torch.randint(1, 255, m1.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    for agg in AGGS:
+        a = run(backend, lp, old, m1, rewards, gids, None, torch.float32, loss_agg=agg)
+        b = run(backend, lp, old, m7, rewards, gids, None, torch.float32, loss_agg=agg)
+        assert_close_all(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_nan_at_masked_positions_never_reaches_loss_or_gradient(backend):
+    # issue 16 item 5: masked positions may hold anything (the README's promise), NaN included.
+    lp, old, mask, rewards, gids, ref = make_case(6, 21, ref=True)
+    dirty = [t.clone() for t in (lp, old, ref)]
+    for t in dirty:
+        t[~mask] = float("nan")
+    for kw in (dict(), dict(kl_coef=0.1, kl_estimator="k3"), dict(importance_level="sequence")):
+        clean = run(backend, lp, old, mask, rewards, gids, ref if kw else None, torch.float32, **kw)
+        got = run(backend, dirty[0], dirty[1], mask, rewards, gids, dirty[2] if kw else None, torch.float32, **kw)
+        assert torch.isfinite(got[0]) and torch.isfinite(got[1]).all(), (backend, kw)
+        assert_close_all(got, clean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("where", ["logprobs", "old_logprobs", "ref_logprobs"])
+def test_nan_at_unmasked_position_raises_value_error(backend, where):
+    # issue 16 item 5: every backend refuses (cpu did; torch and triton returned a NaN loss).
+    lp, old, mask, rewards, gids, ref = make_case(4, 9, ref=True, empty_rows=())
+    mask[1, 3] = True
+    t = {"logprobs": lp, "old_logprobs": old, "ref_logprobs": ref}[where].clone()
+    t[1, 3] = float("nan")
+    args = {"logprobs": lp, "old_logprobs": old, "ref_logprobs": ref, where: t}
+    with pytest.raises(ValueError, match="unmasked"):
+        mc.grpo_loss(args["logprobs"].float().requires_grad_(), args["old_logprobs"].float(), mask, rewards=rewards,
+                     group_ids=gids, ref_logprobs=args["ref_logprobs"].float(), kl_coef=0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float64_rewards_with_task_ids(backend):
+    # issue 16 item 5: float64 rewards + float32 log-probs + task_ids raised a bare RuntimeError
+    # from index_add_ on torch.
+    lp, old, mask, rewards, gids, _ = make_case(9, 7, dtype=torch.float32)
+    tids = torch.arange(9) % 3
+    loss, s = mc.grpo_loss(lp.requires_grad_(), old, mask, rewards=rewards.double(), group_ids=gids, task_ids=tids,
+                           num_tasks=3, backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.task_loss_sum.shape == (3,)
+    torch.testing.assert_close(s.task_loss_sum.double().sum(), s.per_sequence_loss.double().sum(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_meta_tensors_give_output_shapes(fused):
+    # issue 16 item 6: meta tensors raised "Tensor.item() cannot be called on meta tensors".
+    n, t = 5, 11
+    lp = torch.empty(n, t, device="meta", requires_grad=True)
+    mask = torch.empty(n, t, dtype=torch.bool, device="meta")
+    kw = (dict(rewards=torch.empty(n, device="meta"), group_ids=torch.empty(n, dtype=torch.long, device="meta"))
+          if fused else dict(advantages=torch.empty(n, t, device="meta")))
+    loss, s = mc.grpo_loss(lp, lp.detach(), mask, task_ids=None, **kw)
+    assert loss.shape == () and loss.device.type == "meta"
+    assert s.per_sequence_loss.shape == (n,) and s.advantages.shape == ((n,) if fused else (n, t))
+    loss.backward()
+    assert lp.grad.shape == (n, t) and lp.grad.device.type == "meta"
+    adv = mc.group_advantages(torch.empty(n, device="meta"), torch.empty(n, dtype=torch.long, device="meta"))
+    assert adv.shape == (n,) and adv.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- the op template
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fullgraph_training_step_has_no_graph_break(backend, fused):
+    torch.manual_seed(0)
+    n, t, h, v = 6, 9, 8, 11
+    hid = torch.randn(n, t, h)
+    tokens = torch.randint(0, v, (n, t))
+    mask = torch.rand(n, t) > 0.2
+    old = -torch.rand(n, t)
+    rewards, gids = torch.randint(0, 2, (n,)).float(), torch.arange(n) // 3
+    adv = torch.randn(n)
+    crit = mc.GRPOLoss(clip_eps_high=0.28, loss_agg="seq-mean-token-mean", backend=backend)
+
+    def step(w):
+        logp = torch.log_softmax(hid @ w, -1).gather(-1, tokens[..., None])[..., 0]
+        if fused:
+            loss, stats = crit(logp, old, mask, rewards=rewards, group_ids=gids)
+        else:
+            loss, stats = mc.grpo_loss(logp, old, mask, adv, clip_eps_high=0.28, loss_agg="seq-mean-token-mean",
+                                       backend=backend)
+        return loss, stats.clip_frac_high
+
+    w0 = torch.randn(h, v) * 0.1
+    explain = torch._dynamo.explain(step)(w0.clone().requires_grad_())
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    we, wc = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    le, fe = step(we)
+    le.backward()
+    lc, fc = compiled(wc)
+    lc.backward()
+    torch.testing.assert_close(lc, le)
+    torch.testing.assert_close(fc, fe)
+    torch.testing.assert_close(wc.grad, we.grad)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_upstream_gradient_scale_and_retained_graph(backend):
+    # The forward writes dL/dlogp; backward returns it as is for an upstream 1, scales it otherwise,
+    # and a retained graph's later backward never changes a gradient returned earlier.
+    lp, old, mask, rewards, gids, _ = make_case(5, 13, dtype=torch.float32)
+    x = lp.clone().requires_grad_()
+    loss, _ = mc.grpo_loss(x, old, mask, rewards=rewards.float(), group_ids=gids, backend=backend)
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g3,) = torch.autograd.grad(3.0 * loss, x, retain_graph=True)
+    g1_copy = g1.clone()
+    (g2,) = torch.autograd.grad(-2.0 * loss, x, retain_graph=True)
+    torch.testing.assert_close(g3, 3.0 * g1_copy)
+    torch.testing.assert_close(g2, -2.0 * g1_copy)
+    assert torch.equal(g1, g1_copy)
+    y = lp.clone().requires_grad_()
+    l2, _ = mc.grpo_loss(y, old, mask, rewards=rewards.float(), group_ids=gids, backend=backend)
+    (0.5 * l2).backward(retain_graph=True)
+    torch.testing.assert_close(y.grad, 0.5 * g1_copy)
+    l2.backward()
+    torch.testing.assert_close(y.grad, 1.5 * g1_copy)
+
+
+def test_group_advantages_triton_matches_reference():
+    r = torch.tensor([1.0, 0.0, 1.0, 0.5, 2.0, 2.0, 3.0])
+    g = torch.tensor([10, 3, 10, 10, 7, 7, 99])
+    for kw in (dict(), dict(scale="batch", std="population"), dict(scale="none", clip=0.2), dict(singleton="raw")):
+        want = mc.group_advantages(r.double(), g, backend="torch", **kw)
+        got = mc.group_advantages(r, g, backend="triton", **kw)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_grid_spans_chunks_of_long_rows():
+    # N = 2, T = 5000: the 2-D grid cuts each row into 5 chunks of 1024 tokens; the per-chunk
+    # partial statistics must fold into the same row statistics as one pass (fp64 gold).
+    from mtgrpo_core.ops.grpo_loss import _grid_plan
+
+    assert _grid_plan(2, 5000)[2] == 5 and _grid_plan(64, 32768)[2] == 8 and _grid_plan(512, 2048)[2] == 1
+    lp, old, mask, rewards, gids, ref = make_case(2, 5000, ref=True, empty_rows=())
+    gids = torch.tensor([0, 0])
+    for kw in (dict(kl_coef=0.1), dict(importance_level="sequence", loss_agg="seq-mean-token-mean")):
+        use_ref = ref if "kl_coef" in kw else None
+        gold = run("torch", lp, old, mask, rewards, gids, use_ref, torch.float64, **kw)
+        assert_close_all(run("triton", lp, old, mask, rewards, gids, use_ref, torch.float32, **kw), gold)
+
+
+_BITS_SCRIPT = """
+import hashlib, torch, mtgrpo_core as mc
+g = torch.Generator().manual_seed(3)
+out = []
+for dtype in (torch.float32, torch.bfloat16):
+    for kw in (dict(kl_coef=0.1), dict(importance_level="sequence"), dict(importance_level="sequence", dual_clip=2.0)):
+        n, t = 5, 20000  # rows of 3 spans of 8192 tokens: the span split is part of the check
+        lp = (-torch.rand(n, t, generator=g)).to(dtype)
+        old = (lp.float() + 0.1 * torch.randn(n, t, generator=g)).to(dtype)
+        ref = (lp.float() + 0.1 * torch.randn(n, t, generator=g)).to(dtype)
+        mask = torch.rand(n, t, generator=g) > 0.2
+        adv = torch.randn(n, t, generator=g)
+        x = lp.clone().requires_grad_()
+        l, s = mc.grpo_loss(x, old, mask, adv, ref_logprobs=ref, backend="cpu", **kw)
+        l.backward()
+        out.append(hashlib.md5(x.grad.float().numpy().tobytes() + l.detach().double().numpy().tobytes()
+                               + s.ratio_mean.double().numpy().tobytes()).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_cpu_bits_identical_across_isa_versions_and_thread_counts():
+    # Every compiled ISA version and any OpenMP thread count give the same bits (token level,
+    # KL, GSPO with token advantages, bf16): fixed span plan, fixed fold order, no FMA contraction.
+    import os
+    import subprocess
+    import sys
+
+    outs = set()
+    for isa in ("avx2", "baseline"):
+        for threads in ("1", "2"):
+            env = dict(os.environ, MTGRPO_CPU_ISA=isa, OMP_NUM_THREADS=threads)
+            p = subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True, text=True,
+                               timeout=300)
+            assert p.returncode == 0, p.stderr[-3000:]
+            outs.add(p.stdout.strip())
+    assert len(outs) == 1, outs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_low_precision_gradient_is_the_fp32_gradient_rounded_once(dtype):
+    # The C++ kernel writes bf16 / fp16 gradients itself (one pass, no fp32 [N, T] + cast):
+    # they must be exactly the fp32 kernel's gradient on the same (upcast) inputs, rounded to
+    # nearest even -- normal and fp16-subnormal magnitudes alike (advantages over 1e-9 .. 1e2).
+    g = torch.Generator().manual_seed(5)
+    n, t = 7, 301
+    lp = (-torch.rand(n, t, generator=g)).to(dtype)
+    old = (lp.float() + 0.2 * torch.randn(n, t, generator=g)).to(dtype)
+    mask = torch.rand(n, t, generator=g) > 0.1
+    adv = torch.randn(n, t, generator=g) * 10.0 ** torch.randint(-9, 3, (n, t), generator=g).float()
+    for kw in (dict(), dict(importance_level="sequence"), dict(loss_agg="seq-mean-token-sum", dual_clip=2.0)):
+        x = lp.clone().requires_grad_()
+        mc.grpo_loss(x, old, mask, adv, backend="cpu", **kw)[0].backward()
+        x32 = lp.float().requires_grad_()
+        mc.grpo_loss(x32, old.float(), mask, adv, backend="cpu", **kw)[0].backward()
+        assert x.grad.dtype == dtype
+        assert torch.equal(x.grad, x32.grad.to(dtype)), (kw, (x.grad.float() - x32.grad.to(dtype).float()).abs().max())
+        if dtype == torch.float16:
+            tiny = x.grad[(x.grad != 0) & (x.grad.abs() < 6.1e-5)]
+            assert tiny.numel() > 0  # subnormal halves were exercised
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_upstream_scale_kernel(dtype):
+    # The CUDA backward scales the saved gradient in place with the "== 1" test on the device:
+    # upstream 1 leaves every bit unchanged, anything else multiplies in fp32 and rounds once.
+    import sys
+
+    G = sys.modules["mtgrpo_core.ops.grpo_loss"]
+    g0 = torch.randn(3, 5000, generator=torch.Generator().manual_seed(2)).to(dtype)
+    g = g0.clone()
+    G._scale_grad_(g, torch.tensor(1.0))
+    assert torch.equal(g, g0)
+    G._scale_grad_(g, torch.tensor(-0.37))
+    want = g0.float() * -0.37
+    if dtype == torch.float32:
+        assert torch.equal(g, want)
+    else:  # one rounding to bf16: within one bf16 ulp (2^-7 relative). On a GPU it is round-to-
+        # nearest-even; Triton's numpy interpreter truncates fp32 -> bf16, so the bound is one ulp.
+        assert ((g.float() - want).abs() <= want.abs() * 2.0**-7).all()
+        assert ((g.float() - want).abs() > 0).any()  # it was scaled and rounded, not left alone

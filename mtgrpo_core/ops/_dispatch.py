@@ -68,6 +68,10 @@ def _usable(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """Return the backend that will run ``op`` for tensors on ``device``.
 
+    Under ``torch.compile`` the answer is computed once at trace time and baked into the
+    graph as a constant (``assume_constant_result``): no graph break for the environment and
+    package look-ups, which do not change while a process runs.
+
     Raises
     ------
     ValueError
@@ -77,6 +81,15 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return _resolve_constant(op, backend, torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_constant(op: str, backend: str, device_type: str) -> str:
+    return _resolve(op, backend, torch.device(device_type))
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
     if op not in _OPS:
         raise AssertionError(f"op {op!r} was not registered with the dispatcher")
     if backend == "auto":

@@ -8,9 +8,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG_RATIO_CLAMP: tl.constexpr = 20.0
-KL_LOG_CLAMP: tl.constexpr = 20.0
-KL_VALUE_CLAMP: tl.constexpr = 10.0
+# ``tl.constexpr(...)`` objects (not ``NAME: tl.constexpr = 20.0`` annotations): the compiler
+# resolves a global used inside a kernel only when it is a constexpr instance; the annotated
+# form is a plain float that the interpreter accepts and ``triton.compile`` rejects (NameError).
+LOG_RATIO_CLAMP = tl.constexpr(20.0)  # verl clamps log(pi / pi_old) to [-20, 20] before exp
+KL_LOG_CLAMP = tl.constexpr(20.0)  # k3: (ref - logp) clamped to [-20, 20]
+KL_VALUE_CLAMP = tl.constexpr(10.0)  # k3: value clamped to [-10, 10]
 
 
 @triton.jit

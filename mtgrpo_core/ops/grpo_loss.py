@@ -13,27 +13,38 @@ ratio cap, GSPO sequence ratio and KL penalty), aggregated by ``loss_agg``. When
 Algorithm
 ---------
 The gradient of the aggregated loss is linear in the upstream scalar gradient, so the
-forward pass writes ``dL/dlogp`` (already scaled by each row's aggregation weight) next to
-the loss, and backward only rescales it: one pass over the tokens instead of the ~10
-materialised [N, T] intermediates of an eager implementation. A first, 1-byte-per-token
-pass counts each row's tokens (the weights of the token-mean and seq-mean modes need
-them). One program (Triton) or one loop iteration (C++) handles a row, looping over
-tiles of tokens, so any T works (no grid-dimension limit). In the fused path each row's
-program scans the ``N`` rewards and labels to get its group's statistics: O(N^2 / BLOCK)
-label comparisons per launch, negligible next to the tokens for N up to tens of thousands.
+forward pass writes ``dL/dlogp`` (already scaled by each row's aggregation weight, in the
+input dtype) next to the loss, and the backward returns it as it is when the upstream
+gradient is 1 (``loss.backward()``), else scales it once: one pass over the tokens instead
+of the ~10 materialised [N, T] intermediates of an eager implementation. A 1-byte-per-token
+pre-pass counts each row's tokens when the aggregation weights need them (token-mean
+without ``num_tokens``, the seq-mean modes with ``seq_count="nonempty"``); GSPO's sequence
+ratio is a pre-pass too (and, with [N, T] advantages, the row mean of d loss / d ratio).
+
+Triton: a 2-D grid over rows x token chunks. Each program handles ``tiles * BLOCK_T``
+tokens of one row and writes its chunk's partial statistics; the partials fold per row in
+fp64 (fixed order, no atomics). Chunks are sized so that the grid reaches ~528 programs
+(132 SMs x 4) when the tokens allow it: N=64, T=32768 -> 8 chunks per row, 512 programs.
+In the fused path one program per row scans the ``N`` rewards and labels for its group's
+statistics (O(N^2 / BLOCK) label comparisons, negligible next to the tokens).
+C++: OpenMP over rows cut into 8192-token spans (see below).
 
 Cost
 ----
-Bytes: reads logprobs + old_logprobs (+ ref_logprobs) + mask, writes one fp32 gradient:
-``N*T*(2*s + 1 + 4)`` bytes for inputs of s bytes (13 B/token for fp32, no KL). FLOPs:
-about 40 per token and one exp (two with k3). Memory above the inputs: the [N, T] fp32
-gradient and O(N) statistics.
+Bytes (fused advantages, token-mean, upstream gradient 1): the mask pre-pass (1 B), then
+reads logprobs + old_logprobs (+ ref_logprobs) + mask and writes the gradient in the input
+dtype: ``N*T*(3*s + 2)`` bytes for inputs of s bytes: 14 B/token in fp32 and 8 B/token in
+bf16 against minima of 13 and 7 (1.08x, 1.14x); an upstream gradient other than 1 adds
+2*s. FLOPs: about 40 per token and one exp (two with k3). Memory above the inputs: the
+[N, T] gradient (input dtype) and O(N * chunks) partial statistics.
 
 Backends: "triton" (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), "cpu" (the
 C++ extension: OpenMP over rows, rows longer than 8192 tokens split into spans; the float
 kernel is explicitly vectorised and built for AVX-512, AVX2+FMA and baseline x86-64, the best
 picked at load time, see ``_C.grpo_loss_cpu_isa()``; ``MTGRPO_CPU_ISA=avx2|baseline`` caps
-it), "torch" (the reference). All registered through ``torch.library.custom_op`` so ``torch.compile`` traces.
+it), "torch" (the reference, run inside the same custom op). One ``torch.library`` custom op
+(``mtgrpo::grpo_loss``) with a fake kernel and ``register_autograd``, so ``torch.compile``
+traces it without graph breaks and meta tensors give shapes (docs/OPS.md).
 """
 from __future__ import annotations
 
@@ -45,11 +56,11 @@ import torch
 
 from .. import _native
 from ..config import GRPOConfig
-from ..reference.grpo_loss import grpo_loss_ref
+from ..reference.grpo_loss import grpo_loss_rows_ref
 from ._dispatch import register_op, resolve_backend
 
 register_op("grpo_loss", triton=True, cpu="grpo_loss_fwd_bwd_cpu")
-register_op("group_advantages", triton=False, cpu="group_advantages_cpu")
+register_op("group_advantages", triton=True, cpu="group_advantages_cpu")
 
 # Columns of the per-row statistics (mirror csrc/include/mtgrpo/grpo_loss.h RowStat).
 PG_SUM, KL_SUM, RATIO_SUM, NEG_LOGR_SUM, CLIP_LOW, CLIP_HIGH, DUAL, LOSS_CONTRIB, TOKENS = range(9)
@@ -117,7 +128,43 @@ class GRPOStats:
 
 
 # ---------------------------------------------------------------------------------------
-# Validation (the public boundary)
+# The configuration, packed once
+# ---------------------------------------------------------------------------------------
+# GRPOConfig travels to every backend as two flat lists (the only types a torch.library
+# custom op takes for it): _pack_config() is the one place that encodes it and
+# _unpack_config() the one place that decodes it for the C++ binding and the Triton launcher.
+_F_FIELDS = ("eps_low", "eps_high", "dual_clip", "ratio_cap", "kl_coef", "adv_eps", "adv_clip", "num_tokens",
+             "norm_length")
+_I_FIELDS = ("adv_scale", "adv_unbiased", "adv_singleton_raw", "kl_estimator", "seq_level", "loss_agg",
+             "seq_count_all")
+_ADV_SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
+_ADV_SCALE_NAME = {v: k for k, v in _ADV_SCALE_CODE.items()}
+
+
+def _pack_config(cfg: GRPOConfig, ref_given: bool) -> tuple[list[float], list[int]]:
+    """(fparams, iparams) of ``cfg`` for the custom op; off switches are inf (clips) or 0."""
+    f = [float(cfg.clip_eps_low), float(cfg.clip_eps_high),
+         float(cfg.dual_clip) if cfg.dual_clip is not None else math.inf,
+         float(cfg.ratio_cap) if cfg.ratio_cap is not None else math.inf,
+         float(cfg.kl_coef), float(cfg.adv_eps), float(cfg.adv_clip or 0.0), float(cfg.num_tokens or 0),
+         float(cfg.norm_length or 0.0)]
+    i = [_ADV_SCALE_CODE[cfg.adv_scale], int(cfg.adv_std == "unbiased"), int(cfg.adv_singleton == "raw"),
+         _KL_CODE[cfg.kl_estimator] if ref_given else 0, int(cfg.importance_level == "sequence"),
+         _AGG_CODE[cfg.loss_agg], int(cfg.seq_count == "all")]
+    return f, i
+
+
+def _unpack_config(fparams, iparams) -> dict:
+    """Named kernel parameters (the keyword arguments of the C++ binding)."""
+    kp = dict(zip(_F_FIELDS, (float(v) for v in fparams)))
+    kp.update(zip(_I_FIELDS, (int(v) for v in iparams)))
+    for k in ("adv_unbiased", "adv_singleton_raw", "seq_level", "seq_count_all"):
+        kp[k] = bool(kp[k])
+    return kp
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: shapes, dtypes and devices eagerly; values without a host sync
 # ---------------------------------------------------------------------------------------
 def _check_tensor(name: str, t, *, ndim=None, shape=None, float_=False, integer=False, device=None):
     if not isinstance(t, torch.Tensor):
@@ -134,11 +181,27 @@ def _check_tensor(name: str, t, *, ndim=None, shape=None, float_=False, integer=
         raise ValueError(f"{name}: expected a tensor on {device} (like logprobs), got {t.device}")
 
 
+def _value_check(ok: torch.Tensor, short: str, detail=None) -> None:
+    """Raise ValueError unless ``ok`` (a 0-d bool tensor) holds, without a host sync.
+
+    CPU tensors are checked eagerly: ValueError(``detail()`` or ``short``; ``detail`` may read
+    values, it only runs on the CPU). CUDA tensors: ``torch._assert_async`` (a device-side
+    assert, no synchronisation; it surfaces at the next sync). Under ``torch.compile`` tracing:
+    a traced ``_assert_async``. Meta tensors have no values to check."""
+    if ok.device.type == "meta":
+        return
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok):
+            raise ValueError(detail() if detail is not None else short)
+        return
+    torch._assert_async(ok, short)
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
-    bad = ~torch.isfinite(t)
-    if bool(bad.any()):
-        idx = bad.nonzero()[0].tolist()
-        raise ValueError(f"{name}: contains a non-finite value ({t[tuple(idx)].item()}) at index {idx}")
+    def detail():
+        idx = (~torch.isfinite(t)).nonzero()[0].tolist()
+        return f"{name}: contains a non-finite value ({t[tuple(idx)].item()}) at index {idx}"
+    _value_check(torch.isfinite(t).all(), f"{name}: contains a non-finite value", detail)
 
 
 def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
@@ -151,13 +214,14 @@ def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_
     if old_logprobs is not None:
         _check_tensor("old_logprobs", old_logprobs, shape=(n, t), float_=True, device=dev)
     _check_tensor("mask", mask, shape=(n, t), device=dev)
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask: expected a bool or 0/1 tensor, got {mask.dtype}")
     if advantages is not None:
         if rewards is not None:
             raise ValueError("advantages: give either advantages or rewards + group_ids, not both")
         _check_tensor("advantages", advantages, float_=True, device=dev)
         if tuple(advantages.shape) not in ((n,), (n, t)):
             raise ValueError(f"advantages: expected shape ({n},) or ({n}, {t}), got {tuple(advantages.shape)}")
-        _check_finite("advantages", advantages)
     else:
         if rewards is None or group_ids is None:
             raise ValueError("rewards: with advantages=None, pass rewards[N] and group_ids[N] (the fused advantage path)")
@@ -168,10 +232,8 @@ def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_
         if group_ids is None:
             raise ValueError("group_ids: required with rewards (the group label of each completion)")
         _check_tensor("group_ids", group_ids, shape=(n,), integer=True, device=dev)
-        _check_finite("rewards", rewards.double())
     if seq_weights is not None:
         _check_tensor("seq_weights", seq_weights, shape=(n,), float_=True, device=dev)
-        _check_finite("seq_weights", seq_weights)
     if ref_logprobs is not None:
         _check_tensor("ref_logprobs", ref_logprobs, shape=(n, t), float_=True, device=dev)
     elif cfg.kl_coef != 0.0:
@@ -180,15 +242,15 @@ def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks <= 0:
             raise ValueError(f"num_tasks: expected a positive int with task_ids, got {num_tasks!r}")
         _check_tensor("task_ids", task_ids, shape=(n,), integer=True, device=dev)
-        if n and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-            raise ValueError(f"task_ids: expected values in [0, {num_tasks}), got range "
+        _value_check(((task_ids >= 0) & (task_ids < num_tasks)).all(), f"task_ids: expected values in [0, {num_tasks})",
+                     lambda: f"task_ids: expected values in [0, {num_tasks}), got range "
                              f"[{int(task_ids.min())}, {int(task_ids.max())}]")
     elif num_tasks is not None:
         raise ValueError("num_tasks: given without task_ids")
 
 
 # ---------------------------------------------------------------------------------------
-# Backend kernels behind torch.library custom ops
+# Helpers of the backends
 # ---------------------------------------------------------------------------------------
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -205,52 +267,42 @@ def _opt(t: Optional[torch.Tensor]):
     return None if t is None else _as_numpy(t)
 
 
-@torch.library.custom_op("mtgrpo::grpo_loss_fwd_bwd", mutates_args=())
-def _grpo_loss_fwd_bwd_op(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
-    advantages: Optional[torch.Tensor], rewards: Optional[torch.Tensor], group_ids: Optional[torch.Tensor],
-    seq_weights: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor], backend: str,
-    adv_scale: str, adv_eps: float, adv_unbiased: bool, adv_singleton_raw: bool, adv_clip: float,
-    eps_low: float, eps_high: float, dual_clip: float, ratio_cap: float, kl_coef: float, kl_estimator: int,
-    seq_level: bool, loss_agg: int, num_tokens: float, norm_length: float, seq_count_all: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (grad[N, T] compute dtype, rowstats[N, 9] float64, adv[N] float64,
-    row_flat[N] uint8, row_leader[N] uint8)."""
-    n, t = logprobs.shape
-    cdt = _compute_dtype(logprobs.dtype)
-    grad = torch.empty((n, t), dtype=cdt, device=logprobs.device)
-    adv_out = torch.empty(n, dtype=torch.float64, device=logprobs.device)
-    flat = torch.empty(n, dtype=torch.uint8, device=logprobs.device)
-    leader = torch.empty(n, dtype=torch.uint8, device=logprobs.device)
-    kw = dict(adv_scale=adv_scale, adv_eps=adv_eps, adv_unbiased=adv_unbiased, adv_singleton_raw=adv_singleton_raw,
-              adv_clip=adv_clip, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, ratio_cap=ratio_cap,
-              kl_coef=kl_coef, kl_estimator=kl_estimator, seq_level=seq_level, loss_agg=loss_agg,
-              num_tokens=num_tokens, norm_length=norm_length, seq_count_all=seq_count_all)
-    if backend == "cpu":
-        rowstats = torch.empty((n, NUM_ROW_STATS), dtype=torch.float64)
-        _native.native().grpo_loss_fwd_bwd_cpu(
-            _as_numpy(logprobs), _as_numpy(old_logprobs), mask.numpy(), _opt(advantages), _opt(rewards),
-            _opt(group_ids), _opt(seq_weights), _opt(ref_logprobs), _DTYPE_NAME[logprobs.dtype],
-            grad.numpy(), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(), **kw)
-    elif backend == "triton":
-        rowstats = grpo_loss_fwd(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights,
-                                 ref_logprobs, grad, adv_out, flat, leader, **kw)
-    else:
-        raise ValueError(f"backend: the fused op runs 'cpu' or 'triton', got {backend!r}")
-    return grad, rowstats, adv_out, flat, leader
+def _mask_u8(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as contiguous uint8 where nonzero means "token" (values > 1 included)."""
+    if mask.dtype == torch.bool:
+        return mask.contiguous().view(torch.uint8)
+    if mask.dtype == torch.uint8:
+        return mask.contiguous()  # kernels test != 0, so 2..255 count as 1 (issue 16 item 2)
+    return (mask != 0).view(torch.uint8)
 
 
-@_grpo_loss_fwd_bwd_op.register_fake
-def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, backend, *args):
-    n, t = logprobs.shape
-    cdt = _compute_dtype(logprobs.dtype)
-    return (logprobs.new_empty((n, t), dtype=cdt), logprobs.new_empty((n, NUM_ROW_STATS), dtype=torch.float64),
-            logprobs.new_empty(n, dtype=torch.float64), logprobs.new_empty(n, dtype=torch.uint8),
-            logprobs.new_empty(n, dtype=torch.uint8))
+def _row_weights(row_tok: torch.Tensor, n: int, t: int, kp: dict) -> torch.Tensor:
+    """Each row's aggregation weight (float32 [N]) from its token count, on the device."""
+    rt = row_tok.to(torch.float32)
+    n_seq = torch.full((), float(n), device=rt.device) if kp["seq_count_all"] else (rt > 0).sum().float()
+    n_seq = n_seq.clamp(min=1.0)
+    agg = kp["loss_agg"]
+    if agg == 0:
+        denom = torch.full((), kp["num_tokens"], device=rt.device) if kp["num_tokens"] > 0 else rt.sum().clamp(min=1.0)
+        return (1.0 / denom).expand(n).contiguous()
+    if agg == 1:
+        return torch.where(rt > 0, 1.0 / (n_seq * rt.clamp(min=1.0)), torch.zeros_like(rt))
+    if agg == 2:
+        return (1.0 / n_seq).expand(n).contiguous()
+    norm = kp["norm_length"] if kp["norm_length"] > 0 else float(t)
+    return (1.0 / (n_seq * norm)).expand(n).contiguous()
+
+
+def _needs_counts(kp: dict) -> bool:
+    """Whether the row weights depend on the mask's counts (then a 1 B/token pre-pass runs)."""
+    agg = kp["loss_agg"]
+    if agg == 0:
+        return kp["num_tokens"] <= 0
+    return agg == 1 or not kp["seq_count_all"]
 
 
 # ---------------------------------------------------------------------------------------
-# Triton kernel + launcher
+# Triton kernels + launchers
 # ---------------------------------------------------------------------------------------
 try:  # triton is optional: the C++ and torch backends work without it
     import triton
@@ -263,84 +315,142 @@ try:  # triton is optional: the C++ and torch backends work without it
 except ImportError:  # pragma: no cover - exercised on machines without triton
     _HAS_TRITON = False
 
+NUM_PART_STATS = NUM_ROW_STATS + 1  # the kernel's partial statistics: the 9 row columns + NaN count
+# Programs per launch that fill an H100/H200: 4 per SM x 132 SMs. The main kernel takes 74-103
+# registers at 8 warps (sm_90, see the AOT table), so 2 programs are resident per SM and 528
+# programs run in 2 waves with every SM busy; fewer, longer programs would leave SMs idle in
+# the last wave at N = 64 (the old one-program-per-row grid used 64 of 132 SMs).
+_TARGET_PROGRAMS = 4 * 132
+
+
+def _grid_plan(n: int, t: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, tiles per program, chunks per row, warps) of the 2-D grid rows x token chunks.
+
+    A program handles ``tiles * BLOCK_T`` tokens of one row; rows are cut into enough chunks
+    that ``N * chunks`` reaches about 528 programs when the tokens allow it: N=64, T=32768
+    -> 8 chunks of 4096 (512 programs, every SM busy); N=512, T=2048 -> 1 chunk (512)."""
+    block_t = max(16, min(1024, triton.next_power_of_2(t)))
+    tiles_row = triton.cdiv(t, block_t)
+    tiles = max(1, min(tiles_row, triton.cdiv(n * tiles_row, _TARGET_PROGRAMS)))
+    nchunk = triton.cdiv(tiles_row, tiles)
+    warps = 8 if block_t >= 1024 else 4
+    return block_t, tiles, nchunk, warps
+
 
 if _HAS_TRITON:
 
     @triton.jit
-    def _grpo_loss_fwd_kernel(
-        LP, OLD, MASK, REF, ADV, REWARDS, GIDS, SEQW, GRAD, ROWSTATS, ADV_OUT, FLAT_OUT, LEADER_OUT, ROW_TOK, SCAL,
-        N, T, eps_low, eps_high, dual_clip, ratio_cap, kl_coef, adv_eps, adv_clip, norm_length, num_tokens,
-        FUSED_ADV: tl.constexpr, ADV_SCALE: tl.constexpr, UNBIASED: tl.constexpr, SINGLETON_RAW: tl.constexpr,
-        HAS_ADV_CLIP: tl.constexpr, HAS_DUAL: tl.constexpr, TOK_ADV: tl.constexpr, HAS_SEQW: tl.constexpr, KL: tl.constexpr,
-        SEQ: tl.constexpr, AGG: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    ):
-        """One program per row: its advantage (fused path), then the tokens in BLOCK_T tiles."""
+    def _grpo_prep_kernel(LP, OLD, MASK, CNT, SEQ_SUM, T, TILES, NCHUNK, SEQ: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Per (row, chunk): the mask's count (1 B/token) and, for GSPO, the masked sum of
+        clamped log-ratios (the pre-pass of the sequence ratio)."""
         row = tl.program_id(0).to(tl.int64)
-        base = row * T
+        ch = tl.program_id(1).to(tl.int64)
+        base = row * T  # int64: N * T may exceed 2^31
+        c0 = ch * TILES * BLOCK_T
+        cnt = tl.zeros([BLOCK_T], tl.int32)
+        acc = tl.zeros([BLOCK_T], tl.float32)
+        for k in range(0, TILES):
+            start = c0 + k * BLOCK_T
+            if SEQ:
+                offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
+                acc += tl.where(m, dc, 0.0)
+            else:
+                offs = start + tl.arange(0, BLOCK_T)
+                inb = offs < T
+                m = (tl.load(MASK + base + offs, mask=inb, other=0) != 0) & inb
+            cnt += m.to(tl.int32)
+        out = row * NCHUNK + ch
+        tl.store(CNT + out, tl.sum(cnt, 0))
+        if SEQ:
+            tl.store(SEQ_SUM + out, tl.sum(acc, 0))
+
+    @triton.jit
+    def _grpo_adv_kernel(REWARDS, GIDS, SEQW, A_ROW, ADV_OUT, FLAT_OUT, LEADER_OUT, N, adv_eps, adv_clip,
+                         ADV_SCALE: tl.constexpr, UNBIASED: tl.constexpr, SINGLETON_RAW: tl.constexpr,
+                         HAS_ADV_CLIP: tl.constexpr, HAS_SEQW: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program per row: its group's statistics (a scan of the N labels: O(N) per row,
+        negligible next to the tokens for N up to tens of thousands) and its advantage."""
+        row = tl.program_id(0).to(tl.int64)
         ddof = 1.0 if UNBIASED else 0.0
-        # ---- advantage of this row ---------------------------------------------------
-        if FUSED_ADV:
-            g = tl.load(GIDS + row)
-            r_i = tl.load(REWARDS + row).to(tl.float32)
-            s, cnt, lo_r, hi_r, first = segment_stats(REWARDS, GIDS, N, g, BLOCK_N)
-            mean = s / cnt
-            sd = tl.sqrt(segment_sq_dev(REWARDS, GIDS, N, g, mean, False, BLOCK_N) / tl.maximum(cnt - ddof, 1.0))
-            single = cnt == 1.0
-            if SINGLETON_RAW:
-                mean = tl.where(single, 0.0, mean)
-                sd = tl.where(single, 1.0, sd)
-                flat = (lo_r == hi_r) & (cnt > 1.0)
-            else:
-                flat = lo_r == hi_r
-            if ADV_SCALE == 0:
-                a_row = (r_i - mean) / (sd + adv_eps)
-            elif ADV_SCALE == 1:
-                bacc = tl.zeros([BLOCK_N], tl.float32)
-                for start in range(0, N, BLOCK_N):
-                    offs = start + tl.arange(0, BLOCK_N)
-                    bacc += tl.load(REWARDS + offs, mask=offs < N, other=0.0).to(tl.float32)
-                bsum = tl.sum(bacc, 0)
-                bmean = bsum / N
-                bss = segment_sq_dev(REWARDS, GIDS, N, g, bmean, True, BLOCK_N)
-                bstd = tl.where(N > ddof, tl.sqrt(bss / tl.maximum(N - ddof, 1.0)), 0.0)
-                a_row = (r_i - mean) / (bstd + adv_eps)
-            else:
-                a_row = r_i - mean
-            a_row = tl.where(flat, 0.0, a_row)
-            if HAS_ADV_CLIP:
-                a_row = tl.minimum(tl.maximum(a_row, -adv_clip), adv_clip)
-            tl.store(FLAT_OUT + row, flat.to(tl.uint8))
-            tl.store(LEADER_OUT + row, (first == row).to(tl.uint8))
-        elif TOK_ADV:
-            a_row = 1.0
+        gid = tl.load(GIDS + row)
+        r_i = tl.load(REWARDS + row).to(tl.float32)
+        s, cnt, lo_r, hi_r, first = segment_stats(REWARDS, GIDS, N, gid, BLOCK_N)
+        mean = s / cnt
+        sd = tl.sqrt(segment_sq_dev(REWARDS, GIDS, N, gid, mean, False, BLOCK_N) / tl.maximum(cnt - ddof, 1.0))
+        single = cnt == 1.0
+        if SINGLETON_RAW:
+            mean = tl.where(single, 0.0, mean)
+            sd = tl.where(single, 1.0, sd)
+            flat = (lo_r == hi_r) & (cnt > 1.0)
         else:
-            a_row = tl.load(ADV + row).to(tl.float32)
+            flat = lo_r == hi_r
+        if ADV_SCALE == 0:
+            a_row = (r_i - mean) / (sd + adv_eps)
+        elif ADV_SCALE == 1:
+            bacc = tl.zeros([BLOCK_N], tl.float32)
+            for bstart in range(0, N, BLOCK_N):
+                boffs = bstart + tl.arange(0, BLOCK_N)
+                bacc += tl.load(REWARDS + boffs, mask=boffs < N, other=0.0).to(tl.float32)
+            bmean = tl.sum(bacc, 0) / N
+            bss = segment_sq_dev(REWARDS, GIDS, N, gid, bmean, True, BLOCK_N)
+            bstd = tl.where(N > ddof, tl.sqrt(bss / tl.maximum(N - ddof, 1.0)), 0.0)
+            a_row = (r_i - mean) / (bstd + adv_eps)
+        else:
+            a_row = r_i - mean
+        a_row = tl.where(flat, 0.0, a_row)
+        if HAS_ADV_CLIP:
+            a_row = tl.minimum(tl.maximum(a_row, -adv_clip), adv_clip)
+        tl.store(FLAT_OUT + row, flat.to(tl.uint8))
+        tl.store(LEADER_OUT + row, (first == row).to(tl.uint8))
         if HAS_SEQW:
             a_row = a_row * tl.load(SEQW + row).to(tl.float32)
         tl.store(ADV_OUT + row, a_row.to(tl.float64))
-        # ---- aggregation weight of this row --------------------------------------------
-        row_tok = tl.load(ROW_TOK + row).to(tl.float32)
-        total_tok = tl.load(SCAL + 0)
-        n_seq = tl.maximum(tl.load(SCAL + 1), 1.0)
-        if AGG == 0:
-            w = 1.0 / tl.where(num_tokens > 0, num_tokens, tl.maximum(total_tok, 1.0))
-        elif AGG == 1:
-            w = tl.where(row_tok > 0, 1.0 / (n_seq * tl.maximum(row_tok, 1.0)), 0.0)
-        elif AGG == 2:
-            w = 1.0 / n_seq
-        else:
-            w = 1.0 / (n_seq * norm_length)
+        tl.store(A_ROW + row, a_row)
+
+    @triton.jit
+    def _grpo_seq_coef_kernel(MASK, ADV, A_ROW, R_SEQ, COEF_SUM, T, TILES, NCHUNK, eps_low, eps_high, dual_clip,
+                              ratio_cap, HAS_DUAL: tl.constexpr, BLOCK_T: tl.constexpr):
+        """GSPO with token advantages, per (row, chunk): the masked sum of d loss_t / d r at the
+        row's (capped) sequence ratio; its row mean scales every token's gradient."""
+        row = tl.program_id(0).to(tl.int64)
+        ch = tl.program_id(1).to(tl.int64)
+        base = row * T
+        c0 = ch * TILES * BLOCK_T
+        r = tl.minimum(tl.load(R_SEQ + row), ratio_cap)
+        a_row = tl.load(A_ROW + row)
+        acc = tl.zeros([BLOCK_T], tl.float32)
+        for k in range(0, TILES):
+            offs = c0 + k * BLOCK_T + tl.arange(0, BLOCK_T)
+            inb = offs < T
+            m = (tl.load(MASK + base + offs, mask=inb, other=0) != 0) & inb
+            a = tl.load(ADV + base + offs, mask=inb, other=0.0).to(tl.float32) * a_row
+            rr = tl.zeros([BLOCK_T], tl.float32) + r
+            loss, dldr, dual = clipped_surrogate(a, rr, 1.0 - eps_low, 1.0 + eps_high, dual_clip, HAS_DUAL)
+            acc += tl.where(m, dldr, 0.0)
+        tl.store(COEF_SUM + row * NCHUNK + ch, tl.sum(acc, 0))
+
+    @triton.jit
+    def _grpo_main_kernel(
+        LP, OLD, MASK, REF, ADV, A_ROW, W_ROW, R_SEQ, SEQ_COEF, GRAD, PART, T, TILES, NCHUNK,
+        eps_low, eps_high, dual_clip, ratio_cap, kl_coef,
+        HAS_DUAL: tl.constexpr, TOK_ADV: tl.constexpr, KL: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """Per (row, chunk): loss terms and dL/dlogp (already weighted, in the input dtype) of
+        TILES tiles of BLOCK_T tokens, and the chunk's partial statistics PART[row, chunk, 10]."""
+        row = tl.program_id(0).to(tl.int64)
+        ch = tl.program_id(1).to(tl.int64)
+        base = row * T
+        c0 = ch * TILES * BLOCK_T
+        a_row = tl.load(A_ROW + row)
+        w = tl.load(W_ROW + row)
         lo = 1.0 - eps_low
         hi = 1.0 + eps_high
-        # ---- GSPO: the row's mean log-ratio --------------------------------------------
         r_seq = 1.0
+        coef = 0.0
         if SEQ:
-            acc = tl.zeros([BLOCK_T], tl.float32)
-            for start in range(0, T, BLOCK_T):
-                offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
-                acc += tl.where(m, dc, 0.0)
-            r_seq = tl.exp(tl.sum(acc, 0) / tl.maximum(row_tok, 1.0))
-        # ---- the tokens ----------------------------------------------------------------
+            r_seq = tl.load(R_SEQ + row)
+            if TOK_ADV:
+                coef = tl.load(SEQ_COEF + row)
         s_pg = tl.zeros([BLOCK_T], tl.float32)
         s_kl = tl.zeros([BLOCK_T], tl.float32)
         s_r = tl.zeros([BLOCK_T], tl.float32)
@@ -350,7 +460,9 @@ if _HAS_TRITON:
         s_du = tl.zeros([BLOCK_T], tl.float32)
         s_loss = tl.zeros([BLOCK_T], tl.float32)
         s_m = tl.zeros([BLOCK_T], tl.float32)
-        for start in range(0, T, BLOCK_T):
+        s_bad = tl.zeros([BLOCK_T], tl.float32)
+        for k in range(0, TILES):
+            start = c0 + k * BLOCK_T
             offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
             din = tl.where((d >= -LOG_RATIO_CLAMP) & (d <= LOG_RATIO_CLAMP), 1.0, 0.0)
             if TOK_ADV:
@@ -364,14 +476,18 @@ if _HAS_TRITON:
             cap_grad = tl.where(r <= ratio_cap, 1.0, 0.0)
             r = tl.minimum(r, ratio_cap)
             loss, dldr, dual = clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL)
-            g = dldr * r * cap_grad * din
+            if SEQ and TOK_ADV:  # every token moves the one sequence ratio (issue 16 item 1)
+                dldr = tl.zeros([BLOCK_T], tl.float32) + coef
+            gt = dldr * r * cap_grad * din
+            bad = d != d  # NaN at a token (min/max would hide it from the loss)
             kl = tl.zeros([BLOCK_T], tl.float32)
             if KL > 0:
                 ref = tl.load(REF + base + offs, mask=inb, other=0.0).to(tl.float32)
                 kl, dkl = kl_estimate(x, ref, KL)
-                g += kl_coef * dkl
+                gt += kl_coef * dkl
+                bad = bad | (ref != ref)
             lt = loss + kl_coef * kl
-            tl.store(GRAD + base + offs, tl.where(m, w * g, 0.0).to(GRAD.dtype.element_ty), mask=inb)
+            tl.store(GRAD + base + offs, tl.where(m, w * gt, 0.0).to(GRAD.dtype.element_ty), mask=inb)
             s_pg += tl.where(m, loss, 0.0)
             s_kl += tl.where(m, kl, 0.0)
             s_r += tl.where(m, r, 0.0)
@@ -381,99 +497,335 @@ if _HAS_TRITON:
             s_du += tl.where(m & dual, 1.0, 0.0)
             s_loss += tl.where(m, lt, 0.0)
             s_m += tl.where(m, 1.0, 0.0)
-        out = ROWSTATS + row * 9
-        tl.store(out + 0, tl.sum(s_pg, 0).to(tl.float64))
-        tl.store(out + 1, tl.sum(s_kl, 0).to(tl.float64))
-        tl.store(out + 2, tl.sum(s_r, 0).to(tl.float64))
-        tl.store(out + 3, tl.sum(s_nd, 0).to(tl.float64))
-        tl.store(out + 4, tl.sum(s_lo, 0).to(tl.float64))
-        tl.store(out + 5, tl.sum(s_hi, 0).to(tl.float64))
-        tl.store(out + 6, tl.sum(s_du, 0).to(tl.float64))
-        tl.store(out + 7, (w * tl.sum(s_loss, 0)).to(tl.float64))
-        tl.store(out + 8, tl.sum(s_m, 0).to(tl.float64))
+            s_bad += tl.where(m & bad, 1.0, 0.0)
+        out = PART + (row * NCHUNK + ch) * 10
+        tl.store(out + 0, tl.sum(s_pg, 0))
+        tl.store(out + 1, tl.sum(s_kl, 0))
+        tl.store(out + 2, tl.sum(s_r, 0))
+        tl.store(out + 3, tl.sum(s_nd, 0))
+        tl.store(out + 4, tl.sum(s_lo, 0))
+        tl.store(out + 5, tl.sum(s_hi, 0))
+        tl.store(out + 6, tl.sum(s_du, 0))
+        tl.store(out + 7, tl.sum(s_loss, 0))
+        tl.store(out + 8, tl.sum(s_m, 0))
+        tl.store(out + 9, tl.sum(s_bad, 0))
+
+    @triton.jit
+    def _scale_grad_kernel(G, S, n, BLOCK: tl.constexpr):
+        """G *= S[0] in place, unless S[0] == 1 (then no program touches G: 0 bytes per token)."""
+        s = tl.load(S)
+        if s != 1.0:
+            offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            inb = offs < n
+            g = tl.load(G + offs, mask=inb, other=0.0).to(tl.float32)
+            tl.store(G + offs, (g * s).to(G.dtype.element_ty), mask=inb)
 
 
-def grpo_loss_fwd(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
-                  grad, adv_out, flat, leader, *, adv_scale, adv_eps, adv_unbiased, adv_singleton_raw, adv_clip,
-                  eps_low, eps_high, dual_clip, ratio_cap, kl_coef, kl_estimator, seq_level, loss_agg, num_tokens,
-                  norm_length, seq_count_all) -> torch.Tensor:
-    """Launch the Triton kernel (inputs contiguous, validated); returns rowstats[N, 9] float64."""
+def _triton_advantages(rewards, group_ids, seq_weights, kp, n):
+    """Fused-path advantages on the device: (a_row f32, adv f64, flat u8, leader u8)."""
+    dev = rewards.device
+    a_row = torch.empty(n, dtype=torch.float32, device=dev)
+    adv = torch.empty(n, dtype=torch.float64, device=dev)
+    flat = torch.empty(n, dtype=torch.uint8, device=dev)
+    leader = torch.empty(n, dtype=torch.uint8, device=dev)
+    rw = rewards.to(torch.float32).contiguous()
+    gid = group_ids.to(torch.int64).contiguous()
+    sw = seq_weights.to(torch.float32).contiguous() if seq_weights is not None else a_row
+    block_n = max(16, min(1024, triton.next_power_of_2(n)))
+    _grpo_adv_kernel[(n,)](
+        rw, gid, sw, a_row, adv, flat, leader, n, kp["adv_eps"], kp["adv_clip"],
+        ADV_SCALE=kp["adv_scale"], UNBIASED=kp["adv_unbiased"], SINGLETON_RAW=kp["adv_singleton_raw"],
+        HAS_ADV_CLIP=kp["adv_clip"] > 0, HAS_SEQW=seq_weights is not None, BLOCK_N=block_n,
+        num_warps=4 if block_n <= 512 else 8)
+    return a_row, adv, flat, leader
+
+
+def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp: dict):
+    """Launch the Triton kernels on contiguous, validated inputs (``mask`` uint8).
+
+    Returns (loss 0-d f32, grad [N, T] in the input dtype, rowstats [N, 9] f64, adv [N] f64,
+    flat [N] u8, leader [N] u8, bad 0-d f32: masked-in tokens holding NaN). Launches: a
+    1 B/token count pre-pass (only when the weights need counts, or GSPO), the fused
+    advantages (rewards path), GSPO's coefficient pre-pass (token advantages), the main pass.
+    """
     if not _HAS_TRITON:
         raise RuntimeError("triton is not installed (pip install 'mtgrpo_core[triton]')")
-    n, t = logprobs.shape
-    dev = logprobs.device
-    rowstats = torch.empty((n, NUM_ROW_STATS), dtype=torch.float64, device=dev)
-    row_tok = mask.sum(1, dtype=torch.int32)
-    n_seq = torch.full((), float(n), device=dev) if seq_count_all else (row_tok > 0).sum().float()
-    scal = torch.stack([row_tok.sum().float(), n_seq.float()])
-    fused = advantages is None
+    n, t = lp.shape
+    dev = lp.device
+    block_t, tiles, nchunk, warps = _grid_plan(n, t)
+    seq = kp["seq_level"]
     tok_adv = advantages is not None and advantages.dim() == 2
-    dummy = grad  # any valid pointer for unused arguments (never read)
-    flat.zero_()  # written by the kernel only in the fused path
-    leader.zero_()
-    block_t = max(16, min(1024, triton.next_power_of_2(t)))
-    block_n = max(16, min(1024, triton.next_power_of_2(n)))
-    _grpo_loss_fwd_kernel[(n,)](
-        logprobs, old_logprobs, mask, ref_logprobs if ref_logprobs is not None else dummy,
-        advantages if advantages is not None else dummy, rewards if rewards is not None else dummy,
-        group_ids if group_ids is not None else adv_out, seq_weights if seq_weights is not None else dummy,
-        grad, rowstats, adv_out, flat, leader, row_tok, scal,
-        n, t, float(eps_low), float(eps_high), float(dual_clip), float(ratio_cap), float(kl_coef), float(adv_eps),
-        float(adv_clip), float(norm_length if norm_length > 0 else t), float(num_tokens),
-        FUSED_ADV=fused, ADV_SCALE={"group": 0, "batch": 1, "none": 2}[adv_scale], UNBIASED=bool(adv_unbiased),
-        SINGLETON_RAW=bool(adv_singleton_raw), HAS_ADV_CLIP=adv_clip > 0, HAS_DUAL=math.isfinite(dual_clip),
-        TOK_ADV=tok_adv,
-        HAS_SEQW=seq_weights is not None, KL=int(kl_estimator), SEQ=bool(seq_level), AGG=int(loss_agg),
-        BLOCK_T=block_t, BLOCK_N=block_n,
-    )
-    return rowstats
-
-
-# ---------------------------------------------------------------------------------------
-# Autograd
-# ---------------------------------------------------------------------------------------
-class GRPOLossFunction(torch.autograd.Function):
-    """Forward runs the fused kernel (loss + dL/dlogp); backward rescales the saved gradient."""
-
-    @staticmethod
-    def forward(ctx, logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
-                backend, kw):
-        grad, rowstats, adv, flat, leader = torch.ops.mtgrpo.grpo_loss_fwd_bwd(
-            logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, backend, **kw)
-        loss = rowstats[:, LOSS_CONTRIB].sum().to(grad.dtype)
-        ctx.save_for_backward(grad)
-        ctx.in_dtype = logprobs.dtype
-        ctx.mark_non_differentiable(rowstats, adv, flat, leader)
-        return loss, rowstats, adv, flat, leader
-
-    @staticmethod
-    def backward(ctx, grad_loss, *unused):
-        (grad,) = ctx.saved_tensors
-        if (not torch.compiler.is_compiling() and grad.device.type == "cpu" and grad.dtype == ctx.in_dtype
-                and float(grad_loss) == 1.0):
-            g = grad  # the common case: no extra [N, T] pass or allocation
+    f32 = torch.float32
+    r_seq = coef = None
+    row_tok = None
+    if seq or _needs_counts(kp):
+        cnt = torch.empty((n, nchunk), dtype=torch.int32, device=dev)
+        seq_sum = torch.empty((n, nchunk), dtype=f32, device=dev) if seq else cnt
+        _grpo_prep_kernel[(n, nchunk)](lp, old, mask, cnt, seq_sum, t, tiles, nchunk, SEQ=seq, BLOCK_T=block_t,
+                                       num_warps=warps)
+        row_tok = cnt.sum(1)
+        if seq:
+            r_seq = torch.exp(seq_sum.sum(1) / row_tok.to(f32).clamp(min=1.0))
+    w_row = _row_weights(row_tok if row_tok is not None else torch.zeros(n, device=dev), n, t, kp)
+    if advantages is None:
+        a_row, adv_out, flat, leader = _triton_advantages(rewards, group_ids, seq_weights, kp, n)
+    else:
+        sw = seq_weights.to(f32) if seq_weights is not None else None
+        if tok_adv:
+            a_row = sw.contiguous() if sw is not None else torch.ones(n, dtype=f32, device=dev)
         else:
-            g = (grad * grad_loss.to(grad.dtype)).to(ctx.in_dtype)
-        return g, None, None, None, None, None, None, None, None, None
+            a_row = (advantages.to(f32) * sw if sw is not None else advantages.to(f32)).contiguous()
+        adv_out = a_row.to(torch.float64)
+        flat = torch.zeros(n, dtype=torch.uint8, device=dev)
+        leader = torch.zeros(n, dtype=torch.uint8, device=dev)
+    hp = (kp["eps_low"], kp["eps_high"], kp["dual_clip"], kp["ratio_cap"])
+    has_dual = math.isfinite(kp["dual_clip"])
+    if seq and tok_adv:
+        coef_sum = torch.empty((n, nchunk), dtype=f32, device=dev)
+        _grpo_seq_coef_kernel[(n, nchunk)](mask, advantages, a_row, r_seq, coef_sum, t, tiles, nchunk, *hp,
+                                           HAS_DUAL=has_dual, BLOCK_T=block_t, num_warps=warps)
+        coef = coef_sum.sum(1) / row_tok.to(f32).clamp(min=1.0)
+    grad = torch.empty((n, t), dtype=lp.dtype, device=dev)
+    part = torch.empty((n, nchunk, NUM_PART_STATS), dtype=f32, device=dev)
+    _grpo_main_kernel[(n, nchunk)](
+        lp, old, mask, ref if ref is not None else lp, advantages if tok_adv else lp, a_row, w_row,
+        r_seq if r_seq is not None else w_row, coef if coef is not None else w_row, grad, part, t, tiles, nchunk,
+        *hp, kp["kl_coef"],
+        HAS_DUAL=has_dual, TOK_ADV=tok_adv, KL=kp["kl_estimator"], SEQ=seq, BLOCK_T=block_t, num_warps=warps)
+    tot = part.to(torch.float64).sum(1)  # chunks folded in a fixed order, in fp64
+    rowstats = tot[:, :NUM_ROW_STATS].contiguous()
+    rowstats[:, LOSS_CONTRIB] = rowstats[:, LOSS_CONTRIB] * w_row.to(torch.float64)
+    loss = rowstats[:, LOSS_CONTRIB].sum().to(f32)
+    return loss, grad, rowstats, adv_out, flat, leader, tot[:, NUM_ROW_STATS].sum()
+
+
+def _scale_grad_(g: torch.Tensor, s: torch.Tensor) -> None:
+    """``g *= s`` in place with the test ``s == 1`` made on the device (no host sync)."""
+    n = g.numel()
+    block = 4096
+    _scale_grad_kernel[(triton.cdiv(n, block),)](g, s.reshape(1).to(torch.float32), n, BLOCK=block, num_warps=8)
+
+
+def aot_launches():
+    """(config, thunk) pairs for :mod:`mtgrpo_core.ops._aot`: every Triton kernel of this op
+    through the real launcher, on CPU tensors, in the specialisations that matter.
+
+    Covered: fp32 / bf16 / fp16; fused advantages with group / batch / none scale; given
+    [N] and [N, T] advantages; GSPO (with [N] and [N, T] advantages); KL k1 / k2 / k3; dual
+    clip; every loss_agg; N = 1; T = 1000 (not a multiple of 16); T = 32768 (8 chunks at
+    N = 64); the in-place upstream scale.
+    """
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(n, t, dtype):
+        lp = (-torch.rand(n, t, generator=g)).to(dtype)
+        return lp, lp.clone(), torch.ones(n, t, dtype=torch.uint8)
+
+    def loss_thunk(n, t, dtype, adv="rewards", **cfg):
+        def thunk():
+            lp, old, mask = inputs(n, t, dtype)
+            ref = lp.clone() if cfg.get("kl_coef") else None
+            c = GRPOConfig(**cfg)
+            kp = _unpack_config(*_pack_config(c, ref is not None))
+            rewards = torch.rand(n) if adv == "rewards" else None
+            gids = torch.arange(n) // 4 if adv == "rewards" else None
+            a = torch.randn(n) if adv == "seq" else (torch.randn(n, t).to(_compute_dtype(dtype)) if adv == "tok" else None)
+            grpo_loss_triton(lp, old, mask, a, rewards, gids, torch.rand(n) if adv != "rewards" else None, ref, kp)
+        return thunk
+
+    cases = []
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        cases += [
+            (f"{name} fused-adv group token-mean 64x1000", loss_thunk(64, 1000, dt)),
+            (f"{name} given[N,T] gspo k3 dual seq-mean-token-mean 4x300",
+             loss_thunk(4, 300, dt, adv="tok", importance_level="sequence", kl_coef=0.1, kl_estimator="k3",
+                        dual_clip=3.0, loss_agg="seq-mean-token-mean")),
+        ]
+    cases += [
+        ("fp32 fused-adv batch k1 seq-mean-token-sum N=1 T=37",
+         loss_thunk(1, 37, torch.float32, adv_scale="batch", kl_coef=0.1, kl_estimator="k1",
+                    loss_agg="seq-mean-token-sum", adv_clip=2.0, adv_singleton="raw", adv_std="population")),
+        ("bf16 fused-adv none k2 seq-mean-token-sum-norm 8x100",
+         loss_thunk(8, 100, torch.bfloat16, adv_scale="none", kl_coef=0.1, kl_estimator="k2",
+                    loss_agg="seq-mean-token-sum-norm", seq_count="all")),
+        ("bf16 given[N] gspo 64x32768", loss_thunk(64, 32768, torch.bfloat16, adv="seq", importance_level="sequence")),
+        ("fp32 given[N,T] dual cap 64x32768",
+         loss_thunk(64, 32768, torch.float32, adv="tok", dual_clip=2.0, ratio_cap=1.5)),
+    ]
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        cases.append((f"{name} upstream scale 512x2048",
+                      lambda dt=dt: _scale_grad_(torch.zeros(512, 2048, dtype=dt), torch.full((), 0.5))))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------
+# The one custom op: forward kernels of every backend, fake, autograd
+# ---------------------------------------------------------------------------------------
+def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp):
+    n, t = lp.shape
+    cdt = _compute_dtype(lp.dtype)
+    grad = torch.empty((n, t), dtype=lp.dtype)  # the kernel rounds bf16 / fp16 gradients itself
+    rowstats = torch.empty((n, NUM_ROW_STATS), dtype=torch.float64)
+    adv_out = torch.empty(n, dtype=torch.float64)
+    flat = torch.empty(n, dtype=torch.uint8)
+    leader = torch.empty(n, dtype=torch.uint8)
+    adv = None if advantages is None else advantages.to(cdt).contiguous()
+    rw = None if rewards is None else rewards.to(torch.float64).contiguous()
+    gid = None if group_ids is None else group_ids.to(torch.int64).contiguous()
+    sw = None if seq_weights is None else seq_weights.to(cdt).contiguous()
+    kw = dict(kp, adv_scale=_ADV_SCALE_NAME[kp["adv_scale"]])
+    _native.native().grpo_loss_fwd_bwd_cpu(
+        _as_numpy(lp), _as_numpy(old), mask.numpy(), _opt(adv), _opt(rw), _opt(gid), _opt(sw), _opt(ref),
+        _DTYPE_NAME[lp.dtype], _as_numpy(grad), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(), **kw)
+    loss = rowstats[:, LOSS_CONTRIB].sum().to(cdt)
+    return loss, grad, rowstats, adv_out, flat, leader
+
+
+# The dispatch key sets of a plain eager thread (taken at import, outside any op).
+_DEFAULT_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
+def _torch_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp, cfg_lists):
+    """The reference inside the op: its loss, its autograd gradient and its per-row sums."""
+    cfg = _config_from_lists(*cfg_lists)
+
+    # A custom op's implementation runs with the autograd (and, inside a compiled graph, the
+    # functorch) dispatch keys excluded and AOTAutograd's dispatch modes active, where
+    # requires_grad_() + autograd.grad record nothing. The reference is an ordinary eager
+    # program: run it with the process's default dispatch state and no modes.
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS), _disable_current_modes(), torch.enable_grad():
+        x = lp.detach().requires_grad_()
+        loss, _, rows = grpo_loss_rows_ref(x, old, mask, advantages, rewards=rewards, group_ids=group_ids,
+                                           seq_weights=seq_weights, ref_logprobs=ref, config=cfg)
+        (grad,) = torch.autograd.grad(loss, x)
+    # clone: with float64 inputs the reference's adv_rows can be the caller's tensor itself, and a
+    # custom op's outputs must not alias its inputs
+    return (loss.detach().clone(), grad, rows["row_stats"], rows["adv_rows"].clone(), rows["flat"], rows["leader"])
+
+
+def _config_from_lists(fparams, iparams) -> GRPOConfig:
+    """GRPOConfig back from the packed lists (for the reference backend inside the op)."""
+    kp = _unpack_config(fparams, iparams)
+    kl_names = {v: k for k, v in _KL_CODE.items()}
+    agg_names = {v: k for k, v in _AGG_CODE.items()}
+    return GRPOConfig(
+        adv_scale=_ADV_SCALE_NAME[kp["adv_scale"]], adv_eps=kp["adv_eps"],
+        adv_std="unbiased" if kp["adv_unbiased"] else "population",
+        adv_singleton="raw" if kp["adv_singleton_raw"] else "zero", adv_clip=kp["adv_clip"] or None,
+        kl_coef=kp["kl_coef"], kl_estimator=kl_names.get(kp["kl_estimator"], "k3"),
+        clip_eps_low=kp["eps_low"], clip_eps_high=kp["eps_high"],
+        dual_clip=kp["dual_clip"] if math.isfinite(kp["dual_clip"]) else None,
+        ratio_cap=kp["ratio_cap"] if math.isfinite(kp["ratio_cap"]) else None,
+        importance_level="sequence" if kp["seq_level"] else "token", loss_agg=agg_names[kp["loss_agg"]],
+        num_tokens=int(kp["num_tokens"]) if kp["num_tokens"] > 0 else None,
+        norm_length=kp["norm_length"] or None, seq_count="all" if kp["seq_count_all"] else "nonempty")
+
+
+_NAN_MESSAGE = ("logprobs/old_logprobs/ref_logprobs: a NaN (or a non-finite loss term) at an unmasked position; "
+                "check the policy's log-probabilities (masked positions may hold anything)")
+
+
+@torch.library.custom_op("mtgrpo::grpo_loss", mutates_args=())
+def _grpo_loss_op(
+    logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], mask: torch.Tensor,
+    advantages: Optional[torch.Tensor], rewards: Optional[torch.Tensor], group_ids: Optional[torch.Tensor],
+    seq_weights: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor], backend: str,
+    fparams: list[float], iparams: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused GRPO loss forward (the gradient is written in the same pass).
+
+    Returns (loss 0-d compute dtype, dL/dlogp [N, T] input dtype, rowstats [N, 9] float64,
+    adv [N] float64, row_flat [N] uint8, row_leader [N] uint8). ``backend`` is already
+    resolved ("cpu" | "triton" | "torch"); ``fparams`` / ``iparams`` come from
+    :func:`_pack_config`. Value checks (finite advantages / rewards / seq weights, no NaN at
+    unmasked tokens) run here, on the real tensors, without a host sync on CUDA.
+    """
+    kp = _unpack_config(fparams, iparams)
+    lp = logprobs.contiguous()
+    old = lp if old_logprobs is None else old_logprobs.to(lp.dtype).contiguous()
+    m = _mask_u8(mask)
+    ref = None if ref_logprobs is None else ref_logprobs.to(lp.dtype).contiguous()
+    if advantages is not None:
+        _check_finite("advantages", advantages)
+    if rewards is not None:
+        _check_finite("rewards", rewards.double())
+    if seq_weights is not None:
+        _check_finite("seq_weights", seq_weights)
+    bad = None
+    if backend == "cpu":
+        out = _cpu_forward(lp, old, m, advantages, rewards, group_ids, seq_weights, ref, kp)
+    elif backend == "triton":
+        adv = None if advantages is None else advantages.to(_compute_dtype(lp.dtype)).contiguous()
+        *out, bad = grpo_loss_triton(lp, old, m, adv, rewards, group_ids, seq_weights, ref, kp)
+        out[0] = out[0].to(_compute_dtype(lp.dtype))
+    elif backend == "torch":
+        out = _torch_forward(lp, None if old_logprobs is None else old, mask, advantages, rewards, group_ids,
+                             seq_weights, ref, kp, (fparams, iparams))
+    else:
+        raise ValueError(f"backend: grpo_loss runs 'cpu', 'triton' or 'torch', got {backend!r}")
+    ok = torch.isfinite(out[2]).all()
+    if bad is not None:
+        ok = ok & (bad == 0)
+    _value_check(ok, _NAN_MESSAGE)
+    return tuple(out)
+
+
+@_grpo_loss_op.register_fake
+def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, backend, fparams,
+      iparams):
+    n, t = logprobs.shape
+    cdt = _compute_dtype(logprobs.dtype)
+    return (logprobs.new_empty((), dtype=cdt), logprobs.new_empty((n, t)),
+            logprobs.new_empty((n, NUM_ROW_STATS), dtype=torch.float64), logprobs.new_empty(n, dtype=torch.float64),
+            logprobs.new_empty(n, dtype=torch.uint8), logprobs.new_empty(n, dtype=torch.uint8))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.applied = None  # the upstream scale already applied to the saved gradient (None: none yet)
+    ctx.mark_non_differentiable(*output[1:])
+    # No zero-filled gradients for the outputs that get none: autograd would otherwise
+    # allocate and memset an [N, T] tensor for the gradient buffer's "gradient" (4 B/token).
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, g_loss, *unused):
+    """dL/dlogp = upstream * (the gradient the forward wrote).
+
+    Bytes: 0 per token when the upstream gradient is 1 (``loss.backward()``, the training
+    case): the saved buffer is returned as it is. Otherwise the first backward scales it in
+    place (one read + one write in the input dtype; on CUDA the ``== 1`` test runs on the
+    device, so there is no host sync) and a later backward of a retained graph multiplies
+    out of place by ``upstream / applied``, so a gradient returned earlier never changes.
+    Under ``torch.compile`` it is ``buf * upstream`` (Inductor fuses it into the consumer).
+    """
+    if g_loss is None:  # the loss itself took no part in what is being differentiated
+        return (None,) * 11
+    (buf,) = ctx.saved_tensors
+    s = g_loss.to(torch.float32)
+    if torch.compiler.is_compiling() or buf.device.type not in ("cpu", "cuda"):
+        return ((buf * s).to(buf.dtype),) + (None,) * 10
+    if ctx.applied is None:
+        ctx.applied = s.detach().clone()
+        if buf.device.type == "cuda":
+            if _HAS_TRITON:
+                _scale_grad_(buf, s)  # writes through the pointer: the saved version stays valid
+            else:
+                buf.data.mul_(s)
+        elif float(s) != 1.0:  # CPU tensors: a host float, no device to wait for
+            buf.data.mul_(s)  # .data: the saved tensor's version counter stays unchanged; fp32 math
+        return (buf,) + (None,) * 10
+    return ((buf.to(torch.float32) * (s / ctx.applied)).to(buf.dtype),) + (None,) * 10
+
+
+_grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
-def _kernel_kwargs(cfg: GRPOConfig, ref_given: bool) -> dict:
-    return dict(
-        adv_scale=cfg.adv_scale, adv_eps=float(cfg.adv_eps), adv_unbiased=cfg.adv_std == "unbiased",
-        adv_singleton_raw=cfg.adv_singleton == "raw", adv_clip=float(cfg.adv_clip or 0.0),
-        eps_low=float(cfg.clip_eps_low), eps_high=float(cfg.clip_eps_high),
-        dual_clip=float(cfg.dual_clip) if cfg.dual_clip is not None else math.inf,
-        ratio_cap=float(cfg.ratio_cap) if cfg.ratio_cap is not None else math.inf,
-        kl_coef=float(cfg.kl_coef), kl_estimator=_KL_CODE[cfg.kl_estimator] if ref_given else 0,
-        seq_level=cfg.importance_level == "sequence", loss_agg=_AGG_CODE[cfg.loss_agg],
-        num_tokens=float(cfg.num_tokens or 0), norm_length=float(cfg.norm_length or 0.0),
-        seq_count_all=cfg.seq_count == "all",
-    )
-
-
 def _task_stats(per_seq, row_tokens, task_ids, num_tasks, flat, leader, adv_zero):
     """Per-task sums of the per-row statistics (through the task accumulation op)."""
     from .task_accumulate import task_masked_sum  # one implementation of per-task sums
@@ -531,8 +883,10 @@ def grpo_loss(
         Log-probabilities of the sampled tokens under the current policy.
     old_logprobs : Tensor[N, T] or None
         Under the behaviour policy; None means on-policy (``logprobs.detach()``).
-    mask : Tensor[N, T], bool or 0/1
-        Completion tokens. Masked positions take no part (they may hold any value).
+    mask : Tensor[N, T], bool or integer
+        Completion tokens (nonzero). Masked positions take no part (they may hold any value,
+        NaN included); a NaN at an unmasked position raises ValueError (on CUDA: a
+        device-side assert, no host sync).
     advantages : Tensor[N] or Tensor[N, T] or None
         Precomputed advantages; None computes them in the kernel from ``rewards[N]`` and
         ``group_ids[N]`` (ragged groups, labels in any order).
@@ -560,6 +914,13 @@ def grpo_loss(
     -------
     loss : 0-d Tensor (float64 for float64 inputs, else float32)
     stats : GRPOStats
+
+    Notes
+    -----
+    One ``torch.ops.mtgrpo.grpo_loss`` call (a ``torch.library`` custom op with a fake
+    kernel and ``register_autograd``), so ``torch.compile(fullgraph=True)`` traces it and
+    meta tensors give shapes. The forward writes dL/dlogp in the input dtype; the backward
+    returns it unchanged when the upstream gradient is 1 (see ``_backward``).
     """
     cfg = config if config is not None else GRPOConfig(
         adv_scale=adv_scale, adv_eps=adv_eps, adv_std=adv_std, adv_singleton=adv_singleton, adv_clip=adv_clip,
@@ -571,33 +932,14 @@ def grpo_loss(
     _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
               task_ids, num_tasks, cfg)
     be = resolve_backend("grpo_loss", backend, logprobs.device)
-    if be == "torch":
-        loss, s = grpo_loss_ref(logprobs, old_logprobs, mask, advantages, rewards=rewards, group_ids=group_ids,
-                                seq_weights=seq_weights, ref_logprobs=ref_logprobs, task_ids=task_ids,
-                                num_tasks=num_tasks, config=cfg)
-        return loss, GRPOStats(**s)
-
-    cdt = _compute_dtype(logprobs.dtype)
-    lp = logprobs.contiguous()
-    old = lp.detach() if old_logprobs is None else old_logprobs.detach().to(lp.dtype).contiguous()
-    m = mask.contiguous() if mask.dtype in (torch.bool, torch.uint8) else (mask != 0)
-    m = m.view(torch.uint8) if m.dtype == torch.bool else m
-    adv = None if advantages is None else advantages.detach().to(cdt).contiguous()
-    rw = None
-    if rewards is not None:
-        rw = rewards.detach().to(torch.float64 if be == "cpu" else torch.float32).contiguous()
-    gid = None if group_ids is None else group_ids.detach().to(torch.int64).contiguous()
-    sw = None if seq_weights is None else seq_weights.detach().to(cdt).contiguous()
-    ref = None if ref_logprobs is None else ref_logprobs.detach().to(lp.dtype).contiguous()
-    kw = _kernel_kwargs(cfg, ref is not None)
-    if advantages is not None:
-        rw = gid = None
-    loss, rowstats, adv_rows, flat, leader = GRPOLossFunction.apply(lp, old, m, adv, rw, gid, sw, ref, be, kw)
-    if be == "cpu" and not math.isfinite(float(loss.detach())):
-        raise ValueError("logprobs/old_logprobs: non-finite values at unmasked positions made the loss "
-                         f"{float(loss)}; check the policy's log-probabilities (masked positions may hold anything)")
-    return loss, _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, rewards is not None and
-                                  advantages is None, ref is not None, task_ids, num_tasks, cdt)
+    fparams, iparams = _pack_config(cfg, ref_logprobs is not None)
+    fused = advantages is None
+    det = lambda t: None if t is None else t.detach()  # noqa: E731 - only logprobs is differentiable
+    loss, _grad, rowstats, adv_rows, flat, leader = torch.ops.mtgrpo.grpo_loss(
+        logprobs, det(old_logprobs), mask, det(advantages), det(rewards) if fused else None,
+        det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), be, fparams, iparams)
+    return loss, _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused,
+                                  ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype))
 
 
 def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused, ref_given, task_ids,
@@ -639,6 +981,41 @@ def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, 
     return stats
 
 
+@torch.library.custom_op("mtgrpo::group_advantages", mutates_args=())
+def _group_advantages_op(rewards: torch.Tensor, group_ids: torch.Tensor, backend: str, fparams: list[float],
+                         iparams: list[int]) -> torch.Tensor:
+    """Group advantages [N] (float64 for float64 rewards, else float32) on ``backend``."""
+    kp = _unpack_config(fparams, iparams)
+    _check_finite("rewards", rewards.double())
+    n = rewards.shape[0]
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    scale = _ADV_SCALE_NAME[kp["adv_scale"]]
+    if backend == "torch":
+        from ..reference.grpo_loss import group_advantages_ref
+
+        return group_advantages_ref(rewards, group_ids, scale=scale, eps=kp["adv_eps"],
+                                    std="unbiased" if kp["adv_unbiased"] else "population",
+                                    singleton="raw" if kp["adv_singleton_raw"] else "zero",
+                                    clip=kp["adv_clip"] or None).to(out_dtype).clone()
+    if backend == "triton":
+        return _triton_advantages(rewards, group_ids, None, kp, n)[1].to(out_dtype)
+    if backend != "cpu":
+        raise ValueError(f"backend: group_advantages runs 'cpu', 'triton' or 'torch', got {backend!r}")
+    adv = torch.empty(n, dtype=torch.float64)
+    flat = torch.empty(n, dtype=torch.uint8)
+    leader = torch.empty(n, dtype=torch.uint8)
+    _native.native().group_advantages_cpu(
+        rewards.to(torch.float64).contiguous().numpy(), group_ids.to(torch.int64).contiguous().numpy(),
+        adv.numpy(), flat.numpy(), leader.numpy(), scale=scale, eps=kp["adv_eps"], unbiased=kp["adv_unbiased"],
+        singleton_raw=kp["adv_singleton_raw"], clip=kp["adv_clip"])
+    return adv.to(out_dtype)
+
+
+@_group_advantages_op.register_fake
+def _(rewards, group_ids, backend, fparams, iparams):
+    return rewards.new_empty(rewards.shape, dtype=torch.float64 if rewards.dtype == torch.float64 else torch.float32)
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
@@ -659,7 +1036,7 @@ def group_advantages(
     scale : "group" | "batch" | "none";  std : "unbiased" | "population"
     singleton : "zero" (a group of one has A = 0) | "raw" (verl: mean 0, std 1)
     clip : clamp to [-clip, clip] after normalisation
-    backend : "auto" | "cpu" | "torch"
+    backend : "auto" | "cpu" | "triton" | "torch"
 
     Returns
     -------
@@ -674,21 +1051,9 @@ def group_advantages(
     if n == 0:
         raise ValueError("rewards: expected at least one reward, got an empty tensor")
     _check_tensor("group_ids", group_ids, shape=(n,), integer=True, device=rewards.device)
-    _check_finite("rewards", rewards.double())
     be = resolve_backend("group_advantages", backend, rewards.device)
-    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    if be == "torch":
-        from ..reference.grpo_loss import group_advantages_ref
-
-        return group_advantages_ref(rewards, group_ids, scale=scale, eps=eps, std=std, singleton=singleton, clip=clip)
-    adv = torch.empty(n, dtype=torch.float64)
-    flat = torch.empty(n, dtype=torch.uint8)
-    leader = torch.empty(n, dtype=torch.uint8)
-    _native.native().group_advantages_cpu(
-        rewards.detach().to(torch.float64).contiguous().numpy(), group_ids.detach().to(torch.int64).contiguous().numpy(),
-        adv.numpy(), flat.numpy(), leader.numpy(), scale=cfg.adv_scale, eps=float(cfg.adv_eps),
-        unbiased=cfg.adv_std == "unbiased", singleton_raw=cfg.adv_singleton == "raw", clip=float(cfg.adv_clip or 0.0))
-    return adv.to(out_dtype)
+    fparams, iparams = _pack_config(cfg, False)
+    return torch.ops.mtgrpo.group_advantages(rewards.detach(), group_ids.detach(), be, fparams, iparams)
 
 
 class GRPOLoss(torch.nn.Module):

@@ -170,20 +170,58 @@ def grpo_loss_ref(
     loss : 0-d Tensor
     stats : dict with the fields of :class:`mtgrpo_core.GRPOStats`.
     """
+    loss, stats, _ = grpo_loss_rows_ref(logprobs, old_logprobs, mask, advantages, rewards=rewards,
+                                        group_ids=group_ids, seq_weights=seq_weights, ref_logprobs=ref_logprobs,
+                                        task_ids=task_ids, num_tasks=num_tasks, config=config)
+    return loss, stats
+
+
+def grpo_loss_rows_ref(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    mask: torch.Tensor,
+    advantages: torch.Tensor | None = None,
+    *,
+    rewards: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
+    seq_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
+    config: GRPOConfig = GRPOConfig(),
+) -> tuple[torch.Tensor, dict, dict]:
+    """:func:`grpo_loss_ref` plus the per-row quantities the fused kernels return.
+
+    Returns
+    -------
+    loss, stats : as :func:`grpo_loss_ref`
+    rows : dict
+        ``row_stats`` [N, 9] float64 (columns as ``mtgrpo_core.ops.grpo_loss.PG_SUM`` ...
+        ``TOKENS``: masked sums of the surrogate, KL, ratio, negative log-ratio, low / high /
+        dual clip counts, the row's share of the loss, tokens), ``adv_rows`` [N] float64 (the
+        row's advantage after ``seq_weights``; the seq weight, or 1, with token advantages),
+        ``flat`` / ``leader`` [N] uint8 (zero-advantage group, first row of its group; 0
+        without rewards).
+    """
     c = config
     dt = _compute_dtype(logprobs)
-    lp = logprobs.to(dt)
-    old = lp.detach() if old_logprobs is None else old_logprobs.to(dt)
-    m = (mask != 0).to(dt)
+    mb = mask != 0
+    # Masked positions may hold anything (NaN included): they are replaced by 0 before any
+    # arithmetic, so no NaN can reach the loss or the gradient through a product with 0.
+    lp = torch.where(mb, logprobs.to(dt), 0.0)
+    old = lp.detach() if old_logprobs is None else torch.where(mb, old_logprobs.to(dt), 0.0)
+    m = mb.to(dt)
     n, t = lp.shape
     row_tokens = m.sum(1)
     total_tokens = row_tokens.sum()
 
     if advantages is None:
+        # .to(dt): float64 rewards with float32 log-probs give float32 advantages (the loss's
+        # compute dtype), so every per-task sum below adds tensors of one dtype.
         adv = group_advantages_ref(rewards, group_ids, scale=c.adv_scale, eps=c.adv_eps, std=c.adv_std,
-                                   singleton=c.adv_singleton, clip=c.adv_clip)
+                                   singleton=c.adv_singleton, clip=c.adv_clip).to(dt)
     else:
-        adv = advantages.to(dt)
+        adv = advantages.to(dt)  # finite everywhere (validated), so masked tokens need no guard
     if seq_weights is not None:
         w = seq_weights.to(dt)
         adv = adv * (w if adv.dim() == 1 else w[:, None])
@@ -211,7 +249,7 @@ def grpo_loss_ref(
     token_loss = pg
     kl = None
     if ref_logprobs is not None:
-        kl = kl_penalty_ref(lp, ref_logprobs.to(dt), c.kl_estimator)
+        kl = kl_penalty_ref(lp, torch.where(mb, ref_logprobs.to(dt), 0.0), c.kl_estimator)
         if c.kl_coef != 0.0:
             token_loss = pg + c.kl_coef * kl
 
@@ -223,13 +261,17 @@ def grpo_loss_ref(
     n_seq_safe = n_seq.clamp(min=1.0)
     if c.loss_agg == "token-mean":
         denom = torch.tensor(float(c.num_tokens), dtype=dt, device=lp.device) if c.num_tokens else total_tokens.clamp(min=1.0)
+        row_share = seq_sum / denom
         loss = (token_loss * m).sum() / denom
     elif c.loss_agg == "seq-mean-token-mean":
+        row_share = seq_sum / row_tokens.clamp(min=1.0) / n_seq_safe
         loss = (seq_sum / row_tokens.clamp(min=1.0)).sum() / n_seq_safe
     elif c.loss_agg == "seq-mean-token-sum":
+        row_share = seq_sum / n_seq_safe
         loss = seq_sum.sum() / n_seq_safe
     elif c.loss_agg == "seq-mean-token-sum-norm":
         norm = float(c.norm_length) if c.norm_length is not None else float(t)
+        row_share = seq_sum / (n_seq_safe * norm)
         loss = seq_sum.sum() / (n_seq_safe * norm)
     else:
         raise ValueError(f"loss_agg: unknown mode {c.loss_agg!r}")
@@ -271,4 +313,24 @@ def grpo_loss_ref(
                 a_rows = adv if adv.dim() == 1 else adv.abs().amax(1)
                 nz = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, tid, (a_rows == 0).to(dt))
             stats["task_zero_adv_frac"] = torch.where(ng > 0, nz / ng.clamp(min=1.0), torch.zeros_like(nz))
-    return loss, stats
+        f64 = torch.float64
+        cols = [(pg * m).sum(1), (kl * m).sum(1) if kl is not None else torch.zeros(n, dtype=dt, device=lp.device),
+                (ratio * m).sum(1), (-d * m).sum(1), (((ratio < lo) & (a < 0)).to(dt) * m).sum(1),
+                (((ratio > hi) & (a > 0)).to(dt) * m).sum(1), (dual_active.to(dt) * m).sum(1), row_share.detach(),
+                row_tokens]
+        rows = {"row_stats": torch.stack([col.detach().to(f64) for col in cols], 1)}
+        if adv.dim() == 1:
+            rows["adv_rows"] = adv.detach().to(f64)
+        elif seq_weights is not None:
+            rows["adv_rows"] = seq_weights.detach().to(f64)
+        else:
+            rows["adv_rows"] = torch.ones(n, dtype=f64, device=lp.device)
+        if flat is not None:
+            first = torch.full((flat.numel(),), n, dtype=torch.long, device=lp.device).scatter_reduce(
+                0, inv, torch.arange(n, device=lp.device), "amin")
+            rows["flat"] = flat[inv].to(torch.uint8)
+            rows["leader"] = (first[inv] == torch.arange(n, device=lp.device)).to(torch.uint8)
+        else:
+            rows["flat"] = torch.zeros(n, dtype=torch.uint8, device=lp.device)
+            rows["leader"] = torch.zeros(n, dtype=torch.uint8, device=lp.device)
+    return loss, stats, rows

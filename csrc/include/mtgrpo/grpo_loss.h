@@ -8,7 +8,9 @@
 // and dL/dlogp is written in the same pass, already scaled by the aggregation weight of
 // the row (token-mean: 1/M; seq-mean-token-mean: 1/(S M_i); seq-mean-token-sum: 1/S;
 // seq-mean-token-sum-norm: 1/(S L)). Cost per token: reads 2 (3 with a reference policy)
-// values and a mask byte, writes one float; about 40 flops and one exp (two with k3).
+// values and a mask byte, writes one value in the input dtype (bf16 / fp16 rounded to
+// nearest even in the kernel, no fp32 [N, T] and no cast pass); about 40 flops and one exp
+// (two with k3). GSPO with token advantages: every token gets r_seq * mean_s(m_s dldr_s).
 #ifndef MTGRPO_GRPO_LOSS_H
 #define MTGRPO_GRPO_LOSS_H
 
@@ -173,7 +175,7 @@ struct TokenAcc {
 template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
 inline __attribute__((always_inline)) void grpo_token(
     const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, const In* __restrict ref,
-    const C* __restrict adv_tok, int64_t t, C a_row, C r_seq, C lo, C hi, C cap, C dual, C beta, C w,
+    const C* __restrict adv_tok, int64_t t, C a_row, C r_seq, C seq_coef, C lo, C hi, C cap, C dual, C beta, C w,
     C* __restrict grad, C* __restrict acc, int lanes, int j) {
   const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp), kval = static_cast<C>(kKlValueClamp);
   const bool on = mk[t] != 0;
@@ -194,7 +196,11 @@ inline __attribute__((always_inline)) void grpo_token(
   const bool du = (a < C(0)) && (l3 < l);
   l = du ? l3 : l;
   dldr = du ? C(0) : dldr;
-  C g = dldr * r * cap_grad * din;
+  // GSPO with token advantages: every token's log-ratio enters the one sequence ratio
+  // through its mean, so d loss / d logp_t = r_seq * din_t * mean_s(m_s dldr_s) (seq_coef),
+  // not this token's own dldr (issue 16 item 1). With one advantage per row all dldr_s
+  // are equal and the two coincide.
+  C g = ((SEQ && TOK_ADV) ? seq_coef : dldr) * r * cap_grad * din;
   C kl = C(0);
   if constexpr (KL == 1) {
     kl = x - to_compute(ref[t]);
@@ -262,16 +268,34 @@ inline __attribute__((always_inline)) void grpo_row(
     for (int j = 0; j < kLanes; ++j) { s += sd[j]; c += cnt[j]; }
     r_seq = vexp(s / std::max(c, C(1)));
   }
+  C seq_coef = C(0);
+  if constexpr (SEQ && TOK_ADV) {  // mean over the row's tokens of d loss_t / d r (see grpo_token)
+    const C rr = std::min(r_seq, cap);
+    const C rc = std::min(std::max(rr, lo), hi);
+    C s = C(0), c = C(0);
+    for (int64_t t = 0; t < T; ++t) {
+      if (!mk[t]) continue;
+      const C a = adv_tok[t] * a_row;
+      const C l1 = -a * rr, l2 = -a * rc;
+      const bool use1 = l1 >= l2;
+      C dldr = use1 ? -a : C(0);
+      const C l = use1 ? l1 : l2;
+      if ((a < C(0)) && (-a * dual < l)) dldr = C(0);
+      s += dldr;
+      c += C(1);
+    }
+    seq_coef = s / std::max(c, C(1));
+  }
   int64_t t0 = 0;
   for (; t0 + kLanes <= T; t0 += kLanes) {
 #pragma GCC ivdep
     for (int j = 0; j < kLanes; ++j)
-      grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t0 + j, a_row, r_seq, lo, hi, cap, dual, beta, w,
-                                          grad, acc, kLanes, j);
+      grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t0 + j, a_row, r_seq, seq_coef, lo, hi, cap, dual,
+                                          beta, w, grad, acc, kLanes, j);
   }
   for (int64_t t = t0; t < T; ++t)
-    grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t, a_row, r_seq, lo, hi, cap, dual, beta, w, grad,
-                                        acc, kLanes, 0);
+    grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t, a_row, r_seq, seq_coef, lo, hi, cap, dual, beta,
+                                        w, grad, acc, kLanes, 0);
   double tot[9];
   for (int k = 0; k < 9; ++k) {
     double s = 0.0;
@@ -310,7 +334,9 @@ inline double row_weight(const LossParams& p, double row_tokens, double total_to
 // ceil(T / seg) per row) so that one long row also spreads over threads. Item k writes
 // grad of its span and its statistics part[k * 9 .. +9] (kLossContrib not yet weighted);
 // with SEQ the pre-pass writes seq_part[k * 2 .. +2] (sum of clamped log-ratios, count)
-// and the main pass reads the row's GSPO ratio from r_seq[row].
+// and the main pass reads the row's GSPO ratio from r_seq[row]; with SEQ and token
+// advantages a second pre-pass writes coef_part[k] (sum of m * d loss / d r) and the main
+// pass reads the row's mean from seq_coef[row].
 struct FloatJob {
   DType dt;
   const void* lp;
@@ -321,13 +347,15 @@ struct FloatJob {
   const double* a_row;   // [N]
   const double* w_row;   // [N]
   const float* r_seq;    // [N] (SEQ main pass)
+  const float* seq_coef; // [N] (SEQ with token advantages: mean d loss / d r of the row)
   int64_t T, seg, nseg;
   int kl;
   bool tok_adv, seq;
   const LossParams* p;
-  float* grad;
+  void* grad;            // [N, T] in the input dtype (float, Bf16 or F16)
   double* part;
   double* seq_part;
+  double* coef_part;
 };
 
 }  // namespace mtgrpo
@@ -417,6 +445,29 @@ MTGRPO_VINL vi load_mask(const uint8_t* p) {
   return __builtin_convertvector(m, vi) != 0;
 }
 MTGRPO_VINL void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// float -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for non-NaN values).
+MTGRPO_VINL void store(Bf16* p, vf v) {
+  vu u = (vu)v;
+  u = u + 0x7fffu + ((u >> 16) & 1u);
+  const vh h = __builtin_convertvector(u >> 16, vh);
+  std::memcpy(p, &h, sizeof h);
+}
+// float -> float16, round to nearest even, lane-wise with integer and one float add (the
+// subnormal case rounds through the FPU's own RNE): the same bits on every ISA. Overflow -> inf.
+MTGRPO_VINL void store(F16* p, vf v) {
+  const vu x = (vu)v;
+  const vu sign = (x >> 16) & 0x8000u;
+  const vu ax = x & 0x7fffffffu;
+  const vu denorm_magic = vu{} + (((127u - 15u) + (23u - 10u) + 1u) << 23);
+  const vu sub = (vu)((vf)ax + (vf)denorm_magic) - denorm_magic;  // |x| < 2^-14
+  const vu odd = (ax >> 13) & 1u;
+  const vu nrm = (ax + ((15u - 127u) << 23) + 0xfffu + odd) >> 13;  // 2^-14 <= |x| < 65520
+  const vu big = (vu)(((vi)ax > (vi)(vu{} + 0x7f800000u)) ? (vi)(vu{} + 0x7e00u) : (vi)(vu{} + 0x7c00u));
+  vu o = ((vi)ax >= (vi)(vu{} + ((127u + 16u) << 23))) ? big : (((vi)ax < (vi)(vu{} + (113u << 23))) ? sub : nrm);
+  o |= sign;
+  const vh h = __builtin_convertvector(o, vh);
+  std::memcpy(p, &h, sizeof h);
+}
 
 // Lane-wise vexp(float): floor through truncation and a fix-up (exact for |z| < 2^31).
 MTGRPO_VINL vf vexp(vf x) {
@@ -438,7 +489,7 @@ MTGRPO_VINL vf vexp(vf x) {
 }
 
 struct Consts {
-  vf lo, hi, cap, dual, beta, w, a_row, r_seq, neg_a, l3, a_neg, a_pos;
+  vf lo, hi, cap, dual, beta, w, a_row, r_seq, seq_coef, neg_a, l3, a_neg, a_pos;
 };
 
 struct Acc {
@@ -449,7 +500,7 @@ struct Acc {
 template <typename In, int KL, bool TOK_ADV, bool SEQ>
 MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                        const In* __restrict ref, const float* __restrict adv_tok, const Consts& c,
-                       float* __restrict grad, Acc& acc) {
+                       In* __restrict grad, Acc& acc) {
   const vf lim = splat(static_cast<float>(kLogRatioClamp));
   const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
   const vi on = load_mask(mk);
@@ -480,7 +531,7 @@ MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const 
   const vi du = a_neg & (l3 < l);
   l = sel(du, l3, l);
   dldr = sel(du, vf{}, dldr);
-  vf g = dldr * r * cap_grad * din;
+  vf g = ((SEQ && TOK_ADV) ? c.seq_coef : dldr) * r * cap_grad * din;  // see grpo_token
   vf kl = vf{};
   if constexpr (KL == 1) {
     kl = x - load(ref);
@@ -522,7 +573,8 @@ MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
 template <typename In, int KL, bool TOK_ADV, bool SEQ>
 MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                       const In* __restrict ref, const float* __restrict adv_tok, float a_row, float r_seq,
-                      int64_t t0, int64_t t1, const LossParams& p, float w, float* __restrict grad, double* part) {
+                      float seq_coef, int64_t t0, int64_t t1, const LossParams& p, float w, In* __restrict grad,
+                      double* part) {
   Consts c;
   c.lo = splat(static_cast<float>(1.0 - p.eps_low));
   c.hi = splat(static_cast<float>(1.0 + p.eps_high));
@@ -532,6 +584,7 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
   c.w = splat(w);
   c.a_row = splat(a_row);
   c.r_seq = splat(r_seq);
+  c.seq_coef = splat(seq_coef);
   c.neg_a = -c.a_row;
   c.l3 = c.neg_a * c.dual;
   c.a_neg = (vf)(c.a_row < 0.0f);
@@ -560,7 +613,8 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
   const int64_t rem = t1 - t;
   if (rem > 0) {  // tail: the same block on zero-padded copies (padding is masked out)
     alignas(64) In lpb[kBlock], oldb[kBlock], refb[kBlock];
-    alignas(64) float advb[kBlock], gb[kBlock];
+    alignas(64) float advb[kBlock];
+    alignas(64) In gb[kBlock];
     alignas(16) uint8_t mkb[kBlock];
     std::memset(static_cast<void*>(lpb), 0, sizeof lpb);
     std::memset(static_cast<void*>(oldb), 0, sizeof oldb);
@@ -581,7 +635,7 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
       block<In, KL, TOK_ADV, SEQ>(lpb + 3 * kW, oldb + 3 * kW, mkb + 3 * kW, refb + 3 * kW, advb + 3 * kW, c,
                                   gb + 3 * kW, a3);
     }
-    std::memcpy(grad + t, gb, n * sizeof(float));
+    std::memcpy(static_cast<void*>(grad + t), static_cast<const void*>(gb), n * sizeof(In));
   }
   for (int k = 0; k < 9; ++k) {
     double sum = 0.0;
@@ -623,6 +677,48 @@ MTGRPO_VINL void seq_span(const In* __restrict lp, const In* __restrict old, con
   sum_cnt[1] = cc;
 }
 
+// GSPO with token advantages, second pre-pass over tokens [t0, t1) of a row: the masked sum
+// of d loss / d r at the row's (capped) sequence ratio, lane-wise as in block().
+MTGRPO_VINL void coef_span(const uint8_t* __restrict mk, const float* __restrict adv_tok, float a_row, float r_seq,
+                           int64_t t0, int64_t t1, const LossParams& p, double* out) {
+  const vf lo = splat(static_cast<float>(1.0 - p.eps_low)), hi = splat(static_cast<float>(1.0 + p.eps_high));
+  const vf r = vmin(splat(r_seq), splat(static_cast<float>(p.ratio_cap)));
+  const vf rc = vmin(vmax(r, lo), hi);
+  const vf dual = splat(static_cast<float>(p.dual_clip)), arow = splat(a_row);
+  vf s0 = vf{}, s1 = vf{}, s2 = vf{}, s3 = vf{};
+  auto sub = [&](const uint8_t* m, const float* av, vf& sv) MTGRPO_VLAMBDA {
+    const vi on = load_mask(m);
+    const vf a = load(av) * arow;
+    const vf neg_a = -a;
+    const vf l1 = neg_a * r, l2 = neg_a * rc;
+    const vi use1 = l1 >= l2;
+    const vf l = sel(use1, l1, l2);
+    vf dldr = sel(use1, neg_a, vf{});
+    const vi du = (a < 0.0f) & (neg_a * dual < l);
+    dldr = sel(du, vf{}, dldr);
+    sv += sel(on, dldr, vf{});
+  };
+  int64_t t = t0;
+  for (; t + kBlock <= t1; t += kBlock) {
+    sub(mk + t, adv_tok + t, s0);
+    if constexpr (kU >= 2) sub(mk + t + kW, adv_tok + t + kW, s1);
+    if constexpr (kU >= 4) { sub(mk + t + 2 * kW, adv_tok + t + 2 * kW, s2); sub(mk + t + 3 * kW, adv_tok + t + 3 * kW, s3); }
+  }
+  if (t < t1) {  // tail on zero-padded copies (padding is masked out)
+    alignas(64) float advb[kBlock];
+    alignas(16) uint8_t mkb[kBlock];
+    std::memset(advb, 0, sizeof advb);
+    std::memset(mkb, 0, sizeof mkb);
+    const size_t n = static_cast<size_t>(t1 - t);
+    std::memcpy(advb, adv_tok + t, n * sizeof(float));
+    std::memcpy(mkb, mk + t, n);
+    sub(mkb, advb, s0);
+    if constexpr (kU >= 2) sub(mkb + kW, advb + kW, s1);
+    if constexpr (kU >= 4) { sub(mkb + 2 * kW, advb + 2 * kW, s2); sub(mkb + 3 * kW, advb + 3 * kW, s3); }
+  }
+  *out = fold(s3, fold(s2, fold(s1, fold(s0))));
+}
+
 // Items [k0, k1) of a FloatJob (see FloatJob). Non-template entry points, so that each
 // inclusion under a `#pragma GCC target` region compiles the whole kernel for that ISA.
 template <typename In, int KL, bool TOK, bool SEQ>
@@ -635,8 +731,9 @@ MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
     span<In, KL, TOK, SEQ>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
                            KL ? static_cast<const In*>(J.ref) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
-                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f, t0, t1, *J.p,
-                           static_cast<float>(J.w_row[i]), J.grad + off, J.part + k * kRowStats);
+                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
+                           (SEQ && TOK) ? J.seq_coef[i] : 0.0f, t0, t1, *J.p,
+                           static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
   }
 }
 
@@ -677,6 +774,17 @@ MTGRPO_VINL void seq_items_in(const FloatJob& J, int64_t k0, int64_t k1) {
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(J.T);
     seq_span<In>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off, t0,
                  std::min(J.T, t0 + J.seg), J.seq_part + 2 * k);
+  }
+}
+
+// GSPO second pre-pass (token advantages) over items [k0, k1).
+inline void float_coef_items(const FloatJob& J, int64_t k0, int64_t k1) {
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t i = k / J.nseg;
+    const int64_t t0 = (k - i * J.nseg) * J.seg;
+    const size_t off = static_cast<size_t>(i) * static_cast<size_t>(J.T);
+    coef_span(J.mk + off, J.adv_tok + off, static_cast<float>(J.a_row[i]), J.r_seq[i], t0, std::min(J.T, t0 + J.seg),
+              *J.p, J.coef_part + k);
   }
 }
 
