@@ -72,14 +72,14 @@ Bytes, counting each GEMM's operands once per call (L2 tiling, as for cuBLAS):
   once per vocabulary split and writes ``16 M`` bytes of partials per split.
 - the backward's two GEMMs alone move ``2 M V e + 2 V H e + 2 M H e`` (read ``g`` twice, ``W``
   and ``h`` once, write ``dh`` and ``dW``); this backward moves, per vocabulary chunk of ``C``
-  columns, ``h`` three times... precisely: g-kernel ``M H e + C H e + M C e``, dh GEMM
-  ``M C e + C H e + 8 M H`` (fp32 accumulator read + written), dW GEMM ``M C e + M H e + C H e``:
-  in total ``3 M V e + 3 V H e + n_chunks (2 M H e + 8 M H)``.
+  columns: g-kernel ``M H e + C H e + M C e``, dh GEMM
+  ``M C e + C H e`` + ``2 M H e + 8 M H`` (its bf16 output is added to the fp32 accumulator),
+  dW GEMM ``M C e + M H e + C H e``: in total ``3 M V e + 3 V H e + n_chunks (4 M H e + 8 M H)``.
 
 At M=8192, H=4096, V=151,936 bf16 on an H200 (4.8 TB/s, 989 TFLOP/s dense bf16; the chunk is
 ``C = 32,768`` columns = a 512 MB ``g`` buffer, 5 chunks): forward 1.3 GB / 10.2 TFLOP ->
->= 10.3 ms (compute bound); backward 13.4 GB = 1.76x the 7.6 GB of its two GEMMs / 30.6 TFLOP
--> >= 30.9 ms (compute bound; memory alone 2.8 ms). The previous backward re-read and
+>= 10.3 ms (compute bound; 1.45 GB by construction, 1.10x the minimum); backward 14.2 GB =
+1.87x the 7.6 GB of its two GEMMs / 30.6 TFLOP -> >= 30.9 ms (compute bound; memory alone 3.0 ms). The previous backward re-read and
 re-wrote fp32 ``dh``/``dW`` tiles inside its K loop: ~956 GB, ~200 ms.
 
 Source: the online log-sum-exp of Milakov & Gimelshein (2018), "Online normalizer calculation
@@ -869,29 +869,35 @@ def fused_linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, token_ids
 # Cost model (module docstring, bench/bench_linear_logprobs.py)
 # ----------------------------------------------------------------------------------------------
 def cost_model(M: int, H: int, V: int, elt: int, *, sms: int = _DEFAULT_SMS) -> dict:
-    """Bytes and FLOPs of the Triton path by construction (each GEMM operand counted once per
-    call: L2 tiling), and the minimum bytes, for forward and backward (with entropy).
+    """Bytes and FLOPs of the Triton path by construction, with entropy, and the minimum bytes.
 
-    Returns a dict with fwd_min_bytes, fwd_kernel_bytes, fwd_flops, bwd_gemm_bytes (the two
-    backward GEMMs alone), bwd_kernel_bytes, bwd_flops, bwd_chunk (C) and bwd_chunks.
+    Each GEMM-like pass counts its operands once per launch (L2 tiling, as for cuBLAS; the g
+    kernel visits token blocks in groups of 8 for that reason); element-wise torch glue on
+    O(M) vectors is included, O(1) launches are not.
+
+    Returns a dict: fwd_min_bytes, fwd_kernel_bytes, fwd_flops, bwd_gemm_bytes (the backward's
+    two GEMMs alone: read g twice, W and h once, write dh and dW), bwd_kernel_bytes, bwd_flops,
+    bwd_chunk (C, columns of one g buffer) and bwd_chunks.
     """
-    bm, bv = 64, 128
+    bm, bv = 64, (128 if elt == 2 else 64)            # _triton_config's defaults
     n_mblk = -(-M // bm)
     n_vt = -(-V // bv)
     want = max(1, -(-2 * sms // n_mblk))
     per = -(-n_vt // min(want, n_vt)) * bv
     n_split = -(-V // per)
-    fwd_min = (M + V) * H * elt + 4 * M + 3 * 4 * M          # h, W, int32 ids; logp, lse, ent
-    fwd_kernel = n_split * M * H * elt + V * H * elt + 4 * M + n_split * 16 * M + 4 * 16 * n_split * M // 4 \
-        + 3 * 4 * M                                           # partials written, read back, merged
+    # forward: h, W, int32 ids in; logp, lse, ent out (fp32)
+    fwd_min = (M + V) * H * elt + 4 * M + 3 * 4 * M
+    fwd_kernel = (n_split * M * H * elt + V * H * elt + 4 * M   # h once per vocabulary split
+                  + 2 * 16 * n_split * M                        # partials (m, s, t, tgt) written + read
+                  + 3 * 4 * M)                                  # merged outputs
     C = min(max(bv, _G_BUDGET_BYTES // max(1, M * elt) // bv * bv), -(-V // bv) * bv)
     n_chunks = -(-V // C)
     gemm = 2 * M * V * elt + 2 * V * H * elt + 2 * M * H * elt
-    per_row = 6 * 4 * M                                       # ids, lse, ent, gl, ge reads per chunk
-    bwd = (3 * M * V * elt + 3 * V * H * elt                  # g written + read twice; W twice + dW
-           + n_chunks * (2 * M * H * elt + per_row)           # h read by the g kernel and the dW GEMM
-           + n_chunks * (M * H * elt * (2 if elt != 4 else 0) + 8 * M * H)  # dh: bf16 GEMM out + fp32 acc r/w
-           + 4 * M * H + M * H * elt)                         # zero dh32, final cast
+    dh_acc = (2 * M * H * elt if elt != 4 else 0) + 8 * M * H  # bf16 GEMM output r/w + fp32 acc r/w
+    bwd = (3 * M * V * elt                                    # g: written once, read by both GEMMs
+           + 3 * V * H * elt                                  # W by the g kernel and the dh GEMM; dW written
+           + n_chunks * (2 * M * H * elt + 5 * 4 * M + dh_acc)  # h by the g kernel + dW GEMM; row vectors
+           + 4 * M * H + (4 + elt) * M * H)                   # zero the fp32 dh, final cast
     return {"fwd_min_bytes": fwd_min, "fwd_kernel_bytes": fwd_kernel, "fwd_flops": 2 * M * V * H,
             "bwd_gemm_bytes": gemm, "bwd_kernel_bytes": bwd, "bwd_flops": 6 * M * V * H,
             "bwd_chunk": C, "bwd_chunks": n_chunks}
