@@ -1,6 +1,13 @@
 // Glue of the fused LM head + log-prob CPU epilogues (backend "cpu"): argument checks that raise
 // ValueError naming the argument, dtype dispatch (float32 / float64 tiles), OpenMP over rows.
 // The arithmetic is in mtgrpo/linear_logprobs.h; the GEMMs stay in torch (BLAS) on the Python side.
+// Float compares may raise FP exceptions under GCC's default -ftrapping-math, so it will not
+// if-convert the selects of exp_f / the running max into blends and leaves every row loop
+// scalar ("control flow in loop", -fopt-info-vec). Nothing here reads the FP exception flags;
+// without trapping math the exp and backward loops vectorise (4 floats per SSE2 op).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "mtgrpo/linear_logprobs.h"
 
 #include <pybind11/numpy.h>
