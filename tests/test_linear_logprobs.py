@@ -182,14 +182,18 @@ def test_low_precision_within_twice_reference_error(backend, dtype):
         assert (k.double() - gg).abs().max().item() <= 2 * ref_err + 1e-3, name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_backward_over_several_vocabulary_chunks(monkeypatch, dtype):
-    # The g buffer is [M, C]; a tiny budget gives C = 32 columns: 4 chunks of V = 101 (the last
+@pytest.mark.parametrize("dtype, token_chunks", [(torch.float32, False), (torch.bfloat16, False),
+                                                  (torch.float32, True), (torch.bfloat16, True)])
+def test_triton_backward_over_several_chunks(monkeypatch, dtype, token_chunks):
+    # The g buffer is [Mc, C]; a tiny budget gives C = 32 columns: 4 chunks of V = 101 (the last
     # one partial, 5 columns), so the fp32 dh accumulation across chunks, the per-chunk dW rows
-    # and the db partial sums all run (the default budget covers V = 101 in one chunk).
+    # and the db partial sums all run (the default budget covers V = 101 in one chunk). With
+    # token_chunks, Mc = 16 rows: 3 token chunks of M = 37 (16, 16, 5) and dW accumulates in fp32.
     h, w, b, y = make(37, 24, 101, dtype)
-    monkeypatch.setattr(LL, "_G_BUDGET_BYTES", 37 * 32 * h.element_size())
-    assert LL._bwd_chunk(37, 101, h.element_size(), 16) == 32
+    mc = 16 if token_chunks else 37
+    monkeypatch.setattr(LL, "_G_MAX_TOKENS", 16 if token_chunks else LL._G_MAX_TOKENS)
+    monkeypatch.setattr(LL, "_G_BUDGET_BYTES", mc * 32 * h.element_size())
+    assert LL._bwd_chunk(mc, 101, h.element_size(), 16) == 32
     got = run(linear_logprobs, h, w, b, y, temperature=0.8, backend="triton", **SMALL_CHUNKS["triton"])
     ref = run(linear_logprobs_ref, h, w, b, y, temperature=0.8)
     g = gold(h, w, b, y, temperature=0.8)

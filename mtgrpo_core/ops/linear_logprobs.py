@@ -23,7 +23,8 @@ picked from whichever tile holds ``y_i``; the entropy is accumulated in the same
 ``t = sum exp(z - m) (z - m)`` relative to the running max ``m`` (rescaled when ``m`` moves), so
 ``ent = log s - t / s`` never subtracts two large numbers (peaked logits stay exact).
 
-Backward, per vocabulary chunk ``[v0, v1)``: recompute the logits of the chunk and form ONCE
+Backward, per vocabulary chunk ``[v0, v1)`` (and token chunk, for M > 16,384): recompute the
+logits of the chunk and form ONCE
 ``g = dlogp * (onehot(y) - p) - dent * p * (log p + ent)`` (``d ent / d z_j = -p_j (log p_j + ent)``),
 then two GEMMs: ``dh += (g @ W[v0:v1]) / tau`` and ``dW[v0:v1] = (g.T @ h) / tau``
 (``db[v0:v1] = g.sum(0) / tau``). Each vocabulary chunk owns its ``dW`` rows (written once, in
@@ -422,10 +423,14 @@ def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_e
     return logp, lse, ent
 
 
-# The backward's g buffer holds [M, C] in the input dtype; C = the vocabulary chunk. 512 MB
-# gives C = 32,768 at M = 8192 in bf16 (5 chunks for V = 151,936: 1.76x the two GEMMs' bytes,
-# see the module docstring); the naive path holds 5 GB of fp32 logits (+ grads) there.
+# The backward's g buffer holds [Mc, C] in the input dtype: Mc = min(M, 16,384) token rows by C
+# vocabulary columns. 512 MB gives C = 32,768 at M = 8192 in bf16 (5 chunks for V = 151,936:
+# 1.87x the two GEMMs' bytes, see the module docstring); the naive path holds 5 GB of fp32
+# logits (+ grads) there. Token chunks bound C from below for large M: with all M = 2^19 rows in
+# one chunk C would be 512 columns and h (4.3 GB) would be re-read twice per each of 297 chunks;
+# with Mc = 16,384 rows C = 16,384 and W (1.2 GB) is re-read twice per token chunk instead.
 _G_BUDGET_BYTES = 512 * 2**20
+_G_MAX_TOKENS = 16384
 
 
 def _bwd_chunk(M: int, V: int, elt: int, block_v: int) -> int:
@@ -434,9 +439,10 @@ def _bwd_chunk(M: int, V: int, elt: int, block_v: int) -> int:
 
 
 def _gemm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """acc (fp32/fp64) += alpha * a @ b with a, b possibly bf16/fp16: cuBLAS accumulates in
-    fp32 internally; its bf16 output is added to the fp32 accumulator (one rounding per chunk,
-    M x H x (2 + 8) extra bytes per chunk, counted in cost_model)."""
+    """acc (fp32) += alpha * a @ b with a, b possibly bf16/fp16: cuBLAS accumulates in fp32
+    internally; its bf16 output is added to the fp32 accumulator (one rounding per chunk, the
+    extra bytes are counted in cost_model). torch 2.13's mm(out_dtype=) has no CPU kernel, and
+    this path also runs under the interpreter on CPU."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, alpha=alpha)
     else:
@@ -447,9 +453,11 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
                         needs: tuple[bool, bool, bool], chunk_tokens: int = 0, chunk_vocab: int = 0):
     """Triton backward launcher: (dhidden, dweight, dbias), each None when not in ``needs``.
 
-    Per vocabulary chunk: the g kernel writes ``g`` [M, C] in the input dtype, then
-    ``dh32 += g @ W_c / tau`` and ``dW_c = g.T @ h / tau`` run as torch GEMMs (cuBLAS on CUDA,
-    fp32 accumulation on tensor cores) and ``db_c`` sums the kernel's per-block column sums.
+    Vocabulary chunks (outer) x token chunks (inner): the g kernel writes ``g`` [Mc, C] in the
+    input dtype, then ``dh32[rows] += g @ W_c / tau`` and ``dW_c (+)= g.T @ h[rows] / tau`` run as
+    torch GEMMs (cuBLAS on CUDA, fp32 accumulation on tensor cores) and ``db_c`` sums the
+    kernel's per-block column sums. With one token chunk (M <= 16,384) ``dW_c`` is written once
+    in the weight's dtype; otherwise it accumulates in an fp32 [C, H] buffer.
     """
     M, K = hidden.shape
     V = weight.shape[0]
@@ -466,32 +474,53 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
     gl = gl.float().contiguous()
     ge = ge.float().contiguous() if with_entropy else gl
     ent = ent if with_entropy else gl
+    lse = lse.contiguous()
     y = token_ids.to(torch.int32)
     b = bias if bias is not None else hidden
-    n_m = triton.cdiv(M, bm)
-    C = _bwd_chunk(M, V, hidden.element_size(), bv)
-    gbuf = torch.empty((M, C), dtype=hidden.dtype, device=dev)
-    dbp = torch.empty((n_m, C), dtype=torch.float32, device=dev) if bias is not None else gbuf
+    Mc = min(M, max(bm, _G_MAX_TOKENS // bm * bm))
+    C = _bwd_chunk(Mc, V, hidden.element_size(), bv)
+    one_tok_chunk = Mc == M
+    gbuf = torch.empty(Mc * C, dtype=hidden.dtype, device=dev)
+    n_mc = triton.cdiv(Mc, bm)
+    dbp = torch.empty(n_mc * C, dtype=torch.float32, device=dev) if bias is not None else gbuf
+    dw32 = (torch.empty((C, K), dtype=torch.float32, device=dev)
+            if need_dw and not one_tok_chunk else None)
     for v_lo in range(0, V, C):
         v_hi = min(V, v_lo + C)
         c = v_hi - v_lo
-        g = gbuf[:, :c] if c == C else gbuf.view(-1)[: M * c].view(M, c)
-        _linear_logprobs_bwd_g_kernel[(n_m * triton.cdiv(c, bv),)](
-            hidden, weight, b, y, lse, ent, gl, ge, g, dbp, M, v_lo, v_hi, K,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
-            float(inv_temp),
-            HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
-            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, GROUP_M=8,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         w_c = weight[v_lo:v_hi]
-        if need_dh:
-            _gemm_acc(dh32, g, w_c, inv_temp)
-        if need_dw:
-            torch.mm(g.T, hidden, out=dw[v_lo:v_hi])
-            if inv_temp != 1.0:
-                dw[v_lo:v_hi].mul_(inv_temp)
+        db_c = torch.zeros(c, dtype=torch.float32, device=dev) if need_db else None
+        for t_lo in range(0, M, Mc):
+            t_hi = min(M, t_lo + Mc)
+            m = t_hi - t_lo
+            n_m = triton.cdiv(m, bm)
+            g = gbuf[: m * c].view(m, c)
+            h_t = hidden[t_lo:t_hi]
+            _linear_logprobs_bwd_g_kernel[(n_m * triton.cdiv(c, bv),)](
+                h_t, weight, b, y[t_lo:t_hi], lse[t_lo:t_hi], ent[t_lo:t_hi] if with_entropy else ent,
+                gl[t_lo:t_hi], ge[t_lo:t_hi] if with_entropy else ge, g, dbp, m, v_lo, v_hi, K,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
+                float(inv_temp),
+                HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
+                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, GROUP_M=8,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if need_dh:
+                _gemm_acc(dh32[t_lo:t_hi], g, w_c, inv_temp)
+            if need_dw:
+                if one_tok_chunk:
+                    torch.mm(g.T, h_t, out=dw[v_lo:v_hi])
+                    if inv_temp != 1.0:
+                        dw[v_lo:v_hi].mul_(inv_temp)
+                elif t_lo == 0:
+                    dw32[:c] = torch.mm(g.T, h_t)
+                else:
+                    _gemm_acc(dw32[:c], g.T, h_t, 1.0)
+            if need_db:
+                db_c += dbp[: n_m * c].view(n_m, c).sum(0)
+        if need_dw and not one_tok_chunk:
+            dw[v_lo:v_hi] = (dw32[:c] * inv_temp).to(dw.dtype)
         if need_db:
-            db[v_lo:v_hi] = (dbp.view(-1)[: n_m * c].view(n_m, c).sum(0) * inv_temp).to(db.dtype)
+            db[v_lo:v_hi] = (db_c * inv_temp).to(db.dtype)
     return (dh32.to(hidden.dtype) if need_dh else None), dw, db
 
 
@@ -890,17 +919,20 @@ def cost_model(M: int, H: int, V: int, elt: int, *, sms: int = _DEFAULT_SMS) -> 
     fwd_kernel = (n_split * M * H * elt + V * H * elt + 4 * M   # h once per vocabulary split
                   + 2 * 16 * n_split * M                        # partials (m, s, t, tgt) written + read
                   + 3 * 4 * M)                                  # merged outputs
-    C = min(max(bv, _G_BUDGET_BYTES // max(1, M * elt) // bv * bv), -(-V // bv) * bv)
-    n_chunks = -(-V // C)
+    Mc = min(M, max(bm, _G_MAX_TOKENS // bm * bm))           # linear_logprobs_bwd's chunking
+    C = min(max(bv, _G_BUDGET_BYTES // max(1, Mc * elt) // bv * bv), -(-V // bv) * bv)
+    n_chunks, n_tok = -(-V // C), -(-M // Mc)
     gemm = 2 * M * V * elt + 2 * V * H * elt + 2 * M * H * elt
-    dh_acc = (2 * M * H * elt if elt != 4 else 0) + 8 * M * H  # bf16 GEMM output r/w + fp32 acc r/w
+    low = 2 * elt if elt != 4 else 0                          # a 16-bit GEMM output written + read back
     bwd = (3 * M * V * elt                                    # g: written once, read by both GEMMs
-           + 3 * V * H * elt                                  # W by the g kernel and the dh GEMM; dW written
-           + n_chunks * (2 * M * H * elt + 5 * 4 * M + dh_acc)  # h by the g kernel + dW GEMM; row vectors
+           + 2 * n_tok * V * H * elt + V * H * elt            # W by the g kernel and the dh GEMM; dW written
+           + n_chunks * (2 * M * H * elt + 5 * 4 * M)         # h by the g kernel and the dW GEMM; row vectors
+           + n_chunks * M * H * (low + 8)                     # dh: GEMM output added to the fp32 accumulator
+           + (n_tok > 1) * n_tok * V * H * (low + 8)          # dW accumulated in fp32 over token chunks
            + 4 * M * H + (4 + elt) * M * H)                   # zero the fp32 dh, final cast
     return {"fwd_min_bytes": fwd_min, "fwd_kernel_bytes": fwd_kernel, "fwd_flops": 2 * M * V * H,
             "bwd_gemm_bytes": gemm, "bwd_kernel_bytes": bwd, "bwd_flops": 6 * M * V * H,
-            "bwd_chunk": C, "bwd_chunks": n_chunks}
+            "bwd_chunk": C, "bwd_chunks": n_chunks, "bwd_token_chunks": n_tok}
 
 
 # ----------------------------------------------------------------------------------------------
