@@ -191,20 +191,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
-                     stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                     HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr,
+                     stride_hm, stride_wv, inv_temp,
+                     HAS_BIAS: tl.constexpr, DOT_MODE: tl.constexpr, ALIGN: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """fp32 tile ``(h[offs_m] @ W[offs_v].T + b[offs_v]) * inv_temp``; out-of-range
         rows/columns hold finite junk (callers mask them). Row offsets are int64: M*H and V*H
         reach 2^31 at e.g. M = 524,288 or V = 524,288 with H = 4096."""
         acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-        row_h = h_ptr + offs_m.to(tl.int64)[:, None] * stride_hm
-        row_w = w_ptr + offs_v.to(tl.int64)[None, :] * stride_wv
+        # Rows are contiguous along K (the launchers ensure it) and their strides are multiples
+        # of ALIGN elements: the loads become 16-byte vectors, which Triton needs to pipeline
+        # them with cp.async / TMA (with a runtime K stride the PTX had no cp.async at all).
+        row_h = h_ptr + tl.multiple_of(offs_m.to(tl.int64)[:, None] * stride_hm, [ALIGN, 1])
+        row_w = w_ptr + tl.multiple_of(offs_v.to(tl.int64)[None, :] * stride_wv, [1, ALIGN])
         for k0 in range(0, K, BLOCK_K):
             offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_k = offs_k < K
-            a = tl.load(row_h + offs_k[None, :] * stride_hk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            b = tl.load(row_w + offs_k[:, None] * stride_wk, mask=mask_v[None, :] & mask_k[:, None], other=0.0)
+            a = tl.load(row_h + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            b = tl.load(row_w + offs_k[:, None], mask=mask_v[None, :] & mask_k[:, None], other=0.0)
             acc = _mma(a, b, acc, DOT_MODE)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
@@ -213,8 +216,8 @@ if HAS_TRITON:
     @triton.jit
     def _linear_logprobs_fwd_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, part_ptr, M, V, K, v_per_split,
-            stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
+            stride_hm, stride_wv, inv_temp,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr, ALIGN: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
         """Program (token block, vocabulary split): online (max m, sum s = sum e^(z-m),
         t = sum e^(z-m) (z-m), target logit) over its vocabulary range, written to
@@ -234,8 +237,8 @@ if HAS_TRITON:
             offs_v = v0 + tl.arange(0, BLOCK_V)
             mask_v = offs_v < v_end
             z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
-                             stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                             HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
+                             stride_hm, stride_wv, inv_temp,
+                             HAS_BIAS, DOT_MODE, ALIGN, BLOCK_M, BLOCK_V, BLOCK_K)
             z = tl.where(mask_v[None, :], z, float("-inf"))
             tgt += tl.sum(tl.where((offs_v[None, :] == y[:, None]) & mask_v[None, :], z, 0.0), axis=1)
             m_new = tl.maximum(m_i, tl.max(z, axis=1))  # finite: every tile has a valid column
@@ -259,8 +262,8 @@ if HAS_TRITON:
     @triton.jit
     def _linear_logprobs_bwd_g_kernel(
             h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, g_ptr, dbp_ptr,
-            M, v_lo, v_hi, K, stride_hm, stride_hk, stride_wv, stride_wk, stride_gm, inv_temp,
-            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr,
+            M, v_lo, v_hi, K, stride_hm, stride_wv, stride_gm, inv_temp,
+            HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_MODE: tl.constexpr, ALIGN: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """One program per (token block, vocabulary block) of the chunk ``[v_lo, v_hi)``:
         recompute the logits tile, write ``g = gl (onehot - p) - ge p (log p + ent)`` (the
@@ -282,8 +285,8 @@ if HAS_TRITON:
         offs_v = v_lo + offs_c
         mask_v = offs_v < v_hi
         z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_m, offs_v, mask_m, mask_v, K,
-                         stride_hm, stride_hk, stride_wv, stride_wk, inv_temp,
-                         HAS_BIAS, DOT_MODE, BLOCK_M, BLOCK_V, BLOCK_K)
+                         stride_hm, stride_wv, inv_temp,
+                         HAS_BIAS, DOT_MODE, ALIGN, BLOCK_M, BLOCK_V, BLOCK_K)
         y = tl.load(y_ptr + offs_m, mask=mask_m, other=-1)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         gl = tl.load(gl_ptr + offs_m, mask=mask_m, other=0.0)
@@ -368,6 +371,22 @@ def _dot_mode(hidden: torch.Tensor) -> int:
     return 2 if (_interpreting() and hidden.dtype == torch.bfloat16) else 0
 
 
+def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Rows contiguous along K (stride 1), as the kernels assume; a copy only otherwise."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _row_align(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Largest ALIGN (elements, 16 bytes at most) dividing both row strides and both base
+    addresses: the kernels' loads are then ALIGN-element vectors. Meta tensors have address 0."""
+    a = 16 // hidden.element_size()
+    def ok(t, a):
+        return t.stride(0) % a == 0 and (t.device.type == "meta" or t.data_ptr() % (a * t.element_size()) == 0)
+    while a > 1 and not (ok(hidden, a) and ok(weight, a)):
+        a //= 2
+    return a
+
+
 def _num_sms(dev: torch.device) -> int:
     if dev.type == "cuda":
         return torch.cuda.get_device_properties(dev).multi_processor_count
@@ -387,6 +406,7 @@ def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_e
     -------
     logp[M] fp32, lse[M] fp32, ent[M] fp32 (size 0 when not ``with_entropy``)
     """
+    hidden, weight = _k_contiguous(hidden), _k_contiguous(weight)
     M, K = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -406,9 +426,9 @@ def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_e
     b = bias if bias is not None else hidden  # dummy pointer, never read
     _linear_logprobs_fwd_kernel[(n_mblk, n_split)](
         hidden, weight, b, y, part, M, V, K, per,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), float(inv_temp),
+        hidden.stride(0), weight.stride(0), float(inv_temp),
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ALIGN=_row_align(hidden, weight), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, t, tgt = part.unbind(0)
     lse_s = m + torch.log(s)                     # [S, M] per-split log-sum-exp
     lse = torch.logsumexp(lse_s, dim=0)
@@ -459,6 +479,7 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
     kernel's per-block column sums. With one token chunk (M <= 16,384) ``dW_c`` is written once
     in the weight's dtype; otherwise it accumulates in an fp32 [C, H] buffer.
     """
+    hidden, weight = _k_contiguous(hidden), _k_contiguous(weight)
     M, K = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -477,6 +498,7 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
     lse = lse.contiguous()
     y = token_ids.to(torch.int32)
     b = bias if bias is not None else hidden
+    align = _row_align(hidden, weight)
     Mc = min(M, max(bm, _G_MAX_TOKENS // bm * bm))
     C = _bwd_chunk(Mc, V, hidden.element_size(), bv)
     one_tok_chunk = Mc == M
@@ -499,10 +521,9 @@ def linear_logprobs_bwd(hidden, weight, bias, token_ids, lse, ent, gl, ge, inv_t
             _linear_logprobs_bwd_g_kernel[(n_m * triton.cdiv(c, bv),)](
                 h_t, weight, b, y[t_lo:t_hi], lse[t_lo:t_hi], ent[t_lo:t_hi] if with_entropy else ent,
                 gl[t_lo:t_hi], ge[t_lo:t_hi] if with_entropy else ge, g, dbp, m, v_lo, v_hi, K,
-                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0),
-                float(inv_temp),
+                hidden.stride(0), weight.stride(0), g.stride(0), float(inv_temp),
                 HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
-                BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, GROUP_M=8,
+                ALIGN=align, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, GROUP_M=8,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if need_dh:
                 _gemm_acc(dh32[t_lo:t_hi], g, w_c, inv_temp)
