@@ -317,10 +317,12 @@ def _next_pow2(n: int) -> int:
 # Resource model of the two kernels (checked by tests/test_triton_compile.py for sm_80/sm_90,
 # numbers from `python -m mtgrpo_core.ops._aot mtgrpo_core.ops.linear_logprobs`):
 # - registers: the forward carries the fp32 logits tile, its exp, and four running row
-#   statistics. 16-bit inputs: 64 x 128 with 8 warps takes 196-208 registers, 128 x 128 hit
-#   255 and spilled 8-44 B. fp32 inputs (3xTF32 keeps hi/lo halves of both operands): 64 x 128
-#   with BLOCK_K = 32 spilled 224-328 B, 64 x 128 x 16 sat at 254-255 (no margin), 64 x 64 x 16
-#   takes 191-204 with no spill. Hence at most 64 x 128 (16-bit) / 64 x 64 (fp32) accumulators.
+#   statistics. Measured with a runtime K stride (before the loads became K-contiguous
+#   vectors): 16-bit 64 x 128 with 8 warps 196-208 registers, 128 x 128 hit 255 and spilled
+#   8-44 B; fp32 (3xTF32 keeps hi/lo halves of both operands) 64 x 128 x 32 spilled 224-328 B,
+#   64 x 128 x 16 sat at 254-255, 64 x 64 x 16 took 191-204. With K-contiguous rows the same
+#   tiles take 96-158 registers, no spills. Limits: 64 x 128 (16-bit) / 64 x 64 (fp32)
+#   accumulators, which keeps a margin of ~100 registers.
 # - shared memory: num_stages x (BLOCK_M + BLOCK_V) x BLOCK_K x e for the pipelined operands
 #   must fit sm_80's 163 KB (the smaller of the two targets) with room for the epilogue's
 #   reduction / layout-conversion scratch.
