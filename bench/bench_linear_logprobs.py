@@ -3,8 +3,13 @@
 Case: M = 8192 tokens, H = 512, V = 32,000, fp32 on CPU (the issue's shape); grads wrt hidden and
 weight. Providers: ``torch_ref`` (the reference, imported), ``torch_ref-compile`` (torch.compile
 of it, inductor's C++ codegen: ~5 s to compile here; skipped with ``--no-compile``), ``mtgrpo-cpu``
-(chunked path) and, on a GPU, ``mtgrpo-triton`` and ``torch_ref`` on CUDA (bf16).
+(the C++ epilogue + torch BLAS) and, on a GPU, ``mtgrpo-triton`` and ``torch_ref`` on CUDA (bf16).
 Prints one JSON line per row (harness) and a summary with peak memory in GB and the ratios.
+
+Every row's ``extra`` carries the paper roofline of its shape on an H200 (``roofline_fwd`` /
+``roofline_bwd``, from ``mtgrpo_core.ops.linear_logprobs.cost_model``: minimum bytes, the bytes
+the Triton path moves by construction, FLOPs, lower bound in ms), and the script always prints
+the roofline of the GPU case M=8192, H=4096, V=151,936 bf16, with or without a GPU.
 
     python bench/bench_linear_logprobs.py            # the issue's case
     python bench/bench_linear_logprobs.py --sweep    # chunk-size sweep of the chunked path
@@ -21,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, emit, peak_memory_mb, quick  # noqa: E402
+from _harness import Row, emit, peak_memory_mb, quick, roofline  # noqa: E402
 
-from mtgrpo_core.ops.linear_logprobs import linear_logprobs  # noqa: E402
+from mtgrpo_core.ops.linear_logprobs import cost_model, linear_logprobs  # noqa: E402
 from mtgrpo_core.reference.linear_logprobs import linear_logprobs_ref  # noqa: E402
 
 OP = "linear_logprobs"
@@ -82,10 +87,32 @@ def bench_case(M, H, V, dtype, device, *, compile_ref: bool, warmup: int, repeat
         h.grad = w.grad = None
         once = step_fn(fn, h, w, y, clear=False, **kw)
         peak = peak_memory_mb(once, device=device)
-        flops = 8 * M * H * V if name.startswith("mtgrpo") else 6 * M * H * V
+        flops = 8 * M * H * V if name.startswith("mtgrpo") else 6 * M * H * V  # fwd 2 + bwd 6 (recompute)
         rows.append(Row(OP, case, name, device, med, p20, p80, peak_mb=peak,
-                        extra={"inputs_mb": round(inputs_mb, 1), "gflop": round(flops / 1e9, 1)}))
+                        extra={"inputs_mb": round(inputs_mb, 1), "gflop": round(flops / 1e9, 1),
+                               **paper_roofline(M, H, V, h.element_size())}))
     return rows
+
+
+def paper_roofline(M, H, V, elt) -> dict:
+    """The H200 roofline of the Triton path at this shape (see cost_model's docstring for how the
+    bytes are counted: each GEMM-like pass reads its operands once, L2 tiling). fp32 inputs run
+    3xTF32 dots on tensor cores in the kernels; the bf16 peak is used for the FLOP bound."""
+    c = cost_model(M, H, V, elt)
+    fwd = roofline(min_bytes=c["fwd_min_bytes"], kernel_bytes=c["fwd_kernel_bytes"], flops=c["fwd_flops"])
+    # backward minimum: its two GEMMs' bytes (the issue's yardstick: kernel <= 2x that)
+    bwd = roofline(min_bytes=c["bwd_gemm_bytes"], kernel_bytes=c["bwd_kernel_bytes"], flops=c["bwd_flops"])
+    bwd["chunk_columns"], bwd["chunks"] = c["bwd_chunk"], c["bwd_chunks"]
+    return {"roofline_fwd": fwd, "roofline_bwd": bwd}
+
+
+def print_roofline(M, H, V, elt, label):
+    r = paper_roofline(M, H, V, elt)
+    for k in ("roofline_fwd", "roofline_bwd"):
+        x = r[k]
+        print(f"# roofline {label} M={M},H={H},V={V} {k[9:]}: min {x['min_bytes'] / 1e9:.2f} GB, kernel "
+              f"{x['kernel_bytes'] / 1e9:.2f} GB ({x['bytes_over_min']}x), {x['flops'] / 1e12:.1f} TFLOP, "
+              f"H200 lower bound {x['lower_bound_ms']:.2f} ms ({x['bound']} bound)", flush=True)
 
 
 def summary(rows):
@@ -131,6 +158,7 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep(M, H, V)
         return 0
+    print_roofline(8192, 4096, 151936, 2, "bf16 (paper, H200; bwd min = its two GEMMs)")
     rows = bench_case(M, H, V, torch.float32, "cpu", compile_ref=not (args.no_compile or quick()), warmup=warmup,
                       repeats=repeats)
     emit(rows, csv_name=OP)
