@@ -8,5 +8,12 @@
   ``GRPOTrainer`` whose loss is :func:`mtgrpo_core.grpo_loss` and whose batches are
   task-weighted and ratio-preserving.
 
-Nothing here is imported by ``import mtgrpo_core``; import the submodule you need.
+* :func:`completion_logprobs` (:mod:`mtgrpo_core.integrations.logprobs`, torch only): the
+  fused LM head + log-probs kernel for any stack, through the (DDP-)wrapper's forward.
+
+The verl and TRL submodules are not imported by ``import mtgrpo_core`` or by this package;
+import the one you need.
 """
+from .logprobs import completion_logprobs, unwrap_model
+
+__all__ = ["completion_logprobs", "unwrap_model"]

@@ -30,10 +30,31 @@ What
   pass after the optimiser step, not done here). Logged: ``task/<name>/accuracy``,
   ``accuracy_ema``, ``weight``, ``zero_adv_frac``, ``filtered_ratio``, ``loss``.
   TRL's dataloader may prefetch one generation batch, so a weight change reaches the
-  batches one generation later.
+  batches one generation later. Fewer prompts per generation batch than tasks raise
+  ValueError (the ratio cannot be expressed).
+* Several processes (torchrun / accelerate): TRL deals each generation batch to the ranks in
+  consecutive slices of ``per_device_train_batch_size * steps_per_generation`` rows. The
+  sampler does not group a batch by task; it splits each task's count ``n_k`` over the
+  ranks' slices so that rank ``r`` holds ``n_k * w_r / P`` of it rounded up or down (a
+  matrix rounding with exact row and column sums, :func:`rank_task_counts`; ``w_r`` = the
+  prompts whose first row is on rank ``r``), then shuffles each slice with the shared seed.
+  So every rank sees every task in its share (within +-1 prompt) and the global counts are
+  the plan. Within a rank, TRL's own shuffle then splits the generation batch over
+  ``steps_per_generation`` steps. Per-task loss statistics are summed over the ranks
+  (``accelerator.reduce``) before they are logged, so every rank logs the same values; the
+  accuracy / weight metrics come from the gathered rewards and are identical anyway.
+* Checkpoints: ``_save_checkpoint`` writes ``mtgrpo_task_weighting.json`` (the composer's
+  state: controller weights and optimiser, accuracy EMA, rho, pool orders, RNG, and the
+  generation batches already drawn by the dataloader's prefetch but not yet trained on)
+  next to TRL's files; ``train(resume_from_checkpoint=...)`` restores it, replays the
+  pending batches, and sets ``ignore_data_skip`` (the composer state already holds the
+  data position, so skipping batches would draw new ones).
 """
 from __future__ import annotations
 
+import collections
+import json
+import os
 from typing import Any
 
 import numpy as np
@@ -49,30 +70,142 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("mtgrpo_core.integrations.trl needs TRL: pip install 'mtgrpo_core[trl]' "
                       "(tested with trl 1.16)") from e
 
-__all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES"]
+__all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES", "rank_task_counts", "STATE_FILE"]
 
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TASK_IDS_KEY = "mtgrpo_task_ids"
+STATE_FILE = "mtgrpo_task_weighting.json"
+
+
+def rank_task_counts(counts: Any, windows: Any) -> np.ndarray:
+    """Split task counts over rank windows: an int matrix ``c[K, R]`` with row sums ``counts``,
+    column sums ``windows`` and every entry ``floor`` or ``ceil`` of ``counts[k] * windows[r] / P``.
+
+    Such a rounding always exists (the exact matrix is a fractional flow with integral row
+    and column sums, and flows have integral optima); it is found by augmenting paths over
+    the cells with a fractional part. O(K * R * (K + R)); K, R <= 100 here.
+
+    Parameters
+    ----------
+    counts : int[K], non-negative, the prompts of each task in the batch (sum P > 0)
+    windows : int[R], non-negative, the prompts of each rank's slice (sum P)
+
+    Returns
+    -------
+    int64[K, R]
+    """
+    n = np.asarray(counts, dtype=np.int64)
+    w = np.asarray(windows, dtype=np.int64)
+    if n.ndim != 1 or w.ndim != 1 or (n < 0).any() or (w < 0).any():
+        raise ValueError(f"counts, windows: expected non-negative 1-D integer arrays, got {n!r} and {w!r}")
+    P = int(n.sum())
+    if P <= 0 or int(w.sum()) != P:
+        raise ValueError(f"windows: must sum to the batch size sum(counts) = {P} > 0, got {int(w.sum())}")
+    prod = n[:, None] * w[None, :]
+    out = prod // P
+    frac = (prod % P) != 0  # cells that may take one more
+    need_row = n - out.sum(1)
+    need_col = w - out.sum(0)
+    K, R = out.shape
+    extra = np.zeros((K, R), dtype=bool)
+    for k in range(K):
+        while need_row[k] > 0:
+            # BFS from task k: task -> rank over a free fractional cell, rank -> task over a taken one
+            prev_rank = {}  # rank -> task it was reached from
+            prev_task = {k: None}  # task -> rank it was reached from
+            queue, end = [k], None
+            while queue and end is None:
+                t = queue.pop(0)
+                for r in range(R):
+                    if frac[t, r] and not extra[t, r] and r not in prev_rank:
+                        prev_rank[r] = t
+                        if need_col[r] > 0:
+                            end = r
+                            break
+                        for t2 in range(K):
+                            if extra[t2, r] and t2 not in prev_task:
+                                prev_task[t2] = r
+                                queue.append(t2)
+            if end is None:  # cannot happen for consistent sums (see the docstring)
+                raise RuntimeError(f"rank_task_counts: no rounding found for counts={n.tolist()}, windows={w.tolist()}")
+            r = end
+            need_col[r] -= 1
+            need_row[k] -= 1
+            while True:  # flip the path
+                t = prev_rank[r]
+                extra[t, r] = True
+                back = prev_task[t]
+                if back is None:
+                    break
+                extra[t, back] = False
+                r = back
+    return out + extra
 
 
 class TaskRepeatSampler(Sampler):
     """TRL's ``RepeatSampler`` layout (each prompt ``mini_repeat_count`` times in a row, each
     chunk of ``batch_size`` prompts ``repeat_count`` times) with chunks composed by a
-    :class:`~mtgrpo_core.integrations._batching.TaskBatchComposer` (task ratios)."""
+    :class:`~mtgrpo_core.integrations._batching.TaskBatchComposer` (task ratios) and laid
+    out so that each of ``num_processes`` consecutive slices of ``rows_per_process`` rows
+    holds every task in its share (:func:`rank_task_counts`, then a shuffle of each slice
+    with the composer's seeded RNG, identical on every rank).
 
-    def __init__(self, composer: TaskBatchComposer, num_rows: int, mini_repeat_count: int, repeat_count: int = 1):
+    ``pending`` (a deque shared with the trainer) receives every chunk drawn; the trainer
+    drops the oldest once it has trained on it, so what is left at a checkpoint is what
+    the dataloader prefetched. Chunks in ``replay`` are yielded before new ones are drawn
+    (a resumed run).
+    """
+
+    def __init__(self, composer: TaskBatchComposer, num_rows: int, mini_repeat_count: int, repeat_count: int = 1,
+                 num_processes: int = 1, rows_per_process: int | None = None, pending: collections.deque | None = None,
+                 replay: list | None = None):
         self.composer = composer
         self.num_rows = int(num_rows)
         self.mini_repeat_count = int(mini_repeat_count)
         self.repeat_count = int(repeat_count)
         self.num_chunks = self.num_rows // composer.batch_size
+        P, G = composer.batch_size, self.mini_repeat_count
+        R = int(num_processes)
+        rpp = P * G // R if rows_per_process is None else int(rows_per_process)
+        if R < 1 or rpp * R != P * G:
+            raise ValueError(f"num_processes, rows_per_process: {R} slices of {rpp} rows must hold the {P} prompts x "
+                             f"{G} generations of a batch")
+        # the rank of a prompt is the rank of its first row (a group may straddle two ranks)
+        self.windows = np.bincount((np.arange(P) * G) // rpp, minlength=R)
+        self.pending = collections.deque() if pending is None else pending
+        self.replay = list(replay or [])
 
     def __len__(self) -> int:
         return self.num_chunks * self.composer.batch_size * self.mini_repeat_count * self.repeat_count
 
+    def layout(self, idx: np.ndarray, counts: np.ndarray) -> list[int]:
+        """Order a composed batch (``idx`` grouped by task, ``counts[k]`` of task k) by rank slices."""
+        per_rank = rank_task_counts(counts, self.windows)
+        rng = self.composer.rng
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        taken = np.zeros(len(counts), dtype=np.int64)
+        out: list[int] = []
+        for r in range(per_rank.shape[1]):
+            part = []
+            for k in range(per_rank.shape[0]):
+                c = int(per_rank[k, r])
+                part.extend(idx[starts[k] + taken[k]: starts[k] + taken[k] + c].tolist())
+                taken[k] += c
+            out.extend(rng.permutation(np.asarray(part, dtype=np.int64)).tolist())
+        return out
+
+    def next_chunk(self) -> list[int]:
+        if self.replay:
+            chunk = [int(i) for i in self.replay.pop(0)]
+        else:
+            idx = self.composer.next_batch()
+            chunk = self.layout(idx, self.composer.last_counts)
+        self.pending.append(chunk)
+        return chunk
+
     def __iter__(self):
         for _ in range(self.num_chunks):
-            chunk = self.composer.next_batch().tolist()
+            chunk = self.next_chunk()
             for _ in range(self.repeat_count):
                 for index in chunk:
                     for _ in range(self.mini_repeat_count):
@@ -114,18 +247,32 @@ class MTGRPOTrainer(GRPOTrainer):
         if ds is None or task_column not in getattr(ds, "column_names", []):
             raise ValueError(f"task_column: the train dataset has no {task_column!r} column")
         prompts_per_gen = self.args.generation_batch_size // self.num_generations
+        num_tasks = len(set(ds[task_column]))
+        if prompts_per_gen < num_tasks:
+            raise ValueError(
+                f"generation_batch_size: {self.args.generation_batch_size} rows / num_generations "
+                f"{self.num_generations} = {prompts_per_gen} prompts per generation batch, fewer than the {num_tasks} "
+                "tasks, so the task ratio cannot be kept; raise per_device_train_batch_size, steps_per_generation "
+                "or the number of processes (generation_batch_size = per_device_train_batch_size x processes x "
+                "steps_per_generation)")
         self.task_composer = TaskBatchComposer(
             list(ds[task_column]), prompts_per_gen, weighting=task_weighting, acceptance_aware=acceptance_aware,
             correct_threshold=correct_threshold, seed=int(self.args.seed),
             controller_kwargs=task_weighting_kwargs or {})
         self.task_names = self.task_composer.task_names
         self._task_pos = {name: k for k, name in enumerate(self.task_names)}
+        self._pending_chunks: collections.deque = collections.deque()
+        self._replay_chunks: list = []
 
     # -- batches -----------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
         dataset = self.train_dataset if dataset is None else dataset
+        replay, self._replay_chunks = self._replay_chunks, []
         return TaskRepeatSampler(self.task_composer, len(dataset), mini_repeat_count=self.num_generations,
-                                 repeat_count=self.num_iterations * self.args.steps_per_generation)
+                                 repeat_count=self.num_iterations * self.args.steps_per_generation,
+                                 num_processes=self.accelerator.num_processes,
+                                 rows_per_process=self._train_batch_size * self.args.steps_per_generation,
+                                 pending=self._pending_chunks, replay=replay)
 
     def _local_task_ids(self, inputs) -> torch.Tensor:
         return torch.tensor([self._task_pos.get(x.get(self.task_column), -1) for x in inputs], dtype=torch.long,
@@ -145,6 +292,8 @@ class MTGRPOTrainer(GRPOTrainer):
             groups = np.arange(r.shape[0]) // self.num_generations
             keep = tids >= 0
             metrics = self.task_composer.observe(tids[keep], r[keep], groups[keep])
+            if self._pending_chunks:  # this generation batch is trained on: no longer pending
+                self._pending_chunks.popleft()
             for key, v in metrics.items():
                 if np.isfinite(v):
                     self._metrics["train"][key].append(float(v))
@@ -232,10 +381,12 @@ class MTGRPOTrainer(GRPOTrainer):
         self._metrics[mode]["clip_ratio/high_mean"].append(high)
         self._metrics[mode]["clip_ratio/region_mean"].append(low + high)
         if st.task_loss_sum is not None and mode == "train":
-            nseq = st.task_num_sequences.clamp(min=1)
+            # summed over the ranks (every rank calls this once per micro-step), so all log the same value
+            both = torch.stack([st.task_loss_sum.detach().double(), st.task_num_sequences.double()])
+            both = self.accelerator.reduce(both.to(self.accelerator.device), reduction="sum").cpu()
             for k, name in enumerate(self.task_names):
-                if int(st.task_num_sequences[k]) > 0:
-                    self._metrics[mode][f"task/{name}/loss"].append(float(st.task_loss_sum[k] / nseq[k]))
+                if float(both[1, k]) > 0:
+                    self._metrics[mode][f"task/{name}/loss"].append(float(both[0, k] / both[1, k]))
         return loss
 
     def _bias_corrected_kl(self, logps, old, ref, mask):
@@ -261,7 +412,83 @@ class MTGRPOTrainer(GRPOTrainer):
             return (x * m).sum() / (x.size(0) * self.max_completion_length)
         return (x * m).sum()  # dapo: divided by its normaliser with the policy term
 
+    # -- checkpoints -------------------------------------------------------------------
+    def task_weighting_state(self) -> dict:
+        """JSON-able state of the task weighting: the composer (controller, EMA, rho, pool
+        orders, RNG) and the generation batches drawn but not yet trained on."""
+        return {"version": 1, "task_names": [str(t) for t in self.task_names],
+                "composer": self.task_composer.state_dict(), "pending": [list(c) for c in self._pending_chunks]}
+
+    def load_task_weighting_state(self, state: dict) -> None:
+        """Restore :meth:`task_weighting_state` (the pending batches are replayed first)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError(f"state: expected a task-weighting state of version 1, got {type(state).__name__}")
+        if state["task_names"] != [str(t) for t in self.task_names]:
+            raise ValueError(f"state: saved tasks {state['task_names']} differ from this dataset's {self.task_names}")
+        self.task_composer.load_state_dict(state["composer"])
+        self._pending_chunks.clear()
+        self._replay_chunks = [list(c) for c in state["pending"]]
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            with open(os.path.join(folder, STATE_FILE), "w") as f:
+                json.dump(self.task_weighting_state(), f, default=_json_default)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        dev = self.args.device
+        if checkpoint is None or dev.type != "cpu" or dev.index is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # transformers 5.10 loads the optimizer state with map_location=args.device when
+        # world_size > 1, which is "cpu:<rank>" on multi-process CPU runs and torch.load rejects
+        # it ("don't know how to restore data location ... cpu:0"); map it to "cpu" for this call.
+        orig = torch.load
+
+        def load_on_cpu(*a, **kw):
+            if str(kw.get("map_location", "")).startswith("cpu:"):
+                kw["map_location"] = "cpu"
+            return orig(*a, **kw)
+
+        torch.load = load_on_cpu
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = orig
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; with ``resume_from_checkpoint`` also restores the task weighting
+        (``mtgrpo_task_weighting.json``) and sets ``ignore_data_skip`` (see the module docstring)."""
+        ckpt = resume_from_checkpoint
+        if isinstance(ckpt, bool) and ckpt:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            ckpt = get_last_checkpoint(self.args.output_dir)
+            if ckpt is None:
+                raise ValueError(f"resume_from_checkpoint: no checkpoint found in {self.args.output_dir}")
+        if isinstance(ckpt, (str, os.PathLike)):
+            path = os.path.join(ckpt, STATE_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(f"resume_from_checkpoint: {ckpt} has no {STATE_FILE} (not saved by MTGRPOTrainer?); "
+                                 "resuming would restart the task weights from uniform")
+            with open(path) as f:
+                self.load_task_weighting_state(json.load(f))
+            # the composer state is the data position: skipping batches would draw (and so change) new ones
+            self.args.ignore_data_skip = True
+            resume_from_checkpoint = ckpt
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     @property
     def task_weights(self) -> np.ndarray:
         """Current task weights z[K] (order: ``self.task_names``)."""
         return self.task_composer.weights
+
+
+def _json_default(x):
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")

@@ -45,6 +45,13 @@ picked at load time, see ``_C.grpo_loss_cpu_isa()``; ``MTGRPO_CPU_ISA=avx2|basel
 it), "torch" (the reference, run inside the same custom op). One ``torch.library`` custom op
 (``mtgrpo::grpo_loss``) with a fake kernel and ``register_autograd``, so ``torch.compile``
 traces it without graph breaks and meta tensors give shapes (docs/OPS.md).
+
+Several processes: with ``process_group=`` (a ``torch.distributed`` group), ``group_advantages``
+and the fused path of ``grpo_loss`` (``rewards`` + ``group_ids``) gather every rank's
+rewards and labels first (two all-gathers of N numbers each), compute the advantages over
+the whole batch and keep the local rows, as TRL does; equal labels on different ranks are
+one group. The custom op itself stays process-local. Without a group, groups are
+normalised over the local rows only, so a group split across ranks would be wrong.
 """
 from __future__ import annotations
 
@@ -824,6 +831,59 @@ _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
+# Several processes: gather rewards and labels, keep the local rows
+# ---------------------------------------------------------------------------------------
+def _check_group(process_group):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group: torch.distributed is not initialised (call init_process_group first), "
+                         f"got process_group={process_group!r}")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group: expected a torch.distributed ProcessGroup (e.g. dist.group.WORLD), "
+                        f"got {type(process_group).__name__}")
+    return dist
+
+
+def _gather_rows(x: torch.Tensor, process_group) -> tuple[torch.Tensor, int]:
+    """All ranks' 1-D ``x`` concatenated in rank order (sizes may differ) and this rank's offset."""
+    dist = _check_group(process_group)
+    world = dist.get_world_size(process_group)
+    n = torch.tensor([x.numel()], dtype=torch.int64, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=process_group)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros(max(sizes))
+    padded[: x.numel()] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=process_group)
+    rank = dist.get_rank(process_group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def _global_advantages(rewards, group_ids, cfg: GRPOConfig, backend: str, process_group):
+    """(advantages float64 [n], flat uint8 [n], leader uint8 [n]) of the local rows, the groups
+    taken over every rank's rows: flat = the row's group has all rewards equal (no signal),
+    leader = the first local row of its group (so the local statistics count each local group once)."""
+    from ..reference.grpo_loss import zero_adv_group_flags
+
+    n = rewards.shape[0]
+    r_all, off = _gather_rows(rewards.detach().to(torch.float64), process_group)
+    g_all, _ = _gather_rows(group_ids.detach().to(torch.int64), process_group)
+    be = resolve_backend("group_advantages", backend, rewards.device)
+    fparams, iparams = _pack_config(cfg, False)
+    adv = torch.ops.mtgrpo.group_advantages(r_all, g_all, be, fparams, iparams)[off: off + n]
+    flags, inv = zero_adv_group_flags(r_all, g_all, singleton=cfg.adv_singleton)
+    flat = flags[inv][off: off + n].to(torch.uint8)
+    _, local_inv = torch.unique(group_ids.detach(), return_inverse=True)
+    first = torch.full((n,), n, dtype=torch.long, device=rewards.device).scatter_reduce(
+        0, local_inv, torch.arange(n, device=rewards.device), "amin")
+    leader = torch.zeros(n, dtype=torch.uint8, device=rewards.device)
+    leader[first[first < n]] = 1
+    return adv, flat, leader
+
+
+# ---------------------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------------------
 def _task_stats(per_seq, row_tokens, task_ids, num_tasks, flat, leader, adv_zero):
@@ -874,6 +934,7 @@ def grpo_loss(
     num_tasks: Optional[int] = None,
     backend: str = "auto",
     config: Optional[GRPOConfig] = None,
+    process_group=None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO clipped-surrogate loss, optionally with the group advantages fused in.
 
@@ -909,6 +970,12 @@ def grpo_loss(
     backend : "auto" | "triton" | "cpu" | "torch"
     config : GRPOConfig, optional
         Replaces every keyword option above at once.
+    process_group : torch.distributed ProcessGroup, optional
+        Fused path only: normalise groups over every rank's rows (rewards and labels are
+        gathered, equal labels on different ranks are one group; TRL's scheme). The loss,
+        its aggregation and the other statistics stay local (give ``num_tokens`` = the global
+        token count for a global token mean); ``zero_adv_group_frac`` counts the groups
+        present on this rank, flat when all their rewards over all ranks are equal.
 
     Returns
     -------
@@ -935,6 +1002,21 @@ def grpo_loss(
     fparams, iparams = _pack_config(cfg, ref_logprobs is not None)
     fused = advantages is None
     det = lambda t: None if t is None else t.detach()  # noqa: E731 - only logprobs is differentiable
+    if process_group is not None:
+        if not fused:
+            raise ValueError("process_group: only the fused advantage path (rewards + group_ids) gathers across "
+                             "ranks; with precomputed advantages normalise them yourself (group_advantages(..., "
+                             "process_group=...))")
+        _check_finite("rewards", rewards.double())
+        adv_g, flat_g, leader_g = _global_advantages(rewards, group_ids, cfg, be if be != "triton" else "auto",
+                                                     process_group)
+        # the op with these advantages computes what its fused path computes from them (A then
+        # times seq_weights, cast to the compute dtype); flat / leader come from the global groups
+        loss, _grad, rowstats, adv_rows, _f, _l = torch.ops.mtgrpo.grpo_loss(
+            logprobs, det(old_logprobs), mask, adv_g.to(logprobs.device), None, None, det(seq_weights),
+            det(ref_logprobs), be, fparams, iparams)
+        return loss, _stats_from_rows(rowstats, adv_rows, flat_g, leader_g, None, seq_weights, True,
+                                      ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype))
     loss, _grad, rowstats, adv_rows, flat, leader = torch.ops.mtgrpo.grpo_loss(
         logprobs, det(old_logprobs), mask, det(advantages), det(rewards) if fused else None,
         det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), be, fparams, iparams)
@@ -1026,6 +1108,7 @@ def group_advantages(
     singleton: str = "zero",
     clip: Optional[float] = None,
     backend: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """Group-relative advantages over ragged groups (ALGORITHMS.md section 1).
 
@@ -1037,6 +1120,10 @@ def group_advantages(
     singleton : "zero" (a group of one has A = 0) | "raw" (verl: mean 0, std 1)
     clip : clamp to [-clip, clip] after normalisation
     backend : "auto" | "cpu" | "triton" | "torch"
+    process_group : torch.distributed ProcessGroup, optional
+        Normalise over every rank's rows: rewards and labels are gathered (ranks may hold
+        different N), equal labels on different ranks are one group, and this rank's rows
+        of the result are returned (TRL's scheme). Every rank of the group must call it.
 
     Returns
     -------
@@ -1052,6 +1139,10 @@ def group_advantages(
         raise ValueError("rewards: expected at least one reward, got an empty tensor")
     _check_tensor("group_ids", group_ids, shape=(n,), integer=True, device=rewards.device)
     be = resolve_backend("group_advantages", backend, rewards.device)
+    if process_group is not None:
+        _check_finite("rewards", rewards.detach().double())
+        adv, _, _ = _global_advantages(rewards, group_ids, cfg, backend, process_group)
+        return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
     fparams, iparams = _pack_config(cfg, False)
     return torch.ops.mtgrpo.group_advantages(rewards.detach(), group_ids.detach(), be, fparams, iparams)
 
