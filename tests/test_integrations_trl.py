@@ -190,3 +190,43 @@ def test_rejects_unsupported_loss_type(setup):
     with pytest.raises(ValueError, match="task_column"):
         MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits, args=_args(out), train_dataset=data,
                       processing_class=tok, task_column="nope")
+
+
+def test_fewer_prompts_than_tasks_is_an_error(setup):
+    tok, data, out = setup
+    # 2 rows / 2 generations = 1 prompt per generation batch for 3 tasks
+    with pytest.raises(ValueError, match="fewer than the 3 tasks"):
+        MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits,
+                      args=_args(out, per_device_train_batch_size=2), train_dataset=data, processing_class=tok)
+
+
+def test_rank_task_counts_rounds_each_share_up_or_down():
+    from mtgrpo_core.integrations.trl import rank_task_counts
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        K, R = int(rng.integers(1, 7)), int(rng.integers(1, 6))
+        w = rng.integers(0, 7, size=R)
+        if w.sum() == 0:
+            continue
+        n = np.bincount(rng.integers(0, K, size=int(w.sum())), minlength=K)
+        c = rank_task_counts(n, w)
+        np.testing.assert_array_equal(c.sum(1), n)
+        np.testing.assert_array_equal(c.sum(0), w)
+        assert np.all(np.abs(c - n[:, None] * w[None, :] / w.sum()) < 1)
+    with pytest.raises(ValueError, match="windows"):
+        rank_task_counts([2, 1], [1, 1])
+
+
+def test_sampler_layout_spreads_tasks_over_rank_slices(setup):
+    from mtgrpo_core.integrations._batching import TaskBatchComposer
+
+    tok, data, out = setup
+    comp = TaskBatchComposer(list(data["task"]), 12, weighting="uniform", seed=0)
+    s = TaskRepeatSampler(comp, len(data), mini_repeat_count=2, num_processes=3, rows_per_process=8)
+    chunk = s.next_chunk()
+    tasks = np.array([comp.task_ids[i] for i in chunk])
+    for r in range(3):  # 4 prompts per rank, 4 of each task in the batch: 4/3 of each per rank, +-1
+        counts = np.bincount(tasks[4 * r:4 * r + 4], minlength=3)
+        assert np.all(np.abs(counts - 4 / 3) < 1), counts
+    assert list(s.pending) == [chunk]
