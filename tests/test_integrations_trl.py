@@ -230,3 +230,25 @@ def test_sampler_layout_spreads_tasks_over_rank_slices(setup):
         counts = np.bincount(tasks[4 * r:4 * r + 4], minlength=3)
         assert np.all(np.abs(counts - 4 / 3) < 1), counts
     assert list(s.pending) == [chunk]
+
+
+def test_task_weighting_state_round_trip_and_errors(setup, tmp_path):
+    import json
+
+    tok, data, out = setup
+    tr = MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits, args=_args(out), train_dataset=data,
+                       processing_class=tok)
+    sampler = tr._get_train_sampler()
+    first = sampler.next_chunk()  # drawn (prefetched), not trained on: pending
+    state = json.loads(json.dumps(tr.task_weighting_state()))
+    assert state["pending"] == [first]
+    assert {"controller", "tracker", "rho", "walk", "rng"} <= set(state["composer"])  # weights, EMA, RNG
+    nxt = sampler.next_chunk()
+    tr.load_task_weighting_state(state)
+    replayed = tr._get_train_sampler()
+    assert replayed.next_chunk() == first and replayed.next_chunk() == nxt  # replay, then the same draw
+    bad = dict(state, task_names=["x", "y", "z"])
+    with pytest.raises(ValueError, match="saved tasks"):
+        tr.load_task_weighting_state(bad)
+    with pytest.raises(ValueError, match="mtgrpo_task_weighting.json"):
+        tr.train(resume_from_checkpoint=str(tmp_path))
