@@ -41,18 +41,7 @@ REFERENCE = "torch"
 #: (op, backend, feature) of the op defects of issue 16 fixed on other branches; a case with
 #: such a feature on that backend is counted as "known" instead of failing the test. Strict:
 #: each entry's directed case must still fail here. Delete an entry once its fix is merged.
-KNOWN_OP_DEFECTS = {
-    ("grpo_loss", "cpu", "gspo-token-adv"): "item 1: GSPO + token-level advantages, wrong gradient",
-    ("fused_linear_grpo_loss", "cpu", "gspo-token-adv"): "item 1 (through the fused op)",
-    ("linear_logprobs", "cpu", "empty-M"): "item 3: M = 0 returns uninitialised weight/bias gradients",
-    ("linear_logprobs", "cpu", "tiny-temperature"): "item 4: temperature=1e-30 gives NaN gradients (float32)",
-    ("fused_linear_grpo_loss", "cpu", "tiny-temperature"): "item 4 via the fused op: weight gradient ~1e21, not 0",
-    ("grpo_loss", "torch", "nan-masked"): "item 5: NaN at a masked position leaks into the loss",
-    ("grpo_loss", "torch", "nan-unmasked"): "item 5: NaN at an unmasked position is accepted",
-    ("grpo_loss", "torch", "f64-rewards-task-ids"): "item 5: float64 rewards + task_ids, bare RuntimeError",
-    ("fused_linear_grpo_loss", "torch", "f64-rewards-task-ids"): "item 5 (through the fused op)",
-    ("*", "*", "meta"): "item 6: meta tensors raise 'Tensor.item() cannot be called on meta tensors'",
-}
+KNOWN_OP_DEFECTS: dict = {}
 
 FAILURES = ("crash", "hang", "unclear", "nan", "accepted_invalid", "disagree")
 
@@ -683,7 +672,7 @@ ISSUE_CONFIG_CASES = ["model.num_attention_heads=0", "rl.lr=inf", "rl.grad_clip=
 #: Of those, the ones this branch does not refuse cleanly (accepted, or an exception other
 #: than ValueError/TypeError): issue 16 item 9, fixed on branch `algo`. Strict: exactly these
 #: must still misbehave here; the lead empties the list after merging that branch.
-KNOWN_CONFIG_DEFECTS: list = list(ISSUE_CONFIG_CASES)
+KNOWN_CONFIG_DEFECTS: list = []
 
 
 def _config_fields():
