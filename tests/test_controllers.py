@@ -179,7 +179,7 @@ def test_weights_simplex_finite_deterministic_roundtrip(data, kind, lr):
 # difficulty classifier
 # --------------------------------------------------------------------------------------
 class NaiveClassifier:
-    """Readable per-prompt deque implementation of ALGORITHMS.md 3.1 (the test oracle)."""
+    """Readable per-prompt deque implementation of docs/ALGORITHMS.md 5.1 (the test oracle)."""
 
     def __init__(self, edges, window, delta, unseen):
         self.edges, self.window, self.delta = list(edges), window, delta

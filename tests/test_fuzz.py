@@ -22,7 +22,6 @@ fixes the lead deletes the entries and the harness guards them from then on.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import warnings
 from collections import Counter
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -271,9 +269,11 @@ def _worker() -> None:  # pragma: no cover - runs in the subprocess
     for line in sys.stdin:
         spec = json.loads(line)
         res = {}
-        runs = [(b, lambda b=b: _run_op(spec, b)) for b in OP_BACKENDS] if spec["target"] == "op" else \
-            [("-", {"sampler": lambda: _run_sampler(spec), "controller": lambda: _run_controller(spec),
-                    "config": lambda: _run_config(spec)}[spec["target"]])]
+        if spec["target"] == "op":
+            runs = [(b, lambda b=b, spec=spec: _run_op(spec, b)) for b in OP_BACKENDS]
+        else:
+            runner = {"sampler": _run_sampler, "controller": _run_controller, "config": _run_config}[spec["target"]]
+            runs = [("-", lambda runner=runner, spec=spec: runner(spec))]
         for b, fn in runs:
             print(json.dumps({"start": b}), flush=True)
             try:
@@ -368,7 +368,7 @@ def _known(spec, backend):
     if "known-config" in spec.get("features", []):
         return ("config", "-", spec["overrides"][0])
     for f in spec.get("features", []):
-        for (op, b, feat), why in KNOWN_OP_DEFECTS.items():
+        for op, b, feat in KNOWN_OP_DEFECTS:
             if feat == f and op in ("*", spec.get("op")) and b in ("*", backend):
                 return (op, b, feat)
     return None
@@ -402,7 +402,8 @@ def _tally(cases, results):
                     found.append(("disagree", b, "non-zero output for an input with no rows"))
         if spec["target"] == "op" and spec.get("valid", True) and not spec.get("meta"):
             ref, cpu = res.get(REFERENCE, {}), res.get("cpu", {})
-            if ref.get("status") == "ok" and cpu.get("status") == "ok" and (ref["finite"] or spec.get("nan_expected")) and \
+            both_ok = ref.get("status") == "ok" and cpu.get("status") == "ok"
+            if both_ok and (ref["finite"] or spec.get("nan_expected")) and \
                     not _close(cpu["outs"], ref["outs"], _precision(spec), _scale(spec)):
                 found.append(("disagree", "cpu", "values/gradients differ from the reference"))
         for cat, b, detail in found:

@@ -24,7 +24,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
