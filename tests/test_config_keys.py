@@ -205,13 +205,13 @@ def test_kl_coef_reaches_the_loss_with_the_frozen_warm_start_as_reference(tmp_pa
     tr.run()
     loss_calls = [c for c in probe.calls if c[0] == "grpo_loss"]
     assert loss_calls and all(c[2] == 0.5 and c[3] for c in loss_calls)
-    w0 = torch.load(warm, weights_only=False)["model"]
+    w0 = ckpt_mod.load(warm)["model"]
     ref = tr.ref_model.state_dict()
     assert all(torch.equal(w0[k], ref[k]) for k in w0)            # the reference is the warm start
     assert not all(torch.equal(w0[k], v) for k, v in tr.model.state_dict().items())   # the policy moved
     recs = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert all(r["ref_kl"] is not None and r["ref_kl"] >= 0 for r in recs) and recs[-1]["ref_kl"] > 0
-    st = torch.load(tmp_path / "checkpoint.pt", weights_only=False)   # exact resume keeps the reference
+    st = ckpt_mod.load(tmp_path / "checkpoint.pt")   # exact resume keeps the reference
     assert all(torch.equal(st["ref_model"][k], w0[k]) for k in w0)
     # kl_coef = 0 (the default): no reference model, no reference log-probs
     probe.calls.clear()
