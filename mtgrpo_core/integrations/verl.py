@@ -517,7 +517,7 @@ class PromptGDROAdvantage:
                  window: int = 50, hysteresis: float = 0.03, unseen: str = "separate", eta: float = 0.65,
                  gamma: float = 0.01, ema: float = 0.12, cap: float = 15.0, share_floor: float = 0.01,
                  signal: str = "learnability", reward_range=(0.0, 1.0), correct_threshold: float = 1.0):
-        from ..gdro import DifficultyClassifier, PromptGDRO
+        from ..gdro import DifficultyClassifier, make_advantage_weighting
 
         if not isinstance(id_key, str):
             raise TypeError(f"id_key: expected a str, got {type(id_key).__name__}")
@@ -525,7 +525,7 @@ class PromptGDROAdvantage:
         self.correct_threshold = float(correct_threshold)
         self.classifier = DifficultyClassifier(edges=tuple(edges), window=window, hysteresis=hysteresis,
                                                unseen=unseen)
-        self.gdro = PromptGDRO(self.classifier.num_groups, eta=eta, gamma=gamma, ema=ema, cap=cap,
+        self.gdro = make_advantage_weighting("prompt-gdro", self.classifier.num_groups, eta=eta, gamma=gamma, ema=ema, cap=cap,
                                share_floor=share_floor, signal=signal, reward_range=reward_range)
         self.metrics: dict = {}
 
