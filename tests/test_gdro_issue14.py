@@ -260,3 +260,32 @@ def test_verl_prompt_gdro_estimator_keeps_coverage_and_reweights():
     st = gd.state_dict()
     mv.configure_prompt_gdro(edges=(0.5,), window=4, eta=4.0, signal="learnability").load_state_dict(st)
     np.testing.assert_array_equal(mv.prompt_gdro_state().gdro.distribution, q)
+
+
+# --------------------------------------------------------------------------------------
+# mtgrpo compare: rollout-gdro and pass@k
+# --------------------------------------------------------------------------------------
+def test_compare_includes_rollout_gdro_and_a_pass_at_k_table(tmp_path):
+    import json
+
+    from mtgrpo_core.train import config as C
+    from mtgrpo_core.train.compare import DEFAULT_ALGOS, run_compare
+
+    assert "rollout-gdro" in DEFAULT_ALGOS and "prompt-gdro" in DEFAULT_ALGOS
+    tiny = ["run.threads=1", "run.progress=false", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.num_key_value_heads=2",
+            "model.max_position_embeddings=64", "tasks.train_size=60", "tasks.test_size=8", "warmup.steps=10",
+            "warmup.max_time_s=0", "rl.steps=1", "rl.max_time_s=0", "rl.batch_prompts=4", "rl.group_size=2",
+            "rl.max_new_tokens=4", "eval.n_items=4", "eval.k=2"]
+    cfg = C.load_config(None, tiny, algo="grpo", out=str(tmp_path / "unused"))
+    md = run_compare(cfg, tmp_path / "cmp", algos=("grpo", "rollout-gdro"), seeds=(0,), threshold=0.0)
+    lines = md.splitlines()
+    k = lines.index(next(l for l in lines if l.startswith("pass@k")))
+    assert any(l.startswith("| rollout-gdro |") for l in lines[:k])          # mean@k table
+    prow = next(l for l in lines[k:] if l.startswith("| rollout-gdro |"))  # pass@k table
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    pk = res["algos"]["rollout-gdro"]
+    assert len(pk["pass_worst"]) == 1 and 0 <= pk["pass_worst"][0] <= 1
+    # pass@k >= mean@k task by task
+    assert all(pk["pass_per_task"][0][t] >= pk["per_task"][0][t] for t in pk["per_task"][0])
+    assert f"{100 * pk['pass_worst'][0]:.1f}" in prow

@@ -425,6 +425,13 @@ class RolloutAllocator:
         ld = d.get("last_demand")
         last = float("nan") if ld is None else check_float("state_dict['last_demand']", ld)
         self.n_mean, self.p, self.p_seen, self.arm_value = n_mean, p, p_seen, av.copy()
+        rng = None
+        if d.get("rng") is not None:   # states before issue 14 had no arm draws
+            rng = np.random.default_rng()
+            try:
+                rng.bit_generator.state = d["rng"]
+            except (TypeError, ValueError, KeyError):
+                raise ValueError("state_dict['rng']: expected a numpy PCG64 bit-generator state") from None
         self.arm_seen, self.mu, self.steps, self.last_demand = seen.astype(bool), mu, steps, last
-        if isinstance(d.get("rng"), dict):   # states before issue 14 had no arm draws
-            self.rng.bit_generator.state = d["rng"]
+        if rng is not None:
+            self.rng = rng
