@@ -55,7 +55,7 @@ def test_overrides_types_and_roundtrip(tmp_path):
     (["loss.backend=bogus"], r"loss.backend must be one of .*, got 'bogus'"),
     (["gdro.window=10000000000"], r"gdro.window must be <= 10000, got 10000000000"),
     (["sec.lr=2"], r"sec.lr: expected a finite number in \(0.0, 1.0\], got 2.0"),
-    (["mtgrpo.weight_lr=-1"], r"mtgrpo.weight_lr: expected a finite number in \(0.0, inf\]"),
+    (["mtgrpo.weight_lr=-1"], r"mtgrpo.weight_lr: expected a finite number in \(0.0, 1000.0\]"),
     (["tasks.suite=nope"], r"tasks.suite: unknown suite 'nope'"),
     (["eval.batch_size=8"], r"unknown config key 'eval.batch_size'"),
 ])
