@@ -5,9 +5,9 @@ PIP := $(VENV)/bin/pip
 PYTHON := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 is on local disk here; an unpinned torch would pull GBs of CUDA.
 TORCH_SPEC ?= torch==2.13.0
-BUILD_LOCK := /tmp/mtgrpo-build.lock
+BUILD_LOCK = $(VENV)/.build.lock
 
-.PHONY: setup build demo test lint bench info clean
+.PHONY: setup build demo test lint format bench info clean
 
 $(VENV)/.torch-installed:
 	$(PY) -m venv $(VENV)
@@ -30,12 +30,18 @@ setup: build
 demo: setup
 	$(VENV)/bin/mtgrpo demo
 
-test: setup
+test: setup lint
 	$(PYTHON) -m pytest -q tests
 
-# ruff (configured in pyproject.toml) over the Python sources, tests and benchmarks
+# ruff (configured in pyproject.toml) over the Python sources, tests and benchmarks, and
+# clang-format (.clang-format) over csrc/; `make format` rewrites the C++ in place
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu' 2>/dev/null || find csrc -name '*.[ch]*')
 lint: setup
 	$(VENV)/bin/ruff check mtgrpo_core tests bench
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: setup
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 bench: setup
 	$(VENV)/bin/mtgrpo bench all

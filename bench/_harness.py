@@ -19,7 +19,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -162,6 +162,16 @@ def memcpy_ms(nbytes: int, *, device: str = "cpu") -> float:
     dst = torch.empty_like(src)
     med, _, _ = time_fn(lambda: dst.copy_(src), device=device, warmup=3, repeats=20)
     return med
+
+
+def bench_devices() -> list[str]:
+    """The devices a benchmark runs on: CPU, and CUDA when present; ``MTGRPO_BENCH_DEVICE=cpu|cuda``
+    keeps one of them (``mtgrpo gpu-check`` sets ``cuda`` so no time goes to CPU cases)."""
+    want = os.environ.get("MTGRPO_BENCH_DEVICE", "all")
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if want not in ("", "all", "cpu", "cuda"):
+        raise ValueError(f"MTGRPO_BENCH_DEVICE: expected cpu, cuda or all, got {want!r}")
+    return have if want in ("", "all") else [d for d in have if d == want]
 
 
 def quick() -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
+from _harness import Row, bench_devices, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
 
 import mtgrpo_core as mc  # noqa: E402
 from mtgrpo_core.config import GRPOConfig  # noqa: E402
@@ -79,7 +79,7 @@ def make_inputs(n: int, t: int, device: str):
 
 
 def main() -> None:
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = bench_devices()
     shapes = QUICK_SHAPES if quick() else SHAPES
     repeats = 3 if quick() else 15
     rows: list[Row] = []
@@ -92,7 +92,8 @@ def main() -> None:
             nbytes = n * t * (4 + 4 + 1 + 4)
             providers = {
                 "torch_ref": lambda x: grpo_loss_ref(x, old, mask, rewards=rewards, group_ids=gids, config=cfg)[0],
-                "torch_ref-compiled": lambda x: compiled_ref(x, old, mask, rewards=rewards, group_ids=gids, config=cfg)[0],
+                "torch_ref-compiled": lambda x: compiled_ref(x, old, mask, rewards=rewards, group_ids=gids,
+                                                             config=cfg)[0],
             }
             if device == "cpu" and mc.build_info()["cxx_extension"]:
                 providers["mtgrpo-cpu"] = lambda x: mc.grpo_loss(x, old, mask, rewards=rewards, group_ids=gids,

@@ -15,14 +15,13 @@ Goal: mtgrpo-cpu at least 2x faster than torch_ref at 1M tokens and 3x at 8M.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Row, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
+from _harness import Row, bench_devices, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
 
 import mtgrpo_core as mc  # noqa: E402
 from mtgrpo_core.reference.task_accumulate import task_masked_sum_ref, task_weighted_loss_ref  # noqa: E402
@@ -69,14 +68,8 @@ def paper_roofline(n: int, t: int, k: int, value_bytes: int, mask_bytes: int, mo
     return roofline(min_bytes=fwd_min + bwd, kernel_bytes=fwd_kernel + bwd)
 
 
-def _devices() -> list[str]:
-    want = os.environ.get("MTGRPO_BENCH_DEVICE", "all")
-    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return have if want in ("", "all") else [d for d in have if d == want]
-
-
 def main() -> None:
-    devices = _devices()
+    devices = bench_devices()
     shapes = QUICK_SHAPES if quick() else SHAPES
     tasks = QUICK_TASKS if quick() else TASKS
     rows: list[Row] = []

@@ -71,32 +71,44 @@ inline __attribute__((always_inline)) void rows_impl(const RowsArgs& A, int64_t 
   const int64_t T = A.T;
   for (int64_t i = r0; i < r1; ++i) {
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
-    grpo_row<In, C, KL, TOK, SEQ>(
-        static_cast<const In*>(A.lp) + off, static_cast<const In*>(A.old) + off, A.mk + off,
-        A.ref ? static_cast<const In*>(A.ref) + off : nullptr,
-        TOK ? static_cast<const C*>(A.adv_tok) + off : nullptr, static_cast<C>(A.a_row[i]), T, *A.p,
-        static_cast<C>(A.w_row[i]), static_cast<C*>(A.grad) + off, A.rowstats + i * kRowStats);
+    grpo_row<In, C, KL, TOK, SEQ>(static_cast<const In*>(A.lp) + off, static_cast<const In*>(A.old) + off, A.mk + off,
+                                  A.ref ? static_cast<const In*>(A.ref) + off : nullptr,
+                                  TOK ? static_cast<const C*>(A.adv_tok) + off : nullptr, static_cast<C>(A.a_row[i]), T,
+                                  *A.p, static_cast<C>(A.w_row[i]), static_cast<C*>(A.grad) + off,
+                                  A.rowstats + i * kRowStats);
   }
 }
 
 template <typename In, typename C, int KL>
 inline __attribute__((always_inline)) void rows_kl(const RowsArgs& A, int64_t r0, int64_t r1) {
   if (A.tok_adv) {
-    if (A.seq) rows_impl<In, C, KL, true, true>(A, r0, r1);
-    else rows_impl<In, C, KL, true, false>(A, r0, r1);
+    if (A.seq)
+      rows_impl<In, C, KL, true, true>(A, r0, r1);
+    else
+      rows_impl<In, C, KL, true, false>(A, r0, r1);
   } else {
-    if (A.seq) rows_impl<In, C, KL, false, true>(A, r0, r1);
-    else rows_impl<In, C, KL, false, false>(A, r0, r1);
+    if (A.seq)
+      rows_impl<In, C, KL, false, true>(A, r0, r1);
+    else
+      rows_impl<In, C, KL, false, false>(A, r0, r1);
   }
 }
 
 template <typename In, typename C>
 inline __attribute__((always_inline)) void rows_in(const RowsArgs& A, int64_t r0, int64_t r1) {
   switch (A.kl) {
-    case 1: rows_kl<In, C, 1>(A, r0, r1); break;
-    case 2: rows_kl<In, C, 2>(A, r0, r1); break;
-    case 3: rows_kl<In, C, 3>(A, r0, r1); break;
-    default: rows_kl<In, C, 0>(A, r0, r1); break;
+    case 1:
+      rows_kl<In, C, 1>(A, r0, r1);
+      break;
+    case 2:
+      rows_kl<In, C, 2>(A, r0, r1);
+      break;
+    case 3:
+      rows_kl<In, C, 3>(A, r0, r1);
+      break;
+    default:
+      rows_kl<In, C, 0>(A, r0, r1);
+      break;
   }
 }
 
@@ -116,8 +128,8 @@ FloatKernels pick_float_kernels() {
   const std::string want = env ? env : "";
 #ifdef MTGRPO_X86_DISPATCH
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+                    __builtin_cpu_supports("bmi2");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   if (avx512 && (want.empty() || want == "avx512"))
@@ -133,7 +145,9 @@ const FloatKernels& float_kernels() {
   return k;
 }
 
-void rows_double(const RowsArgs& A, int64_t r0, int64_t r1) { rows_in<double, double>(A, r0, r1); }
+void rows_double(const RowsArgs& A, int64_t r0, int64_t r1) {
+  rows_in<double, double>(A, r0, r1);
+}
 
 DType parse_dtype(const std::string& s) {
   if (s == "float32") return DType::F32;
@@ -143,7 +157,9 @@ DType parse_dtype(const std::string& s) {
   fail("dtype: expected 'float32', 'float64', 'bfloat16' or 'float16', got '", s, "'");
 }
 
-size_t itemsize(DType d) { return d == DType::F64 ? 8 : (d == DType::F32 ? 4 : 2); }
+size_t itemsize(DType d) {
+  return d == DType::F64 ? 8 : (d == DType::F32 ? 4 : 2);
+}
 
 py::buffer_info check_2d(const py::array& a, const char* name, int64_t N, int64_t T, size_t item) {
   auto b = checked_buffer(a, name, 2);
@@ -163,13 +179,14 @@ py::buffer_info check_1d(const py::array& a, const char* name, int64_t N, size_t
 template <typename R>
 void check_finite(const R* v, int64_t n, const char* name) {
   for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(static_cast<double>(v[i]))) fail(name, ": non-finite value ", static_cast<double>(v[i]), " at index ", i);
+    if (!std::isfinite(static_cast<double>(v[i])))
+      fail(name, ": non-finite value ", static_cast<double>(v[i]), " at index ", i);
 }
 
 // Group advantages alone (backend "cpu" of group_advantages).
 void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_out, py::array row_flat,
-                          py::array row_leader, const std::string& scale, double eps, bool unbiased,
-                          bool singleton_raw, double clip) {
+                          py::array row_leader, const std::string& scale, double eps, bool unbiased, bool singleton_raw,
+                          double clip) {
   auto rb = checked_buffer(rewards, "rewards", 1);
   const int64_t N = rb.shape[0];
   auto gb = check_1d(group_ids, "group_ids", N, 8);
@@ -177,13 +194,20 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
   auto fb = check_1d(row_flat, "row_flat", N, 1);
   auto lb = check_1d(row_leader, "row_leader", N, 1);
   AdvParams ap;
-  if (scale == "group") ap.scale = AdvScale::Group;
-  else if (scale == "batch") ap.scale = AdvScale::Batch;
-  else if (scale == "none") ap.scale = AdvScale::None;
-  else fail("scale: expected 'group', 'batch' or 'none', got '", scale, "'");
+  if (scale == "group")
+    ap.scale = AdvScale::Group;
+  else if (scale == "batch")
+    ap.scale = AdvScale::Batch;
+  else if (scale == "none")
+    ap.scale = AdvScale::None;
+  else
+    fail("scale: expected 'group', 'batch' or 'none', got '", scale, "'");
   if (!(eps >= 0.0) || !std::isfinite(eps)) fail("eps: expected a finite value >= 0, got ", eps);
   if (!std::isfinite(clip)) fail("clip: expected a finite value (<= 0 for no clip), got ", clip);
-  ap.eps = eps; ap.unbiased = unbiased; ap.singleton_raw = singleton_raw; ap.clip = clip;
+  ap.eps = eps;
+  ap.unbiased = unbiased;
+  ap.singleton_raw = singleton_raw;
+  ap.clip = clip;
   const auto* gid = static_cast<const int64_t*>(gb.ptr);
   auto* adv = static_cast<double*>(ab.ptr);
   auto* fl = static_cast<uint8_t*>(fb.ptr);
@@ -232,19 +256,29 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   auto ldb = check_1d(row_leader, "row_leader", N, 1);
 
   if (!(eps_low >= 0.0 && eps_low < 1.0)) fail("clip_eps_low: expected a value in [0, 1), got ", eps_low);
-  if (!(eps_high >= 0.0) || !std::isfinite(eps_high)) fail("clip_eps_high: expected a finite value >= 0, got ", eps_high);
+  if (!(eps_high >= 0.0) || !std::isfinite(eps_high))
+    fail("clip_eps_high: expected a finite value >= 0, got ", eps_high);
   if (!(dual_clip > 1.0)) fail("dual_clip: expected a value > 1 (inf for off), got ", dual_clip);
   if (!(ratio_cap > 0.0)) fail("ratio_cap: expected a value > 0 (inf for off), got ", ratio_cap);
   if (!std::isfinite(kl_coef)) fail("kl_coef: expected a finite value, got ", kl_coef);
   if (kl_estimator < 0 || kl_estimator > 3) fail("kl_estimator: expected 0..3, got ", kl_estimator);
   if (loss_agg < 0 || loss_agg > 3) fail("loss_agg: expected 0..3, got ", loss_agg);
-  if (!(num_tokens >= 0.0) || !std::isfinite(num_tokens)) fail("num_tokens: expected a finite value >= 0, got ", num_tokens);
-  if (!(norm_length >= 0.0) || !std::isfinite(norm_length)) fail("norm_length: expected a finite value >= 0, got ", norm_length);
+  if (!(num_tokens >= 0.0) || !std::isfinite(num_tokens))
+    fail("num_tokens: expected a finite value >= 0, got ", num_tokens);
+  if (!(norm_length >= 0.0) || !std::isfinite(norm_length))
+    fail("norm_length: expected a finite value >= 0, got ", norm_length);
 
   LossParams p;
-  p.eps_low = eps_low; p.eps_high = eps_high; p.dual_clip = dual_clip; p.ratio_cap = ratio_cap;
-  p.kl_coef = kl_coef; p.kl_estimator = kl_estimator; p.seq_level = seq_level;
-  p.agg = static_cast<LossAgg>(loss_agg); p.num_tokens = num_tokens; p.norm_length = norm_length;
+  p.eps_low = eps_low;
+  p.eps_high = eps_high;
+  p.dual_clip = dual_clip;
+  p.ratio_cap = ratio_cap;
+  p.kl_coef = kl_coef;
+  p.kl_estimator = kl_estimator;
+  p.seq_level = seq_level;
+  p.agg = static_cast<LossAgg>(loss_agg);
+  p.num_tokens = num_tokens;
+  p.norm_length = norm_length;
   p.seq_count_all = seq_count_all;
 
   const void* ref_ptr = nullptr;
@@ -276,8 +310,7 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     std::memset(fb.ptr, 0, static_cast<size_t>(N));
     std::memset(ldb.ptr, 0, static_cast<size_t>(N));
   } else {
-    if (rewards.is_none() || group_ids.is_none())
-      fail("rewards: advantages=None needs rewards and group_ids");
+    if (rewards.is_none() || group_ids.is_none()) fail("rewards: advantages=None needs rewards and group_ids");
     group_advantages_cpu(rewards.cast<py::array>(), group_ids.cast<py::array>(), adv_out, row_flat, row_leader,
                          adv_scale, adv_eps, adv_unbiased, adv_singleton_raw, adv_clip);
   }
@@ -309,11 +342,29 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     const bool seq_tok = !f64 && seq_level && tok_adv;  // GSPO with token advantages: second pre-pass
     std::vector<double> coef_part(seq_tok ? static_cast<size_t>(items) : 0);
     std::vector<float> seq_coef(seq_tok ? static_cast<size_t>(N) : 0);
-    const RowsArgs A{lb.ptr, ob.ptr, mk, ref_ptr, adv_tok, adv, w_row.data(), T, dt, kl_estimator, tok_adv,
-                     seq_level, &p, gb.ptr, stats};
-    const FloatJob J{dt, lb.ptr, ob.ptr, mk, ref_ptr, static_cast<const float*>(adv_tok), adv, w_row.data(),
-                     r_seq.data(), seq_coef.data(), T, kSeg, nseg, kl_estimator, tok_adv, seq_level, &p,
-                     gb.ptr, nseg > 1 ? part.data() : stats, seq_part.data(), coef_part.data()};
+    const RowsArgs A{lb.ptr, ob.ptr,       mk,      ref_ptr,   adv_tok, adv,    w_row.data(), T,
+                     dt,     kl_estimator, tok_adv, seq_level, &p,      gb.ptr, stats};
+    const FloatJob J{dt,
+                     lb.ptr,
+                     ob.ptr,
+                     mk,
+                     ref_ptr,
+                     static_cast<const float*>(adv_tok),
+                     adv,
+                     w_row.data(),
+                     r_seq.data(),
+                     seq_coef.data(),
+                     T,
+                     kSeg,
+                     nseg,
+                     kl_estimator,
+                     tok_adv,
+                     seq_level,
+                     &p,
+                     gb.ptr,
+                     nseg > 1 ? part.data() : stats,
+                     seq_part.data(),
+                     coef_part.data()};
     const FloatKernels& K = float_kernels();
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
@@ -331,7 +382,10 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
 #pragma omp single
       {
         double total = 0.0, nonempty = 0.0;
-        for (int64_t i = 0; i < N; ++i) { total += row_tok[i]; nonempty += row_tok[i] > 0 ? 1.0 : 0.0; }
+        for (int64_t i = 0; i < N; ++i) {
+          total += row_tok[i];
+          nonempty += row_tok[i] > 0 ? 1.0 : 0.0;
+        }
         const double n_seq = seq_count_all ? static_cast<double>(N) : nonempty;
         for (int64_t i = 0; i < N; ++i) w_row[i] = row_weight(p, row_tok[i], total, n_seq, T);
       }
@@ -347,7 +401,10 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
 #pragma omp single
           for (int64_t i = 0; i < N; ++i) {
             double s = 0.0, c = 0.0;
-            for (int64_t j = 0; j < nseg; ++j) { s += seq_part[2 * (i * nseg + j)]; c += seq_part[2 * (i * nseg + j) + 1]; }
+            for (int64_t j = 0; j < nseg; ++j) {
+              s += seq_part[2 * (i * nseg + j)];
+              c += seq_part[2 * (i * nseg + j) + 1];
+            }
             r_seq[i] = vexp(static_cast<float>(s / std::max(c, 1.0)));
           }
           if (seq_tok) {  // the row's mean d loss / d r at its sequence ratio (spans folded in order)
@@ -356,7 +413,10 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
 #pragma omp single
             for (int64_t i = 0; i < N; ++i) {
               double s = 0.0, c = 0.0;
-              for (int64_t j = 0; j < nseg; ++j) { s += coef_part[i * nseg + j]; c += seq_part[2 * (i * nseg + j) + 1]; }
+              for (int64_t j = 0; j < nseg; ++j) {
+                s += coef_part[i * nseg + j];
+                c += seq_part[2 * (i * nseg + j) + 1];
+              }
               seq_coef[i] = static_cast<float>(s / std::max(c, 1.0));
             }
           }
@@ -385,20 +445,21 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
 
 void register_grpo_loss(py::module_& m) {
   m.attr("GRPO_ROW_STATS") = static_cast<int>(kRowStats);
-  m.def("grpo_loss_cpu_isa", [] { return std::string(float_kernels().isa); },
-        "Instruction set of the float GRPO loss kernel picked for this CPU: 'avx512', 'avx2' or 'baseline'.");
+  m.def(
+      "grpo_loss_cpu_isa", [] { return std::string(float_kernels().isa); },
+      "Instruction set of the float GRPO loss kernel picked for this CPU: 'avx512', 'avx2' or 'baseline'.");
   m.def("group_advantages_cpu", &group_advantages_cpu, py::arg("rewards"), py::arg("group_ids"), py::arg("adv_out"),
         py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("scale") = "group", py::arg("eps") = 1e-6,
         py::arg("unbiased") = true, py::arg("singleton_raw") = false, py::arg("clip") = 0.0,
         "Group-relative advantages over ragged groups (float64 out).");
-  m.def("grpo_loss_fwd_bwd_cpu", &grpo_loss_fwd_bwd_cpu, py::arg("logprobs"), py::arg("old_logprobs"),
-        py::arg("mask"), py::arg("advantages"), py::arg("rewards"), py::arg("group_ids"), py::arg("seq_weights"),
+  m.def("grpo_loss_fwd_bwd_cpu", &grpo_loss_fwd_bwd_cpu, py::arg("logprobs"), py::arg("old_logprobs"), py::arg("mask"),
+        py::arg("advantages"), py::arg("rewards"), py::arg("group_ids"), py::arg("seq_weights"),
         py::arg("ref_logprobs"), py::arg("dtype"), py::arg("grad"), py::arg("rowstats"), py::arg("adv_out"),
         py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("adv_scale") = "group",
         py::arg("adv_eps") = 1e-6, py::arg("adv_unbiased") = true, py::arg("adv_singleton_raw") = false,
-        py::arg("adv_clip") = 0.0, py::arg("eps_low") = 0.2, py::arg("eps_high") = 0.2,
-        py::arg("dual_clip") = INFINITY, py::arg("ratio_cap") = INFINITY, py::arg("kl_coef") = 0.0,
-        py::arg("kl_estimator") = 0, py::arg("seq_level") = false, py::arg("loss_agg") = 0,
-        py::arg("num_tokens") = 0.0, py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false,
+        py::arg("adv_clip") = 0.0, py::arg("eps_low") = 0.2, py::arg("eps_high") = 0.2, py::arg("dual_clip") = INFINITY,
+        py::arg("ratio_cap") = INFINITY, py::arg("kl_coef") = 0.0, py::arg("kl_estimator") = 0,
+        py::arg("seq_level") = false, py::arg("loss_agg") = 0, py::arg("num_tokens") = 0.0,
+        py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false,
         "Fused GRPO loss forward + backward on the CPU (see mtgrpo/grpo_loss.h).");
 }

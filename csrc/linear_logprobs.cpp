@@ -100,15 +100,19 @@ void check_scale(double scale) {
 void linear_logprobs_fwd_tile(py::array z, py::array local, double scale, py::array m, py::array s, py::object t,
                               py::array tgt) {
   check_scale(scale);
-  if (is_f64(z)) fwd_impl<double>(z, local, scale, m, s, t, tgt);
-  else fwd_impl<float>(z, local, scale, m, s, t, tgt);
+  if (is_f64(z))
+    fwd_impl<double>(z, local, scale, m, s, t, tgt);
+  else
+    fwd_impl<float>(z, local, scale, m, s, t, tgt);
 }
 
-void linear_logprobs_bwd_tile(py::array z, py::array local, double scale, py::array lse, py::object ent,
-                              py::array gl, py::object ge) {
+void linear_logprobs_bwd_tile(py::array z, py::array local, double scale, py::array lse, py::object ent, py::array gl,
+                              py::object ge) {
   check_scale(scale);
-  if (is_f64(z)) bwd_impl<double>(z, local, scale, lse, ent, gl, ge);
-  else bwd_impl<float>(z, local, scale, lse, ent, gl, ge);
+  if (is_f64(z))
+    bwd_impl<double>(z, local, scale, lse, ent, gl, ge);
+  else
+    bwd_impl<float>(z, local, scale, lse, ent, gl, ge);
 }
 
 }  // namespace

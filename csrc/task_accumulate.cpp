@@ -25,34 +25,48 @@ namespace {
 template <typename F>
 void dispatch_value(int value_type, F&& f) {
   switch (value_type) {
-    case kF32: return f(std::integral_constant<int, kF32>{});
-    case kF64: return f(std::integral_constant<int, kF64>{});
-    case kBF16: return f(std::integral_constant<int, kBF16>{});
-    case kF16: return f(std::integral_constant<int, kF16>{});
-    default: fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
+    case kF32:
+      return f(std::integral_constant<int, kF32>{});
+    case kF64:
+      return f(std::integral_constant<int, kF64>{});
+    case kBF16:
+      return f(std::integral_constant<int, kBF16>{});
+    case kF16:
+      return f(std::integral_constant<int, kF16>{});
+    default:
+      fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
   }
 }
 
 int value_bytes(int value_type) {
   switch (value_type) {
-    case kF32: return 4;
-    case kF64: return 8;
+    case kF32:
+      return 4;
+    case kF64:
+      return 8;
     case kBF16:
-    case kF16: return 2;
-    default: fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
+    case kF16:
+      return 2;
+    default:
+      fail("values: unsupported value type tag ", value_type, " (expected 0=f32, 1=f64, 2=bf16, 3=f16)");
   }
 }
 
 int mask_bytes(int mask_kind) {
   switch (mask_kind) {
-    case kMaskU8: return 1;
+    case kMaskU8:
+      return 1;
     case kMaskI16:
-    case kMaskH16: return 2;
+    case kMaskH16:
+      return 2;
     case kMaskI32:
-    case kMaskF32: return 4;
+    case kMaskF32:
+      return 4;
     case kMaskI64:
-    case kMaskF64: return 8;
-    default: fail("mask: unsupported mask kind ", mask_kind, " (expected 0..6)");
+    case kMaskF64:
+      return 8;
+    default:
+      fail("mask: unsupported mask kind ", mask_kind, " (expected 0..6)");
   }
 }
 
@@ -141,46 +155,47 @@ py::tuple masked_sum_outputs(const Inputs& in, int value_type, int mask_kind, in
 // Each block writes only its own partials, so any schedule gives the same bits; dynamic
 // scheduling lets one thread take over the blocks of a thread the OS has descheduled.
 py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const py::array& mask, int mask_kind,
-                              const py::array& task_ids, int64_t num_tasks, int threads) {
+                                 const py::array& task_ids, int64_t num_tasks, int threads) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
   const int K = int(num_tasks);
-  return masked_sum_outputs(in, value_type, mask_kind, K, [&](auto vt, auto mk, const auto* v, const auto* m,
-                                                              auto* sums_ptr, int64_t* counts_ptr) {
-    constexpr int VT = decltype(vt)::value;
-    constexpr int MK = decltype(mk)::value;
-    using Acc = typename ValueTraits<VT>::acc;
-    const Plan p = make_plan(in.rows, in.cols, K);
-    std::vector<Acc> part_sums(size_t(p.blocks) * K);
-    std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
-    const int nt = threads > 0 ? threads : mtgrpo::num_threads();
-    (void)nt;
+  return masked_sum_outputs(in, value_type, mask_kind, K,
+                            [&](auto vt, auto mk, const auto* v, const auto* m, auto* sums_ptr, int64_t* counts_ptr) {
+                              constexpr int VT = decltype(vt)::value;
+                              constexpr int MK = decltype(mk)::value;
+                              using Acc = typename ValueTraits<VT>::acc;
+                              const Plan p = make_plan(in.rows, in.cols, K);
+                              std::vector<Acc> part_sums(size_t(p.blocks) * K);
+                              std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
+                              const int nt = threads > 0 ? threads : mtgrpo::num_threads();
+                              (void)nt;
 #ifdef MTGRPO_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
 #endif
-    for (int64_t b = 0; b < p.blocks; ++b) {
-      block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
-                                 part_counts.data() + size_t(b) * K);
-    }
-    combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr, counts_ptr);
-  });
+                              for (int64_t b = 0; b < p.blocks; ++b) {
+                                block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
+                                                           part_counts.data() + size_t(b) * K);
+                              }
+                              combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr,
+                                                   counts_ptr);
+                            });
 }
 
 // The host twin of the CUDA kernels (scalar, single thread).
 py::tuple py_task_masked_sum_twin(const py::array& values, int value_type, const py::array& mask, int mask_kind,
-                               const py::array& task_ids, int64_t num_tasks) {
+                                  const py::array& task_ids, int64_t num_tasks) {
   Inputs in = check_inputs(values, value_type, mask, mask_kind, task_ids, num_tasks);
   const int K = int(num_tasks);
-  return masked_sum_outputs(in, value_type, mask_kind, K, [&](auto vt, auto mk, const auto* v, const auto* m,
-                                                              auto* sums_ptr, int64_t* counts_ptr) {
-    task_masked_sum_twin<decltype(vt)::value, decltype(mk)::value>(v, m, in.task_ids, in.rows, in.cols, K, sums_ptr,
-                                                                   counts_ptr);
-  });
+  return masked_sum_outputs(in, value_type, mask_kind, K,
+                            [&](auto vt, auto mk, const auto* v, const auto* m, auto* sums_ptr, int64_t* counts_ptr) {
+                              task_masked_sum_twin<decltype(vt)::value, decltype(mk)::value>(
+                                  v, m, in.task_ids, in.rows, in.cols, K, sums_ptr, counts_ptr);
+                            });
 }
 
 // Backward on the CPU: out[n,t] = mask[n,t] ? table[task_ids[n]] : 0, written in place into
 // `out` (a view of the torch gradient), elements of 2, 4 or 8 bytes.
 void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind, const py::array& task_ids,
-                            const py::array& table, int threads) {
+                               const py::array& table, int threads) {
   py::buffer_info ob = mtgrpo::checked_buffer(out, "out", 2);
   if (ob.readonly) fail("out: expected a writable array");
   py::buffer_info tb = mtgrpo::checked_buffer(table, "table", 1);
@@ -191,8 +206,8 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
   if (mb.itemsize != mask_bytes(mask_kind))
     fail("mask: itemsize ", mb.itemsize, " does not match mask kind ", mask_kind);
   if (mb.shape[0] != ob.shape[0] || mb.shape[1] != ob.shape[1])
-    fail("mask: expected shape [", ob.shape[0], ", ", ob.shape[1], "] like out, got [", mb.shape[0], ", ",
-         mb.shape[1], "]");
+    fail("mask: expected shape [", ob.shape[0], ", ", ob.shape[1], "] like out, got [", mb.shape[0], ", ", mb.shape[1],
+         "]");
   const int64_t rows = ob.shape[0], cols = ob.shape[1];
   const int64_t* ids = check_task_ids(task_ids, rows, K);
   const int nt = threads > 0 ? threads : mtgrpo::num_threads();
@@ -209,15 +224,21 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
 #ifdef MTGRPO_WITH_OPENMP
 #pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (rows * cols >= 32768)
 #endif
-      for (int64_t n = 0; n < rows; ++n)
-        weighted_grad_row_cpu<ES, MK>(o + n * cols, m + n * cols, cols, tab[ids[n]]);
+      for (int64_t n = 0; n < rows; ++n) weighted_grad_row_cpu<ES, MK>(o + n * cols, m + n * cols, cols, tab[ids[n]]);
     });
   };
   switch (ob.itemsize) {
-    case 2: run(std::common_type<uint16_t>{}); break;
-    case 4: run(std::common_type<uint32_t>{}); break;
-    case 8: run(std::common_type<uint64_t>{}); break;
-    default: fail("out: element size must be 2, 4 or 8 bytes, got ", ob.itemsize);
+    case 2:
+      run(std::common_type<uint16_t>{});
+      break;
+    case 4:
+      run(std::common_type<uint32_t>{});
+      break;
+    case 8:
+      run(std::common_type<uint64_t>{});
+      break;
+    default:
+      fail("out: element size must be 2, 4 or 8 bytes, got ", ob.itemsize);
   }
 }
 
@@ -240,9 +261,9 @@ py::dict py_task_masked_sum_plan(int64_t rows, int64_t cols, int64_t num_tasks) 
 
 #ifdef MTGRPO_WITH_CUDA
 void py_task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr_t mask, int mask_kind,
-                          std::uintptr_t task_ids, int64_t rows, int64_t cols, int64_t num_tasks,
-                          std::uintptr_t sums, std::uintptr_t counts, std::uintptr_t workspace,
-                          int64_t workspace_bytes, std::intptr_t stream) {
+                             std::uintptr_t task_ids, int64_t rows, int64_t cols, int64_t num_tasks,
+                             std::uintptr_t sums, std::uintptr_t counts, std::uintptr_t workspace,
+                             int64_t workspace_bytes, std::intptr_t stream) {
   check_tasks(num_tasks);
   if (rows < 0 || cols < 0) fail("values: negative extent ", rows, " x ", cols);
   check_extent(rows, cols);
@@ -252,25 +273,24 @@ void py_task_masked_sum_cuda(std::uintptr_t values, int value_type, std::uintptr
   if (rows > 0 && task_ids == 0) fail("task_ids: null device pointer");
   if (sums == 0 || counts == 0 || workspace == 0) fail("sums: null device pointer");
   py::gil_scoped_release nogil;
-  cuda::masked_sum(reinterpret_cast<const void*>(values), value_type, reinterpret_cast<const void*>(mask),
-                   mask_kind, reinterpret_cast<const int64_t*>(task_ids), rows, cols, int(num_tasks),
+  cuda::masked_sum(reinterpret_cast<const void*>(values), value_type, reinterpret_cast<const void*>(mask), mask_kind,
+                   reinterpret_cast<const int64_t*>(task_ids), rows, cols, int(num_tasks),
                    reinterpret_cast<void*>(sums), reinterpret_cast<int64_t*>(counts),
                    reinterpret_cast<void*>(workspace), workspace_bytes, stream);
 }
 
 void py_task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr_t mask, int mask_kind,
-                             std::uintptr_t task_ids, std::uintptr_t table, int64_t rows, int64_t cols,
-                             int64_t num_tasks, std::intptr_t stream) {
+                                std::uintptr_t task_ids, std::uintptr_t table, int64_t rows, int64_t cols,
+                                int64_t num_tasks, std::intptr_t stream) {
   check_tasks(num_tasks);
   if (rows < 0 || cols < 0) fail("out: negative extent ", rows, " x ", cols);
   check_extent(rows, cols);
   mask_bytes(mask_kind);
-  if (rows * cols > 0 && (out == 0 || mask == 0 || task_ids == 0 || table == 0))
-    fail("out: null device pointer");
+  if (rows * cols > 0 && (out == 0 || mask == 0 || task_ids == 0 || table == 0)) fail("out: null device pointer");
   py::gil_scoped_release nogil;
   cuda::weighted_grad(reinterpret_cast<void*>(out), elem_bytes, reinterpret_cast<const void*>(mask), mask_kind,
-                      reinterpret_cast<const int64_t*>(task_ids), reinterpret_cast<const void*>(table), rows,
-                      cols, int(num_tasks), stream);
+                      reinterpret_cast<const int64_t*>(task_ids), reinterpret_cast<const void*>(table), rows, cols,
+                      int(num_tasks), stream);
 }
 #endif
 
@@ -295,9 +315,9 @@ void register_task_accumulate(py::module_& m) {
         py::arg("mask_kind"), py::arg("task_ids"), py::arg("rows"), py::arg("cols"), py::arg("num_tasks"),
         py::arg("sums"), py::arg("counts"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
         "Enqueue the per-task masked sum kernels (device pointers; stream = cudaStream_t as int).");
-  m.def("task_weighted_grad_cuda", &py_task_weighted_grad_cuda, py::arg("out"), py::arg("elem_bytes"),
-        py::arg("mask"), py::arg("mask_kind"), py::arg("task_ids"), py::arg("table"), py::arg("rows"),
-        py::arg("cols"), py::arg("num_tasks"), py::arg("stream"),
+  m.def("task_weighted_grad_cuda", &py_task_weighted_grad_cuda, py::arg("out"), py::arg("elem_bytes"), py::arg("mask"),
+        py::arg("mask_kind"), py::arg("task_ids"), py::arg("table"), py::arg("rows"), py::arg("cols"),
+        py::arg("num_tasks"), py::arg("stream"),
         "Enqueue out[n,t] = mask[n,t] ? table[task_ids[n]] : 0 (device pointers).");
 #endif
 }

@@ -19,14 +19,13 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
     // Clear a sticky launch error so the next call does not report it again.
     (void)cudaGetLastError();
-    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(err) + " (" +
-                             cudaGetErrorString(err) + ")");
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
   }
 }
 
 template <int VT, int MK>
-void launch_masked_sum(const void* values, const void* mask, const int64_t* task_ids, const Plan& p,
-                       void* sums, int64_t* counts, void* workspace, cudaStream_t stream) {
+void launch_masked_sum(const void* values, const void* mask, const int64_t* task_ids, const Plan& p, void* sums,
+                       int64_t* counts, void* workspace, cudaStream_t stream) {
   using VS = typename ValueTraits<VT>::storage;
   using MS = typename MaskTraits<MK>::storage;
   using Acc = typename ValueTraits<VT>::acc;
@@ -43,14 +42,14 @@ void launch_masked_sum(const void* values, const void* mask, const int64_t* task
   check(cudaGetLastError(), "task_masked_sum_partial_kernel (launch)");
   const int threads = 128;
   const int grid = (p.tasks + threads - 1) / threads;
-  task_masked_sum_combine_kernel<Acc><<<grid, threads, 0, stream>>>(
-      part_sums, part_counts, p.blocks, p.tasks, static_cast<Acc*>(sums), counts);
+  task_masked_sum_combine_kernel<Acc>
+      <<<grid, threads, 0, stream>>>(part_sums, part_counts, p.blocks, p.tasks, static_cast<Acc*>(sums), counts);
   check(cudaGetLastError(), "task_masked_sum_combine_kernel (launch)");
 }
 
 template <typename ES, int MK>
-void launch_weighted_grad(void* out, const void* mask, const int64_t* task_ids, const void* table,
-                          int64_t rows, int64_t cols, int tasks, cudaStream_t stream) {
+void launch_weighted_grad(void* out, const void* mask, const int64_t* task_ids, const void* table, int64_t rows,
+                          int64_t cols, int tasks, cudaStream_t stream) {
   using MS = typename MaskTraits<MK>::storage;
   const int64_t total = rows * cols;
   if (total == 0) return;
@@ -63,16 +62,15 @@ void launch_weighted_grad(void* out, const void* mask, const int64_t* task_ids, 
   const int64_t cap = int64_t(sms) * 16;  // enough resident warps to saturate memory
   if (grid > cap) grid = cap;
   task_weighted_grad_kernel<ES, MK><<<unsigned(grid), threads, 0, stream>>>(
-      static_cast<ES*>(out), static_cast<const MS*>(mask), task_ids, static_cast<const ES*>(table),
-      rows, cols, tasks);
+      static_cast<ES*>(out), static_cast<const MS*>(mask), task_ids, static_cast<const ES*>(table), rows, cols, tasks);
   check(cudaGetLastError(), "task_weighted_grad_kernel (launch)");
 }
 
 }  // namespace
 
-void masked_sum(const void* values, int value_type, const void* mask, int mask_kind,
-                const int64_t* task_ids, int64_t rows, int64_t cols, int tasks, void* sums,
-                int64_t* counts, void* workspace, int64_t ws_bytes, std::intptr_t stream_int) {
+void masked_sum(const void* values, int value_type, const void* mask, int mask_kind, const int64_t* task_ids,
+                int64_t rows, int64_t cols, int tasks, void* sums, int64_t* counts, void* workspace, int64_t ws_bytes,
+                std::intptr_t stream_int) {
   if (tasks < 1 || tasks > kMaxTasks) throw std::invalid_argument("num_tasks: expected 1 <= num_tasks <= 4096");
   if (rows < 0 || cols < 0) throw std::invalid_argument("values: negative extent");
   const Plan p = make_plan(rows, cols, tasks);
@@ -83,11 +81,16 @@ void masked_sum(const void* values, int value_type, const void* mask, int mask_k
   dispatch_mask(mask_kind, [&](auto mk) {
     constexpr int MK = decltype(mk)::value;
     switch (value_type) {
-      case kF32: return launch_masked_sum<kF32, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
-      case kF64: return launch_masked_sum<kF64, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
-      case kBF16: return launch_masked_sum<kBF16, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
-      case kF16: return launch_masked_sum<kF16, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
-      default: throw std::invalid_argument("values: unsupported value type " + std::to_string(value_type));
+      case kF32:
+        return launch_masked_sum<kF32, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
+      case kF64:
+        return launch_masked_sum<kF64, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
+      case kBF16:
+        return launch_masked_sum<kBF16, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
+      case kF16:
+        return launch_masked_sum<kF16, MK>(values, mask, task_ids, p, sums, counts, workspace, stream);
+      default:
+        throw std::invalid_argument("values: unsupported value type " + std::to_string(value_type));
     }
   });
 }
@@ -100,10 +103,14 @@ void weighted_grad(void* out, int elem_bytes, const void* mask, int mask_kind, c
   dispatch_mask(mask_kind, [&](auto mk) {
     constexpr int MK = decltype(mk)::value;
     switch (elem_bytes) {
-      case 2: return launch_weighted_grad<uint16_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
-      case 4: return launch_weighted_grad<uint32_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
-      case 8: return launch_weighted_grad<uint64_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
-      default: throw std::invalid_argument("out: element size must be 2, 4 or 8 bytes");
+      case 2:
+        return launch_weighted_grad<uint16_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
+      case 4:
+        return launch_weighted_grad<uint32_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
+      case 8:
+        return launch_weighted_grad<uint64_t, MK>(out, mask, task_ids, table, rows, cols, tasks, stream);
+      default:
+        throw std::invalid_argument("out: element size must be 2, 4 or 8 bytes");
     }
   });
 }

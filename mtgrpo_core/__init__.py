@@ -3,10 +3,32 @@
 Ops (``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``) are re-exported here from
 :mod:`mtgrpo_core.ops`; the sampler, task weighting, GDRO controllers and the training
 layer live in their subpackages.
-"""
-from ._build import build_info
-from ._version import __version__
-from .ops import *  # noqa: F401,F403
-from .ops import __all__ as _ops_all
 
-__all__ = ["__version__", "build_info", *_ops_all]
+The re-exports are resolved on first use (PEP 562), so ``import mtgrpo_core`` (and the
+``mtgrpo`` command, whose first line must appear at once) does not pay for importing torch
+until an op or ``build_info`` is touched.
+"""
+from ._version import __version__
+
+# the names of mtgrpo_core.ops.__all__ (a test checks that the two lists agree)
+_OPS_NAMES = ("GRPOConfig", "GRPOLoss", "GRPOStats", "group_advantages", "grpo_loss",
+              "LinearLogprobsConfig", "fused_linear_grpo_loss", "linear_logprobs",
+              "task_masked_sum", "task_weighted_loss")
+
+__all__ = ["__version__", "build_info", *_OPS_NAMES]
+
+
+def __getattr__(name: str):
+    if name == "build_info":
+        from ._build import build_info
+
+        return build_info
+    if name in _OPS_NAMES:
+        from . import ops
+
+        return getattr(ops, name)
+    raise AttributeError(f"module 'mtgrpo_core' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -71,6 +71,10 @@ def _console():
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # torch + transformers + reasoning-gym take seconds to import (tens of seconds on a busy
+    # machine): say so at once, before paying for them
+    print(f"mtgrpo train: starting ({'resuming ' + str(args.out) if args.resume else 'loading torch, transformers'}"
+          " and the task suite)...", file=sys.stderr, flush=True)
     from .train.config import ConfigError, load_config
     from .train.trainer import train
 

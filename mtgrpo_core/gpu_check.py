@@ -208,7 +208,8 @@ def format_table(rows: list[dict], *, device_name: str, peaks: dict | None, test
     if peaks:
         lines.append(f"Peaks used: {peaks['hbm_bytes_per_s'] / 1e12:.2f} TB/s HBM, "
                      f"{peaks['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s bf16 tensor-core, "
-                     f"{peaks['fp32_flops_per_s'] / 1e12:.1f} TFLOP/s fp32 ({peaks.get('name', device_name)} datasheet).")
+                     f"{peaks['fp32_flops_per_s'] / 1e12:.1f} TFLOP/s fp32 "
+                     f"({peaks.get('name', device_name)} datasheet).")
     else:
         lines.append("Peaks: unknown for this device; the % of peak column is empty.")
     if tests is not None:

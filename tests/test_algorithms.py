@@ -103,7 +103,8 @@ def test_one_set_of_names_in_cli_config_sim_and_integrations():
     from mtgrpo_core.train.config import ALGOS as CFG
 
     assert set(CFG) == set(algorithm_names(aliases=True))
-    assert set(SIM) == set(weighting.weighting_names()) | {"prompt-gdro", "rollout-sqrt", "rollout-bandit"}
+    # "grpo": the GDRO runs' matched baseline (issue 14: same unfiltered draw, same mean rollouts)
+    assert set(SIM) == set(weighting.weighting_names()) | {"prompt-gdro", "rollout-sqrt", "rollout-bandit", "grpo"}
     src = (PKG / "cli.py").read_text()
     assert "algorithm_names(aliases=True)" in src
     # the integrations build controllers through the registry only

@@ -69,7 +69,8 @@ CASES = {
     "gdro.edges": ("[0.5]", "prompt-gdro"), "gdro.window": ("1", "prompt-gdro"),
     "gdro.hysteresis": ("0.4", "prompt-gdro"), "gdro.unseen": ("'hardest'", "prompt-gdro"),
     "gdro.eta": ("3.0", "prompt-gdro"), "gdro.gamma": ("0.5", "prompt-gdro"), "gdro.ema": ("1.0", "prompt-gdro"),
-    "gdro.cap": ("1.0", "prompt-gdro"), "gdro.adv_clip": ("0.01", "prompt-gdro"),
+    "gdro.cap": ("1.0", "prompt-gdro"), "gdro.share_floor": ("0.9", "prompt-gdro"),
+    "gdro.signal": ("'failure'", "prompt-gdro"), "gdro.adv_clip": ("0.01", "prompt-gdro"),
     "gdro.n_min": ("1", "rollout-gdro"), "gdro.n_max": ("5", "rollout-gdro"), "gdro.n_mean": ("3", "rollout-gdro"),
     "gdro.allocator": ("'bandit'", "rollout-gdro"),
     "eval.every": ("1", "grpo"), "eval.n_items": ("3", "grpo"), "eval.k": ("2", "grpo"),
@@ -205,13 +206,13 @@ def test_kl_coef_reaches_the_loss_with_the_frozen_warm_start_as_reference(tmp_pa
     tr.run()
     loss_calls = [c for c in probe.calls if c[0] == "grpo_loss"]
     assert loss_calls and all(c[2] == 0.5 and c[3] for c in loss_calls)
-    w0 = torch.load(warm, weights_only=False)["model"]
+    w0 = ckpt_mod.load(warm)["model"]
     ref = tr.ref_model.state_dict()
     assert all(torch.equal(w0[k], ref[k]) for k in w0)            # the reference is the warm start
     assert not all(torch.equal(w0[k], v) for k, v in tr.model.state_dict().items())   # the policy moved
     recs = [r for r in read_metrics(tmp_path) if r["kind"] == "train"]
     assert all(r["ref_kl"] is not None and r["ref_kl"] >= 0 for r in recs) and recs[-1]["ref_kl"] > 0
-    st = torch.load(tmp_path / "checkpoint.pt", weights_only=False)   # exact resume keeps the reference
+    st = ckpt_mod.load(tmp_path / "checkpoint.pt")   # exact resume keeps the reference
     assert all(torch.equal(st["ref_model"][k], w0[k]) for k in w0)
     # kl_coef = 0 (the default): no reference model, no reference log-probs
     probe.calls.clear()

@@ -228,7 +228,8 @@ def summary() -> str:
                 continue
             regs = sorted(k["registers"] for k in ks)
             dyn = partial_kernel_max_dynamic_smem() if fam == "task_masked_sum_partial_kernel" else 0
-            lines.append(f"| {fam} | {arch} | {len(ks)} | {regs[0]}-{regs[-1]} | {max(k['spill_stores'] for k in ks)} / "
+            lines.append(f"| {fam} | {arch} | {len(ks)} | {regs[0]}-{regs[-1]} | "
+                         f"{max(k['spill_stores'] for k in ks)} / "
                          f"{max(k['spill_loads'] for k in ks)} | {max(k['stack'] for k in ks)} | "
                          f"{max(k['smem'] for k in ks)} + {dyn} |")
     return "\n".join(lines)

@@ -22,7 +22,6 @@ fixes the lead deletes the entries and the harness guards them from then on.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,7 +29,6 @@ import warnings
 from collections import Counter
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -41,18 +39,7 @@ REFERENCE = "torch"
 #: (op, backend, feature) of the op defects of issue 16 fixed on other branches; a case with
 #: such a feature on that backend is counted as "known" instead of failing the test. Strict:
 #: each entry's directed case must still fail here. Delete an entry once its fix is merged.
-KNOWN_OP_DEFECTS = {
-    ("grpo_loss", "cpu", "gspo-token-adv"): "item 1: GSPO + token-level advantages, wrong gradient",
-    ("fused_linear_grpo_loss", "cpu", "gspo-token-adv"): "item 1 (through the fused op)",
-    ("linear_logprobs", "cpu", "empty-M"): "item 3: M = 0 returns uninitialised weight/bias gradients",
-    ("linear_logprobs", "cpu", "tiny-temperature"): "item 4: temperature=1e-30 gives NaN gradients (float32)",
-    ("fused_linear_grpo_loss", "cpu", "tiny-temperature"): "item 4 via the fused op: weight gradient ~1e21, not 0",
-    ("grpo_loss", "torch", "nan-masked"): "item 5: NaN at a masked position leaks into the loss",
-    ("grpo_loss", "torch", "nan-unmasked"): "item 5: NaN at an unmasked position is accepted",
-    ("grpo_loss", "torch", "f64-rewards-task-ids"): "item 5: float64 rewards + task_ids, bare RuntimeError",
-    ("fused_linear_grpo_loss", "torch", "f64-rewards-task-ids"): "item 5 (through the fused op)",
-    ("*", "*", "meta"): "item 6: meta tensors raise 'Tensor.item() cannot be called on meta tensors'",
-}
+KNOWN_OP_DEFECTS: dict = {}
 
 FAILURES = ("crash", "hang", "unclear", "nan", "accepted_invalid", "disagree")
 
@@ -282,9 +269,11 @@ def _worker() -> None:  # pragma: no cover - runs in the subprocess
     for line in sys.stdin:
         spec = json.loads(line)
         res = {}
-        runs = [(b, lambda b=b: _run_op(spec, b)) for b in OP_BACKENDS] if spec["target"] == "op" else \
-            [("-", {"sampler": lambda: _run_sampler(spec), "controller": lambda: _run_controller(spec),
-                    "config": lambda: _run_config(spec)}[spec["target"]])]
+        if spec["target"] == "op":
+            runs = [(b, lambda b=b, spec=spec: _run_op(spec, b)) for b in OP_BACKENDS]
+        else:
+            runner = {"sampler": _run_sampler, "controller": _run_controller, "config": _run_config}[spec["target"]]
+            runs = [("-", lambda runner=runner, spec=spec: runner(spec))]
         for b, fn in runs:
             print(json.dumps({"start": b}), flush=True)
             try:
@@ -379,7 +368,7 @@ def _known(spec, backend):
     if "known-config" in spec.get("features", []):
         return ("config", "-", spec["overrides"][0])
     for f in spec.get("features", []):
-        for (op, b, feat), why in KNOWN_OP_DEFECTS.items():
+        for op, b, feat in KNOWN_OP_DEFECTS:
             if feat == f and op in ("*", spec.get("op")) and b in ("*", backend):
                 return (op, b, feat)
     return None
@@ -413,7 +402,8 @@ def _tally(cases, results):
                     found.append(("disagree", b, "non-zero output for an input with no rows"))
         if spec["target"] == "op" and spec.get("valid", True) and not spec.get("meta"):
             ref, cpu = res.get(REFERENCE, {}), res.get("cpu", {})
-            if ref.get("status") == "ok" and cpu.get("status") == "ok" and (ref["finite"] or spec.get("nan_expected")) and \
+            both_ok = ref.get("status") == "ok" and cpu.get("status") == "ok"
+            if both_ok and (ref["finite"] or spec.get("nan_expected")) and \
                     not _close(cpu["outs"], ref["outs"], _precision(spec), _scale(spec)):
                 found.append(("disagree", "cpu", "values/gradients differ from the reference"))
         for cat, b, detail in found:
@@ -683,7 +673,7 @@ ISSUE_CONFIG_CASES = ["model.num_attention_heads=0", "rl.lr=inf", "rl.grad_clip=
 #: Of those, the ones this branch does not refuse cleanly (accepted, or an exception other
 #: than ValueError/TypeError): issue 16 item 9, fixed on branch `algo`. Strict: exactly these
 #: must still misbehave here; the lead empties the list after merging that branch.
-KNOWN_CONFIG_DEFECTS: list = list(ISSUE_CONFIG_CASES)
+KNOWN_CONFIG_DEFECTS: list = []
 
 
 def _config_fields():

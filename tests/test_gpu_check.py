@@ -99,6 +99,7 @@ def test_parsers_read_harness_json_and_pytest_summary():
     out = "# bench_grpo_loss.py\nnoise {not json}\n" + json.dumps({**row, "git": "abc"}) + "\n# summary\n"
     (parsed,) = gc.parse_bench_rows(out)
     assert parsed["provider"] == "torch_ref" and parsed["median_ms"] == 1.5
-    summary = "....F.\n=== short test summary info ===\nFAILED x\n3 failed, 40 passed, 2 skipped, 900 deselected in 81.2s\n"
+    summary = ("....F.\n=== short test summary info ===\nFAILED x\n"
+               "3 failed, 40 passed, 2 skipped, 900 deselected in 81.2s\n")
     assert gc.parse_pytest_summary(summary) == {"failed": 3, "passed": 40, "skipped": 2, "deselected": 900}
     assert gc.parse_pytest_summary("garbage") == {}

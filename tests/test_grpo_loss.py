@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import mtgrpo_core as mc
 from mtgrpo_core.config import GRPOConfig
-from mtgrpo_core.reference.grpo_loss import grpo_loss_ref, group_advantages_ref
+from mtgrpo_core.reference.grpo_loss import grpo_loss_ref
 
 SCALAR_STATS = ["clip_frac_low", "clip_frac_high", "dual_clip_frac", "ratio_mean", "approx_kl", "ref_kl_mean",
                 "zero_adv_group_frac", "num_tokens"]
@@ -76,7 +76,8 @@ def test_reference_gradcheck_fp64():
     lp, old, mask, rewards, gids, ref = make_case(5, 6, ref=True)
     for kw in [dict(), dict(kl_coef=0.1, dual_clip=3.0, clip_eps_high=0.28), dict(importance_level="sequence")]:
         cfg = GRPOConfig(**kw, loss_agg="seq-mean-token-mean")
-        f = lambda x: grpo_loss_ref(x, old, mask, rewards=rewards, group_ids=gids, ref_logprobs=ref, config=cfg)[0]
+        def f(x, cfg=cfg):
+            return grpo_loss_ref(x, old, mask, rewards=rewards, group_ids=gids, ref_logprobs=ref, config=cfg)[0]
         assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(),))
 
 
@@ -223,8 +224,9 @@ def test_long_sequence_no_grid_limit():
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 12), t=st.integers(1, 20), seed=st.integers(0, 10_000), spread=st.sampled_from([0.05, 0.5, 3.0]),
-       agg=st.sampled_from(AGGS), cfg=st.sampled_from(CONFIGS), ngroups=st.integers(1, 6))
+@given(n=st.integers(1, 12), t=st.integers(1, 20), seed=st.integers(0, 10_000),
+       spread=st.sampled_from([0.05, 0.5, 3.0]), agg=st.sampled_from(AGGS), cfg=st.sampled_from(CONFIGS),
+       ngroups=st.integers(1, 6))
 def test_hypothesis_cpu_matches_reference(n, t, seed, spread, agg, cfg, ngroups):
     g = torch.Generator().manual_seed(seed)
     gids = torch.randint(0, ngroups, (n,), generator=g) * 13
@@ -357,7 +359,8 @@ def test_cpp_binding_bounds_checked_never_crashes():
     from mtgrpo_core import _native
 
     C = _native.native()
-    f32 = lambda *s: np.zeros(s, dtype=np.float32)
+    def f32(*s):
+        return np.zeros(s, dtype=np.float32)
     good = dict(logprobs=f32(2, 3), old_logprobs=f32(2, 3), mask=np.ones((2, 3), np.bool_), advantages=f32(2),
                 rewards=None, group_ids=None, seq_weights=None, ref_logprobs=None, dtype="float32", grad=f32(2, 3),
                 rowstats=np.zeros((2, 9)), adv_out=np.zeros(2), row_flat=np.zeros(2, np.uint8),

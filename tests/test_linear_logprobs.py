@@ -16,8 +16,9 @@ import importlib
 from mtgrpo_core.ops import linear_logprobs
 from mtgrpo_core.ops._dispatch import resolve_backend
 
-LL = importlib.import_module("mtgrpo_core.ops.linear_logprobs")  # the module (the package exports the function)
 from mtgrpo_core.reference.linear_logprobs import linear_logprobs_ref
+
+LL = importlib.import_module("mtgrpo_core.ops.linear_logprobs")  # the module (the package exports the function)
 
 BACKENDS = ["cpu", "triton"]
 # V = 101 is prime: no tile size divides it; 16-wide Triton tiles give 7 vocabulary tiles
@@ -494,7 +495,8 @@ def test_fused_linear_grpo_loss_matches_two_step():
     N, T, H, V = 6, 7, 16, 53
     h, w, _, y = make(0, H, V, torch.float64, lead=(N, T), bias=False)
     g = torch.Generator().manual_seed(3)
-    old = linear_logprobs_ref(h.detach(), w.detach(), y, temperature=0.9) + 0.1 * torch.randn(N, T, generator=g, dtype=torch.float64)
+    old = linear_logprobs_ref(h.detach(), w.detach(), y, temperature=0.9)
+    old = old + 0.1 * torch.randn(N, T, generator=g, dtype=torch.float64)
     mask = torch.rand(N, T, generator=g) > 0.2
     adv = torch.randn(N, generator=g, dtype=torch.float64)
     loss, stats = fused_linear_grpo_loss(h, w, y, old, mask, adv, temperature=0.9, backend="cpu",

@@ -55,7 +55,7 @@ def test_overrides_types_and_roundtrip(tmp_path):
     (["loss.backend=bogus"], r"loss.backend must be one of .*, got 'bogus'"),
     (["gdro.window=10000000000"], r"gdro.window must be <= 10000, got 10000000000"),
     (["sec.lr=2"], r"sec.lr: expected a finite number in \(0.0, 1.0\], got 2.0"),
-    (["mtgrpo.weight_lr=-1"], r"mtgrpo.weight_lr: expected a finite number in \(0.0, inf\]"),
+    (["mtgrpo.weight_lr=-1"], r"mtgrpo.weight_lr: expected a finite number in \(0.0, 1000.0\]"),
     (["tasks.suite=nope"], r"tasks.suite: unknown suite 'nope'"),
     (["eval.batch_size=8"], r"unknown config key 'eval.batch_size'"),
 ])
@@ -92,3 +92,32 @@ def test_report_on_a_missing_run_is_a_clean_error(tmp_path, capsys):
 
     assert main(["report", "--run", str(tmp_path / "missing")]) == 2
     assert "no run at" in capsys.readouterr().err
+
+
+def test_top_level_exports_match_ops_and_train_speaks_at_once():
+    """mtgrpo_core resolves the ops lazily from a fixed list: it must equal ops.__all__; and the
+    `mtgrpo train` command prints its first line before importing torch (issue: progress in 1 s)."""
+    import subprocess
+    import sys
+    import time
+
+    import mtgrpo_core
+    import mtgrpo_core.ops as ops
+
+    assert sorted(mtgrpo_core._OPS_NAMES) == sorted(ops.__all__)
+    for name in mtgrpo_core.__all__:
+        assert getattr(mtgrpo_core, name) is not None
+    # a fresh interpreter: importing the package and the CLI must not import torch
+    code = "import sys, mtgrpo_core, mtgrpo_core.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "mtgrpo_core.cli", "train", "no_such_section.key=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stderr.readline()
+    elapsed = time.monotonic() - t0
+    proc.communicate(timeout=300)
+    assert first.startswith("mtgrpo train: starting"), first
+    # the first line comes before any heavy import; 5 s leaves room for a loaded 2-core machine
+    assert elapsed < 5.0, elapsed
+    assert proc.returncode == 2  # and the bad key is still rejected

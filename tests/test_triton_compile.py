@@ -17,7 +17,7 @@ import pytest
 from mtgrpo_core.ops._aot import AOT_MODULES, REG_LIMIT, SMEM_LIMIT_BYTES
 
 
-@functools.lru_cache(maxsize=None)  # one compile per module, shared by the fixtures below
+@functools.cache  # one compile per module, shared by the fixtures below
 def _compile_all(module: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's warning; fusion stays on

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Prompt-GDRO on verl 0.9.1 (legacy trainer): difficulty bins (pass@k history) sampled
-# with the adversary's probabilities q (PromptGDROSampler, prompt id = extra_info.index), the fused "mtgrpo" policy loss and the
-# "mtgrpo_grpo" advantage estimator. Needs GPUs and a rollout engine (vLLM or SGLang):
+# Prompt-GDRO on verl 0.9.1 (legacy trainer): the "mtgrpo_gdro" advantage estimator (verl's GRPO
+# advantage times the adversary's difficulty-bin weights, prompt id = extra_info.index) with
+# verl's own dataloader, and the fused "mtgrpo" policy loss. Needs GPUs and a rollout engine (vLLM or SGLang):
 # pip install 'mtgrpo_core[verl]' vllm. Not run in this repository's CI (no GPU there).
 #
 #   DATA=data/mtgrpo-3task MODEL=Qwen/Qwen2.5-1.5B-Instruct NGPUS=8 bash examples/verl/run_gdro.sh
@@ -20,9 +20,7 @@ python -m verl.trainer.main_ppo trainer.use_v1=False \
   data.train_files="$DATA/train.parquet" data.val_files="$DATA/test.parquet" \
   data.train_batch_size=128 data.max_prompt_length=1024 data.max_response_length=2048 \
   data.dataloader_num_workers=0 \
-  +data.sampler.class_path=pkg://mtgrpo_core.integrations.verl +data.sampler.class_name=PromptGDROSampler \
-  +data.sampler.kwargs.eta=0.65 +data.sampler.kwargs.window=50 +data.sampler.kwargs.correct_threshold=1.0 \
-  algorithm.adv_estimator=mtgrpo_grpo algorithm.use_kl_in_reward=False \
+  algorithm.adv_estimator=mtgrpo_gdro algorithm.use_kl_in_reward=False \
   actor_rollout_ref.model.path="$MODEL" \
   actor_rollout_ref.actor.policy_loss.loss_mode=mtgrpo actor_rollout_ref.actor.loss_agg_mode=token-mean \
   actor_rollout_ref.actor.clip_ratio_low=0.2 actor_rollout_ref.actor.clip_ratio_high=0.28 \

@@ -6,7 +6,10 @@ Two kinds of controller act on difficulty groups (the bins of
 :class:`AdvantageWeighting` (Prompt-GDRO, the data adversary)
     ``response_weights(groups[N])`` -> float64[N] multipliers of each response's advantage
     (mean 1 over the batch), or None for "no reweighting"; ``observe(groups[N],
-    per_response_loss[N])`` folds one step's losses in.
+    per_response_loss[N])`` folds one step's losses in. The loss passed is the UNWEIGHTED
+    per-response clipped surrogate (never one already multiplied by these weights). A
+    weighting whose ``needs_rewards`` is True is also given ``rewards=`` [N] and
+    ``prompt_of=`` [N] (prompt index of each response) as keywords.
 :class:`RolloutAllocation` (Rollout-GDRO, the compute adversary)
     ``allocate(groups_of_prompts[P])`` -> int64[P] rollouts per prompt (called before
     generation); ``observe(groups_of_prompts[P], n[P], rewards_per_prompt)`` folds the

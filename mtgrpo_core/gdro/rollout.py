@@ -6,8 +6,10 @@ the batch's P prompts is exactly T = n_mean * P whenever that is an integer in
 [P n_min, P n_max] (compute-neutral), otherwise round(T) clipped to the feasible range.
 
 ``method="sqrt"`` (the paper's Thm 4.2 optimum): v_b = max(p_b (1 - p_b), var_floor) with
-p_b an EMA (``ema``) of group b's mean reward clipped to [0, 1] (v_b = 1/4 before the first
-observation); n_b* = c sqrt(v_b) clipped to the bounds, with c found exactly (water-filling
+p_b an EMA (``ema``) of group b's mean reward mapped to [0, 1] from the declared
+``reward_range`` (default (0, 1); (-1, 1), the released code's reward, maps by (r + 1) / 2;
+a reward outside the declared range raises: clipping +-1 rewards to [0, 1] silently cost
++10% WSE) (v_b = 1/4 before the first observation); n_b* = c sqrt(v_b) clipped to the bounds, with c found exactly (water-filling
 over the breakpoints) so the clipped targets sum to T. Without clipping this is
 n_b* = n_mean sqrt(v_b) / sum_j q_j sqrt(v_j), q_j the share of prompts in group j. Integer
 rounding by largest remainder within the bounds, then an exact greedy repair of the total.
@@ -17,7 +19,11 @@ n in [n_min, n_max], p_b(n) = (1 - gamma) softmax(eta (J_b(n) - mu n)) + gamma /
 loss -J_b(n) + mu n (the paper's sign; the reference code flips it). J_b(n) is the share of
 group b's prompts whose n rollouts gave an informative group (rewards not all equal, so a
 non-zero GRPO advantage), an EMA per (group, arm) with rate ``arm_lr``; arms never tried
-start at the optimistic 1. The joint allocation maximises the prompts' joint log-probability
+start at the optimistic 1. With ``draw=True`` (default) each prompt's n is DRAWN from its
+group's p_b, then repaired to the exact total T by moving single prompts one arm at a time
+where that costs the least log-probability (an exponential-weights learner must play its
+distribution: the joint mode below locks each group on one arm and never explores the
+others). With ``draw=False`` the joint allocation maximises the prompts' joint log-probability
 sum_b count_b log p_b(n_b) subject to sum_b count_b n_b = T, by dynamic programming over
 groups (per prompt +-1 repair when no per-group choice hits T exactly). The shadow price is
 dual ascent on the budget: mu <- max(0, mu + mu_lr (demand - n_mean)), where demand is the
@@ -40,6 +46,7 @@ import numpy as np
 from ..weighting._common import (GRAD_LIMIT, MAX_COEF, MAX_ROLLOUTS, MAX_TASKS, as_mask, as_vector, check_choice,
                                  check_float, check_int, check_positive_int, check_state)
 from .._validate import as_groups
+from .prompt_gdro import check_reward_range, check_rewards_in_range
 
 __all__ = ["RolloutAllocator", "weighted_standard_error"]
 
@@ -125,13 +132,20 @@ class RolloutAllocator:
         EMA rate of p_b (0.1); the first observation initialises.
     arm_lr : float
         EMA rate of J_b(n) (0.3); the first observation initialises.
+    reward_range : (lo, hi)
+        Declared reward range (default (0, 1); (-1, 1) accepted); rewards outside raise.
+    draw : bool
+        Bandit only: draw each prompt's arm from p_b (True, default) or take the joint mode.
+    seed : int
+        Seed of the bandit's arm draws.
     """
 
     kind = "RolloutAllocator"
 
     def __init__(self, num_groups: int, n_min: int = 2, n_max: int = 12, n_mean: float = 4, method: str = "sqrt",
                  mu_lr: float = 0.05, eta: float = 0.65, gamma: float = 0.01, var_floor: float = 0.01,
-                 ema: float = 0.1, arm_lr: float = 0.3):
+                 ema: float = 0.1, arm_lr: float = 0.3, reward_range: tuple = (0.0, 1.0), draw: bool = True,
+                 seed: int = 0):
         self.num_groups = check_positive_int("num_groups", num_groups, 1, MAX_TASKS)
         self.n_min = check_positive_int("n_min", n_min, 1, MAX_ROLLOUTS)
         self.n_max = check_positive_int("n_max", n_max, 1, MAX_ROLLOUTS)
@@ -145,6 +159,10 @@ class RolloutAllocator:
         self.var_floor = check_float("var_floor", var_floor, 0.0, 0.25, lo_open=True)
         self.ema = check_float("ema", ema, 0.0, 1.0, lo_open=True)
         self.arm_lr = check_float("arm_lr", arm_lr, 0.0, 1.0, lo_open=True)
+        self.reward_range = check_reward_range("reward_range", reward_range)
+        self.draw = bool(draw)
+        self.seed = check_int("seed", seed, 0)
+        self.rng = np.random.default_rng(self.seed)
         self.arms = np.arange(self.n_min, self.n_max + 1)
         A = self.arms.size
         self.p = np.zeros(self.num_groups)              # EMA of mean reward per group
@@ -190,16 +208,29 @@ class RolloutAllocator:
             # group's total floor/ceil over its prompts
             totals = _round_to_total(counts * target, T, counts * self.n_min, counts * self.n_max)
             return _split_group_totals(g, counts, totals)
-        per_group = self._bandit_plan(counts, T)
-        x = per_group[g].astype(np.float64)
-        if int((counts * per_group).sum()) == T:
-            return per_group[g].astype(np.int64)
-        # no per-group choice hits T: move single prompts by one arm, preferring the moves
-        # that cost the least log-probability (priority = log p(n +- 1) - log p(n))
         lp = np.log(self.arm_probs())
-        idx = per_group[g] - self.n_min
         A = self.arms.size
-        if int((counts * per_group).sum()) < T:
+        if self.draw:
+            # inverse-CDF draw of each prompt's arm from its group's p_b
+            cdf = np.cumsum(np.exp(lp[g]), axis=1)
+            u = self.rng.random(P)[:, None] * cdf[:, -1:]
+            idx = np.minimum((u > cdf).sum(axis=1), A - 1)
+            n0 = self.arms[idx]
+            if int(n0.sum()) == T:
+                return n0.astype(np.int64)
+            x = n0.astype(np.float64)
+            below = int(n0.sum()) < T
+        else:
+            per_group = self._bandit_plan(counts, T)
+            x = per_group[g].astype(np.float64)
+            if int((counts * per_group).sum()) == T:
+                return per_group[g].astype(np.int64)
+            idx = per_group[g] - self.n_min
+            below = int((counts * per_group).sum()) < T
+        # no choice hits T: move single prompts by one arm, preferring the moves that cost the
+        # least log-probability (priority = log p(n +- 1) - log p(n)); x is integral, so the
+        # largest-remainder step is a no-op and the greedy repair alone sets the total
+        if below:
             prio = np.where(idx + 1 < A, lp[g, np.minimum(idx + 1, A - 1)] - lp[g, idx], -np.inf)
         else:  # _round_to_total removes first where the priority is largest
             prio = np.where(idx > 0, lp[g, np.maximum(idx - 1, 0)] - lp[g, idx], -np.inf)
@@ -305,7 +336,7 @@ class RolloutAllocator:
             return
         if isinstance(rewards_per_prompt, np.ndarray) and rewards_per_prompt.ndim == 1 \
                 and rewards_per_prompt.dtype != object:
-            flat = as_vector("rewards_per_prompt", rewards_per_prompt, int(nn.sum()))
+            flat = check_rewards_in_range("rewards_per_prompt", rewards_per_prompt, int(nn.sum()), self.reward_range)
         else:
             if not isinstance(rewards_per_prompt, Sequence) and not isinstance(rewards_per_prompt, np.ndarray):
                 raise ValueError("rewards_per_prompt: expected a list of arrays or a flat array")
@@ -315,15 +346,17 @@ class RolloutAllocator:
             if not np.array_equal(lens, nn):
                 bad = int(np.flatnonzero(lens != nn)[0])
                 raise ValueError(f"rewards_per_prompt: prompt {bad} has {lens[bad]} rewards, n says {nn[bad]}")
-            flat = as_vector("rewards_per_prompt", np.concatenate([np.asarray(r, np.float64).ravel()
-                                                                  for r in rewards_per_prompt]))
+            flat = check_rewards_in_range("rewards_per_prompt", np.concatenate(
+                [np.asarray(r, np.float64).ravel() for r in rewards_per_prompt]), None, self.reward_range)
         starts = np.concatenate([[0], np.cumsum(nn)[:-1]])
         mean_r = np.add.reduceat(flat, starts) / nn
         informative = (np.maximum.reduceat(flat, starts) > np.minimum.reduceat(flat, starts)).astype(np.float64)
         counts = np.bincount(g, minlength=self.num_groups).astype(np.float64)
         present = counts > 0
         # reward level per group (sqrt allocator's variance proxy)
-        pm = np.clip(np.bincount(g, weights=mean_r, minlength=self.num_groups) / np.maximum(counts, 1), 0.0, 1.0)
+        lo, hi = self.reward_range
+        pm = (np.bincount(g, weights=mean_r, minlength=self.num_groups) / np.maximum(counts, 1) - lo) / (hi - lo)
+        pm = np.clip(pm, 0.0, 1.0)   # rounding only: the rewards were checked against the range
         upd = (1.0 - self.ema) * self.p + self.ema * pm
         self.p = np.where(present, np.where(self.p_seen, upd, pm), self.p)
         self.p_seen |= present
@@ -361,6 +394,8 @@ class RolloutAllocator:
                 "gamma": self.gamma, "var_floor": self.var_floor, "ema": self.ema, "arm_lr": self.arm_lr,
                 "p": self.p.tolist(), "p_seen": self.p_seen.tolist(), "arm_value": self.arm_value.tolist(),
                 "arm_seen": self.arm_seen.tolist(), "mu": self.mu, "steps": self.steps,
+                "reward_range": list(self.reward_range), "draw": self.draw,
+                "rng": self.rng.bit_generator.state,
                 "last_demand": None if np.isnan(self.last_demand) else self.last_demand}
 
     def load_state_dict(self, d: dict) -> None:
@@ -390,4 +425,13 @@ class RolloutAllocator:
         ld = d.get("last_demand")
         last = float("nan") if ld is None else check_float("state_dict['last_demand']", ld)
         self.n_mean, self.p, self.p_seen, self.arm_value = n_mean, p, p_seen, av.copy()
+        rng = None
+        if d.get("rng") is not None:   # states before issue 14 had no arm draws
+            rng = np.random.default_rng()
+            try:
+                rng.bit_generator.state = d["rng"]
+            except (TypeError, ValueError, KeyError):
+                raise ValueError("state_dict['rng']: expected a numpy PCG64 bit-generator state") from None
         self.arm_seen, self.mu, self.steps, self.last_demand = seen.astype(bool), mu, steps, last
+        if rng is not None:
+            self.rng = rng

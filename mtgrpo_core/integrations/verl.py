@@ -21,9 +21,11 @@ What
   ``singleton="raw"``; broadcast over tokens times the response mask. One difference: a
   group whose rewards are all equal gets exactly 0 (verl's float32 ``(r - mean) / (0 + eps)``
   can leave rounding noise amplified by 1/eps for rewards like 0.1).
+* Advantage estimator ``"mtgrpo_gdro"``: Prompt-GDRO as advantage multipliers
+  (:class:`PromptGDROAdvantage`, see below).
 * Samplers for the dataloader: :class:`MTGRPOTaskSampler` (MT-GRPO task weights, the task
   is the row's ``data_source``, ratio-preserving batches) and :class:`PromptGDROSampler`
-  (Prompt-GDRO difficulty bins). Their constructor is verl main's curriculum-sampler
+  (legacy: Prompt-GDRO by sampling difficulty bins; prefer the estimator). Their constructor is verl main's curriculum-sampler
   signature ``(data_source, data_config)`` and they have its ``update(batch)`` method.
 
 How the samplers plug into verl 0.9.1 (and their limits)
@@ -41,10 +43,19 @@ acceptance-aware *resampling rounds* of the RP sampler cannot be expressed: the 
 instead inflates each task's share by ``1 / (1 - rho_k)`` (rho = EMA of its zero-advantage
 share) so informative prompts are in ratio ``z`` in expectation. The MT-GRPO improvement
 term ``I_k`` needs the per-task loss after the optimiser step, which verl does not return
-to the driver: the weights use ``s_k = lambda J_k`` (``I = 0``). Prompt-GDRO is realised by
-sampling bins with probability ``q`` (same expected gradient as reweighting) and its
-adversary sees ``1 - reward`` as the per-response loss (the actor's surrogate is not sent
-back to the driver). With ``data.dataloader_num_workers > 0`` the DataLoader prefetches
+to the driver: the weights use ``s_k = lambda J_k`` (``I = 0``).
+
+Prompt-GDRO in verl is the advantage estimator ``"mtgrpo_gdro"``
+(``algorithm.adv_estimator=mtgrpo_gdro``): verl's GRPO advantage times the adversary's
+per-response multipliers (mean 1, capped), with the bins of the batch's prompt ids
+(``extra_info.index``, found through the batch's rows: :func:`register` wraps verl's
+``compute_advantage`` so the estimator sees ``non_tensor_batch``; verl passes a registered
+estimator only the fresh per-step ``uid``, which cannot identify a prompt across steps).
+verl's own shuffled dataloader stays in place, so every prompt is seen once per epoch.
+Configure it with :func:`configure_prompt_gdro` (driver process). The older
+:class:`PromptGDROSampler` draws bins with probability ``q`` instead; that starves
+coverage (issue 14: 1,498 distinct prompts of 14,000 in 300 x 64 draws, uniform about
+10,458) and is NOT equivalent to reweighting; it is kept for compatibility only. With ``data.dataloader_num_workers > 0`` the DataLoader prefetches
 ``prefetch_factor * num_workers`` batches, so weight changes reach the batches that late:
 use ``data.dataloader_num_workers=0`` for immediate effect.
 
@@ -73,10 +84,12 @@ except ImportError:  # pragma: no cover
     Sampler = object
 
 __all__ = ["register", "compute_policy_loss_mtgrpo", "compute_mtgrpo_grpo_advantage", "MTGRPOTaskSampler",
-           "PromptGDROSampler", "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME"]
+           "PromptGDROSampler", "PromptGDROAdvantage", "configure_prompt_gdro", "prompt_gdro_state",
+           "compute_prompt_gdro_advantage", "GDRO_ADV_ESTIMATOR_NAME", "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME"]
 
 POLICY_LOSS_NAME = "mtgrpo"
 ADV_ESTIMATOR_NAME = "mtgrpo_grpo"
+GDRO_ADV_ESTIMATOR_NAME = "mtgrpo_gdro"
 TESTED_VERL = "0.9.1"
 
 
@@ -411,7 +424,13 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
 
 
 class PromptGDROSampler(_VerlSamplerBase):
-    """Prompt-GDRO difficulty-bin sampler for verl (prompt id = ``extra_info.index``).
+    """Legacy Prompt-GDRO difficulty-bin sampler for verl (prompt id = ``extra_info.index``).
+
+    Draws each batch's bins with probability ``q`` (adversary loss ``1 - reward``). This is
+    NOT the same expected gradient as reweighting (issue 14: q = [.46, .24, .17, .13] where
+    reweighting puts [.84, .10, .05, .02] of the mass) and it starves coverage: the unseen
+    group's q falls to about 0.01, so most prompts are never drawn. Use the advantage
+    estimator ``"mtgrpo_gdro"`` (:class:`PromptGDROAdvantage`) with verl's own dataloader.
 
     Parameters
     ----------
@@ -420,7 +439,7 @@ class PromptGDROSampler(_VerlSamplerBase):
         Row field whose ``["index"]`` is the prompt id ("extra_info"); rows without one use
         their dataset position.
     edges, window, hysteresis, unseen : :class:`mtgrpo_core.gdro.DifficultyClassifier`
-    eta, gamma, ema, cap : :class:`mtgrpo_core.gdro.PromptGDRO`
+    eta, gamma, ema : :class:`mtgrpo_core.gdro.PromptGDRO` (sampling has no weight cap)
     correct_threshold, seed
     """
 
@@ -460,6 +479,163 @@ class PromptGDROSampler(_VerlSamplerBase):
         ids = [i.item() if hasattr(i, "item") else i for i in ids]
         self.metrics = self.composer.observe(ids, r)
         return self.metrics
+
+
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt-GDRO as an advantage estimator (issue 14)
+# ---------------------------------------------------------------------------------------
+_CURRENT_ROWS: dict = {"non_tensor_batch": None}
+_ORIGINAL_COMPUTE_ADVANTAGE = None
+_ADVANTAGE_MODULES = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
+                      "verl.experimental.separation.ray_trainer")
+
+
+class PromptGDROAdvantage:
+    """Prompt-GDRO for verl as advantage multipliers (driver side).
+
+    Each call: bins of the batch's prompts from the classifier's history up to the previous
+    step, GRPO advantages times the adversary's multipliers of those bins (mean 1 over the
+    batch's responses, capped at ``cap``), then the step folds in (adversary signal, then
+    the classifier's pass@k record).
+
+    Parameters
+    ----------
+    id_key : str
+        Row field whose ``["index"]`` is the prompt id ("extra_info"); else the row's "index".
+    edges, window, hysteresis, unseen : :class:`mtgrpo_core.gdro.DifficultyClassifier`
+    eta, gamma, ema, cap, share_floor, signal, reward_range : :class:`mtgrpo_core.gdro.PromptGDRO`
+        ``signal`` defaults to "learnability" here: verl does not send the actor's surrogate
+        back to the driver, and the surrogate at ratio 1 (``-A``, which "surrogate" uses here)
+        averages to 0 in every prompt's group.
+    correct_threshold : float
+        A response counts as correct for the classifier when its reward >= this (1.0).
+    """
+
+    def __init__(self, *, id_key: str = "extra_info", edges=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+                 window: int = 50, hysteresis: float = 0.03, unseen: str = "separate", eta: float = 0.65,
+                 gamma: float = 0.01, ema: float = 0.12, cap: float = 15.0, share_floor: float = 0.01,
+                 signal: str = "learnability", reward_range=(0.0, 1.0), correct_threshold: float = 1.0):
+        from ..gdro import DifficultyClassifier, make_advantage_weighting
+
+        if not isinstance(id_key, str):
+            raise TypeError(f"id_key: expected a str, got {type(id_key).__name__}")
+        self.id_key = id_key
+        self.correct_threshold = float(correct_threshold)
+        self.classifier = DifficultyClassifier(edges=tuple(edges), window=window, hysteresis=hysteresis,
+                                               unseen=unseen)
+        self.gdro = make_advantage_weighting("prompt-gdro", self.classifier.num_groups, eta=eta, gamma=gamma, ema=ema, cap=cap,
+                               share_floor=share_floor, signal=signal, reward_range=reward_range)
+        self.metrics: dict = {}
+
+    def prompt_ids(self, non_tensor_batch: Any, n: int) -> list:
+        """Prompt id of each of the ``n`` responses (``id_key``'s "index", else "index")."""
+        if non_tensor_batch is None:
+            raise ValueError("non_tensor_batch: the mtgrpo_gdro estimator needs the batch's rows; call "
+                             "mtgrpo_core.integrations.verl.register() in the driver (it wraps compute_advantage)")
+        if self.id_key in non_tensor_batch:
+            ids = [_prompt_id(x, None) for x in non_tensor_batch[self.id_key]]
+        elif "index" in non_tensor_batch:
+            ids = list(non_tensor_batch["index"])
+        else:
+            raise ValueError(f"non_tensor_batch: neither {self.id_key!r} nor 'index' (the prompt id) is present")
+        if len(ids) != n or any(i is None for i in ids):
+            raise ValueError(f"non_tensor_batch: expected a prompt id for each of {n} responses in "
+                             f"{self.id_key}['index'], got {len(ids)} (some missing: {any(i is None for i in ids)})")
+        return [i.item() if hasattr(i, "item") else i for i in ids]
+
+    def step(self, scores: torch.Tensor, adv: torch.Tensor, uids: Any, non_tensor_batch: Any) -> np.ndarray:
+        """The adversary's per-response multipliers (float64[N]) for this batch, then the step
+        folds in. ``scores`` [N] rewards, ``adv`` [N] GRPO advantages (unweighted), ``uids``
+        [N] group keys of one step, ``non_tensor_batch`` the batch's rows."""
+        n = int(scores.shape[0])
+        ids = self.prompt_ids(non_tensor_batch, n)
+        bins = self.classifier.bins(ids)                     # history up to the previous step
+        w = np.asarray(self.gdro.response_weights(bins), np.float64)
+        r = scores.detach().double().cpu().numpy()
+        gid = group_labels(list(uids))
+        a = adv.detach().double().cpu().numpy()
+        # "surrogate": the clipped surrogate at ratio 1 (before the update) is -A, unweighted
+        self.gdro.observe(bins, -a, rewards=r if self.gdro.needs_rewards else None, prompt_of=gid)
+        correct = np.zeros(int(gid.max()) + 1 if n else 0, bool)
+        np.logical_or.at(correct, gid, r >= self.correct_threshold)
+        first = np.unique(gid, return_index=True)[1]
+        self.classifier.update([ids[k] for k in first], correct[gid[first]])
+        q = self.gdro.distribution
+        self.metrics = {"gdro/q_max": float(q.max()), "gdro/q_argmax": int(q.argmax()),
+                        "gdro/weight_max": float(w.max()) if n else 0.0}
+        return w
+
+    def state_dict(self) -> dict:
+        return {"classifier": self.classifier.state_dict(), "gdro": self.gdro.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if not isinstance(d, dict) or "classifier" not in d or "gdro" not in d:
+            raise ValueError("state_dict: expected a dict with 'classifier' and 'gdro'")
+        self.classifier.load_state_dict(d["classifier"])
+        self.gdro.load_state_dict(d["gdro"])
+
+
+_PROMPT_GDRO: dict = {"obj": None}
+
+
+def configure_prompt_gdro(**kwargs: Any) -> PromptGDROAdvantage:
+    """(Re)build the driver's :class:`PromptGDROAdvantage` used by ``"mtgrpo_gdro"``."""
+    _PROMPT_GDRO["obj"] = PromptGDROAdvantage(**kwargs)
+    return _PROMPT_GDRO["obj"]
+
+
+def prompt_gdro_state() -> PromptGDROAdvantage:
+    """The driver's :class:`PromptGDROAdvantage` (built with defaults on first use)."""
+    if _PROMPT_GDRO["obj"] is None:
+        configure_prompt_gdro()
+    return _PROMPT_GDRO["obj"]
+
+
+def compute_prompt_gdro_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: Any = None,
+    epsilon: float = 1e-6,
+    norm_adv_by_std_in_grpo: bool | None = None,
+    config: Any = None,
+    non_tensor_batch: Any = None,
+    **unused: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"mtgrpo_gdro"``: :func:`compute_mtgrpo_grpo_advantage` times Prompt-GDRO's
+    per-response multipliers (:func:`prompt_gdro_state`). The rows come from
+    ``non_tensor_batch`` or, in verl's trainer, from the wrapped ``compute_advantage``."""
+    adv, _ = compute_mtgrpo_grpo_advantage(token_level_rewards, response_mask, index=index, epsilon=epsilon,
+                                           norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo, config=config)
+    rows = non_tensor_batch if non_tensor_batch is not None else _CURRENT_ROWS["non_tensor_batch"]
+    scores = token_level_rewards.sum(dim=-1)
+    with torch.no_grad():
+        per_resp = adv.sum(-1) / response_mask.sum(-1).clamp(min=1)       # the per-response advantage
+        w = prompt_gdro_state().step(scores, per_resp, index, rows)
+        out = adv * torch.as_tensor(w, dtype=adv.dtype, device=adv.device).unsqueeze(-1)
+    return out, out
+
+
+def _compute_advantage_with_rows(data, adv_estimator, *args, **kwargs):
+    """verl's ``compute_advantage`` with ``data.non_tensor_batch`` visible to mtgrpo_gdro."""
+    _CURRENT_ROWS["non_tensor_batch"] = getattr(data, "non_tensor_batch", None)
+    try:
+        return _ORIGINAL_COMPUTE_ADVANTAGE(data, adv_estimator, *args, **kwargs)
+    finally:
+        _CURRENT_ROWS["non_tensor_batch"] = None
+
+
+def install_advantage_hook() -> None:
+    """Wrap verl's ``compute_advantage`` (driver) so ``"mtgrpo_gdro"`` sees the batch's rows. Idempotent."""
+    global _ORIGINAL_COMPUTE_ADVANTAGE
+    rt = importlib.import_module("verl.trainer.ppo.ray_trainer")
+    if _ORIGINAL_COMPUTE_ADVANTAGE is None:
+        _ORIGINAL_COMPUTE_ADVANTAGE = rt.compute_advantage
+    for name in _ADVANTAGE_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "compute_advantage", None) is _ORIGINAL_COMPUTE_ADVANTAGE:
+            mod.compute_advantage = _compute_advantage_with_rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,6 +694,14 @@ def register(*, sampler_hook: bool = True) -> dict:
         if ADV_ESTIMATOR_NAME in ca.ADV_ESTIMATOR_REGISTRY:
             raise ValueError(f"verl's advantage registry already holds another {ADV_ESTIMATOR_NAME!r} estimator")
         ca.register_adv_est(ADV_ESTIMATOR_NAME)(compute_mtgrpo_grpo_advantage)
+    if ca.ADV_ESTIMATOR_REGISTRY.get(GDRO_ADV_ESTIMATOR_NAME) is not compute_prompt_gdro_advantage:
+        if GDRO_ADV_ESTIMATOR_NAME in ca.ADV_ESTIMATOR_REGISTRY:
+            raise ValueError(f"verl's advantage registry already holds another {GDRO_ADV_ESTIMATOR_NAME!r} estimator")
+        ca.register_adv_est(GDRO_ADV_ESTIMATOR_NAME)(compute_prompt_gdro_advantage)
+    try:   # the driver-side trainer module; absent in a bare actor worker is fine
+        install_advantage_hook()
+    except ImportError:  # pragma: no cover
+        pass
     if sampler_hook:
         install_sampler_hook()
     import verl

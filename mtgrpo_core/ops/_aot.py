@@ -24,7 +24,8 @@ import re
 import shutil
 import subprocess
 import tempfile
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import torch
 
@@ -134,7 +135,7 @@ def launch_signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(params):
         if p.name not in bound:
-            if p.default is not p.default.__class__ and p.has_default:  # pragma: no cover - defensive
+            if p.has_default:
                 bound[p.name] = p.default
             else:
                 raise TypeError(f"launch of {launch.kernel.__name__} did not bind argument {p.name!r}")
@@ -145,10 +146,19 @@ def launch_signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
         elif v is None:
             signature[p.name] = "constexpr"
             constexprs[p.name] = None
+        elif isinstance(v, int) and not isinstance(v, bool) and v == 1 and not p.do_not_specialize:
+            # triton's launcher turns an integer argument equal to 1 into a constant
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = 1
         else:
             signature[p.name] = _sig_type(v)
-            # torch allocations are 16-byte aligned; triton's launcher would specialise on it.
+            # what triton's launcher specialises on: 16-byte aligned pointers (torch allocations
+            # are) and integers divisible by 16; with them the compiler may vectorise loads and
+            # pipeline them with cp.async, as the kernel would be compiled at run time
             if isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif (isinstance(v, int) and not isinstance(v, bool) and v % 16 == 0
+                  and not p.do_not_specialize):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, options, attrs
 

@@ -40,6 +40,11 @@ def _usable(op: str, backend: str, device: torch.device) -> tuple[bool, str]:
     spec = _OPS[op]
     if backend == "torch":
         return True, ""
+    if device.type == "meta":
+        # meta tensors only propagate shapes (the custom op's fake runs, no kernel): any backend
+        # the op has can "run" them, so code written for one backend traces on the meta device
+        ok = spec.get(backend) is not None
+        return ok, "" if ok else f"{op} has no {backend} backend"
     if backend == "triton":
         if spec["triton"] is None:
             return False, f"{op} has no triton backend"

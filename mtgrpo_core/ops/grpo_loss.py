@@ -2,7 +2,7 @@
 
 What it computes
 ----------------
-ALGORITHMS.md section 1: for completions i (rows) of ragged groups and tokens t,
+docs/ALGORITHMS.md section 1: for completions i (rows) of ragged groups and tokens t,
 ``l_it = max(-A_i r_it, -A_i clip(r_it, 1 - eps_low, 1 + eps_high))`` (optional dual clip,
 ratio cap, GSPO sequence ratio and KL penalty), aggregated by ``loss_agg``. When
 ``advantages`` is None the kernel also computes ``A_i`` from ``rewards`` and
@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
 
 import torch
 
@@ -119,10 +118,10 @@ class GRPOStats:
     ref_kl_mean: torch.Tensor
     zero_adv_group_frac: torch.Tensor
     num_tokens: torch.Tensor
-    task_loss_sum: Optional[torch.Tensor] = None
-    task_tokens: Optional[torch.Tensor] = None
-    task_zero_adv_frac: Optional[torch.Tensor] = None
-    task_num_sequences: Optional[torch.Tensor] = None
+    task_loss_sum: torch.Tensor | None = None
+    task_tokens: torch.Tensor | None = None
+    task_zero_adv_frac: torch.Tensor | None = None
+    task_num_sequences: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, float]:
         """The scalar statistics as Python floats (one device sync)."""
@@ -231,7 +230,8 @@ def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_
             raise ValueError(f"advantages: expected shape ({n},) or ({n}, {t}), got {tuple(advantages.shape)}")
     else:
         if rewards is None or group_ids is None:
-            raise ValueError("rewards: with advantages=None, pass rewards[N] and group_ids[N] (the fused advantage path)")
+            raise ValueError("rewards: with advantages=None, pass rewards[N] and group_ids[N] "
+                             "(the fused advantage path)")
     if rewards is not None:
         _check_tensor("rewards", rewards, shape=(n,), device=dev)
         if rewards.dtype == torch.bool or rewards.dtype.is_complex:
@@ -270,7 +270,7 @@ def _as_numpy(t: torch.Tensor):
     return t.numpy()
 
 
-def _opt(t: Optional[torch.Tensor]):
+def _opt(t: torch.Tensor | None):
     return None if t is None else _as_numpy(t)
 
 
@@ -636,7 +636,8 @@ def aot_launches():
             kp = _unpack_config(*_pack_config(c, ref is not None))
             rewards = torch.rand(n) if adv == "rewards" else None
             gids = torch.arange(n) // 4 if adv == "rewards" else None
-            a = torch.randn(n) if adv == "seq" else (torch.randn(n, t).to(_compute_dtype(dtype)) if adv == "tok" else None)
+            a = (torch.randn(n) if adv == "seq"
+                 else torch.randn(n, t).to(_compute_dtype(dtype)) if adv == "tok" else None)
             grpo_loss_triton(lp, old, mask, a, rewards, gids, torch.rand(n) if adv != "rewards" else None, ref, kp)
         return thunk
 
@@ -736,9 +737,9 @@ _NAN_MESSAGE = ("logprobs/old_logprobs/ref_logprobs: a NaN (or a non-finite loss
 
 @torch.library.custom_op("mtgrpo::grpo_loss", mutates_args=())
 def _grpo_loss_op(
-    logprobs: torch.Tensor, old_logprobs: Optional[torch.Tensor], mask: torch.Tensor,
-    advantages: Optional[torch.Tensor], rewards: Optional[torch.Tensor], group_ids: Optional[torch.Tensor],
-    seq_weights: Optional[torch.Tensor], ref_logprobs: Optional[torch.Tensor], backend: str,
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, mask: torch.Tensor,
+    advantages: torch.Tensor | None, rewards: torch.Tensor | None, group_ids: torch.Tensor | None,
+    seq_weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None, backend: str,
     fparams: list[float], iparams: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GRPO loss forward (the gradient is written in the same pass).
@@ -906,34 +907,34 @@ def _task_stats(per_seq, row_tokens, task_ids, num_tasks, flat, leader, adv_zero
 
 def grpo_loss(
     logprobs: torch.Tensor,
-    old_logprobs: Optional[torch.Tensor],
+    old_logprobs: torch.Tensor | None,
     mask: torch.Tensor,
-    advantages: Optional[torch.Tensor] = None,
+    advantages: torch.Tensor | None = None,
     *,
-    rewards: Optional[torch.Tensor] = None,
-    group_ids: Optional[torch.Tensor] = None,
+    rewards: torch.Tensor | None = None,
+    group_ids: torch.Tensor | None = None,
     adv_scale: str = "group",
     adv_eps: float = 1e-6,
     adv_std: str = "unbiased",
     adv_singleton: str = "zero",
-    adv_clip: Optional[float] = None,
-    seq_weights: Optional[torch.Tensor] = None,
-    ref_logprobs: Optional[torch.Tensor] = None,
+    adv_clip: float | None = None,
+    seq_weights: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-    ratio_cap: Optional[float] = None,
+    dual_clip: float | None = None,
+    ratio_cap: float | None = None,
     importance_level: str = "token",
     loss_agg: str = "token-mean",
-    num_tokens: Optional[int] = None,
-    norm_length: Optional[float] = None,
+    num_tokens: int | None = None,
+    norm_length: float | None = None,
     seq_count: str = "nonempty",
-    task_ids: Optional[torch.Tensor] = None,
-    num_tasks: Optional[int] = None,
+    task_ids: torch.Tensor | None = None,
+    num_tasks: int | None = None,
     backend: str = "auto",
-    config: Optional[GRPOConfig] = None,
+    config: GRPOConfig | None = None,
     process_group=None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO clipped-surrogate loss, optionally with the group advantages fused in.
@@ -1106,11 +1107,11 @@ def group_advantages(
     eps: float = 1e-6,
     std: str = "unbiased",
     singleton: str = "zero",
-    clip: Optional[float] = None,
+    clip: float | None = None,
     backend: str = "auto",
     process_group=None,
 ) -> torch.Tensor:
-    """Group-relative advantages over ragged groups (ALGORITHMS.md section 1).
+    """Group-relative advantages over ragged groups (docs/ALGORITHMS.md section 1.1).
 
     Parameters
     ----------

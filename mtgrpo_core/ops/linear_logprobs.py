@@ -80,8 +80,8 @@ Bytes, counting each GEMM's operands once per call (L2 tiling, as for cuBLAS):
 At M=8192, H=4096, V=151,936 bf16 on an H200 (4.8 TB/s, 989 TFLOP/s dense bf16; the chunk is
 ``C = 32,768`` columns = a 512 MB ``g`` buffer, 5 chunks): forward 1.3 GB / 10.2 TFLOP ->
 >= 10.3 ms (compute bound; 1.45 GB by construction, 1.10x the minimum); backward 14.2 GB =
-1.87x the 7.6 GB of its two GEMMs / 30.6 TFLOP -> >= 30.9 ms (compute bound; memory alone 3.0 ms). The previous backward re-read and
-re-wrote fp32 ``dh``/``dW`` tiles inside its K loop: ~956 GB, ~200 ms.
+1.87x the 7.6 GB of its two GEMMs / 30.6 TFLOP -> >= 30.9 ms (compute bound; memory alone 3.0 ms).
+The previous backward re-read and re-wrote fp32 ``dh``/``dW`` tiles inside its K loop: ~956 GB, ~200 ms.
 
 Source: the online log-sum-exp of Milakov & Gimelshein (2018), "Online normalizer calculation
 for softmax"; the fused linear + cross-entropy idea as in Liger-Kernel's FusedLinearCrossEntropy
@@ -94,7 +94,6 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -430,7 +429,8 @@ def linear_logprobs_fwd(hidden, weight, bias, token_ids, inv_temp: float, with_e
         hidden, weight, b, y, part, M, V, K, per,
         hidden.stride(0), weight.stride(0), float(inv_temp),
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, DOT_MODE=_dot_mode(hidden),
-        ALIGN=_row_align(hidden, weight), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ALIGN=_row_align(hidden, weight), BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     m, s, t, tgt = part.unbind(0)
     lse_s = m + torch.log(s)                     # [S, M] per-split log-sum-exp
     lse = torch.logsumexp(lse_s, dim=0)
@@ -683,7 +683,7 @@ _EMPTY = (0,)
 
 
 @torch.library.custom_op("mtgrpo::linear_logprobs", mutates_args=())
-def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         token_ids: torch.Tensor, inv_temp: float, with_entropy: bool, chunk_tokens: int,
                         chunk_vocab: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp[M], ent[M] or [0], lse[M]) in the accumulation dtype for hidden [M, H]."""
@@ -709,9 +709,9 @@ def _linear_logprobs_fake(hidden, weight, bias, token_ids, inv_temp, with_entrop
 
 
 @torch.library.custom_op("mtgrpo::linear_logprobs_backward", mutates_args=())
-def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _linear_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  token_ids: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
-                                 grad_logp: torch.Tensor, grad_ent: Optional[torch.Tensor], inv_temp: float,
+                                 grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float,
                                  need_dh: bool, need_dw: bool, need_db: bool, chunk_tokens: int,
                                  chunk_vocab: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dhidden, dweight, dbias), each of size 0 when not needed. ``grad_ent`` None: no entropy

@@ -39,13 +39,13 @@ Backends
     on CPU tensors, ``torch._assert_async`` on CUDA tensors (never a host sync).
 
 Source
-    MT-GRPO task-weighted objective (ALGORITHMS.md); token-mean aggregation as verl's
+    MT-GRPO task-weighted objective (docs/ALGORITHMS.md section 3); token-mean aggregation as verl's
     ``agg_loss`` (``verl/trainer/ppo/core_algos.py``).
 """
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

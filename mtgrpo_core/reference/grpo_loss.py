@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the GRPO group advantage and clipped surrogate (the oracle).
 
-What it computes (ALGORITHMS.md section 1)
+What it computes (docs/ALGORITHMS.md section 1)
 ------------------------------------------
 * ``group_advantages_ref``: per-group baseline ``A_i = (r_i - mean_g) / (std + eps)`` over
   ragged groups identified by labels (any integers, any order), with "group" / "batch" /
@@ -260,7 +260,8 @@ def grpo_loss_rows_ref(
         n_seq = torch.tensor(float(n), dtype=dt, device=lp.device)
     n_seq_safe = n_seq.clamp(min=1.0)
     if c.loss_agg == "token-mean":
-        denom = torch.tensor(float(c.num_tokens), dtype=dt, device=lp.device) if c.num_tokens else total_tokens.clamp(min=1.0)
+        denom = (torch.tensor(float(c.num_tokens), dtype=dt, device=lp.device) if c.num_tokens
+                 else total_tokens.clamp(min=1.0))
         row_share = seq_sum / denom
         loss = (token_loss * m).sum() / denom
     elif c.loss_agg == "seq-mean-token-mean":
@@ -299,8 +300,10 @@ def grpo_loss_rows_ref(
         if task_ids is not None:
             k = int(num_tasks)
             tid = task_ids.long()
-            stats["task_loss_sum"] = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, tid, stats["per_sequence_loss"])
-            stats["task_tokens"] = torch.zeros(k, dtype=torch.int64, device=lp.device).index_add_(0, tid, row_tokens.long())
+            stats["task_loss_sum"] = torch.zeros(k, dtype=dt, device=lp.device).index_add_(
+                0, tid, stats["per_sequence_loss"])
+            stats["task_tokens"] = torch.zeros(k, dtype=torch.int64, device=lp.device).index_add_(
+                0, tid, row_tokens.long())
             stats["task_num_sequences"] = torch.bincount(tid, minlength=k)
             if flat is not None:
                 first = torch.full((flat.numel(),), n, dtype=torch.long, device=lp.device).scatter_reduce(

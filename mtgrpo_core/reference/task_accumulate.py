@@ -17,7 +17,7 @@ temporary (plus a float32 copy of bf16/fp16 inputs). Differentiable through auto
 
 Cost: about three passes over ``N*T`` elements; ``O(N*T)`` adds.
 
-Source: MT-GRPO task-weighted objective (ALGORITHMS.md); the masked token-mean follows
+Source: MT-GRPO task-weighted objective (docs/ALGORITHMS.md section 3); the masked token-mean follows
 verl's ``agg_loss(loss_agg_mode="token-mean")`` (``verl/trainer/ppo/core_algos.py``).
 """
 from __future__ import annotations

@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_table(args.algo, cfg, range(args.seeds))
     print(f"# {cfg.num_tasks} tasks, {cfg.steps} steps, batch {cfg.batch_size} prompts x {cfg.group_size} "
           f"rollouts, seeds 0..{args.seeds - 1}; batches: " + ", ".join(sorted({r['sampler'] for r in rows})))
+    if len({r["sampler"] == "unfiltered" for r in rows}) > 1:
+        # issue 14: a filtered group_size-rollout run is not a baseline for unfiltered GDRO runs
+        print("# note: filtered task-weighting runs and unfiltered GDRO runs are not matched; compare GDRO "
+              "with --algo grpo ... and --set group_size=N n_mean=N (bench/experiments/gdro_sim.py)")
     print(f"{'algo':<15}{'worst':>8}{'average':>9}{'max z':>8}{'switches':>10}{'zero-grad':>11}   final per-task")
     for r in rows:
         final = np.mean([res.success[-1] for res in r["results"]], axis=0)

@@ -27,9 +27,12 @@ Algorithms, by the registry names the trainer and the integrations use too: the 
 weightings of :func:`mtgrpo_core.weighting.make_weighting` (``uniform``, ``sec``,
 ``reward-only`` (Subroutine 2, small eta: the strict worst-task update), ``iwu``; aliases
 such as ``mtgrpo`` work), the advantage weighting ``prompt-gdro`` (DifficultyClassifier +
-PromptGDRO reweighting, uniform sampling without filtering), and ``rollout-<rule>`` for the
+PromptGDRO reweighting, uniform sampling without filtering), ``rollout-<rule>`` for the
 rollout allocations of :func:`mtgrpo_core.gdro.make_rollout_allocation` (``rollout-sqrt``,
-``rollout-bandit``; records WSE vs uniform n).
+``rollout-bandit``) and ``grpo``: the MATCHED baseline of the GDRO runs (the same uniform
+unfiltered draw, ``group_size`` rollouts per prompt; run it with ``group_size == n_mean``
+to compare with Rollout-GDRO at the same mean rollouts). All of these record the WSE of
+their allocation and of uniform n on the batch's true per-bin sigma.
 
 Cost: about 1 ms per step at K = 3, B = 48, G = 8 on one core.
 """
@@ -49,7 +52,7 @@ from ..weighting import TaskRewardTracker, TaskStats, canonical_weighting, make_
 # The registry names (docs/ARCHITECTURE.md, "Names"): task weightings, advantage weightings,
 # "rollout-" + each rollout allocation.
 ALGOS = (weighting_names() + advantage_weighting_names()
-         + tuple(f"rollout-{n}" for n in rollout_allocation_names()))
+         + tuple(f"rollout-{n}" for n in rollout_allocation_names()) + ("grpo",))
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ class SimConfig:
     sec_temperature: float = 0.2
     # GDRO
     gdro_eta: float = 0.65
+    gdro_signal: str = "surrogate"       # Prompt-GDRO adversary signal (surrogate | learnability | failure)
+    gdro_share_normalize: bool = True
+    gdro_share_floor: float = 0.01
+    pass_k: int = 8                      # k of the final per-task pass@k (SimResult.extra["pass_k"])
     n_min: int = 2
     n_max: int = 12
     n_mean: float = 4
@@ -138,6 +145,8 @@ def _weighting_kwargs(name: str, cfg: SimConfig) -> dict:
 
 def _parse_algo(algo: str) -> tuple[str, str | None, str | None]:
     """(task weighting, advantage weighting or None, rollout allocation or None) of a sim name."""
+    if algo == "grpo":
+        return "uniform", None, None
     if algo in advantage_weighting_names(aliases=True):
         return "uniform", algo, None
     if isinstance(algo, str) and algo.startswith("rollout-") and algo[8:] in rollout_allocation_names(aliases=True):
@@ -163,7 +172,7 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
     tracker = TaskRewardTracker(K, decay=cfg.reward_ema)
     gdro = adv_name is not None
     rollout = alloc_name is not None
-    filtered = not (gdro or rollout)
+    filtered = not (gdro or rollout or algo == "grpo")
     Sampler = _load_sampler() if (cfg.use_sampler and filtered) else None
     sampler_name = ("rp-sampler" if Sampler is not None else "direct") if filtered else "unfiltered"
     if filtered:
@@ -172,15 +181,17 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
         sampler = (Sampler([P] * K, B, **kw) if Sampler is not None else
                    DynamicSampling([P] * K, B, filtered=True, oversample=cfg.oversample, max_rounds=cfg.max_rounds,
                                    seed=cfg.seed + 1))
-    if gdro or rollout:
+    if not filtered:
         clf = DifficultyClassifier()
-        pg = make_advantage_weighting(adv_name, clf.num_groups, eta=cfg.gdro_eta) if gdro else None
+        pg = make_advantage_weighting(adv_name, clf.num_groups, eta=cfg.gdro_eta, signal=cfg.gdro_signal,
+                                      share_normalize=cfg.gdro_share_normalize,
+                                      share_floor=cfg.gdro_share_floor) if gdro else None
         ra = (make_rollout_allocation(alloc_name, clf.num_groups, n_min=cfg.n_min, n_max=cfg.n_max,
-                                      n_mean=cfg.n_mean) if rollout else None)
+                                      n_mean=cfg.n_mean, seed=cfg.seed) if rollout else None)
     succ = [_sigmoid(a[:, None] + b - d).mean(axis=1)]
     W, ZG = [], []
     extra: dict[str, list] = {"q_gdro": [], "wse": [], "wse_uniform": [], "mu": [], "alloc_mean": [],
-                              "max_weight": []}
+                              "max_weight": [], "bin_rollouts": []}
 
     for _ in range(cfg.steps):
         z = np.asarray(ctrl.weights, float)
@@ -270,13 +281,14 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
         ctrl.observe(TaskStats.make(K, J, present=present, improvements=I if ctrl.needs_improvement else None,
                                     mean_abs_advantage=mabs))
         if gdro:
-            pg.observe(resp_groups, loss_after)
+            # the adversary's signal: the UNWEIGHTED surrogate after the update, or the rewards
+            pg.observe(resp_groups, loss_after, rewards=Y, prompt_of=seg)
             extra["q_gdro"].append(pg.distribution.copy())
-        if gdro or rollout:
+        if not filtered:
             clf.update(ids, c > 0)
-        if rollout:
-            rewards_flat = Y
-            ra.observe(groups, n, rewards_flat)
+            if rollout:
+                ra.observe(groups, n, Y)
+                extra["mu"].append(ra.mu)
             # WSE with the true per-bin sigma of this batch's prompts vs uniform n
             pb = p_old
             cnt_b = np.bincount(groups, minlength=clf.num_groups).astype(float)
@@ -287,13 +299,15 @@ def simulate(algo: str, cfg: SimConfig = SimConfig()) -> SimResult:
             q_b = cnt_b / cnt_b.sum()
             extra["wse"].append(weighted_standard_error(q_b[pres], sig_b[pres], n_b[pres]))
             extra["wse_uniform"].append(weighted_standard_error(q_b[pres], sig_b[pres],
-                                                                np.full(pres.sum(), float(cfg.n_mean))))
-            extra["mu"].append(ra.mu)
+                                                                np.full(pres.sum(), float(n.mean()))))
             extra["alloc_mean"].append(float(n.mean()))
+            extra["bin_rollouts"].append(np.bincount(groups, weights=n.astype(float), minlength=clf.num_groups))
         extra["max_weight"].append(float(np.max(ctrl.weights)))
         succ.append(_sigmoid(a[:, None] + b - d).mean(axis=1))
     out = {k: np.asarray(v) for k, v in extra.items() if len(v)}
-    if gdro or rollout:
+    p_fin = _sigmoid(a[:, None] + b - d)
+    out["pass_k"] = (1.0 - (1.0 - p_fin) ** cfg.pass_k).mean(axis=1)   # [K] final pass@k per task
+    if not filtered:
         out["bin_counts"] = np.bincount(clf.bins(np.arange(K * P)), minlength=clf.num_groups)
     return SimResult(algo, np.asarray(succ), np.asarray(W), np.asarray(ZG), sampler_name, out)
 

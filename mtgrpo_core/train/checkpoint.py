@@ -76,8 +76,8 @@ def _encode(obj):
         if a.dtype.hasobject:
             raise TypeError(f"checkpoint: object arrays cannot be stored safely (dtype {a.dtype})")
         raw = np.ascontiguousarray(a).tobytes()
-        return {_ND: a.dtype.str, "shape": list(a.shape), "scalar": isinstance(obj, np.generic),
-                "data": torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)}
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.zeros(0, dtype=torch.uint8)
+        return {_ND: a.dtype.str, "shape": list(a.shape), "scalar": isinstance(obj, np.generic), "data": data}
     if isinstance(obj, dict):
         return {k: _encode(v) for k, v in obj.items()}
     if isinstance(obj, tuple):

@@ -1,6 +1,7 @@
-"""``mtgrpo compare``: GRPO vs DAPO vs MT-GRPO (and Prompt-GDRO) on one suite, N seeds,
-the same step budget, and a table like the MT-GRPO paper's (worst-task accuracy, average,
-relative change vs DAPO, steps to reach a worst-task threshold).
+"""``mtgrpo compare``: GRPO vs DAPO vs MT-GRPO (and Prompt-GDRO, Rollout-GDRO) on one suite,
+N seeds, the same step budget, and a table like the MT-GRPO paper's (worst-task accuracy,
+average, relative change vs DAPO, steps to reach a worst-task threshold) for mean@k, then
+the same per-task / worst / average columns for pass@k.
 
 Per seed the supervised warm-up runs once (``DIR/warmup-s{seed}``) and every algorithm starts
 RL from that checkpoint (``run.init_from``), so the algorithms differ only in RL.
@@ -17,7 +18,7 @@ from . import config as C
 from .report import final_accuracy, load_run, relative_change
 from .trainer import train
 
-DEFAULT_ALGOS = ("grpo", "dapo", "mtgrpo", "prompt-gdro")
+DEFAULT_ALGOS = ("grpo", "dapo", "mtgrpo", "prompt-gdro", "rollout-gdro")
 
 
 def steps_to_threshold(run: dict, thr: float) -> int | None:
@@ -96,6 +97,23 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
                      + f" | {ms(worst)} | {ms(avg)} | {rel_txt} | {st_txt} |")
         result["algos"][algo] = {"per_task": a, "worst": worst, "average": avg, "rel_vs_dapo": rel,
                                  "steps_to_threshold": st}
+    # pass@k: the GDRO papers' headline metric (a hard task can rise in pass@k before mean@k)
+    pk = {a: [final_accuracy(r, metric="pass_at_k") for r in rs if final_accuracy(r, metric="pass_at_k")]
+          for a, rs in rows.items()}
+    if any(pk.values()):
+        lines += ["", "pass@k (%), mean ± std over the same seeds.", "",
+                  "| " + " | ".join(["algorithm", *tasks, "worst-task", "average"]) + " |",
+                  "|" + "---|" * (len(tasks) + 3)]
+        for algo in algos:
+            a = [x for x in pk.get(algo, []) if all(x.get(t) is not None for t in tasks)]
+            if not a:
+                continue
+            worst = [min(x[t] for t in tasks) for x in a]
+            avg = [float(np.mean([x[t] for t in tasks])) for x in a]
+            lines.append(f"| {algo} | " + " | ".join(ms([x[t] for x in a]) for t in tasks)
+                         + f" | {ms(worst)} | {ms(avg)} |")
+            if algo in result["algos"]:
+                result["algos"][algo].update({"pass_per_task": a, "pass_worst": worst, "pass_average": avg})
     md = "\n".join(lines) + "\n"
     (out / "compare.md").write_text(md)
     (out / "compare.json").write_text(json.dumps(result, indent=2, default=float))

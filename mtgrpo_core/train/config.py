@@ -141,6 +141,10 @@ class GDROConfig:
     gamma: float = 0.01
     ema: float = 0.12
     cap: float = 15.0
+    share_floor: float = 0.01      # Prompt-GDRO share floor (issue 14; 1/G was the old value)
+    # Prompt-GDRO adversary signal: learnability (this library's; sim worst task 0.26 vs 0.08 of
+    # the paper's surrogate, docs/ALGORITHMS.md 5.2) | surrogate (the paper's) | failure
+    signal: str = "learnability"
     adv_clip: float = 5.0
     n_min: int = 2
     n_max: int = 12

@@ -44,7 +44,8 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -289,7 +290,7 @@ class _TaskData:
                 "test": enc(self.test), "train": enc(self.train)}
 
     @classmethod
-    def from_blob(cls, spec: TaskSpec, seed: int, blob: dict) -> "_TaskData":
+    def from_blob(cls, spec: TaskSpec, seed: int, blob: dict) -> _TaskData:
         """Inverse of :meth:`to_blob` (no generation; lazy train items stay lazy)."""
         self = cls.__new__(cls)
         self.spec, self.lazy, self.train_size = spec, bool(blob["lazy"]), int(blob["train_size"])
@@ -430,7 +431,7 @@ def _jdec(o):
     return o
 
 
-def cache_dir() -> Optional[str]:
+def cache_dir() -> str | None:
     """Folder of the generated-split cache: ``$MTGRPO_CACHE_DIR`` if set (``off``/``0``/empty
     disables it), else ``$XDG_CACHE_HOME/mtgrpo_core`` or ``~/.cache/mtgrpo_core``."""
     env = os.environ.get("MTGRPO_CACHE_DIR")
@@ -454,7 +455,7 @@ def _disk_key(spec: SuiteSpec, seed: int, train_size: int, test_size: int, lazie
     # generator and package versions, and Python's (random.Random is part of generation)
     return {"format": _DISK_FORMAT, "suite": spec.name, "tasks": repr(spec.tasks), "seed": int(seed),
             "train_size": train_size, "test_size": test_size, "lazy": lazies, "reasoning_gym": rg,
-            "mtgrpo_core": __version__, "python": "%d.%d" % sys.version_info[:2]}
+            "mtgrpo_core": __version__, "python": "{}.{}".format(*sys.version_info[:2])}
 
 
 def _disk_path(folder: str, key: dict) -> str:
@@ -464,7 +465,7 @@ def _disk_path(folder: str, key: dict) -> str:
     return os.path.join(folder, "suites", f"{key['suite']}-s{key['seed']}-{h}.json")
 
 
-def _disk_read(spec: SuiteSpec, seed: int, key: dict) -> Optional[dict]:
+def _disk_read(spec: SuiteSpec, seed: int, key: dict) -> dict | None:
     """The cached splits, or None (no cache, unreadable, altered or another key)."""
     import json
 
@@ -490,7 +491,7 @@ def _disk_read(spec: SuiteSpec, seed: int, key: dict) -> Optional[dict]:
         return None
 
 
-def _disk_write(data: dict, key: dict) -> Optional[str]:
+def _disk_write(data: dict, key: dict) -> str | None:
     """Store the splits atomically (temp file + fsync + rename); None if not possible."""
     import json
 
@@ -535,7 +536,7 @@ class Suite:
     def __init__(self, spec: SuiteSpec, seed: int, data: dict[str, _TaskData], *,
                  verifier: str, correct_reward: float, format_reward: float, timeout_s: float,
                  memory_mb: int, n_workers: int, mp_context: str,
-                 max_completion_chars: int, verifier_hook: Optional[str] = None):
+                 max_completion_chars: int, verifier_hook: str | None = None):
         self.spec, self.seed = spec, seed
         self._data = data
         self._specs = {t.name: t for t in spec.tasks}
@@ -548,7 +549,7 @@ class Suite:
         #: test-only: name in :data:`verifiers.TEST_HOOKS` replacing reasoning-gym's scorer
         #: in the worker pool (reference mode).
         self.verifier_hook = verifier_hook
-        self._pool: Optional[_v.VerifierPool] = None
+        self._pool: _v.VerifierPool | None = None
         self._stats = {"timeouts": 0, "errors": 0, "rejected": 0}
         self._stats_lock = threading.Lock()
 
@@ -592,7 +593,7 @@ class Suite:
         """Number of prompts in ``split`` of ``task``."""
         return self._task(task).size(self._split(split))
 
-    def prompts(self, task: str, split: str = "train", indices: Optional[Iterable[int]] = None) -> list[Prompt]:
+    def prompts(self, task: str, split: str = "train", indices: Iterable[int] | None = None) -> list[Prompt]:
         """Prompts ``indices`` (default: the whole split) of ``split`` of ``task``."""
         d, split = self._task(task), self._split(split)
         n = d.size(split)
@@ -644,7 +645,7 @@ class Suite:
                                          self.mp_context)
         return self._pool
 
-    def _extract(self, spec: TaskSpec, completion: Any) -> Optional[str]:
+    def _extract(self, spec: TaskSpec, completion: Any) -> str | None:
         if not isinstance(completion, str) or len(completion) > self.max_completion_chars:
             return None
         if spec.compact:
@@ -728,14 +729,14 @@ class Suite:
         return f"Suite({self.name!r}, seed={self.seed}, verifier={self.verifier!r}, sizes={sizes})"
 
 
-def load_suite(name: str, seed: int = 0, *, train_size: Optional[int] = None,
-               test_size: Optional[int] = None, verifier: str = "fast",
+def load_suite(name: str, seed: int = 0, *, train_size: int | None = None,
+               test_size: int | None = None, verifier: str = "fast",
                correct_reward: float = 1.0, format_reward: float = 0.1,
                timeout_s: float = 5.0, memory_mb: int = 1024, n_workers: int = 2,
                mp_context: str = "forkserver", generation: str = "auto",
-               max_completion_chars: Optional[int] = None,
-               verifier_hook: Optional[str] = None,
-               gen_workers: Optional[int] = None, cache: bool = True) -> Suite:
+               max_completion_chars: int | None = None,
+               verifier_hook: str | None = None,
+               gen_workers: int | None = None, cache: bool = True) -> Suite:
     """Load a preset from :data:`SUITES`.
 
     Parameters

@@ -200,7 +200,8 @@ class Trainer:
                                                  unseen=g.unseen)
         if algo.advantage_weighting is not None:
             self.adv_weighting = gdro.make_advantage_weighting(algo.advantage_weighting, self.clf.num_groups,
-                                                               eta=g.eta, gamma=g.gamma, ema=g.ema, cap=g.cap)
+                                                               eta=g.eta, gamma=g.gamma, ema=g.ema, cap=g.cap,
+                                                               share_floor=g.share_floor, signal=g.signal)
         if algo.rollout_allocation is not None:   # the rule itself is gdro.allocator (sqrt | bandit)
             self.alloc = gdro.make_rollout_allocation(g.allocator, self.clf.num_groups, n_min=g.n_min,
                                                       n_max=g.n_max, n_mean=g.n_mean, eta=g.eta, gamma=g.gamma)
@@ -566,7 +567,15 @@ class Trainer:
                   if cfg.rl.grad_clip > 0 else None)
             self.opt.step()
             before = st.per_sequence_loss.detach().float().cpu()
-            per_resp_loss[sel] = before
+            if sw is None:
+                per_resp_loss[sel] = before
+            else:
+                # the adversary sees the UNWEIGHTED surrogate (no GDRO multiplier, no KL): the
+                # weighted one feeds q back into itself and locked q at 0.991 on an arbitrary
+                # bin in issue 14's stream where the hardest bin should lead with 0.30
+                with torch.no_grad():
+                    _, st_u = self._loss(logp.detach(), old, cm, a, None, tids, None)
+                per_resp_loss[sel] = st_u.per_sequence_loss.detach().float().cpu()
             losses.append(float(loss.detach()))
             stats_acc.append({"clip_frac_low": float(st.clip_frac_low), "clip_frac_high": float(st.clip_frac_high),
                               "ratio_mean": float(st.ratio_mean), "approx_kl": float(st.approx_kl),
@@ -605,7 +614,11 @@ class Trainer:
             self.weighting.observe(TaskStats.make(self.K, self.tracker.values, present=present,
                                                   mean_abs_advantage=mabs))
         if self.adv_weighting is not None:
-            self.adv_weighting.observe(batch.bins[batch.group_of], per_response_loss)
+            if getattr(self.adv_weighting, "needs_rewards", False):   # reward-based adversary signals
+                self.adv_weighting.observe(batch.bins[batch.group_of], per_response_loss,
+                                           rewards=np.asarray(batch.rewards, np.float64), prompt_of=batch.group_of)
+            else:
+                self.adv_weighting.observe(batch.bins[batch.group_of], per_response_loss)
         if self.alloc is not None:
             P = len(batch.task_ids)
             self.alloc.observe(batch.bins, batch.n, [batch.rewards[batch.group_of == j] for j in range(P)])

@@ -31,7 +31,6 @@ Source
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import multiprocessing.context as _mpc
 import os
 import re
@@ -41,7 +40,8 @@ import types
 from collections import deque
 from fractions import Fraction
 from multiprocessing.connection import wait as _mp_wait
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 __all__ = [
     "KINDS",
@@ -84,7 +84,7 @@ def check_grammar(kind: str, answer: Any, max_chars: int) -> bool:
     return True
 
 
-def extract_tagged_answer(completion: Any, max_chars: int) -> Optional[str]:
+def extract_tagged_answer(completion: Any, max_chars: int) -> str | None:
     """Content of the last complete ``<answer>...</answer>`` pair, stripped; ``None`` when
     there is none or the completion is longer than ``max_chars``.
 
@@ -108,7 +108,7 @@ def extract_tagged_answer(completion: Any, max_chars: int) -> Optional[str]:
 _TOKEN = re.compile(r"\s*(?:([0-9]+)|([+\-*/()]))", re.ASCII)
 
 
-def _countdown_tokens(s: str) -> Optional[list]:
+def _countdown_tokens(s: str) -> list | None:
     pos, out, n = 0, [], len(s)
     while pos < n:
         m = _TOKEN.match(s, pos)
@@ -213,7 +213,7 @@ def _countdown_parse(s: str):
     return value, nums
 
 
-def countdown_value(answer: str) -> Optional[Fraction]:
+def countdown_value(answer: str) -> Fraction | None:
     """Exact value of a grammar-valid countdown expression (None on division by zero or
     invalid input)."""
     r = _countdown_parse(answer) if isinstance(answer, str) else None
@@ -451,7 +451,7 @@ def _landlock(private_dir: str) -> list:
     return ["landlock-fs"] + (["landlock-net"] if net else []) + (["landlock-scope"] if scope else [])
 
 
-def _confine(memory_mb: int, private_dir: Optional[str]) -> list:
+def _confine(memory_mb: int, private_dir: str | None) -> list:
     """Confine this worker; returns the names of the layers that took effect.
 
     - ``private-tmp``: ``private_dir`` (a fresh 0700 directory the parent made and removes
@@ -512,7 +512,7 @@ def _confine(memory_mb: int, private_dir: Optional[str]) -> list:
     return done
 
 
-def _worker_main(conn, memory_mb: int, private_dir: Optional[str] = None) -> None:  # pragma: no cover - child
+def _worker_main(conn, memory_mb: int, private_dir: str | None = None) -> None:  # pragma: no cover - child
     """Worker loop: ('score', rg_name, cfg_items, hook, [(answer, entry), ...]) -> one
     ('ok'|'error', i, score) message per item; ('ping',) -> ('pong', confinement layers);
     None -> exit."""
@@ -701,7 +701,7 @@ class VerifierPool:
             pass
 
     # -- scoring --------------------------------------------------------------------------
-    def score(self, rg_name: str, config: dict, items: Sequence[tuple], hook: Optional[str] = None):
+    def score(self, rg_name: str, config: dict, items: Sequence[tuple], hook: str | None = None):
         """Run ``score_answer(answer, entry)`` for each ``(answer, entry)`` in ``items``.
 
         Returns
@@ -730,7 +730,7 @@ class VerifierPool:
         failures = 0  # worker start/send failures; too many -> give up (items: "error")
         max_failures = 2 * self.n_workers + 4
 
-        def start() -> Optional[_Worker]:
+        def start() -> _Worker | None:
             nonlocal failures
             try:
                 return self._start_worker()

@@ -31,29 +31,29 @@ enum class AdvScale : int { Group = 0, Batch = 1, None = 2 };
 
 // Per-row statistics written by the kernel (float64, row-major [N, kRowStats]).
 enum RowStat : int {
-  kPgSum = 0,      // sum_t m * clipped surrogate (no KL)
-  kKlSum,          // sum_t m * kl
-  kRatioSum,       // sum_t m * ratio
-  kNegLogRatioSum, // sum_t m * (old - logp), clamped: approximate KL to the old policy
-  kClipLow,        // tokens with ratio < 1 - eps_low and A < 0
-  kClipHigh,       // tokens with ratio > 1 + eps_high and A > 0
-  kDualClip,       // tokens where the dual clip is active
-  kLossContrib,    // this row's share of the aggregated loss
-  kTokens,         // sum_t m
+  kPgSum = 0,       // sum_t m * clipped surrogate (no KL)
+  kKlSum,           // sum_t m * kl
+  kRatioSum,        // sum_t m * ratio
+  kNegLogRatioSum,  // sum_t m * (old - logp), clamped: approximate KL to the old policy
+  kClipLow,         // tokens with ratio < 1 - eps_low and A < 0
+  kClipHigh,        // tokens with ratio > 1 + eps_high and A > 0
+  kDualClip,        // tokens where the dual clip is active
+  kLossContrib,     // this row's share of the aggregated loss
+  kTokens,          // sum_t m
   kRowStats
 };
 
 struct LossParams {
   double eps_low = 0.2, eps_high = 0.2;
-  double dual_clip = INFINITY;   // +inf: off
-  double ratio_cap = INFINITY;   // +inf: off
+  double dual_clip = INFINITY;  // +inf: off
+  double ratio_cap = INFINITY;  // +inf: off
   double kl_coef = 0.0;
-  int kl_estimator = 0;          // 0: no KL term, 1: k1, 2: k2, 3: k3
-  bool seq_level = false;        // GSPO sequence-level ratio
+  int kl_estimator = 0;    // 0: no KL term, 1: k1, 2: k2, 3: k3
+  bool seq_level = false;  // GSPO sequence-level ratio
   LossAgg agg = LossAgg::TokenMean;
-  double num_tokens = 0.0;       // > 0: global token count of token-mean
-  double norm_length = 0.0;      // L of seq-mean-token-sum-norm (> 0)
-  bool seq_count_all = false;    // seq-mean modes: count every row, not only non-empty
+  double num_tokens = 0.0;     // > 0: global token count of token-mean
+  double norm_length = 0.0;    // L of seq-mean-token-sum-norm (> 0)
+  bool seq_count_all = false;  // seq-mean modes: count every row, not only non-empty
 };
 
 struct AdvParams {
@@ -69,10 +69,20 @@ constexpr double kKlLogClamp = 20.0;
 constexpr double kKlValueClamp = 10.0;
 
 // ---- scalar conversions (branch-free so loops vectorise) -------------------------------
-inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
 
-inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+inline float bf16_to_float(uint16_t h) {
+  return bits_to_float(static_cast<uint32_t>(h) << 16);
+}
 
 inline float f16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
@@ -85,12 +95,24 @@ inline float f16_to_float(uint16_t h) {
   return bits_to_float(bits);
 }
 
-struct Bf16 { uint16_t v; };
-struct F16 { uint16_t v; };
-inline float to_compute(float x) { return x; }
-inline double to_compute(double x) { return x; }
-inline float to_compute(Bf16 x) { return bf16_to_float(x.v); }
-inline float to_compute(F16 x) { return f16_to_float(x.v); }
+struct Bf16 {
+  uint16_t v;
+};
+struct F16 {
+  uint16_t v;
+};
+inline float to_compute(float x) {
+  return x;
+}
+inline double to_compute(double x) {
+  return x;
+}
+inline float to_compute(Bf16 x) {
+  return bf16_to_float(x.v);
+}
+inline float to_compute(F16 x) {
+  return f16_to_float(x.v);
+}
 
 // exp for |x| <= 88 with Cephes' polynomial (about 1 ulp); written so that GCC vectorises it.
 inline float vexp(float x) {
@@ -108,20 +130,21 @@ inline float vexp(float x) {
   const int32_t e = static_cast<int32_t>(fn) + 127;
   return y * bits_to_float(static_cast<uint32_t>(e) << 23);
 }
-inline double vexp(double x) { return std::exp(x); }
+inline double vexp(double x) {
+  return std::exp(x);
+}
 
 // ---- group advantages -----------------------------------------------------------------
 // rewards[N] (already checked finite), group_ids[N]. Writes adv[N] and, per row, whether
 // its group is a zero-advantage group (all rewards equal) and whether the row is its
 // group's first member (lowest index): row_flat[N], row_leader[N].
 template <typename R>
-void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, const AdvParams& p,
-                      double* adv, uint8_t* row_flat, uint8_t* row_leader) {
+void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, const AdvParams& p, double* adv,
+                      uint8_t* row_flat, uint8_t* row_leader) {
   if (n <= 0) return;
   std::vector<int64_t> order(static_cast<size_t>(n));
   std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return group_ids[a] < group_ids[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return group_ids[a] < group_ids[b]; });
   const double ddof = p.unbiased ? 1.0 : 0.0;
   double bstd = 0.0;
   if (p.scale == AdvScale::Batch) {
@@ -129,7 +152,10 @@ void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, con
     for (int64_t i = 0; i < n; ++i) s += static_cast<double>(rewards[i]);
     const double mu = s / static_cast<double>(n);
     double ss = 0.0;
-    for (int64_t i = 0; i < n; ++i) { const double dv = rewards[i] - mu; ss += dv * dv; }
+    for (int64_t i = 0; i < n; ++i) {
+      const double dv = rewards[i] - mu;
+      ss += dv * dv;
+    }
     bstd = static_cast<double>(n) > ddof ? std::sqrt(ss / (static_cast<double>(n) - ddof)) : 0.0;
   }
   int64_t start = 0;
@@ -141,14 +167,22 @@ void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, con
     double s = 0.0, lo = INFINITY, hi = -INFINITY;
     for (int64_t j = start; j < end; ++j) {
       const double v = static_cast<double>(rewards[order[j]]);
-      s += v; lo = std::min(lo, v); hi = std::max(hi, v);
+      s += v;
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
     }
     double mean = s / static_cast<double>(cnt);
     double ss = 0.0;
-    for (int64_t j = start; j < end; ++j) { const double dv = rewards[order[j]] - mean; ss += dv * dv; }
+    for (int64_t j = start; j < end; ++j) {
+      const double dv = rewards[order[j]] - mean;
+      ss += dv * dv;
+    }
     double sd = std::sqrt(ss / std::max(static_cast<double>(cnt) - ddof, 1.0));
     const bool single = cnt == 1;
-    if (single && p.singleton_raw) { mean = 0.0; sd = 1.0; }
+    if (single && p.singleton_raw) {
+      mean = 0.0;
+      sd = 1.0;
+    }
     const bool flat = (lo == hi) && !(single && p.singleton_raw);
     const double denom = p.scale == AdvScale::Group ? sd + p.eps : (p.scale == AdvScale::Batch ? bstd + p.eps : 1.0);
     for (int64_t j = start; j < end; ++j) {
@@ -173,11 +207,13 @@ struct TokenAcc {
 // One token: writes its gradient and adds its contributions to `acc`. Branch-free (selects
 // only) so the lane loop below vectorises.
 template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
-inline __attribute__((always_inline)) void grpo_token(
-    const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, const In* __restrict ref,
-    const C* __restrict adv_tok, int64_t t, C a_row, C r_seq, C seq_coef, C lo, C hi, C cap, C dual, C beta, C w,
-    C* __restrict grad, C* __restrict acc, int lanes, int j) {
-  const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp), kval = static_cast<C>(kKlValueClamp);
+inline __attribute__((always_inline)) void grpo_token(const In* __restrict lp, const In* __restrict old,
+                                                      const uint8_t* __restrict mk, const In* __restrict ref,
+                                                      const C* __restrict adv_tok, int64_t t, C a_row, C r_seq,
+                                                      C seq_coef, C lo, C hi, C cap, C dual, C beta, C w,
+                                                      C* __restrict grad, C* __restrict acc, int lanes, int j) {
+  const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp),
+          kval = static_cast<C>(kKlValueClamp);
   const bool on = mk[t] != 0;
   const C x = to_compute(lp[t]);
   const C d = x - to_compute(old[t]);
@@ -236,9 +272,10 @@ inline __attribute__((always_inline)) void grpo_token(
 // Tokens are processed in blocks of kLanes with one accumulator per lane (the sum order is
 // fixed: lane-wise, then lanes folded in order), which GCC vectorises without -ffast-math.
 template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
-inline __attribute__((always_inline)) void grpo_row(
-    const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, const In* __restrict ref,
-    const C* __restrict adv_tok, C a_row, int64_t T, const LossParams& p, C w, C* __restrict grad, double* out) {
+inline __attribute__((always_inline)) void grpo_row(const In* __restrict lp, const In* __restrict old,
+                                                    const uint8_t* __restrict mk, const In* __restrict ref,
+                                                    const C* __restrict adv_tok, C a_row, int64_t T,
+                                                    const LossParams& p, C w, C* __restrict grad, double* out) {
   constexpr int kLanes = 16;
   const C lo = static_cast<C>(1.0 - p.eps_low), hi = static_cast<C>(1.0 + p.eps_high);
   const C cap = static_cast<C>(p.ratio_cap), dual = static_cast<C>(p.dual_clip);
@@ -265,7 +302,10 @@ inline __attribute__((always_inline)) void grpo_row(
       cnt[0] += mk[t] ? C(1) : C(0);
     }
     C s = C(0), c = C(0);
-    for (int j = 0; j < kLanes; ++j) { s += sd[j]; c += cnt[j]; }
+    for (int j = 0; j < kLanes; ++j) {
+      s += sd[j];
+      c += cnt[j];
+    }
     r_seq = vexp(s / std::max(c, C(1)));
   }
   C seq_coef = C(0);
@@ -329,7 +369,6 @@ inline double row_weight(const LossParams& p, double row_tokens, double total_to
   return 0.0;
 }
 
-
 // One call of the float kernel: rows split into spans of `seg` tokens ("items": row-major,
 // ceil(T / seg) per row) so that one long row also spreads over threads. Item k writes
 // grad of its span and its statistics part[k * 9 .. +9] (kLossContrib not yet weighted);
@@ -343,16 +382,16 @@ struct FloatJob {
   const void* old;
   const uint8_t* mk;
   const void* ref;
-  const float* adv_tok;  // [N, T] or null
-  const double* a_row;   // [N]
-  const double* w_row;   // [N]
-  const float* r_seq;    // [N] (SEQ main pass)
-  const float* seq_coef; // [N] (SEQ with token advantages: mean d loss / d r of the row)
+  const float* adv_tok;   // [N, T] or null
+  const double* a_row;    // [N]
+  const double* w_row;    // [N]
+  const float* r_seq;     // [N] (SEQ main pass)
+  const float* seq_coef;  // [N] (SEQ with token advantages: mean d loss / d r of the row)
   int64_t T, seg, nseg;
   int kl;
   bool tok_adv, seq;
   const LossParams* p;
-  void* grad;            // [N, T] in the input dtype (float, Bf16 or F16)
+  void* grad;  // [N, T] in the input dtype (float, Bf16 or F16)
   double* part;
   double* seq_part;
   double* coef_part;
@@ -370,10 +409,9 @@ struct FloatJob {
 // `#pragma GCC target(...)` for AVX-512 and AVX2 and picks one at run time). A target
 // attribute on the caller alone is not enough: GCC lowers the vector operations of each
 // helper in the helper's own target before inlining, and the result is scalar code.
-// Every token operation above is mirrored lane-wise with the same operation order and the same min/max/select conventions, so a
-// lane computes what grpo_token computes. Statistics are accumulated per lane in float
-// and folded in a fixed order (lanes 0..15 of the 16-token block, in double), the same
-// order for every ISA.
+// Every token operation above is mirrored lane-wise with the same operation order and the same min/max/select
+// conventions, so a lane computes what grpo_token computes. Statistics are accumulated per lane in float and folded in
+// a fixed order (lanes 0..15 of the 16-token block, in double), the same order for every ISA.
 #if defined(__GNUC__) || defined(__clang__)
 #if defined(MTGRPO_VEC_NS)
 #define MTGRPO_VEC_EMIT 1
@@ -419,19 +457,35 @@ typedef uint32_t vu __attribute__((vector_size(4 * kW)));
 typedef uint8_t vb __attribute__((vector_size(kW)));
 typedef uint16_t vh __attribute__((vector_size(2 * kW)));
 
-MTGRPO_VINL vf splat(float x) { return vf{} + x; }
-MTGRPO_VINL vf vmin(vf a, vf b) { return b < a ? b : a; }  // std::min(a, b)
-MTGRPO_VINL vf vmax(vf a, vf b) { return a < b ? b : a; }  // std::max(a, b)
-MTGRPO_VINL vf sel(vi m, vf a, vf b) { return m ? a : b; }
-MTGRPO_VINL vf ones_if(vi m) { return (vf)(m & (vi)splat(1.0f)); }  // m ? 1 : 0
+MTGRPO_VINL vf splat(float x) {
+  return vf{} + x;
+}
+MTGRPO_VINL vf vmin(vf a, vf b) {
+  return b < a ? b : a;
+}  // std::min(a, b)
+MTGRPO_VINL vf vmax(vf a, vf b) {
+  return a < b ? b : a;
+}  // std::max(a, b)
+MTGRPO_VINL vf sel(vi m, vf a, vf b) {
+  return m ? a : b;
+}
+MTGRPO_VINL vf ones_if(vi m) {
+  return (vf)(m & (vi)splat(1.0f));
+}  // m ? 1 : 0
 
-MTGRPO_VINL vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+MTGRPO_VINL vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
 MTGRPO_VINL vf load(const Bf16* p) {
-  vh h; std::memcpy(&h, p, sizeof h);
+  vh h;
+  std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
 }
 MTGRPO_VINL vf load(const F16* p) {  // lane-wise f16_to_float
-  vh h; std::memcpy(&h, p, sizeof h);
+  vh h;
+  std::memcpy(&h, p, sizeof h);
   const vu x = __builtin_convertvector(h, vu);
   const vu sign = (x & 0x8000u) << 16;
   const vu em = x & 0x7fffu;
@@ -441,10 +495,13 @@ MTGRPO_VINL vf load(const F16* p) {  // lane-wise f16_to_float
   return (vf)bits;
 }
 MTGRPO_VINL vi load_mask(const uint8_t* p) {
-  vb m; std::memcpy(&m, p, sizeof m);
+  vb m;
+  std::memcpy(&m, p, sizeof m);
   return __builtin_convertvector(m, vi) != 0;
 }
-MTGRPO_VINL void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+MTGRPO_VINL void store(float* p, vf v) {
+  std::memcpy(p, &v, sizeof v);
+}
 // float -> bfloat16, round to nearest even (as torch's .to(torch.bfloat16) for non-NaN values).
 MTGRPO_VINL void store(Bf16* p, vf v) {
   vu u = (vu)v;
@@ -499,8 +556,8 @@ struct Acc {
 // kW tokens starting at the given pointers (grpo_token on each lane).
 template <typename In, int KL, bool TOK_ADV, bool SEQ>
 MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
-                       const In* __restrict ref, const float* __restrict adv_tok, const Consts& c,
-                       In* __restrict grad, Acc& acc) {
+                       const In* __restrict ref, const float* __restrict adv_tok, const Consts& c, In* __restrict grad,
+                       Acc& acc) {
   const vf lim = splat(static_cast<float>(kLogRatioClamp));
   const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
   const vi on = load_mask(mk);
@@ -517,8 +574,11 @@ MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const 
     a_neg = a < 0.0f;
     a_pos = a > 0.0f;
   } else {
-    a = c.a_row; neg_a = c.neg_a; l3 = c.l3;
-    a_neg = (vi)c.a_neg; a_pos = (vi)c.a_pos;
+    a = c.a_row;
+    neg_a = c.neg_a;
+    l3 = c.l3;
+    a_neg = (vi)c.a_neg;
+    a_pos = (vi)c.a_pos;
   }
   vf r = SEQ ? c.r_seq : vexp(dc);
   const vf cap_grad = ones_if(r <= c.cap);
@@ -628,7 +688,8 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
     if constexpr (KL != 0) std::memcpy(static_cast<void*>(refb), ref + t, n * sizeof(In));
     if constexpr (TOK_ADV) std::memcpy(advb, adv_tok + t, n * sizeof(float));
     block<In, KL, TOK_ADV, SEQ>(lpb, oldb, mkb, refb, advb, c, gb, a0);
-    if constexpr (kU >= 2) block<In, KL, TOK_ADV, SEQ>(lpb + kW, oldb + kW, mkb + kW, refb + kW, advb + kW, c, gb + kW, a1);
+    if constexpr (kU >= 2)
+      block<In, KL, TOK_ADV, SEQ>(lpb + kW, oldb + kW, mkb + kW, refb + kW, advb + kW, c, gb + kW, a1);
     if constexpr (kU >= 4) {
       block<In, KL, TOK_ADV, SEQ>(lpb + 2 * kW, oldb + 2 * kW, mkb + 2 * kW, refb + 2 * kW, advb + 2 * kW, c,
                                   gb + 2 * kW, a2);
@@ -648,8 +709,8 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
 
 // GSPO pre-pass over tokens [t0, t1): sum of the masked clamped log-ratios and the count.
 template <typename In>
-MTGRPO_VINL void seq_span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
-                          int64_t t0, int64_t t1, double* sum_cnt) {
+MTGRPO_VINL void seq_span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk, int64_t t0,
+                          int64_t t1, double* sum_cnt) {
   const vf lim = splat(static_cast<float>(kLogRatioClamp));
   const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
   vf s0 = vf{}, s1 = vf{}, s2 = vf{}, s3 = vf{}, c0 = vf{}, c1 = vf{}, c2 = vf{}, c3 = vf{};
@@ -663,7 +724,10 @@ MTGRPO_VINL void seq_span(const In* __restrict lp, const In* __restrict old, con
   for (; t + kBlock <= t1; t += kBlock) {
     sub(t, s0, c0);
     if constexpr (kU >= 2) sub(t + kW, s1, c1);
-    if constexpr (kU >= 4) { sub(t + 2 * kW, s2, c2); sub(t + 3 * kW, s3, c3); }
+    if constexpr (kU >= 4) {
+      sub(t + 2 * kW, s2, c2);
+      sub(t + 3 * kW, s3, c3);
+    }
   }
   double ss = fold(s3, fold(s2, fold(s1, fold(s0)))), cc = fold(c3, fold(c2, fold(c1, fold(c0))));
   for (; t < t1; ++t) {
@@ -702,7 +766,10 @@ MTGRPO_VINL void coef_span(const uint8_t* __restrict mk, const float* __restrict
   for (; t + kBlock <= t1; t += kBlock) {
     sub(mk + t, adv_tok + t, s0);
     if constexpr (kU >= 2) sub(mk + t + kW, adv_tok + t + kW, s1);
-    if constexpr (kU >= 4) { sub(mk + t + 2 * kW, adv_tok + t + 2 * kW, s2); sub(mk + t + 3 * kW, adv_tok + t + 3 * kW, s3); }
+    if constexpr (kU >= 4) {
+      sub(mk + t + 2 * kW, adv_tok + t + 2 * kW, s2);
+      sub(mk + t + 3 * kW, adv_tok + t + 3 * kW, s3);
+    }
   }
   if (t < t1) {  // tail on zero-padded copies (padding is masked out)
     alignas(64) float advb[kBlock];
@@ -714,7 +781,10 @@ MTGRPO_VINL void coef_span(const uint8_t* __restrict mk, const float* __restrict
     std::memcpy(mkb, mk + t, n);
     sub(mkb, advb, s0);
     if constexpr (kU >= 2) sub(mkb + kW, advb + kW, s1);
-    if constexpr (kU >= 4) { sub(mkb + 2 * kW, advb + 2 * kW, s2); sub(mkb + 3 * kW, advb + 3 * kW, s3); }
+    if constexpr (kU >= 4) {
+      sub(mkb + 2 * kW, advb + 2 * kW, s2);
+      sub(mkb + 3 * kW, advb + 3 * kW, s3);
+    }
   }
   *out = fold(s3, fold(s2, fold(s1, fold(s0))));
 }
@@ -731,38 +801,56 @@ MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
     span<In, KL, TOK, SEQ>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
                            KL ? static_cast<const In*>(J.ref) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
-                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
-                           (SEQ && TOK) ? J.seq_coef[i] : 0.0f, t0, t1, *J.p,
-                           static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
+                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f, (SEQ && TOK) ? J.seq_coef[i] : 0.0f,
+                           t0, t1, *J.p, static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off,
+                           J.part + k * kRowStats);
   }
 }
 
 template <typename In, int KL>
 MTGRPO_VINL void items_kl(const FloatJob& J, int64_t k0, int64_t k1) {
   if (J.tok_adv) {
-    if (J.seq) items_impl<In, KL, true, true>(J, k0, k1);
-    else items_impl<In, KL, true, false>(J, k0, k1);
+    if (J.seq)
+      items_impl<In, KL, true, true>(J, k0, k1);
+    else
+      items_impl<In, KL, true, false>(J, k0, k1);
   } else {
-    if (J.seq) items_impl<In, KL, false, true>(J, k0, k1);
-    else items_impl<In, KL, false, false>(J, k0, k1);
+    if (J.seq)
+      items_impl<In, KL, false, true>(J, k0, k1);
+    else
+      items_impl<In, KL, false, false>(J, k0, k1);
   }
 }
 
 template <typename In>
 MTGRPO_VINL void items_in(const FloatJob& J, int64_t k0, int64_t k1) {
   switch (J.kl) {
-    case 1: items_kl<In, 1>(J, k0, k1); break;
-    case 2: items_kl<In, 2>(J, k0, k1); break;
-    case 3: items_kl<In, 3>(J, k0, k1); break;
-    default: items_kl<In, 0>(J, k0, k1); break;
+    case 1:
+      items_kl<In, 1>(J, k0, k1);
+      break;
+    case 2:
+      items_kl<In, 2>(J, k0, k1);
+      break;
+    case 3:
+      items_kl<In, 3>(J, k0, k1);
+      break;
+    default:
+      items_kl<In, 0>(J, k0, k1);
+      break;
   }
 }
 
 inline void float_items(const FloatJob& J, int64_t k0, int64_t k1) {
   switch (J.dt) {
-    case DType::BF16: items_in<Bf16>(J, k0, k1); break;
-    case DType::F16: items_in<F16>(J, k0, k1); break;
-    default: items_in<float>(J, k0, k1); break;
+    case DType::BF16:
+      items_in<Bf16>(J, k0, k1);
+      break;
+    case DType::F16:
+      items_in<F16>(J, k0, k1);
+      break;
+    default:
+      items_in<float>(J, k0, k1);
+      break;
   }
 }
 
@@ -791,9 +879,15 @@ inline void float_coef_items(const FloatJob& J, int64_t k0, int64_t k1) {
 // GSPO pre-pass over items [k0, k1).
 inline void float_seq_items(const FloatJob& J, int64_t k0, int64_t k1) {
   switch (J.dt) {
-    case DType::BF16: seq_items_in<Bf16>(J, k0, k1); break;
-    case DType::F16: seq_items_in<F16>(J, k0, k1); break;
-    default: seq_items_in<float>(J, k0, k1); break;
+    case DType::BF16:
+      seq_items_in<Bf16>(J, k0, k1);
+      break;
+    case DType::F16:
+      seq_items_in<F16>(J, k0, k1);
+      break;
+    default:
+      seq_items_in<float>(J, k0, k1);
+      break;
   }
 }
 }  // namespace MTGRPO_VEC_NS
@@ -807,4 +901,3 @@ inline void float_seq_items(const FloatJob& J, int64_t k0, int64_t k1) {
 #undef MTGRPO_VEC_NS_DEFAULTED
 #endif
 #endif  // MTGRPO_VEC_EMIT
-

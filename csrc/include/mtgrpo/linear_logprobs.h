@@ -46,7 +46,9 @@ inline float exp_f(float x) {
   std::memcpy(&two_k, &bits, sizeof(two_k));
   return under ? 0.0f : p * two_k;
 }
-inline double exp_f(double x) { return std::exp(x); }
+inline double exp_f(double x) {
+  return std::exp(x);
+}
 
 // Running statistics of one row across vocabulary chunks: m (max of z), s = sum e^(z - m),
 // t = sum e^(z - m) (z - m) (entropy numerator, relative to m so that the entropy
@@ -55,7 +57,7 @@ template <typename T>
 struct RowStats {
   T* m;
   T* s;
-  T* t;    // null without entropy
+  T* t;  // null without entropy
   T* tgt;
 };
 

@@ -41,23 +41,22 @@
 namespace mtgrpo {
 namespace task_acc {
 
-constexpr int kMaxTasks = 4096;               // the API's range of K
-constexpr int kLanes = 32;                    // lanes per unit reduction (one warp)
+constexpr int kMaxTasks = 4096;  // the API's range of K
+constexpr int kLanes = 32;       // lanes per unit reduction (one warp)
 // Columns per unit. 1024 (32 elements per lane) rather than 2048: at N=64, T=32768 it gives
 // 2048 units = 256 blocks of 8 busy warps (15.5 warps per SM on 132 SMs) instead of 128; at
 // N=1, T=8M it gives 8192 units, still 1024 blocks.
 constexpr int64_t kSegLen = 1024;
-constexpr int64_t kMinBlockElems = 8192;      // below this a block is mostly launch overhead
+constexpr int64_t kMinBlockElems = 8192;            // below this a block is mostly launch overhead
 constexpr int64_t kMaxPartials = int64_t(1) << 20;  // blocks*K partial bins at most (8 MB fp64)
 constexpr int64_t kMaxBlocksHi = 1024, kMaxBlocksLo = 64;
 constexpr int64_t kMaxElements = int64_t(1) << 36;  // keeps a block's count below 2^31
-constexpr int kWarpsPerBlock = 8;             // CUDA: 256 threads, 8 units reduced at a time
+constexpr int kWarpsPerBlock = 8;                   // CUDA: 256 threads, 8 units reduced at a time
 
 // Value storage types (the tag passed from Python).
 enum ValueType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 // Mask storage kinds: an element is "set" when it is nonzero (floats: +-0 are unset).
-enum MaskKind : int { kMaskU8 = 0, kMaskI16 = 1, kMaskI32 = 2, kMaskI64 = 3, kMaskH16 = 4,
-                      kMaskF32 = 5, kMaskF64 = 6 };
+enum MaskKind : int { kMaskU8 = 0, kMaskI16 = 1, kMaskI32 = 2, kMaskI64 = 3, kMaskH16 = 4, kMaskF32 = 5, kMaskF64 = 6 };
 
 struct Plan {
   int64_t rows = 0, cols = 0;
@@ -101,7 +100,9 @@ MTGRPO_HD float bits_to_float(uint32_t u) {
 #endif
 }
 
-MTGRPO_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+MTGRPO_HD float bf16_to_float(uint16_t h) {
+  return bits_to_float(uint32_t(h) << 16);
+}
 
 // IEEE binary16 -> binary32, exact (subnormals as mant * 2^-24, also exact). The device
 // uses the hardware conversion (cvt.f32.f16, also exact, so the same bits as the host
@@ -125,54 +126,67 @@ MTGRPO_HD float f16_to_float(uint16_t h) {
 #endif
 }
 
-template <int VT> struct ValueTraits;
-template <> struct ValueTraits<kF32> {
+template <int VT>
+struct ValueTraits;
+template <>
+struct ValueTraits<kF32> {
   using storage = float;
   using acc = float;
   static MTGRPO_HD acc load(storage x) { return x; }
 };
-template <> struct ValueTraits<kF64> {
+template <>
+struct ValueTraits<kF64> {
   using storage = double;
   using acc = double;
   static MTGRPO_HD acc load(storage x) { return x; }
 };
-template <> struct ValueTraits<kBF16> {
+template <>
+struct ValueTraits<kBF16> {
   using storage = uint16_t;
   using acc = float;
   static MTGRPO_HD acc load(storage x) { return bf16_to_float(x); }
 };
-template <> struct ValueTraits<kF16> {
+template <>
+struct ValueTraits<kF16> {
   using storage = uint16_t;
   using acc = float;
   static MTGRPO_HD acc load(storage x) { return f16_to_float(x); }
 };
 
-template <int MK> struct MaskTraits;
-template <> struct MaskTraits<kMaskU8> {
+template <int MK>
+struct MaskTraits;
+template <>
+struct MaskTraits<kMaskU8> {
   using storage = uint8_t;
   static MTGRPO_HD bool set(storage x) { return x != 0; }
 };
-template <> struct MaskTraits<kMaskI16> {
+template <>
+struct MaskTraits<kMaskI16> {
   using storage = uint16_t;
   static MTGRPO_HD bool set(storage x) { return x != 0; }
 };
-template <> struct MaskTraits<kMaskI32> {
+template <>
+struct MaskTraits<kMaskI32> {
   using storage = uint32_t;
   static MTGRPO_HD bool set(storage x) { return x != 0; }
 };
-template <> struct MaskTraits<kMaskI64> {
+template <>
+struct MaskTraits<kMaskI64> {
   using storage = uint64_t;
   static MTGRPO_HD bool set(storage x) { return x != 0; }
 };
-template <> struct MaskTraits<kMaskH16> {  // float16 and bfloat16 bits
+template <>
+struct MaskTraits<kMaskH16> {  // float16 and bfloat16 bits
   using storage = uint16_t;
   static MTGRPO_HD bool set(storage x) { return (x & 0x7fffu) != 0; }
 };
-template <> struct MaskTraits<kMaskF32> {
+template <>
+struct MaskTraits<kMaskF32> {
   using storage = uint32_t;
   static MTGRPO_HD bool set(storage x) { return (x & 0x7fffffffu) != 0; }
 };
-template <> struct MaskTraits<kMaskF64> {
+template <>
+struct MaskTraits<kMaskF64> {
   using storage = uint64_t;
   static MTGRPO_HD bool set(storage x) { return (x & 0x7fffffffffffffffull) != 0; }
 };
@@ -243,9 +257,8 @@ inline int64_t workspace_bytes(const Plan& p, int acc_bytes) {
 // tests check against the reference (and the GPU tests check the kernels against).
 // task ids outside [0, K) are skipped, as in the kernel (the callers validate them first).
 template <int VT, int MK>
-void task_masked_sum_twin(const typename ValueTraits<VT>::storage* values,
-                          const typename MaskTraits<MK>::storage* mask, const int64_t* task_ids,
-                          int64_t rows, int64_t cols, int tasks,
+void task_masked_sum_twin(const typename ValueTraits<VT>::storage* values, const typename MaskTraits<MK>::storage* mask,
+                          const int64_t* task_ids, int64_t rows, int64_t cols, int tasks,
                           typename ValueTraits<VT>::acc* sums, int64_t* counts) {
   using Acc = typename ValueTraits<VT>::acc;
   const Plan p = make_plan(rows, cols, tasks);
@@ -336,12 +349,12 @@ inline size_t partial_kernel_smem_bytes(int tasks, int acc_bytes) {
 // reduces unit tile+w of every tile of 8 units (the plan makes every tile full but the
 // grid's last); thread 0 then adds the 8 unit sums to the bins in unit order.
 template <int VT, int MK>
-__global__ void __launch_bounds__(kWarpsPerBlock * kLanes)
-task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restrict__ values,
-                               const typename MaskTraits<MK>::storage* __restrict__ mask,
-                               const int64_t* __restrict__ task_ids, Plan p,
-                               typename ValueTraits<VT>::acc* __restrict__ part_sums,
-                               uint32_t* __restrict__ part_counts) {
+__global__ void __launch_bounds__(kWarpsPerBlock* kLanes)
+    task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restrict__ values,
+                                   const typename MaskTraits<MK>::storage* __restrict__ mask,
+                                   const int64_t* __restrict__ task_ids, Plan p,
+                                   typename ValueTraits<VT>::acc* __restrict__ part_sums,
+                                   uint32_t* __restrict__ part_counts) {
   using Acc = typename ValueTraits<VT>::acc;
   extern __shared__ __align__(16) unsigned char smem[];
   const int K = p.tasks;
@@ -349,7 +362,7 @@ task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restri
   uint32_t* cbins = reinterpret_cast<uint32_t*>(bins + K);
   size_t head = size_t(K) * (sizeof(Acc) + 4);
   head = (head + 15) & ~size_t(15);
-  Acc* tile_sum = reinterpret_cast<Acc*>(smem + head);                      // [2][8]
+  Acc* tile_sum = reinterpret_cast<Acc*>(smem + head);                              // [2][8]
   uint32_t* tile_cnt = reinterpret_cast<uint32_t*>(tile_sum + 2 * kWarpsPerBlock);  // [2][8]
 
   for (int k = threadIdx.x; k < K; k += blockDim.x) {
@@ -417,9 +430,8 @@ task_masked_sum_partial_kernel(const typename ValueTraits<VT>::storage* __restri
 // Step 4: thread k adds partial[b][k] in block order (coalesced across k).
 template <typename Acc>
 __global__ void task_masked_sum_combine_kernel(const Acc* __restrict__ part_sums,
-                                               const uint32_t* __restrict__ part_counts,
-                                               int64_t blocks, int tasks, Acc* __restrict__ sums,
-                                               int64_t* __restrict__ counts) {
+                                               const uint32_t* __restrict__ part_counts, int64_t blocks, int tasks,
+                                               Acc* __restrict__ sums, int64_t* __restrict__ counts) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
   if (k >= tasks) return;
   Acc s = Acc(0);
@@ -438,9 +450,8 @@ __global__ void task_masked_sum_combine_kernel(const Acc* __restrict__ part_sums
 template <typename ES, int MK>
 __global__ void task_weighted_grad_kernel(ES* __restrict__ out,
                                           const typename MaskTraits<MK>::storage* __restrict__ mask,
-                                          const int64_t* __restrict__ task_ids,
-                                          const ES* __restrict__ table, int64_t rows, int64_t cols,
-                                          int tasks) {
+                                          const int64_t* __restrict__ task_ids, const ES* __restrict__ table,
+                                          int64_t rows, int64_t cols, int tasks) {
   const int64_t total = rows * cols;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -25,14 +25,22 @@ namespace task_acc {
 template <typename F>
 void dispatch_mask(int mask_kind, F&& f) {
   switch (mask_kind) {
-    case kMaskU8: return f(std::integral_constant<int, kMaskU8>{});
-    case kMaskI16: return f(std::integral_constant<int, kMaskI16>{});
-    case kMaskI32: return f(std::integral_constant<int, kMaskI32>{});
-    case kMaskI64: return f(std::integral_constant<int, kMaskI64>{});
-    case kMaskH16: return f(std::integral_constant<int, kMaskH16>{});
-    case kMaskF32: return f(std::integral_constant<int, kMaskF32>{});
-    case kMaskF64: return f(std::integral_constant<int, kMaskF64>{});
-    default: throw std::invalid_argument("mask: unsupported mask kind " + std::to_string(mask_kind) + " (expected 0..6)");
+    case kMaskU8:
+      return f(std::integral_constant<int, kMaskU8>{});
+    case kMaskI16:
+      return f(std::integral_constant<int, kMaskI16>{});
+    case kMaskI32:
+      return f(std::integral_constant<int, kMaskI32>{});
+    case kMaskI64:
+      return f(std::integral_constant<int, kMaskI64>{});
+    case kMaskH16:
+      return f(std::integral_constant<int, kMaskH16>{});
+    case kMaskF32:
+      return f(std::integral_constant<int, kMaskF32>{});
+    case kMaskF64:
+      return f(std::integral_constant<int, kMaskF64>{});
+    default:
+      throw std::invalid_argument("mask: unsupported mask kind " + std::to_string(mask_kind) + " (expected 0..6)");
   }
 }
 
@@ -87,9 +95,8 @@ inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
 // Step 1-3 of the plan for block b: writes bins[K] and cbins[K] (this block's partials).
 template <int VT, int MK>
 inline void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
-                               const typename MaskTraits<MK>::storage* mask,
-                               const int64_t* task_ids, const Plan& p, int64_t b,
-                               typename ValueTraits<VT>::acc* bins, uint32_t* cbins) {
+                               const typename MaskTraits<MK>::storage* mask, const int64_t* task_ids, const Plan& p,
+                               int64_t b, typename ValueTraits<VT>::acc* bins, uint32_t* cbins) {
   using Acc = typename ValueTraits<VT>::acc;
   for (int k = 0; k < p.tasks; ++k) {
     bins[k] = Acc(0);
@@ -119,8 +126,8 @@ inline void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
 // Step 4: sums[k] = sum over b of partial[b][k] in block order (the loop over k vectorises;
 // each k still sees the blocks in order 0, 1, 2, ...).
 template <typename Acc>
-inline void combine_partials_cpu(const Acc* part_sums, const uint32_t* part_counts, int64_t blocks,
-                                 int tasks, Acc* sums, int64_t* counts) {
+inline void combine_partials_cpu(const Acc* part_sums, const uint32_t* part_counts, int64_t blocks, int tasks,
+                                 Acc* sums, int64_t* counts) {
   for (int k = 0; k < tasks; ++k) {
     sums[k] = Acc(0);
     counts[k] = 0;
@@ -149,13 +156,12 @@ inline void weighted_grad_row_cpu(ES* __restrict out, const typename MaskTraits<
 namespace cuda {
 // sums: Acc[K] (float, or double for kF64 values); counts: int64[K]; workspace: at least
 // workspace_bytes(make_plan(N, T, K), sizeof(Acc)) bytes.
-void masked_sum(const void* values, int value_type, const void* mask, int mask_kind,
-                const int64_t* task_ids, int64_t rows, int64_t cols, int tasks, void* sums,
-                int64_t* counts, void* workspace, int64_t workspace_bytes, std::intptr_t stream);
+void masked_sum(const void* values, int value_type, const void* mask, int mask_kind, const int64_t* task_ids,
+                int64_t rows, int64_t cols, int tasks, void* sums, int64_t* counts, void* workspace,
+                int64_t workspace_bytes, std::intptr_t stream);
 // out[N,T] and table[K] hold elements of elem_bytes (2, 4 or 8) bytes.
-void weighted_grad(void* out, int elem_bytes, const void* mask, int mask_kind,
-                   const int64_t* task_ids, const void* table, int64_t rows, int64_t cols,
-                   int tasks, std::intptr_t stream);
+void weighted_grad(void* out, int elem_bytes, const void* mask, int mask_kind, const int64_t* task_ids,
+                   const void* table, int64_t rows, int64_t cols, int tasks, std::intptr_t stream);
 }  // namespace cuda
 
 }  // namespace task_acc
