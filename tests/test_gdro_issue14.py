@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from mtgrpo_core.gdro import PromptGDRO, RolloutAllocator, make_advantage_weighting
+from mtgrpo_core.gdro import PromptGDRO, RolloutAllocator
 from mtgrpo_core.sim import SimConfig, simulate
 
 

@@ -25,7 +25,8 @@ What
   (:class:`PromptGDROAdvantage`, see below).
 * Samplers for the dataloader: :class:`MTGRPOTaskSampler` (MT-GRPO task weights, the task
   is the row's ``data_source``, ratio-preserving batches) and :class:`PromptGDROSampler`
-  (legacy: Prompt-GDRO by sampling difficulty bins; prefer the estimator). Their constructor is verl main's curriculum-sampler
+  (legacy: Prompt-GDRO by sampling difficulty bins; prefer the estimator). Their constructor is verl main's
+  curriculum-sampler
   signature ``(data_source, data_config)`` and they have its ``update(batch)`` method.
 
 How the samplers plug into verl 0.9.1 (and their limits)
@@ -55,7 +56,8 @@ verl's own shuffled dataloader stays in place, so every prompt is seen once per 
 Configure it with :func:`configure_prompt_gdro` (driver process). The older
 :class:`PromptGDROSampler` draws bins with probability ``q`` instead; that starves
 coverage (issue 14: 1,498 distinct prompts of 14,000 in 300 x 64 draws, uniform about
-10,458) and is NOT equivalent to reweighting; it is kept for compatibility only. With ``data.dataloader_num_workers > 0`` the DataLoader prefetches
+10,458) and is NOT equivalent to reweighting; it is kept for compatibility only. With ``data.dataloader_num_workers >
+0`` the DataLoader prefetches
 ``prefetch_factor * num_workers`` batches, so weight changes reach the batches that late:
 use ``data.dataloader_num_workers=0`` for immediate effect.
 
@@ -85,7 +87,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["register", "compute_policy_loss_mtgrpo", "compute_mtgrpo_grpo_advantage", "MTGRPOTaskSampler",
            "PromptGDROSampler", "PromptGDROAdvantage", "configure_prompt_gdro", "prompt_gdro_state",
-           "compute_prompt_gdro_advantage", "GDRO_ADV_ESTIMATOR_NAME", "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME"]
+           "compute_prompt_gdro_advantage", "GDRO_ADV_ESTIMATOR_NAME",
+           "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME"]
 
 POLICY_LOSS_NAME = "mtgrpo"
 ADV_ESTIMATOR_NAME = "mtgrpo_grpo"
@@ -525,7 +528,8 @@ class PromptGDROAdvantage:
         self.correct_threshold = float(correct_threshold)
         self.classifier = DifficultyClassifier(edges=tuple(edges), window=window, hysteresis=hysteresis,
                                                unseen=unseen)
-        self.gdro = make_advantage_weighting("prompt-gdro", self.classifier.num_groups, eta=eta, gamma=gamma, ema=ema, cap=cap,
+        self.gdro = make_advantage_weighting("prompt-gdro", self.classifier.num_groups,
+                                             eta=eta, gamma=gamma, ema=ema, cap=cap,
                                share_floor=share_floor, signal=signal, reward_range=reward_range)
         self.metrics: dict = {}
 
