@@ -4,9 +4,9 @@ Panaganti et al., arXiv 2601.19280).
 What: per step, for each group b present, the group's signal l_b, optionally divided by the
 group's share of the batch's responses (floored at ``share_floor``, default 0.01, so a rare
 group's signal is amplified at most 100-fold; ``share_floor=1/G`` is the earlier, much
-weaker amplification, which bound in 54-65% of (step, group) pairs); EMA score S_b <- (1 - beta) S_b + beta l_b (first
-observation
-initialises; never-observed groups keep S_b = 0). omega_b = exp(eta S_b) (computed as a
+weaker amplification, which bound in 54-65% of (step, group) pairs); EMA score
+S_b <- (1 - beta) S_b + beta l_b (first observation initialises; never-observed groups keep S_b =
+0). omega_b = exp(eta S_b) (computed as a
 softmax of eta S, so it never overflows), q_b = (1 - gamma) omega_b / sum omega + gamma / G.
 
 The signal (``signal=``):

@@ -9,9 +9,9 @@ the batch's P prompts is exactly T = n_mean * P whenever that is an integer in
 p_b an EMA (``ema``) of group b's mean reward mapped to [0, 1] from the declared
 ``reward_range`` (default (0, 1); (-1, 1), the released code's reward, maps by (r + 1) / 2;
 a reward outside the declared range raises: clipping +-1 rewards to [0, 1] silently cost
-+10% WSE) (v_b = 1/4 before the first observation); n_b* = c sqrt(v_b) clipped to the bounds, with c found exactly
-(water-filling
-over the breakpoints) so the clipped targets sum to T. Without clipping this is
++10% WSE) (v_b = 1/4 before the first observation); n_b* = c sqrt(v_b) clipped to the
+bounds, with c found exactly (water-filling over the breakpoints) so the clipped targets sum to T.
+Without clipping this is
 n_b* = n_mean sqrt(v_b) / sum_j q_j sqrt(v_j), q_j the share of prompts in group j. Integer
 rounding by largest remainder within the bounds, then an exact greedy repair of the total.
 

@@ -25,9 +25,8 @@ What
   (:class:`PromptGDROAdvantage`, see below).
 * Samplers for the dataloader: :class:`MTGRPOTaskSampler` (MT-GRPO task weights, the task
   is the row's ``data_source``, ratio-preserving batches) and :class:`PromptGDROSampler`
-  (legacy: Prompt-GDRO by sampling difficulty bins; prefer the estimator). Their constructor is verl main's
-  curriculum-sampler
-  signature ``(data_source, data_config)`` and they have its ``update(batch)`` method.
+  (legacy: Prompt-GDRO by sampling difficulty bins; prefer the estimator). Their constructor is
+  verl main's curriculum-sampler signature ``(data_source, data_config)`` and they have its ``update(batch)`` method.
 
 How the samplers plug into verl 0.9.1 (and their limits)
 --------------------------------------------------------
@@ -56,9 +55,9 @@ verl's own shuffled dataloader stays in place, so every prompt is seen once per 
 Configure it with :func:`configure_prompt_gdro` (driver process). The older
 :class:`PromptGDROSampler` draws bins with probability ``q`` instead; that starves
 coverage (issue 14: 1,498 distinct prompts of 14,000 in 300 x 64 draws, uniform about
-10,458) and is NOT equivalent to reweighting; it is kept for compatibility only. With ``data.dataloader_num_workers >
-0`` the DataLoader prefetches
-``prefetch_factor * num_workers`` batches, so weight changes reach the batches that late:
+10,458) and is NOT equivalent to reweighting; it is kept for compatibility only. With
+``data.dataloader_num_workers > 0`` the DataLoader prefetches ``prefetch_factor * num_workers``
+batches, so weight changes reach the batches that late:
 use ``data.dataloader_num_workers=0`` for immediate effect.
 
 Registration must happen in every Ray process that runs verl code (the driver-side
