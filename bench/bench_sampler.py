@@ -11,6 +11,13 @@ it draws exactly the same prompts. The reference runs fewer steps (it is slow; t
 counts are in each row's ``extra``). Provider ``torch_ref`` is the pure-Python reference
 ``mtgrpo_core.reference.sampler.RatioPreservingSamplerRef`` (the harness's name for the oracle).
 
+Then the hard scenario of issue 13 (:func:`hard_scenario`): one task accepts 3% of its
+prompts and has weight 0.35, the other two accept 30% (weights 0.325), acceptance cap 2,
+2 rounds, B = 256, 200 steps; it prints the shortfall rate (share of steps with a short
+batch), the mean batch size and the ratio error (mean over steps of max_k |share_k - z_k|)
+of both refill rules: "fill-then-deficit" (the released code, the default) and "deficit"
+(the paper's Algorithm 2).
+
 Run: ``mtgrpo bench sampler`` (or ``python bench/bench_sampler.py``); MTGRPO_BENCH_QUICK=1
 shrinks it to one small case.
 """
@@ -73,6 +80,44 @@ def stats(ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(ms), q[0], q[3]
 
 
+HARD_Z = np.array([0.35, 0.325, 0.325])
+HARD_RATES = np.array([0.03, 0.3, 0.3])
+
+
+def hard_scenario(refill: str, *, steps: int = 200, B: int = 256, seed: int = 11, backend: str = "auto") -> dict:
+    """Issue 13's hard case under ``refill``: shortfall rate, mean batch size, ratio error.
+
+    The accept mask is the deterministic hash :func:`_accept` at the rates ``HARD_RATES``;
+    the first 10 steps (rho learning the rates) are not counted.
+    """
+    warm = 10
+    s = RatioPreservingSampler([10**6] * 3, B, oversample=3.0, max_rounds=2, acceptance_cap=2.0, seed=seed,
+                               refill=refill, backend=backend)
+    short, sizes, err = [], [], []
+    for step in range(warm + steps):
+        s.start_step(HARD_Z)
+        while (d := s.next_round()) is not None:
+            s.report(d.task_ids, d.prompt_indices, _accept(HARD_RATES, step, d.task_ids, d.prompt_indices))
+        b = s.finish()
+        if step < warm:
+            continue
+        short.append(b.shortfall > 0)
+        sizes.append(len(b))
+        share = b.realized / max(len(b), 1)
+        err.append(float(np.max(np.abs(share - HARD_Z))))
+    return {"refill": refill, "shortfall_rate": float(np.mean(short)), "mean_batch": float(np.mean(sizes)),
+            "ratio_error": float(np.mean(err))}
+
+
+def print_hard_scenario(steps: int = 200) -> None:
+    print(f"\nhard scenario: acceptance {HARD_RATES.tolist()}, weights {HARD_Z.tolist()}, cap 2, 2 rounds, "
+          f"B=256, {steps} steps")
+    print(f"{'refill':>18} {'shortfall rate':>15} {'mean batch':>11} {'ratio error':>12}")
+    for refill in ("fill-then-deficit", "deficit"):
+        r = hard_scenario(refill, steps=steps)
+        print(f"{refill:>18} {r['shortfall_rate']:>15.3f} {r['mean_batch']:>11.1f} {r['ratio_error']:>12.4f}")
+
+
 def main() -> None:
     if quick():
         cases, pool, warm, n_cpp, n_ref = [(64, 3)], 10_000, 3, 5, 2
@@ -110,6 +155,7 @@ def main() -> None:
     print(f"{'B':>6} {'K':>4} {'C++ wall':>10} {'ref wall':>10} {'ratio':>7} {'C++ cpu':>9} {'ref cpu':>9} {'ratio':>7} {'rounds':>7}")
     for B, K, c, r, ratio, cc, cr, cratio, rounds in summary:
         print(f"{B:>6} {K:>4} {c:>10.4f} {r:>10.3f} {ratio:>6.0f}x {cc:>9.4f} {cr:>9.3f} {cratio:>6.0f}x {rounds:>7.2f}")
+    print_hard_scenario(20 if quick() else 200)
 
 
 if __name__ == "__main__":

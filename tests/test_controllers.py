@@ -59,7 +59,8 @@ def test_iwu_sgd_step_and_absent_improvements():
 
 def test_regularized_sgd_two_steps_by_hand():
     beta, eta = 0.3, 0.1
-    w = RegularizedWeights(3, lr=beta, eta=eta, optimizer="sgd")
+    # reward_scale=1: the paper's g = z (J - z.J) (the default 0.2 is tested in test_mtgrpo_released.py)
+    w = RegularizedWeights(3, lr=beta, eta=eta, optimizer="sgd", reward_scale=1.0)
     xi = np.zeros(3)
     for J in ([0.1, 0.4, 0.9], [0.5, 0.2, 0.3]):
         J = np.array(J)
@@ -70,7 +71,7 @@ def test_regularized_sgd_two_steps_by_hand():
 
 
 def test_regularized_adam_uses_eta_as_weight_decay():
-    a = RegularizedWeights(3, lr=0.05, eta=0.01, optimizer="adam")
+    a = RegularizedWeights(3, lr=0.05, eta=0.01, optimizer="adam", reward_scale=1.0)
     b = ImprovementAwareWeights(3, lam=1.0, lr=0.05, weight_decay=0.01, optimizer="adam")
     for J in ([0.1, 0.4, 0.9], [0.5, 0.2, 0.3], [0.0, 0.0, 1.0]):
         np.testing.assert_array_equal(a.update(J), b.update(J))
@@ -102,7 +103,7 @@ def test_sec_td0_and_boltzmann_by_hand():
 
 
 def test_reward_tracker_ema_first_observation_and_presence():
-    t = TaskRewardTracker(3, decay=0.5)
+    t = TaskRewardTracker(3, decay=0.5, init="first")   # the start-at-0 default: test_mtgrpo_released.py
     np.testing.assert_allclose(t.update([0.4, 0.0, 0.9], present=[True, False, True]), [0.4, 0.0, 0.9])
     np.testing.assert_allclose(t.update([0.8, 0.6, 0.1]), [0.6, 0.6, 0.5])   # task 1: first observation
     # observe(): accuracy = share of rollouts with full reward (0.1 = formatted but wrong)

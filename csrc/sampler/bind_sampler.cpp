@@ -62,8 +62,16 @@ T scalar(const py::dict& d, const char* key) {
   }
 }
 
+// A state written before the refill / inflation / warm-up options existed ran the paper's
+// deficit rule with per-step inflation and no warm-up: those are its values, so it resumes exactly.
+template <typename T>
+T scalar_or(const py::dict& d, const char* key, T legacy) {
+  return d.contains(key) ? scalar<T>(d, key) : legacy;
+}
+
 smp::SamplerConfig make_config(const carr<int64_t>& pool_sizes, int64_t batch_size, double oversample, int64_t max_rounds,
-                               double acceptance_cap, double rho_decay, const std::string& rounding, bool acceptance_aware) {
+                               double acceptance_cap, double rho_decay, const std::string& rounding, bool acceptance_aware,
+                               const std::string& refill, const std::string& inflation, int64_t warmup_steps) {
   smp::SamplerConfig c;
   c.pool_sizes.assign(pool_sizes.data(), pool_sizes.data() + pool_sizes.shape(0));
   c.batch_size = batch_size;
@@ -73,6 +81,9 @@ smp::SamplerConfig make_config(const carr<int64_t>& pool_sizes, int64_t batch_si
   c.rho_decay = rho_decay;
   c.rounding = smp::parse_rounding(rounding);
   c.acceptance_aware = acceptance_aware;
+  c.refill = smp::parse_refill(refill);
+  c.inflation = smp::parse_inflation(inflation);
+  c.warmup_steps = warmup_steps;
   return c;
 }
 
@@ -96,9 +107,10 @@ py::array_t<int64_t> target_counts(const py::object& weights, int64_t batch_size
 class PySampler {
  public:
   PySampler(const py::object& pool_sizes, int64_t batch_size, double oversample, int64_t max_rounds, double acceptance_cap,
-            double rho_decay, const std::string& rounding, uint64_t seed, bool acceptance_aware)
+            double rho_decay, const std::string& rounding, uint64_t seed, bool acceptance_aware, const std::string& refill,
+            const std::string& inflation, int64_t warmup_steps)
       : s_(make_config(as_1d<int64_t>(pool_sizes, "pool_sizes"), batch_size, oversample, max_rounds, acceptance_cap, rho_decay,
-                       rounding, acceptance_aware),
+                       rounding, acceptance_aware, refill, inflation, warmup_steps),
            seed) {}
 
   void start_step(const py::object& weights) {
@@ -159,6 +171,9 @@ class PySampler {
     d["rho_decay"] = s.config.rho_decay;
     d["rounding"] = std::string(smp::rounding_name(s.config.rounding));
     d["acceptance_aware"] = s.config.acceptance_aware;
+    d["refill"] = std::string(smp::refill_name(s.config.refill));
+    d["inflation"] = std::string(smp::inflation_name(s.config.inflation));
+    d["warmup_steps"] = s.config.warmup_steps;
     d["rng_state"] = s.rng_state;
     d["rng_inc"] = s.rng_inc;
     d["rho"] = to_numpy<double>(s.rho);
@@ -198,6 +213,9 @@ class PySampler {
     s.config.rho_decay = scalar<double>(d, "rho_decay");
     s.config.rounding = smp::parse_rounding(scalar<std::string>(d, "rounding"));
     s.config.acceptance_aware = scalar<bool>(d, "acceptance_aware");
+    s.config.refill = smp::parse_refill(scalar_or<std::string>(d, "refill", "deficit"));
+    s.config.inflation = smp::parse_inflation(scalar_or<std::string>(d, "inflation", "per-step"));
+    s.config.warmup_steps = scalar_or<int64_t>(d, "warmup_steps", 0);
     s.rng_state = scalar<uint64_t>(d, "rng_state");
     s.rng_inc = scalar<uint64_t>(d, "rng_inc");
     s.rho = from_numpy<double>(d, "rho");
@@ -236,10 +254,12 @@ void register_sampler(py::module_& m) {
         py::arg("seed"), "Target counts n_k summing to batch_size (largest-remainder or multinomial with PCG32(seed)).");
   py::class_<PySampler>(m, "RatioPreservingSamplerCore",
                         "C++ core of mtgrpo_core.sampling.RatioPreservingSampler (use that class).")
-      .def(py::init<const py::object&, int64_t, double, int64_t, double, double, const std::string&, uint64_t, bool>(),
+      .def(py::init<const py::object&, int64_t, double, int64_t, double, double, const std::string&, uint64_t, bool,
+                    const std::string&, const std::string&, int64_t>(),
            py::arg("pool_sizes"), py::arg("batch_size"), py::arg("oversample"), py::arg("max_rounds"),
            py::arg("acceptance_cap"), py::arg("rho_decay"), py::arg("rounding"), py::arg("seed"),
-           py::arg("acceptance_aware"))
+           py::arg("acceptance_aware"), py::arg("refill") = "fill-then-deficit", py::arg("inflation") = "per-step",
+           py::arg("warmup_steps") = 0)
       .def("start_step", &PySampler::start_step, py::arg("weights"))
       .def("next_round", &PySampler::next_round)
       .def("report", &PySampler::report, py::arg("task_ids"), py::arg("prompt_indices"), py::arg("accepted"))

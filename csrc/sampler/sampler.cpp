@@ -48,6 +48,22 @@ const char* rounding_name(Rounding r) {
   return r == Rounding::Multinomial ? "multinomial" : "largest-remainder";
 }
 
+Refill parse_refill(const std::string& name) {
+  if (name == "fill-then-deficit") return Refill::FillThenDeficit;
+  if (name == "deficit") return Refill::Deficit;
+  bad("refill: expected 'fill-then-deficit' or 'deficit', got '", name, "'");
+}
+
+const char* refill_name(Refill r) { return r == Refill::Deficit ? "deficit" : "fill-then-deficit"; }
+
+Inflation parse_inflation(const std::string& name) {
+  if (name == "per-step") return Inflation::PerStep;
+  if (name == "per-round") return Inflation::PerRound;
+  bad("inflation: expected 'per-step' or 'per-round', got '", name, "'");
+}
+
+const char* inflation_name(Inflation r) { return r == Inflation::PerRound ? "per-round" : "per-step"; }
+
 void check_weights(const double* w, int64_t n, int64_t K, const char* name) {
   if (n != K) bad(name, ": expected ", K, " entries (one per task), got ", n);
   double s = 0.0;
@@ -272,6 +288,7 @@ void SamplerConfig::validate() const {
   if (batch_size > kMaxTotal) bad("batch_size: at most 2**53, got ", batch_size);
   if (!std::isfinite(oversample) || !(oversample > 0.0)) bad("oversample: must be a finite number > 0, got ", oversample);
   if (max_rounds < 1) bad("max_rounds: must be >= 1, got ", max_rounds);
+  if (warmup_steps < 0) bad("warmup_steps: must be >= 0, got ", warmup_steps);
   if (!std::isfinite(acceptance_cap) || !(acceptance_cap >= 1.0))
     bad("acceptance_cap: must be a finite number >= 1, got ", acceptance_cap);
   if (!std::isfinite(rho_decay) || rho_decay < 0.0 || rho_decay >= 1.0)
@@ -326,18 +343,22 @@ void RatioPreservingSampler::start_step(const double* weights, int64_t n) {
   z_.assign(weights, weights + K);
   n_.assign(K, 0);
   apportion(z_.data(), K, cfg_.batch_size, cfg_.rounding, rng_, n_.data());
-  m_.assign(K, 1.0);
-  if (cfg_.acceptance_aware) {
-    for (int64_t k = 0; k < K; ++k) {
-      double r = std::min(rho_[k], 0.99);  // 1 - rho >= 0.01
-      m_[k] = std::min(1.0 / (1.0 - r), cfg_.acceptance_cap);
-    }
-  }
+  compute_inflation();
   rounds_ = 0;
   round_open_ = false;
   round_start_ = 0;
   clear_step_records();
   active_ = true;
+}
+
+void RatioPreservingSampler::compute_inflation() {
+  const int64_t K = num_tasks();
+  m_.assign(K, 1.0);
+  if (!cfg_.acceptance_aware) return;
+  for (int64_t k = 0; k < K; ++k) {
+    double r = std::min(rho_[k], 0.99);  // 1 - rho >= 0.01
+    m_[k] = std::min(1.0 / (1.0 - r), cfg_.acceptance_cap);
+  }
 }
 
 void RatioPreservingSampler::clear_step_records() {
@@ -381,17 +402,30 @@ bool RatioPreservingSampler::next_round(std::vector<int32_t>& task_ids, std::vec
   const int64_t K = num_tasks();
   std::vector<double> q(K, 0.0);
   std::vector<int64_t> cap(K, 0);
-  if (rounds_ == 0) {
-    for (int64_t k = 0; k < K; ++k) q[k] = no_contract_mul(z_[k], m_[k]);
-  } else {
-    int64_t total_def = 0;
+  // per-round inflation: rho already holds the rounds closed so far (close_round above)
+  if (cfg_.inflation == Inflation::PerRound) compute_inflation();
+  bool from_z = rounds_ == 0;
+  if (!from_z) {
+    int64_t total_def = 0, total_acc = 0;
     for (int64_t k = 0; k < K; ++k) {
-      int64_t def = std::max<int64_t>(n_[k] - static_cast<int64_t>(acc_[k].size()), 0);
+      const int64_t c = static_cast<int64_t>(acc_[k].size());
+      int64_t def = std::max<int64_t>(n_[k] - c, 0);
       total_def += def;
+      total_acc += c;
       q[k] = no_contract_mul(static_cast<double>(def), m_[k]);
     }
-    if (total_def == 0) return false;
+    if (in_warmup()) {
+      // ratios not enforced: only the batch size counts
+      if (total_acc >= cfg_.batch_size) return false;
+      from_z = true;
+    } else {
+      if (total_def == 0) return false;
+      // fill-then-deficit: keep the z*m mix until B prompts are accepted in total
+      from_z = cfg_.refill == Refill::FillThenDeficit && total_acc < cfg_.batch_size;
+    }
   }
+  if (from_z)
+    for (int64_t k = 0; k < K; ++k) q[k] = no_contract_mul(z_[k], m_[k]);
   bool any = false;
   for (int64_t k = 0; k < K; ++k) {
     cap[k] = cfg_.pool_sizes[k] - drawn_[k];
@@ -536,7 +570,8 @@ Batch RatioPreservingSampler::finish() {
     std::vector<uint32_t>& a = acc_[k];
     const int64_t c = static_cast<int64_t>(a.size());
     b.num_accepted += c;
-    const int64_t s = std::min(c, n_[k]);
+    // warm-up: no per-task quota, the whole batch is the uniform top-up below
+    const int64_t s = in_warmup() ? 0 : std::min(c, n_[k]);
     for (int64_t i = 0; i < s; ++i) {
       int64_t j = i + rng_.bounded(static_cast<uint32_t>(c - i));
       std::swap(a[i], a[j]);

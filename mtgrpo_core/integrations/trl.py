@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from ..ops import grpo_loss
+from ..weighting import canonical_weighting
 from ._batching import TaskBatchComposer
 
 try:
@@ -223,7 +224,8 @@ class MTGRPOTrainer(GRPOTrainer):
         A task-weighting name of :func:`mtgrpo_core.weighting.make_weighting`: "iwu" (alias
         "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec".
     task_weighting_kwargs : dict
-        Its hyperparameters, e.g. ``{"lam": 0.25}``.
+        Its hyperparameters, e.g. ``{"lam": 0.25}``. For IWU ``policy_lr`` defaults to
+        ``args.learning_rate`` (the improvement clip is ``improvement_clip * lr / 1e-6``).
     acceptance_aware : bool
         Inflate a task's share by ``1 / (1 - rho_k)`` (capped at 5).
     correct_threshold : float
@@ -255,10 +257,12 @@ class MTGRPOTrainer(GRPOTrainer):
                 "tasks, so the task ratio cannot be kept; raise per_device_train_batch_size, steps_per_generation "
                 "or the number of processes (generation_batch_size = per_device_train_batch_size x processes x "
                 "steps_per_generation)")
+        ckw = dict(task_weighting_kwargs or {})
+        if canonical_weighting(task_weighting) == "iwu":   # the I_k clip scales with the policy lr / 1e-6
+            ckw.setdefault("policy_lr", float(self.args.learning_rate))
         self.task_composer = TaskBatchComposer(
             list(ds[task_column]), prompts_per_gen, weighting=task_weighting, acceptance_aware=acceptance_aware,
-            correct_threshold=correct_threshold, seed=int(self.args.seed),
-            controller_kwargs=task_weighting_kwargs or {})
+            correct_threshold=correct_threshold, seed=int(self.args.seed), controller_kwargs=ckw)
         self.task_names = self.task_composer.task_names
         self._task_pos = {name: k for k, name in enumerate(self.task_names)}
         self._pending_chunks: collections.deque = collections.deque()

@@ -376,6 +376,9 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
         "iwu" (alias "mtgrpo", the default), "reward-only" (alias "regularized"), "uniform", "sec"
     lam, lr, weight_decay : MT-GRPO IWU hyperparameters (0.2, 0.025, 1e-5); ``lr`` is also
         the reward-only and SEC step size
+    policy_lr : float, optional
+        The actor's learning rate (verl ``actor_rollout_ref.actor.optim.lr``; may be given in
+        ``data.sampler.kwargs``): IWU clips I_k to ``0.1 * policy_lr / 1e-6``. None: clip 0.1.
     acceptance_aware, acceptance_cap, rho_decay, reward_ema, correct_threshold, seed :
         see :class:`mtgrpo_core.integrations._batching.TaskBatchComposer`
     """
@@ -384,10 +387,10 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
                  task_key: str = "data_source", weighting: str = "mtgrpo", lam: float = 0.2, lr: float = 0.025,
                  weight_decay: float = 1e-5, acceptance_aware: bool = True, acceptance_cap: float = 5.0,
                  rho_decay: float = 0.9, reward_ema: float = 0.5, correct_threshold: float = 1.0,
-                 task_names=None, seed: int = 0):
+                 task_names=None, seed: int = 0, policy_lr: float | None = None):
         super().__init__(data_source, data_config, batch_size=batch_size)
         opts = dict(task_key=task_key, weighting=weighting, lam=lam, lr=lr, weight_decay=weight_decay,
-                    acceptance_aware=acceptance_aware, acceptance_cap=acceptance_cap, rho_decay=rho_decay,
+                    policy_lr=policy_lr, acceptance_aware=acceptance_aware, acceptance_cap=acceptance_cap, rho_decay=rho_decay,
                     reward_ema=reward_ema, correct_threshold=correct_threshold, task_names=task_names, seed=seed)
         extra = _sampler_kwargs(data_config)
         unknown = set(extra) - set(opts)
@@ -397,7 +400,8 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
         self.task_key = opts["task_key"]
         kind = canonical_weighting(opts["weighting"])
         # the sampler's keywords each rule takes (a rule registered elsewhere gets its defaults)
-        ckw = {"iwu": {"lr": opts["lr"], "lam": opts["lam"], "weight_decay": opts["weight_decay"]},
+        ckw = {"iwu": {"lr": opts["lr"], "lam": opts["lam"], "weight_decay": opts["weight_decay"],
+                       "policy_lr": opts["policy_lr"]},
                "reward-only": {"lr": opts["lr"]}, "sec": {"lr": opts["lr"]}}.get(kind, {})
         self.composer = TaskBatchComposer(
             _column(data_source, self.task_key), self.batch_size, weighting=opts["weighting"],

@@ -13,14 +13,19 @@ Algorithm (one step):
    filtered-ratio EMA ``rho`` (``m = 1`` when ``acceptance_aware=False``).
 3. round 1 draws ``R = floor(oversample * B + 0.5)`` prompts split by ``apportion(z*m, R)``;
    round ``r > 1`` splits ``R`` by ``apportion(deficit*m, R)``, ``deficit_k = max(n_k - c_k, 0)``
-   (``c_k`` = accepted so far); stop when no deficit is left or after ``max_rounds``.
+   (``c_k`` = accepted so far), except that ``refill="fill-then-deficit"`` (default) keeps
+   ``apportion(z*m, R)`` while ``sum(c) < B``; stop when no deficit is left or after
+   ``max_rounds``. ``inflation="per-round"`` recomputes ``m`` before every round from the
+   current rho. During the first ``warmup_steps`` steps a round draws ``z*m`` and the step
+   stops once ``sum(c) >= B`` (ratios not enforced).
    A task never gets more than it has left undrawn this step; what it cannot take goes to
    the others in proportion (water-filling).
 4. after each round the caller reports which prompts were accepted; when the round is
    closed, ``rho_k <- d*rho_k + (1-d)*rejected_k/reported_k`` for each task with reports.
 5. ``finish``: per task ``min(c_k, n_k)`` accepted prompts uniformly at random (partial
-   Fisher-Yates over the accepted list in report order), then a uniform top-up from the
-   remaining accepted prompts of all tasks up to ``B``; shortfall = ``B - size``.
+   Fisher-Yates over the accepted list in report order; none during the warm-up steps),
+   then a uniform top-up from the remaining accepted prompts of all tasks up to ``B``;
+   shortfall = ``B - size``.
 
 Prompts come from a per-task lazy pseudo-random permutation (a keyed Feistel network with
 cycle walking; one epoch = one pass over the pool, new keys when exhausted); a step that
@@ -52,6 +57,8 @@ _MASK64 = (1 << 64) - 1
 _MASK32 = (1 << 32) - 1
 STATE_FORMAT = "mtgrpo_core.RatioPreservingSampler/1"
 ROUNDINGS = ("largest-remainder", "multinomial")
+REFILLS = ("fill-then-deficit", "deficit")
+INFLATIONS = ("per-step", "per-round")
 #: Largest total apportioned: float(total) must be exact so that |n_k - z_k B| < 1 holds.
 MAX_TOTAL = 2**53
 #: Largest multinomial total (batch size or prompts a round): the draw costs one PCG32
@@ -319,7 +326,8 @@ class RatioPreservingSamplerRef:
 
     def __init__(self, pool_sizes, batch_size: int, *, oversample: float = 3.0, max_rounds: int = 10,
                  acceptance_cap: float = 5.0, rho_decay: float = 0.9, rounding: str = "largest-remainder",
-                 seed: int = 0, acceptance_aware: bool = True):
+                 seed: int = 0, acceptance_aware: bool = True, refill: str = "fill-then-deficit",
+                 inflation: str = "per-step", warmup_steps: int = 0):
         ps = [int(x) for x in np.asarray(pool_sizes, dtype=np.int64).reshape(-1)]
         if len(ps) == 0:
             raise ValueError("pool_sizes: need at least one task, got 0")
@@ -338,6 +346,12 @@ class RatioPreservingSamplerRef:
             raise ValueError(f"rho_decay: must lie in [0, 1), got {rho_decay}")
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
+        if refill not in REFILLS:
+            raise ValueError(f"refill: expected one of {REFILLS}, got {refill!r}")
+        if inflation not in INFLATIONS:
+            raise ValueError(f"inflation: expected one of {INFLATIONS}, got {inflation!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {warmup_steps}")
         _check_total(int(batch_size), rounding)
         r = math.floor(float(oversample) * float(batch_size) + 0.5)
         if r > 2147483647:
@@ -355,6 +369,9 @@ class RatioPreservingSamplerRef:
         self.rho_decay = float(rho_decay)
         self.rounding = rounding
         self.acceptance_aware = bool(acceptance_aware)
+        self.refill = refill
+        self.inflation = inflation
+        self.warmup_steps = int(warmup_steps)
         self.round_size = max(1, int(r))
         self.rng = Pcg32(int(seed))
         self.rho = [0.0] * len(ps)
@@ -386,10 +403,17 @@ class RatioPreservingSamplerRef:
             if z[k] > 0.0 and self.pool_sizes[k] == 0:
                 raise ValueError(f"pool_sizes[{k}] is 0 but weights[{k}] = {z[k]} > 0: a task with weight needs prompts")
         n = apportion(z, self.batch_size, self.rounding, self.rng)
-        m = [1.0] * K
-        if self.acceptance_aware:
-            m = [min(1.0 / (1.0 - min(r, 0.99)), self.acceptance_cap) for r in self.rho]
-        self.step = _Step(z=z, n=n, m=m, acc=[[] for _ in range(K)])
+        self.step = _Step(z=z, n=n, m=self._inflation(), acc=[[] for _ in range(K)])
+
+    def _inflation(self) -> list[float]:
+        if not self.acceptance_aware:
+            return [1.0] * self.num_tasks
+        return [min(1.0 / (1.0 - min(r, 0.99)), self.acceptance_cap) for r in self.rho]
+
+    @property
+    def in_warmup(self) -> bool:
+        """True during the first ``warmup_steps`` steps (ratios not enforced)."""
+        return self.steps_done < self.warmup_steps
 
     def _close_round(self, st: _Step) -> None:
         if not st.round_open:
@@ -414,13 +438,23 @@ class RatioPreservingSamplerRef:
         if st.rounds >= self.max_rounds:
             return None
         K = self.num_tasks
-        if st.rounds == 0:
-            q = [st.z[k] * st.m[k] for k in range(K)]
-        else:
+        if self.inflation == "per-round":  # rho already holds the rounds closed so far
+            st.m = self._inflation()
+        from_z = st.rounds == 0
+        if not from_z:
             deficit = [max(st.n[k] - len(st.acc[k]), 0) for k in range(K)]
-            if sum(deficit) == 0:
-                return None
+            total_acc = sum(len(a) for a in st.acc)
+            if self.in_warmup:  # ratios not enforced: only the batch size counts
+                if total_acc >= self.batch_size:
+                    return None
+                from_z = True
+            else:
+                if sum(deficit) == 0:
+                    return None
+                from_z = self.refill == "fill-then-deficit" and total_acc < self.batch_size
             q = [float(deficit[k]) * st.m[k] for k in range(K)]
+        if from_z:
+            q = [st.z[k] * st.m[k] for k in range(K)]
         drawn = [0] * K
         for t in st.rec_task:
             drawn[t] += 1
@@ -501,7 +535,7 @@ class RatioPreservingSamplerRef:
         for k in range(K):
             a = st.acc[k]
             c = len(a)
-            s = min(c, st.n[k])
+            s = 0 if self.in_warmup else min(c, st.n[k])  # warm-up: all from the top-up
             for i in range(s):  # partial Fisher-Yates: a uniform s-subset
                 j = i + self.rng.bounded(c - i)
                 a[i], a[j] = a[j], a[i]
@@ -536,6 +570,7 @@ class RatioPreservingSamplerRef:
             "format": STATE_FORMAT, "pool_sizes": i64(self.pool_sizes), "batch_size": self.batch_size,
             "oversample": self.oversample, "max_rounds": self.max_rounds, "acceptance_cap": self.acceptance_cap,
             "rho_decay": self.rho_decay, "rounding": self.rounding, "acceptance_aware": self.acceptance_aware,
+            "refill": self.refill, "inflation": self.inflation, "warmup_steps": self.warmup_steps,
             "rng_state": self.rng.state, "rng_inc": self.rng.inc, "rho": np.asarray(self.rho, dtype=np.float64),
             "steps_done": self.steps_done,
             "perm_epoch": i64([P.epoch for P in self.perms]), "perm_pos": i64([P.pos for P in self.perms]),
@@ -672,7 +707,10 @@ class RatioPreservingSamplerRef:
         new = RatioPreservingSamplerRef(
             self.pool_sizes, int(d["batch_size"]), oversample=float(d["oversample"]), max_rounds=int(d["max_rounds"]),
             acceptance_cap=float(d["acceptance_cap"]), rho_decay=float(d["rho_decay"]), rounding=str(d["rounding"]),
-            acceptance_aware=bool(d["acceptance_aware"]))
+            acceptance_aware=bool(d["acceptance_aware"]),
+            # states written before these options ran the deficit rule, per-step m, no warm-up
+            refill=str(d.get("refill", "deficit")), inflation=str(d.get("inflation", "per-step")),
+            warmup_steps=int(d.get("warmup_steps", 0)))
         self._check_state(d, new)
         new.rng.state, new.rng.inc = int(d["rng_state"]), int(d["rng_inc"])
         new.rho = [float(x) for x in d["rho"]]

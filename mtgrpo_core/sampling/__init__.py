@@ -5,6 +5,9 @@ groups with non-zero advantage) so that task ``k`` holds ``n_k ~ z_k B`` of them
 tasks are filtered at very different rates: it oversamples in rounds, inflating each task's
 share by ``min(1 / (1 - rho_k), acceptance_cap)`` where ``rho_k`` is an EMA of the task's
 filtered ratio (acceptance-aware sampling, MT-GRPO arXiv 2602.05547; ALGORITHMS.md 2.3).
+Later rounds draw from ``z*m`` until B prompts are accepted, then from the per-task
+deficits (``refill="fill-then-deficit"``, the released code) or from the deficits at once
+(``refill="deficit"``, the paper's Algorithm 2).
 
 Typical loop::
 
@@ -32,11 +35,11 @@ from typing import Sequence
 import numpy as np
 
 from .. import _native
-from ..reference.sampler import (MAX_MULTINOMIAL_DRAWS, MAX_TOTAL, ROUNDINGS, BatchRef, RatioPreservingSamplerRef,
-                                 _check_total, target_counts_ref)
+from ..reference.sampler import (INFLATIONS, MAX_MULTINOMIAL_DRAWS, MAX_TOTAL, REFILLS, ROUNDINGS, BatchRef,
+                                 RatioPreservingSamplerRef, _check_total, target_counts_ref)
 
 __all__ = ["RatioPreservingSampler", "RoundDraw", "SampledBatch", "target_counts", "MAX_BATCH_SIZE",
-           "MAX_MULTINOMIAL_BATCH_SIZE"]
+           "MAX_MULTINOMIAL_BATCH_SIZE", "REFILLS", "INFLATIONS"]
 
 #: Largest batch size (any rounding): 2**53, the largest integer a double holds exactly.
 MAX_BATCH_SIZE = MAX_TOTAL
@@ -200,14 +203,30 @@ class RatioPreservingSampler:
     seed : int
         PCG32 seed in [0, 2**64); same seed + same reports = same batches on every platform.
     acceptance_aware : bool
-        False: draw rounds from ``z`` / deficits alone (``m = 1``), the paper's baseline.
+        False: draw rounds from ``z`` / deficits alone (``m = 1``), the paper's baseline
+        (and the released Exp-1 scripts' setting).
+    refill : {"fill-then-deficit", "deficit"}
+        What rounds after the first draw from. ``"fill-then-deficit"`` (default, the released
+        MT-GRPO trainer): ``z*m`` while fewer than B prompts are accepted in total, then
+        ``deficit*m``; ``"deficit"`` (the paper's Algorithm 2): ``deficit*m`` from round 2 on.
+        With one hard task (acceptance 0.03, weight 0.35, cap 2, 2 rounds, B = 256) the
+        deficit rule's batch was short on every step, fill-then-deficit's on none
+        (bench/bench_sampler.py).
+    inflation : {"per-step", "per-round"}
+        ``m_k`` computed once at ``start_step`` (default) or again before every round from
+        the rho of the rounds closed so far (the released trainer).
+    warmup_steps : int
+        The first ``warmup_steps`` steps do not enforce ratios: rounds draw from ``z*m``
+        until B prompts are accepted in total and ``finish`` picks B of them uniformly,
+        whatever their task (the released Exp-2 scripts: 10). Default 0.
     backend : {"auto", "cpp", "python"}
         ``cpp`` (the C++ core), ``python`` (the reference), ``auto``: C++ when built.
     """
 
     def __init__(self, pool_sizes: Sequence[int], batch_size: int, *, oversample: float = 3.0, max_rounds: int = 10,
                  acceptance_cap: float = 5.0, rho_decay: float = 0.9, rounding: str = "largest-remainder",
-                 seed: int = 0, acceptance_aware: bool = True, backend: str = "auto"):
+                 seed: int = 0, acceptance_aware: bool = True, refill: str = "fill-then-deficit",
+                 inflation: str = "per-step", warmup_steps: int = 0, backend: str = "auto"):
         ps = _index_array(pool_sizes, "pool_sizes")
         if ps.shape[0] == 0:
             raise ValueError("pool_sizes: need at least one task, got 0")
@@ -222,6 +241,13 @@ class RatioPreservingSampler:
         if rounding not in ROUNDINGS:
             raise ValueError(f"rounding: expected 'largest-remainder' or 'multinomial', got {rounding!r}")
         _check_total(B, rounding)
+        if refill not in REFILLS:
+            raise ValueError(f"refill: expected one of {REFILLS}, got {refill!r}")
+        if inflation not in INFLATIONS:
+            raise ValueError(f"inflation: expected one of {INFLATIONS}, got {inflation!r}")
+        warmup_steps = _int(warmup_steps, "warmup_steps")
+        if not 0 <= warmup_steps < 2**63:
+            raise ValueError(f"warmup_steps: must lie in [0, 2**63), got {warmup_steps}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
         if backend == "cpp" and not _native.has("RatioPreservingSamplerCore"):
@@ -234,10 +260,11 @@ class RatioPreservingSampler:
         if self.backend == "cpp":
             self._core = _native.native().RatioPreservingSamplerCore(
                 ps, B, args["oversample"], args["max_rounds"], args["acceptance_cap"], args["rho_decay"], rounding, s,
-                bool(acceptance_aware))
+                bool(acceptance_aware), refill, inflation, warmup_steps)
         else:
             self._core = RatioPreservingSamplerRef(ps, B, rounding=rounding, seed=s,
-                                                   acceptance_aware=bool(acceptance_aware), **args)
+                                                   acceptance_aware=bool(acceptance_aware), refill=refill,
+                                                   inflation=inflation, warmup_steps=warmup_steps, **args)
 
     def start_step(self, weights) -> None:
         """Begin a step with task weights ``weights`` float[K] (>= 0, sum 1 within 1e-6)."""

@@ -31,6 +31,7 @@ from ..algorithms import algorithm_names, get_algorithm
 
 # Every name --algo / run.algo accepts (canonical names, then aliases such as "sec").
 ALGOS = algorithm_names(aliases=True)
+FILTER_RULES = ("lenient", "strict")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -110,6 +111,10 @@ class LossConfig:
     adv_clip: float | None = None
     kl_coef: float = 0.0
     backend: str = "auto"
+    # which groups the filter (filter_zero_adv) drops: "lenient" = zero-advantage groups
+    # (DAPO's dynamic sampling); "strict" = also every group with no response of reward >= 1
+    # (the released MT-GRPO scripts' filter; the same as lenient with 0/1 rewards)
+    filter_rule: str = "lenient"
 
 
 @dataclass(frozen=True)
@@ -123,12 +128,22 @@ class MTGRPOConfig:
     reward_ema: float = 0.5
     acceptance_cap: float = 5.0
     rp_sampler: bool = True
+    # the I_k clip is improvement_clip * rl.lr / 1e-6 (the released code; at rl.lr = 3e-4
+    # that is 30, so the clip rarely binds); false: improvement_clip as is
+    clip_scale_lr: bool = True
+    reward_scale: float = 0.2     # Subroutine 2's score s = reward_scale * J (released: lambda 0.2)
+    reward_init: str = "zero"     # J's EMA starts at 0 ("zero", released) or at the first observation ("first")
+    acceptance_aware: bool = True  # the RP sampler's m_k (released Exp-1 scripts: off)
+    refill: str = "fill-then-deficit"  # RP sampler's later rounds: "fill-then-deficit" (released) | "deficit" (paper)
+    inflation: str = "per-step"   # m_k computed "per-step" or "per-round" (released)
+    ratio_warmup: int = 0         # RL steps before the RP sampler enforces ratios (released Exp-2: 10)
 
 
 @dataclass(frozen=True)
 class SECConfig:
     lr: float = 0.5
     temperature: float = 0.2
+    absent: str = "zero"          # an absent task's arm: reward 0 ("zero", released) | "freeze"
 
 
 @dataclass(frozen=True)
@@ -205,9 +220,9 @@ def weighting_kwargs(name: str, cfg: TrainConfig) -> dict:
     m, sec = cfg.mtgrpo, cfg.sec
     table = {
         "iwu": dict(lam=m.lam, lr=m.weight_lr, weight_decay=m.weight_decay, optimizer=m.optimizer,
-                    improvement_clip=m.improvement_clip),
-        "reward-only": dict(lr=m.weight_lr, eta=m.eta, optimizer=m.optimizer),
-        "sec": dict(lr=sec.lr, temperature=sec.temperature),
+                    improvement_clip=m.improvement_clip, policy_lr=cfg.rl.lr if m.clip_scale_lr else None),
+        "reward-only": dict(lr=m.weight_lr, eta=m.eta, optimizer=m.optimizer, reward_scale=m.reward_scale),
+        "sec": dict(lr=sec.lr, temperature=sec.temperature, absent=sec.absent),
     }
     return table.get(canonical_weighting(name), {})
 
@@ -342,12 +357,28 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
 
+def preset_names() -> tuple[str, ...]:
+    """Names of the packaged config presets (``mtgrpo_core/configs/*.toml``), e.g.
+    ``mtgrpo-exp1`` / ``mtgrpo-exp2`` (the released MT-GRPO scripts' settings)."""
+    return tuple(sorted(p.stem for p in default_config_path().parent.glob("*.toml")))
+
+
+def preset_path(name: str) -> Path | None:
+    """The file of the packaged preset ``name`` (with or without ``.toml``), or None."""
+    stem = name[:-5] if name.endswith(".toml") else name
+    if stem not in preset_names():
+        return None
+    return default_config_path().parent / f"{stem}.toml"
+
+
 def load_config(path: str | Path | None = None, overrides=(), algo: str | None = None,
                 out: str | None = None) -> TrainConfig:
     """Build the config: defaults <- the TOML file (the embedded default when ``path`` is
     None) <- ``--algo``/``--out`` <- ``key=value`` overrides; then resolve and validate."""
     cfg = TrainConfig()
     p = Path(path) if path is not None else default_config_path()
+    if path is not None and not p.exists() and preset_path(str(path)) is not None:
+        p = preset_path(str(path))   # a packaged preset by name, e.g. "mtgrpo-exp1"
     if p.exists():
         try:
             data = tomllib.loads(p.read_text())
@@ -409,7 +440,7 @@ def _check_controllers(cfg: TrainConfig) -> None:
     checks = [
         ("mtgrpo", lambda: weighting.make_weighting("iwu", 2, **weighting_kwargs("iwu", cfg))),
         ("mtgrpo", lambda: weighting.make_weighting("reward-only", 2, **weighting_kwargs("reward-only", cfg))),
-        ("mtgrpo", lambda: weighting.TaskRewardTracker(2, decay=m.reward_ema)),
+        ("mtgrpo", lambda: weighting.TaskRewardTracker(2, decay=m.reward_ema, init=m.reward_init)),
         ("sec", lambda: weighting.make_weighting("sec", 2, **weighting_kwargs("sec", cfg))),
         ("gdro", lambda: gdro.DifficultyClassifier(edges=tuple(gd.edges), window=gd.window,
                                                    hysteresis=gd.hysteresis, unseen=gd.unseen)),
@@ -419,7 +450,8 @@ def _check_controllers(cfg: TrainConfig) -> None:
                                                       n_mean=gd.n_mean, eta=gd.eta, gamma=gd.gamma)),
     ]
     # constructor argument -> config key, where the names differ
-    rename = {("mtgrpo", "lr"): "weight_lr", ("mtgrpo", "decay"): "reward_ema", ("gdro", "method"): "allocator"}
+    rename = {("mtgrpo", "lr"): "weight_lr", ("mtgrpo", "decay"): "reward_ema", ("mtgrpo", "init"): "reward_init",
+              ("mtgrpo", "policy_lr"): "clip_scale_lr", ("gdro", "method"): "allocator"}
     for section, build in checks:
         try:
             build()
@@ -504,6 +536,12 @@ def validate(cfg: TrainConfig) -> None:
     need(lo.adv_clip is None or lo.adv_clip > 0, f"loss.adv_clip must be > 0 or none, got {lo.adv_clip}")
     need(cfg.mtgrpo.optimizer in ("adam", "sgd"), f"mtgrpo.optimizer must be adam|sgd, got {cfg.mtgrpo.optimizer!r}")
     need(cfg.mtgrpo.lam >= 0, f"mtgrpo.lam must be >= 0, got {cfg.mtgrpo.lam}")
+    need(lo.filter_rule in FILTER_RULES, f"loss.filter_rule must be one of {FILTER_RULES}, got {lo.filter_rule!r}")
+    need(cfg.mtgrpo.refill in ("fill-then-deficit", "deficit"),
+         f"mtgrpo.refill must be fill-then-deficit|deficit, got {cfg.mtgrpo.refill!r}")
+    need(cfg.mtgrpo.inflation in ("per-step", "per-round"),
+         f"mtgrpo.inflation must be per-step|per-round, got {cfg.mtgrpo.inflation!r}")
+    need(cfg.mtgrpo.ratio_warmup >= 0, f"mtgrpo.ratio_warmup must be >= 0, got {cfg.mtgrpo.ratio_warmup}")
     need(gd.n_min >= 1, f"gdro.n_min must be >= 1, got {gd.n_min}")
     need(gd.n_min <= gd.n_max, f"gdro.n_min ({gd.n_min}) must be <= gdro.n_max ({gd.n_max})")
     need(gd.n_min <= gd.n_mean <= gd.n_max,

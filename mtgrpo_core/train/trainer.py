@@ -182,14 +182,16 @@ class Trainer:
         cfg, K, algo = self.cfg, self.K, self.algo
         m, g = cfg.mtgrpo, cfg.gdro
         self.weighting = weighting.make_weighting(algo.weighting, K, **weighting_kwargs(algo.weighting, cfg))
-        self.tracker = weighting.TaskRewardTracker(K, decay=m.reward_ema)
+        self.tracker = weighting.TaskRewardTracker(K, decay=m.reward_ema, init=m.reward_init)
         # mtgrpo.rp_sampler = false swaps the RP sampler for the mixed draw (the IWU-without-RPS ablation)
         if algo.sampler == "ratio-preserving" and m.rp_sampler:
             from ..sampling import RatioPreservingSampler
 
             self.sampler = RatioPreservingSampler(
                 self.pool_sizes, cfg.rl.batch_prompts, oversample=cfg.rl.oversample,
-                max_rounds=cfg.rl.max_rounds, acceptance_cap=m.acceptance_cap, seed=cfg.run.seed)
+                max_rounds=cfg.rl.max_rounds, acceptance_cap=m.acceptance_cap, seed=cfg.run.seed,
+                acceptance_aware=m.acceptance_aware, refill=m.refill, inflation=m.inflation,
+                warmup_steps=m.ratio_warmup)
         else:
             self.sampler = DynamicSampling(self.pool_sizes, cfg.rl.batch_prompts, filtered=cfg.loss.filter_zero_adv,
                                            oversample=cfg.rl.oversample, max_rounds=cfg.rl.max_rounds,
@@ -408,11 +410,16 @@ class Trainer:
                  else np.asarray(self.alloc.allocate(bins), np.int64))
             g = self.generate_groups(t_ids, p_idx, n, bins)
             informative = informative_groups(g.rewards, g.group_of, len(g.task_ids))
+            keep = informative
+            if cfg.loss.filter_rule == "strict":   # also drop groups without one full-reward response
+                full = np.zeros(len(g.task_ids), bool)
+                np.logical_or.at(full, g.group_of, g.rewards >= 1.0 - 1e-6)
+                keep = informative & full
             self._round_stats(g, informative, acc)
             # J_k: accuracy of this round's rollouts for the tasks present in it
             J, present = per_task_mean(g.correct.astype(np.float64), g.task_ids[g.group_of], self.K)
             self.tracker.update(J, present)
-            self.sampler.report(t_ids, p_idx, informative if filt else np.ones(len(t_ids), bool))
+            self.sampler.report(t_ids, p_idx, keep if filt else np.ones(len(t_ids), bool))
             parts.append(g)
         batch = self.sampler.finish()
         where = {}

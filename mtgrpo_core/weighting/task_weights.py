@@ -5,20 +5,21 @@ from per-task rewards J_k and improvements I_k. The weights feed the ratio-prese
 sampler (the batch holds task k in proportion z_k) and/or a task-weighted loss.
 
 Algorithms (docs/ALGORITHMS.md sections 3-4; MT-GRPO, Ramesh et al., arXiv 2602.05547):
-- :class:`ImprovementAwareWeights` (IWU, the method): s_k = clip(I_k) + lambda J_k,
+- :class:`ImprovementAwareWeights` (IWU, the method): s_k = clip(I_k) + lambda J_k (the
+  clip scaled by policy_lr / 1e-6 when the policy lr is given),
   g_k = z_k (s_k - sum_j z_j s_j), xi <- xi - step(g) with Adam (betas 0.9/0.999, L2
   weight decay added to the gradient, as the reference code) or plain gradient descent.
   A descent step: a task with low reward and low improvement gains weight.
-- :class:`RegularizedWeights` (Subroutine 2, ablation): g_k = z_k (J_k - z.J);
+- :class:`RegularizedWeights` (Subroutine 2, ablation): s = 0.2 J, g_k = z_k (s_k - z.s);
   sgd: xi <- xi - beta (g + eta xi); adam: eta is Adam's L2 weight decay.
   eta -> 0 is the strict worst-task update that collapses onto one task.
 - :class:`UniformWeights`: z = 1/K always.
 - :class:`SECCurriculum` (Self-Evolving Curriculum, Chen et al., arXiv 2505.14970): a
   bandit over tasks rewarded by the mean |advantage| of each task's samples, TD(0) value
-  update Q <- Q + lr (r - Q) for the tasks present, Boltzmann probabilities
-  softmax(Q / temperature) as the weights.
+  update Q <- Q + lr (r - Q) (an absent task's reward is 0, or its arm frozen),
+  Boltzmann probabilities softmax(Q / temperature) as the weights.
 - :class:`TaskRewardTracker`: the EMA (decay 0.5) of per-task accuracy J_k over
-  generation rounds, for the tasks present; the first observation initialises.
+  generation rounds, for the tasks present; starts at 0 (or at the first observation).
 
 Cost: O(K) float64 work per update (a few microseconds at K = 9).
 Numerics: softmax through log-sum-exp; gradients clipped at 1e100 and logits at 1e150,
@@ -111,17 +112,36 @@ class ImprovementAwareWeights(_LogitWeights):
         L2 decay added to the gradient: 1e-5 (3 tasks) / 1e-4 (9 tasks).
     optimizer : {"adam", "sgd"}
     improvement_clip : float
-        I_k is clipped to [-c, c] (0.1; 0.2 in the 9-task runs).
+        c: I_k is clipped to [-C, C] with C = c (0.1; 0.2 in the 9-task runs), or, given
+        ``policy_lr``, C = c * policy_lr / 1e-6.
+    policy_lr : float or None
+        The policy optimiser's learning rate. The released MT-GRPO code scales the clip by
+        lr / 1e-6 (its runs use lr = 1e-6, where C = c): I_k is a loss difference after one
+        optimiser step, so it grows roughly in proportion to the lr; at lr = 3e-4 an unscaled
+        clip of 0.1 bound on 77% of (step, task) pairs of the CPU default run and reduced I_k
+        to its sign. None: C = c (no scaling).
     """
 
     kind = "ImprovementAwareWeights"
     needs_improvement = True   # s_k = I_k + lambda J_k: the caller measures I_k per mini-batch
 
+    #: the policy lr at which the clip equals ``improvement_clip`` (the released runs' lr)
+    CLIP_REFERENCE_LR = 1e-6
+
     def __init__(self, num_tasks: int, lam: float = 0.2, lr: float = 0.025, weight_decay: float = 1e-5,
-                 optimizer: str = "adam", improvement_clip: float = 0.1):
+                 optimizer: str = "adam", improvement_clip: float = 0.1, policy_lr: float | None = None):
         super().__init__(num_tasks, lr, weight_decay, optimizer)
         self.lam = check_float("lam", lam, 0.0, MAX_COEF)
         self.improvement_clip = check_float("improvement_clip", improvement_clip, 0.0, MAX_COEF, lo_open=True)
+        # policy lr <= 1 (any real optimiser's), so the effective clip stays <= c * 1e6 (finite)
+        self.policy_lr = None if policy_lr is None else check_float("policy_lr", policy_lr, 0.0, 1.0, lo_open=True)
+
+    @property
+    def effective_clip(self) -> float:
+        """The bound C on |I_k|: ``improvement_clip`` (* ``policy_lr`` / 1e-6 when given)."""
+        if self.policy_lr is None:
+            return self.improvement_clip
+        return self.improvement_clip * self.policy_lr / self.CLIP_REFERENCE_LR
 
     def update(self, rewards: Any, improvements: Any = None) -> np.ndarray:
         """One IWU step.
@@ -140,7 +160,8 @@ class ImprovementAwareWeights(_LogitWeights):
         """
         J = as_vector("rewards", rewards, self.num_tasks)
         I = as_vector("improvements", improvements, self.num_tasks, allow_none=True)
-        I = np.zeros(self.num_tasks) if I is None else np.clip(I, -self.improvement_clip, self.improvement_clip)
+        c = self.effective_clip
+        I = np.zeros(self.num_tasks) if I is None else np.clip(I, -c, c)
         with np.errstate(over="ignore"):
             s = I + self.lam * J
         s = np.clip(s, -GRAD_LIMIT, GRAD_LIMIT)
@@ -151,35 +172,55 @@ class ImprovementAwareWeights(_LogitWeights):
         return self.update(stats.rewards, stats.improvements)
 
     def _hparams(self) -> dict:
-        return {**super()._hparams(), "lam": self.lam, "improvement_clip": self.improvement_clip}
+        return {**super()._hparams(), "lam": self.lam, "improvement_clip": self.improvement_clip,
+                "policy_lr": self.policy_lr}
 
 
 class RegularizedWeights(_LogitWeights):
     """Regularised reward-only update (MT-GRPO Subroutine 2, the ablation).
 
+    s_k = reward_scale * J_k, g_k = z_k (s_k - z.s).
     ``optimizer="sgd"``: xi <- xi - lr (g + eta xi) (the paper's formula);
     ``optimizer="adam"`` (default, the reference code): Adam with eta as L2 weight decay.
     ``improvements`` is accepted for a uniform interface and ignored.
+
+    Parameters
+    ----------
+    num_tasks : int
+    lr : float
+        Adam lr / SGD step (0.025).
+    eta : float
+        The regulariser (Adam: L2 weight decay), 1e-2.
+    optimizer : {"adam", "sgd"}
+    reward_scale : float
+        Factor on J (0.2). The released code runs this ablation as IWU with the improvement
+        term off and lambda kept at 0.2, so its score is s = 0.2 J; 1.0 gives the paper's
+        formula g_k = z_k (J_k - z.J). With Adam the scale changes the weights only through
+        the epsilon and the weight decay (up to 0.38 apart on the CPU default run).
     """
 
     kind = "RegularizedWeights"
     needs_improvement = False
 
-    def __init__(self, num_tasks: int, lr: float = 0.025, eta: float = 1e-2, optimizer: str = "adam"):
+    def __init__(self, num_tasks: int, lr: float = 0.025, eta: float = 1e-2, optimizer: str = "adam",
+                 reward_scale: float = 0.2):
         super().__init__(num_tasks, lr, check_float("eta", eta, 0.0, MAX_WEIGHT_DECAY), optimizer)
         self.eta = self.weight_decay
+        self.reward_scale = check_float("reward_scale", reward_scale, 0.0, MAX_COEF, lo_open=True)
 
     def update(self, rewards: Any, improvements: Any = None) -> np.ndarray:
         J = as_vector("rewards", rewards, self.num_tasks)
         as_vector("improvements", improvements, self.num_tasks, allow_none=True)
-        return self._step(np.clip(J, -GRAD_LIMIT, GRAD_LIMIT))
+        with np.errstate(over="ignore"):
+            s = self.reward_scale * J
+        return self._step(np.clip(s, -GRAD_LIMIT, GRAD_LIMIT))
 
     def observe(self, stats: TaskStats) -> np.ndarray:
         """Protocol form of :meth:`update` on J = ``stats.rewards``."""
         return self.update(stats.rewards)
 
     def _hparams(self) -> dict:
-        return {**super()._hparams(), "eta": self.eta}
+        return {**super()._hparams(), "eta": self.eta, "reward_scale": self.reward_scale}
 
 
 class UniformWeights:
@@ -218,8 +259,8 @@ class SECCurriculum:
 
     Each task is an arm with value Q_k (init 0). After a step, the reward of task k is the
     mean |advantage| of its samples (high when the task is at the edge of the policy's
-    ability); TD(0): Q_k <- Q_k + lr (r_k - Q_k) for the tasks present. The weights are
-    the Boltzmann sampling probabilities softmax(Q / temperature).
+    ability); TD(0): Q_k <- Q_k + lr (r_k - Q_k). The weights are the Boltzmann sampling
+    probabilities softmax(Q / temperature).
 
     Parameters
     ----------
@@ -228,15 +269,21 @@ class SECCurriculum:
         TD(0) learning rate alpha (0.5).
     temperature : float > 0
         Boltzmann temperature tau (0.2).
+    absent : {"zero", "freeze"}
+        What happens to the arm of a task with no samples in the update. ``"zero"`` (default,
+        the released MT-GRPO code's SEC baseline): every arm is updated and an absent task's
+        reward is 0, so Q_k <- (1 - lr) Q_k (halved at lr 0.5); ``"freeze"``: absent arms
+        keep their Q.
     """
 
     kind = "SECCurriculum"
     needs_improvement = False
 
-    def __init__(self, num_tasks: int, lr: float = 0.5, temperature: float = 0.2):
+    def __init__(self, num_tasks: int, lr: float = 0.5, temperature: float = 0.2, absent: str = "zero"):
         self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
         self.lr = check_float("lr", lr, 0.0, 1.0, lo_open=True)
         self.temperature = check_float("temperature", temperature, 0.0, lo_open=True)
+        self.absent = check_choice("absent", absent, ("zero", "freeze"))
         self.q = np.zeros(self.num_tasks)
         self.steps = 0
         self.last_rewards = None   # the last update's arm rewards, for metrics()
@@ -250,16 +297,19 @@ class SECCurriculum:
     def update(self, rewards: Any, improvements: Any = None, present: Any = None) -> np.ndarray:
         """TD(0) update with ``rewards`` = mean |advantage| per task (float[K]).
 
-        ``present`` (bool[K], optional): only these tasks are updated (absent tasks may
-        carry any finite placeholder). ``improvements`` is ignored.
+        ``present`` (bool[K], optional): the tasks with samples; an absent task's reward
+        (any finite placeholder) is replaced by 0 (``absent="zero"``) or its arm is left
+        alone (``absent="freeze"``). ``improvements`` is ignored.
         """
         r = as_vector("rewards", rewards, self.num_tasks)
         as_vector("improvements", improvements, self.num_tasks, allow_none=True)
         mask = np.ones(self.num_tasks, bool) if present is None else as_mask("present", present, self.num_tasks)
+        if self.absent == "zero":
+            r = np.where(mask, r, 0.0)
         with np.errstate(over="ignore", invalid="ignore"):
             q_new = self.q + self.lr * (r - self.q)
         q_new = np.clip(np.nan_to_num(q_new, nan=0.0), -LOGIT_LIMIT, LOGIT_LIMIT)
-        self.q = np.where(mask, q_new, self.q)
+        self.q = q_new if self.absent == "zero" else np.where(mask, q_new, self.q)
         self.steps += 1
         self.last_rewards = r
         return self.weights
@@ -277,7 +327,7 @@ class SECCurriculum:
 
     def state_dict(self) -> dict:
         return {"type": self.kind, "num_tasks": self.num_tasks, "lr": self.lr,
-                "temperature": self.temperature, "q": self.q.tolist(), "steps": self.steps}
+                "temperature": self.temperature, "absent": self.absent, "q": self.q.tolist(), "steps": self.steps}
 
     def load_state_dict(self, d: dict) -> None:
         check_state(d, self.kind, num_tasks=self.num_tasks)
@@ -291,18 +341,31 @@ class SECCurriculum:
 class TaskRewardTracker:
     """EMA of per-task accuracy J_k over generation rounds (MT-GRPO ``reward_ema = 0.5``).
 
-    ``update(rewards, present)``: J_k <- decay J_k + (1 - decay) r_k for present tasks;
-    a task's first observation sets J_k = r_k. Tasks never observed report ``initial``.
+    ``update(rewards, present)``: J_k <- decay J_k + (1 - decay) r_k for present tasks.
+    Tasks never observed report ``initial``.
     ``observe(task_ids, correct)`` computes r_k (share of rollouts with full reward) from
     per-rollout arrays and calls ``update``.
+
+    Parameters
+    ----------
+    num_tasks : int
+    decay : float in [0, 1)
+        EMA decay d (0.5).
+    initial : float
+        J_k before the first observation (0).
+    init : {"zero", "first"}
+        ``"zero"`` (default, the released code): the EMA starts from ``initial``, so with
+        d = 0.5 the first observation gives J = 0.5 r (and the start value still weighs
+        2**-t after t observations); ``"first"``: a task's first observation sets J_k = r_k.
     """
 
     kind = "TaskRewardTracker"
 
-    def __init__(self, num_tasks: int, decay: float = 0.5, initial: float = 0.0):
+    def __init__(self, num_tasks: int, decay: float = 0.5, initial: float = 0.0, init: str = "zero"):
         self.num_tasks = check_positive_int("num_tasks", num_tasks, 1, MAX_TASKS)
         self.decay = check_float("decay", decay, 0.0, 1.0, hi_open=True)
         self.initial = check_float("initial", initial)
+        self.init = check_choice("init", init, ("zero", "first"))
         self.values = np.full(self.num_tasks, self.initial)
         self.seen = np.zeros(self.num_tasks, bool)
 
@@ -310,7 +373,7 @@ class TaskRewardTracker:
         r = as_vector("rewards", rewards, self.num_tasks)
         mask = np.ones(self.num_tasks, bool) if present is None else as_mask("present", present, self.num_tasks)
         ema = self.decay * self.values + (1.0 - self.decay) * r
-        new = np.where(self.seen, ema, r)
+        new = ema if self.init == "zero" else np.where(self.seen, ema, r)
         self.values = np.where(mask, new, self.values)
         self.seen |= mask
         return self.values.copy()
@@ -332,7 +395,7 @@ class TaskRewardTracker:
         return self.update(r, present)
 
     def state_dict(self) -> dict:
-        return {"type": self.kind, "num_tasks": self.num_tasks, "decay": self.decay,
+        return {"type": self.kind, "num_tasks": self.num_tasks, "decay": self.decay, "init": self.init,
                 "values": self.values.tolist(), "seen": self.seen.tolist()}
 
     def load_state_dict(self, d: dict) -> None:

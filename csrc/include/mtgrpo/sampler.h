@@ -80,6 +80,21 @@ constexpr int64_t kMaxMultinomialDraws = int64_t(1) << 22;
 Rounding parse_rounding(const std::string& name);  // throws invalid_argument naming "rounding"
 const char* rounding_name(Rounding r);
 
+// What rounds after the first draw from (MT-GRPO's resampling rule):
+//   FillThenDeficit  "fill-then-deficit": z*m while fewer than B prompts are accepted in
+//                    total, then deficit*m (the released MT-GRPO trainer's order);
+//   Deficit          "deficit": deficit*m from round 2 on (the paper's Algorithm 2).
+// deficit_k = max(n_k - c_k, 0); a step ends when no deficit is left in both rules.
+enum class Refill { FillThenDeficit, Deficit };
+Refill parse_refill(const std::string& name);  // throws invalid_argument naming "refill"
+const char* refill_name(Refill r);
+// When the inflation m_k = min(1 / (1 - rho_k), cap) is computed: once at start_step
+// (PerStep, "per-step") or again before every round from the rho updated by the rounds
+// reported so far (PerRound, "per-round", the released trainer).
+enum class Inflation { PerStep, PerRound };
+Inflation parse_inflation(const std::string& name);  // throws invalid_argument naming "inflation"
+const char* inflation_name(Inflation r);
+
 // Splits `total` into K non-negative counts in proportion to w (w_k >= 0 finite, sum > 0;
 // zero-weight entries get 0). LargestRemainder: floor(z_k T) plus one for the largest
 // remainders (ties to the lower index); |n_k - z_k T| < 1. T <= kMaxTotal (and
@@ -181,6 +196,12 @@ struct SamplerConfig {
   double rho_decay = 0.9;
   Rounding rounding = Rounding::LargestRemainder;
   bool acceptance_aware = true;
+  Refill refill = Refill::FillThenDeficit;
+  Inflation inflation = Inflation::PerStep;
+  // Steps (counted by steps_done) during which task ratios are not enforced: rounds draw
+  // from z*m until B prompts are accepted in total and finish() picks B of all accepted
+  // prompts uniformly, whatever their task (the released Exp-2 scripts: 10 steps).
+  int64_t warmup_steps = 0;
   void validate() const;  // throws invalid_argument naming the field
   int64_t round_size() const;  // floor(oversample * batch_size + 0.5), at least 1
 };
@@ -237,6 +258,8 @@ class RatioPreservingSampler {
   void require_active(const char* what) const;
   void close_round();
   void clear_step_records();  // forget this step's draws, reports and accepted prompts
+  void compute_inflation();   // m_ from rho_ (1 when not acceptance-aware)
+  bool in_warmup() const { return steps_done_ < cfg_.warmup_steps; }
   static uint64_t key(int64_t task, int64_t prompt) { return (static_cast<uint64_t>(task) << 32) | static_cast<uint64_t>(prompt); }
 
   SamplerConfig cfg_;

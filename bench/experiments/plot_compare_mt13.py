@@ -1,0 +1,78 @@
+"""Plots of issue 13's comparison from ``compare.json`` and the runs' ``metrics.jsonl``:
+
+- ``compare_mt13_bars.png``: worst task and average (mean +- std over seeds) per algorithm;
+- ``compare_mt13_curves.png``: worst-task mean@k over RL steps (evaluations), mean over seeds;
+- ``compare_mt13_weights.png``: the task weights z over steps of the weighted algorithms (seed 0).
+
+Usage: ``python bench/experiments/plot_compare_mt13.py RUN_DIR OUT_DIR``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def main(run_dir: str, out_dir: str) -> None:
+    run, out = Path(run_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = json.loads((run / "compare.json").read_text())["algos"]
+    algos = list(res)
+    x = np.arange(len(algos))
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
+        m = [100 * np.mean(res[a][key]) for a in algos]
+        s = [100 * np.std(res[a][key]) for a in algos]
+        ax.bar(x + off, m, 0.4, yerr=s, capsize=3, label=label)
+    ax.set_xticks(x, algos, rotation=20)
+    ax.set_ylabel("test mean@4 (%)")
+    ax.set_title(f"cpu-3task, mean ± std over {len(res[algos[0]]['worst'])} seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "compare_mt13_bars.png", dpi=120)
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for a in algos:
+        curves = []
+        for d in sorted(run.glob(f"{a}-s*")):
+            ev = [r for r in _records(d / "metrics.jsonl") if r.get("kind") == "eval"]
+            curves.append([(r["step"], r["worst_mean_at_k"]) for r in ev])
+        if curves:
+            n = min(len(c) for c in curves)
+            steps = [c[0] for c in curves[0][:n]]
+            ax.plot(steps, [100 * np.mean([c[i][1] for c in curves]) for i in range(n)], marker="o", label=a)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("worst-task mean@4 (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "compare_mt13_curves.png", dpi=120)
+
+    weighted = [a for a in algos if a in ("mtgrpo", "sec-dapo", "mtgrpo-reward-only")]
+    fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
+    for ax, a in zip(axes[0], weighted):
+        tr = [r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "train"]
+        if tr:
+            z = np.array([r["weights"] for r in tr])
+            for k in range(z.shape[1]):
+                ax.plot([r["step"] for r in tr], z[:, k], label=f"task {k}")
+        ax.set_title(f"{a} (seed 0): weights z")
+        ax.set_xlabel("RL step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "compare_mt13_weights.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
