@@ -37,7 +37,7 @@ test: setup lint
 # clang-format (.clang-format) over csrc/; `make format` rewrites the C++ in place
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu' 2>/dev/null || find csrc -name '*.[ch]*')
 lint: setup
-	$(VENV)/bin/ruff check mtgrpo_core tests bench
+	$(VENV)/bin/ruff check mtgrpo_core tests bench examples
 	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 format: setup

@@ -152,9 +152,11 @@ def main() -> None:
     emit(rows, csv_name="sampler")
     print("\nms per step, median (plan all rounds + report + finish; generation excluded).")
     print("wall = perf_counter, cpu = this thread's CPU time (differs when the machine is shared)")
-    print(f"{'B':>6} {'K':>4} {'C++ wall':>10} {'ref wall':>10} {'ratio':>7} {'C++ cpu':>9} {'ref cpu':>9} {'ratio':>7} {'rounds':>7}")
+    print(f"{'B':>6} {'K':>4} {'C++ wall':>10} {'ref wall':>10} {'ratio':>7} {'C++ cpu':>9} {'ref cpu':>9} "
+          f"{'ratio':>7} {'rounds':>7}")
     for B, K, c, r, ratio, cc, cr, cratio, rounds in summary:
-        print(f"{B:>6} {K:>4} {c:>10.4f} {r:>10.3f} {ratio:>6.0f}x {cc:>9.4f} {cr:>9.3f} {cratio:>6.0f}x {rounds:>7.2f}")
+        print(f"{B:>6} {K:>4} {c:>10.4f} {r:>10.3f} {ratio:>6.0f}x {cc:>9.4f} {cr:>9.3f} {cratio:>6.0f}x "
+              f"{rounds:>7.2f}")
     print_hard_scenario(20 if quick() else 200)
 
 

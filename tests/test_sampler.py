@@ -82,7 +82,8 @@ def run_steps(s, weights_seq, acc, *, start_step=0, trace=None, stop_after=None)
 
 def same_batch(a, b):
     assert np.array_equal(a.task_ids, b.task_ids) and a.task_ids.dtype == b.task_ids.dtype == np.int32
-    assert np.array_equal(a.prompt_indices, b.prompt_indices) and a.prompt_indices.dtype == b.prompt_indices.dtype == np.int64
+    assert np.array_equal(a.prompt_indices, b.prompt_indices)
+    assert a.prompt_indices.dtype == b.prompt_indices.dtype == np.int64
     assert np.array_equal(a.targets, b.targets) and np.array_equal(a.realized, b.realized)
     assert (a.rounds, a.shortfall, a.num_drawn, a.num_accepted) == (b.rounds, b.shortfall, b.num_drawn, b.num_accepted)
 
@@ -119,7 +120,8 @@ def test_pcg32_bounded_and_double_ranges():
 
 # ---------------------------------------------------------------------------- target_counts
 weights_st = st.integers(1, 12).flatmap(
-    lambda K: st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=K, max_size=K).filter(lambda w: sum(w) > 0))
+    lambda K: st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1.0)), min_size=K, max_size=K).filter(
+        lambda w: sum(w) > 0))
 
 
 @settings(max_examples=150, deadline=None)
@@ -389,8 +391,8 @@ def test_bad_reports_raise_and_leave_state_unchanged(backend):
     cases = [
         ((t, p[:-1], ok), r"prompt_indices: length"),
         ((t, p, ok[:-1]), r"accepted: length"),
-        ((np.r_[t, 0], np.r_[p, not_drawn], np.r_[ok, True]), r"prompt_indices\[%d\].*not drawn" % len(d)),
-        ((np.r_[t, 5], np.r_[p, 0], np.r_[ok, True]), r"task_ids\[%d\]" % len(d)),
+        ((np.r_[t, 0], np.r_[p, not_drawn], np.r_[ok, True]), rf"prompt_indices\[{len(d)}\].*not drawn"),
+        ((np.r_[t, 5], np.r_[p, 0], np.r_[ok, True]), rf"task_ids\[{len(d)}\]"),
         ((np.r_[t, t[0]], np.r_[p, p[0]], np.r_[ok, True]), r"already reported earlier in this call"),
         ((t, p + 100, ok), r"prompt_indices\[0\]"),
         ((t, p, np.full(len(d), 2)), r"accepted\[0\]"),

@@ -69,9 +69,10 @@ T scalar_or(const py::dict& d, const char* key, T legacy) {
   return d.contains(key) ? scalar<T>(d, key) : legacy;
 }
 
-smp::SamplerConfig make_config(const carr<int64_t>& pool_sizes, int64_t batch_size, double oversample, int64_t max_rounds,
-                               double acceptance_cap, double rho_decay, const std::string& rounding, bool acceptance_aware,
-                               const std::string& refill, const std::string& inflation, int64_t warmup_steps) {
+smp::SamplerConfig make_config(const carr<int64_t>& pool_sizes, int64_t batch_size, double oversample,
+                               int64_t max_rounds, double acceptance_cap, double rho_decay, const std::string& rounding,
+                               bool acceptance_aware, const std::string& refill, const std::string& inflation,
+                               int64_t warmup_steps) {
   smp::SamplerConfig c;
   c.pool_sizes.assign(pool_sizes.data(), pool_sizes.data() + pool_sizes.shape(0));
   c.batch_size = batch_size;
@@ -87,7 +88,8 @@ smp::SamplerConfig make_config(const carr<int64_t>& pool_sizes, int64_t batch_si
   return c;
 }
 
-py::array_t<int64_t> target_counts(const py::object& weights, int64_t batch_size, const std::string& method, uint64_t seed) {
+py::array_t<int64_t> target_counts(const py::object& weights, int64_t batch_size, const std::string& method,
+                                   uint64_t seed) {
   carr<double> w = as_1d<double>(weights, "weights");
   const int64_t K = w.shape(0);
   if (K == 0) fail("weights: need at least one task, got 0");
@@ -106,11 +108,11 @@ py::array_t<int64_t> target_counts(const py::object& weights, int64_t batch_size
 
 class PySampler {
  public:
-  PySampler(const py::object& pool_sizes, int64_t batch_size, double oversample, int64_t max_rounds, double acceptance_cap,
-            double rho_decay, const std::string& rounding, uint64_t seed, bool acceptance_aware, const std::string& refill,
-            const std::string& inflation, int64_t warmup_steps)
-      : s_(make_config(as_1d<int64_t>(pool_sizes, "pool_sizes"), batch_size, oversample, max_rounds, acceptance_cap, rho_decay,
-                       rounding, acceptance_aware, refill, inflation, warmup_steps),
+  PySampler(const py::object& pool_sizes, int64_t batch_size, double oversample, int64_t max_rounds,
+            double acceptance_cap, double rho_decay, const std::string& rounding, uint64_t seed, bool acceptance_aware,
+            const std::string& refill, const std::string& inflation, int64_t warmup_steps)
+      : s_(make_config(as_1d<int64_t>(pool_sizes, "pool_sizes"), batch_size, oversample, max_rounds, acceptance_cap,
+                       rho_decay, rounding, acceptance_aware, refill, inflation, warmup_steps),
            seed) {}
 
   void start_step(const py::object& weights) {
@@ -251,7 +253,8 @@ class PySampler {
 
 void register_sampler(py::module_& m) {
   m.def("sampler_target_counts", &target_counts, py::arg("weights"), py::arg("batch_size"), py::arg("method"),
-        py::arg("seed"), "Target counts n_k summing to batch_size (largest-remainder or multinomial with PCG32(seed)).");
+        py::arg("seed"),
+        "Target counts n_k summing to batch_size (largest-remainder or multinomial with PCG32(seed)).");
   py::class_<PySampler>(m, "RatioPreservingSamplerCore",
                         "C++ core of mtgrpo_core.sampling.RatioPreservingSampler (use that class).")
       .def(py::init<const py::object&, int64_t, double, int64_t, double, double, const std::string&, uint64_t, bool,

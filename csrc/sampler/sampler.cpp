@@ -54,7 +54,9 @@ Refill parse_refill(const std::string& name) {
   bad("refill: expected 'fill-then-deficit' or 'deficit', got '", name, "'");
 }
 
-const char* refill_name(Refill r) { return r == Refill::Deficit ? "deficit" : "fill-then-deficit"; }
+const char* refill_name(Refill r) {
+  return r == Refill::Deficit ? "deficit" : "fill-then-deficit";
+}
 
 Inflation parse_inflation(const std::string& name) {
   if (name == "per-step") return Inflation::PerStep;
@@ -62,7 +64,9 @@ Inflation parse_inflation(const std::string& name) {
   bad("inflation: expected 'per-step' or 'per-round', got '", name, "'");
 }
 
-const char* inflation_name(Inflation r) { return r == Inflation::PerRound ? "per-round" : "per-step"; }
+const char* inflation_name(Inflation r) {
+  return r == Inflation::PerRound ? "per-round" : "per-step";
+}
 
 void check_weights(const double* w, int64_t n, int64_t K, const char* name) {
   if (n != K) bad(name, ": expected ", K, " entries (one per task), got ", n);
@@ -102,9 +106,8 @@ void apportion(const double* w, int64_t K, int64_t total, Rounding method, Pcg32
     }
     int64_t left = total - assigned;
     if (order.empty()) throw std::logic_error("apportion: no positive weight");
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-      return rem[a] != rem[b] ? rem[a] > rem[b] : a < b;
-    });
+    std::sort(order.begin(), order.end(),
+              [&](int64_t a, int64_t b) { return rem[a] != rem[b] ? rem[a] > rem[b] : a < b; });
     for (int64_t i = 0; left > 0; ++i, --left) out[order[static_cast<size_t>(i) % order.size()]] += 1;
     // Overshoot: the normalised weights can sum to 1 + K ulp, so for totals near 2^53 the
     // floors can add up to more than `total` (2^62 did before totals were bounded). Take
@@ -259,11 +262,13 @@ void LazyPermutation::new_epoch(Pcg32& rng, const uint32_t* parked, size_t d) {
 void LazyPermutation::restore(int64_t epoch, uint32_t pos, uint32_t limit, uint32_t cursor, const uint32_t* keys,
                               const std::vector<uint32_t>& parked) {
   const size_t d = parked.size();
-  if (d > n_ || pos > limit || limit > n_ || cursor > n_) bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor']: inconsistent pool position");
+  if (d > n_ || pos > limit || limit > n_ || cursor > n_)
+    bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor']: inconsistent pool position");
   if (limit < n_ && limit != n_ - d) bad("state_dict['perm_limit']: inconsistent with the parked prompts");
   U64Map set;
   for (uint32_t x : parked) {
-    if (x >= n_ || set.find(x) != nullptr) bad("state_dict['park_prompt']: parked prompts must be distinct pool indices");
+    if (x >= n_ || set.find(x) != nullptr)
+      bad("state_dict['park_prompt']: parked prompts must be distinct pool indices");
     set.put(x, 1);
   }
   // Drawn from pi so far = cursor; of those, parked ones were skipped: pos can't exceed it.
@@ -286,7 +291,8 @@ void SamplerConfig::validate() const {
       bad("pool_sizes[", k, "] = ", pool_sizes[k], " is outside [0, 2**32 - 1]");
   if (batch_size <= 0) bad("batch_size: must be positive, got ", batch_size);
   if (batch_size > kMaxTotal) bad("batch_size: at most 2**53, got ", batch_size);
-  if (!std::isfinite(oversample) || !(oversample > 0.0)) bad("oversample: must be a finite number > 0, got ", oversample);
+  if (!std::isfinite(oversample) || !(oversample > 0.0))
+    bad("oversample: must be a finite number > 0, got ", oversample);
   if (max_rounds < 1) bad("max_rounds: must be >= 1, got ", max_rounds);
   if (warmup_steps < 0) bad("warmup_steps: must be >= 0, got ", warmup_steps);
   if (!std::isfinite(acceptance_cap) || !(acceptance_cap >= 1.0))
@@ -294,7 +300,8 @@ void SamplerConfig::validate() const {
   if (!std::isfinite(rho_decay) || rho_decay < 0.0 || rho_decay >= 1.0)
     bad("rho_decay: must lie in [0, 1), got ", rho_decay);
   double r = std::floor(no_contract_mul(oversample, static_cast<double>(batch_size)) + 0.5);
-  if (!(r <= 2147483647.0)) bad("oversample: oversample * batch_size = ", r, " prompts a round is too many (max 2**31 - 1)");
+  if (!(r <= 2147483647.0))
+    bad("oversample: oversample * batch_size = ", r, " prompts a round is too many (max 2**31 - 1)");
   if (std::max(r, 1.0) * static_cast<double>(max_rounds) > 4294967295.0)
     bad("max_rounds: oversample * batch_size * max_rounds must stay below 2**32 prompts a step");
   if (rounding == Rounding::Multinomial) {
@@ -504,7 +511,8 @@ void RatioPreservingSampler::ensure_index() {
 }
 
 int64_t RatioPreservingSampler::lookup(int64_t task, int64_t prompt, size_t guess) {
-  if (guess < rec_task_.size() && rec_task_[guess] == task && rec_prompt_[guess] == prompt) return static_cast<int64_t>(guess);
+  if (guess < rec_task_.size() && rec_task_[guess] == task && rec_prompt_[guess] == prompt)
+    return static_cast<int64_t>(guess);
   ensure_index();
   const int64_t* v = rec_index_.find(key(task, prompt));
   return v ? *v : -1;
@@ -582,7 +590,8 @@ Batch RatioPreservingSampler::finish() {
   // Top up from the accepted prompts left over, all tasks pooled, uniformly.
   std::vector<std::pair<int32_t, uint32_t>> rest;
   for (int64_t k = 0; k < K; ++k)
-    for (size_t i = static_cast<size_t>(quota[k]); i < acc_[k].size(); ++i) rest.emplace_back(static_cast<int32_t>(k), acc_[k][i]);
+    for (size_t i = static_cast<size_t>(quota[k]); i < acc_[k].size(); ++i)
+      rest.emplace_back(static_cast<int32_t>(k), acc_[k][i]);
   const int64_t L = static_cast<int64_t>(rest.size());
   const int64_t t = std::max<int64_t>(0, std::min(cfg_.batch_size - chosen, L));
   for (int64_t i = 0; i < t; ++i) {
@@ -673,7 +682,8 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
   if ((s.rng_inc & 1u) == 0) bad("state_dict['rng_inc']: must be odd");
   need(s.rho.size(), K, "rho");
   for (int64_t k = 0; k < K; ++k)
-    if (!std::isfinite(s.rho[k]) || s.rho[k] < 0.0 || s.rho[k] > 1.0) bad("state_dict['rho'][", k, "] is outside [0, 1]");
+    if (!std::isfinite(s.rho[k]) || s.rho[k] < 0.0 || s.rho[k] > 1.0)
+      bad("state_dict['rho'][", k, "] is outside [0, 1]");
   x.rho_ = s.rho;
   if (s.steps_done < 0) bad("state_dict['steps_done']: must be >= 0");
   x.steps_done_ = s.steps_done;
@@ -687,13 +697,16 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
   for (size_t i = 0; i < s.park_task.size(); ++i) {
     int64_t k = s.park_task[i];
     if (k < 0 || k >= K) bad("state_dict['park_task'][", i, "] is outside [0, ", K, ")");
-    if (s.park_prompt[i] < 0 || s.park_prompt[i] >= c.pool_sizes[k]) bad("state_dict['park_prompt'][", i, "] is out of range");
+    if (s.park_prompt[i] < 0 || s.park_prompt[i] >= c.pool_sizes[k])
+      bad("state_dict['park_prompt'][", i, "] is out of range");
     parked[k].push_back(static_cast<uint32_t>(s.park_prompt[i]));
   }
   for (int64_t k = 0; k < K; ++k) {
     const int64_t N = c.pool_sizes[k];
-    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N || s.perm_cursor[k] < 0 || s.perm_cursor[k] > N)
-      bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor'][", k, "]: need 0 <= pos <= limit <= pool size, 0 <= cursor <= pool size");
+    if (s.perm_pos[k] < 0 || s.perm_limit[k] < s.perm_pos[k] || s.perm_limit[k] > N || s.perm_cursor[k] < 0 ||
+        s.perm_cursor[k] > N)
+      bad("state_dict['perm_pos'/'perm_limit'/'perm_cursor'][", k,
+          "]: need 0 <= pos <= limit <= pool size, 0 <= cursor <= pool size");
     if (s.perm_epoch[k] < 0) bad("state_dict['perm_epoch'][", k, "]: must be >= 0");
     uint32_t keys[4];
     for (int r = 0; r < 4; ++r) {
@@ -710,13 +723,16 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
     need(s.step_inflation.size(), K, "step_inflation");
     need(s.step_targets.size(), K, "step_targets");
     for (int64_t k = 0; k < K; ++k) {
-      if (!std::isfinite(s.step_weights[k]) || s.step_weights[k] < 0.0) bad("state_dict['step_weights'][", k, "] is invalid");
-      if (!std::isfinite(s.step_inflation[k]) || s.step_inflation[k] < 1.0) bad("state_dict['step_inflation'][", k, "] is invalid");
+      if (!std::isfinite(s.step_weights[k]) || s.step_weights[k] < 0.0)
+        bad("state_dict['step_weights'][", k, "] is invalid");
+      if (!std::isfinite(s.step_inflation[k]) || s.step_inflation[k] < 1.0)
+        bad("state_dict['step_inflation'][", k, "] is invalid");
       if (s.step_targets[k] < 0) bad("state_dict['step_targets'][", k, "] is negative");
     }
     int64_t total = 0;
     for (int64_t k = 0; k < K; ++k) total += s.step_targets[k];
-    if (total != c.batch_size) bad("state_dict['step_targets']: must sum to batch_size = ", c.batch_size, ", got ", total);
+    if (total != c.batch_size)
+      bad("state_dict['step_targets']: must sum to batch_size = ", c.batch_size, ", got ", total);
     x.z_ = s.step_weights;
     x.m_ = s.step_inflation;
     x.n_ = s.step_targets;
@@ -731,10 +747,13 @@ void RatioPreservingSampler::load_state(const SamplerState& s) {
     x.round_start_ = s.round_start;
     for (size_t i = 0; i < R; ++i) {
       int64_t k = s.rec_task[i], p = s.rec_prompt[i];
-      if (k < 0 || k >= K || p < 0 || p >= c.pool_sizes[k]) bad("state_dict['rec_task'/'rec_prompt'][", i, "] is out of range");
+      if (k < 0 || k >= K || p < 0 || p >= c.pool_sizes[k])
+        bad("state_dict['rec_task'/'rec_prompt'][", i, "] is out of range");
       if (s.rec_status[i] < 0 || s.rec_status[i] > 2) bad("state_dict['rec_status'][", i, "] must be 0, 1 or 2");
-      if (s.rec_round[i] < 0 || s.rec_round[i] >= std::max<int64_t>(s.step_rounds, 1)) bad("state_dict['rec_round'][", i, "] is out of range");
-      if (x.rec_index_.find(key(k, p)) != nullptr) bad("state_dict['rec_prompt'][", i, "]: prompt drawn twice in one step");
+      if (s.rec_round[i] < 0 || s.rec_round[i] >= std::max<int64_t>(s.step_rounds, 1))
+        bad("state_dict['rec_round'][", i, "] is out of range");
+      if (x.rec_index_.find(key(k, p)) != nullptr)
+        bad("state_dict['rec_prompt'][", i, "]: prompt drawn twice in one step");
       x.rec_index_.put(key(k, p), static_cast<int64_t>(i));
       x.drawn_[k] += 1;
     }

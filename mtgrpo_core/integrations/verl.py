@@ -390,7 +390,8 @@ class MTGRPOTaskSampler(_VerlSamplerBase):
                  task_names=None, seed: int = 0, policy_lr: float | None = None):
         super().__init__(data_source, data_config, batch_size=batch_size)
         opts = dict(task_key=task_key, weighting=weighting, lam=lam, lr=lr, weight_decay=weight_decay,
-                    policy_lr=policy_lr, acceptance_aware=acceptance_aware, acceptance_cap=acceptance_cap, rho_decay=rho_decay,
+                    policy_lr=policy_lr, acceptance_aware=acceptance_aware, acceptance_cap=acceptance_cap,
+                    rho_decay=rho_decay,
                     reward_ema=reward_ema, correct_threshold=correct_threshold, task_names=task_names, seed=seed)
         extra = _sampler_kwargs(data_config)
         unknown = set(extra) - set(opts)

@@ -401,7 +401,8 @@ class RatioPreservingSamplerRef:
         z = check_weights(weights, K)
         for k in range(K):
             if z[k] > 0.0 and self.pool_sizes[k] == 0:
-                raise ValueError(f"pool_sizes[{k}] is 0 but weights[{k}] = {z[k]} > 0: a task with weight needs prompts")
+                raise ValueError(f"pool_sizes[{k}] is 0 but weights[{k}] = {z[k]} > 0: "
+                                 "a task with weight needs prompts")
         n = apportion(z, self.batch_size, self.rounding, self.rng)
         self.step = _Step(z=z, n=n, m=self._inflation(), acc=[[] for _ in range(K)])
 
@@ -608,7 +609,7 @@ class RatioPreservingSamplerRef:
             raise ValueError(f"state_dict: wrong type ({e})") from None
 
     @staticmethod
-    def _check_state(d: dict, new: "RatioPreservingSamplerRef") -> None:
+    def _check_state(d: dict, new: RatioPreservingSamplerRef) -> None:
         """ValueError naming the key when ``d`` is inconsistent (mirrors load_state in C++)."""
         K = new.num_tasks
         ps = new.pool_sizes

@@ -26,11 +26,10 @@ the pool sizes (pool order is a keyed Feistel permutation, O(1) memory a task); 
 """
 from __future__ import annotations
 
-import math
 import operator
 import secrets
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -252,9 +251,11 @@ class RatioPreservingSampler:
             raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
         if backend == "cpp" and not _native.has("RatioPreservingSamplerCore"):
             _native.native()  # raises the actionable build error
-            raise RuntimeError("backend='cpp': the extension has no RatioPreservingSamplerCore; rebuild with `make build`")
+            raise RuntimeError("backend='cpp': the extension has no RatioPreservingSamplerCore; "
+                               "rebuild with `make build`")
         s = _seed(seed)
-        self.backend = "cpp" if backend == "cpp" or (backend == "auto" and _native.has("RatioPreservingSamplerCore")) else "python"
+        has_cpp = _native.has("RatioPreservingSamplerCore")
+        self.backend = "cpp" if backend == "cpp" or (backend == "auto" and has_cpp) else "python"
         self.num_tasks = int(ps.shape[0])
         self.batch_size = B
         if self.backend == "cpp":
@@ -322,4 +323,5 @@ class RatioPreservingSampler:
         self._core.load_state_dict(state)
 
     def __repr__(self) -> str:
-        return f"RatioPreservingSampler(num_tasks={self.num_tasks}, batch_size={self.batch_size}, backend={self.backend!r})"
+        return (f"RatioPreservingSampler(num_tasks={self.num_tasks}, batch_size={self.batch_size}, "
+                f"backend={self.backend!r})")

@@ -173,8 +173,8 @@ class LazyPermutation {
   void end_step() { limit_ = n_; }
   void restore(int64_t epoch, uint32_t pos, uint32_t limit, uint32_t cursor, const uint32_t* keys,
                const std::vector<uint32_t>& parked);  // throws invalid_argument if inconsistent
-  uint32_t feistel(uint32_t x) const;                  // the bijection on [0, 2^(2h))
-  uint32_t pi(uint32_t i) const;                       // cycle walk into [0, n)
+  uint32_t feistel(uint32_t x) const;                 // the bijection on [0, 2^(2h))
+  uint32_t pi(uint32_t i) const;                      // cycle walk into [0, n)
 
  private:
   uint32_t n_ = 0, pos_ = 0, limit_ = 0, cursor_ = 0;
@@ -202,7 +202,7 @@ struct SamplerConfig {
   // from z*m until B prompts are accepted in total and finish() picks B of all accepted
   // prompts uniformly, whatever their task (the released Exp-2 scripts: 10 steps).
   int64_t warmup_steps = 0;
-  void validate() const;  // throws invalid_argument naming the field
+  void validate() const;       // throws invalid_argument naming the field
   int64_t round_size() const;  // floor(oversample * batch_size + 0.5), at least 1
 };
 
@@ -260,7 +260,9 @@ class RatioPreservingSampler {
   void clear_step_records();  // forget this step's draws, reports and accepted prompts
   void compute_inflation();   // m_ from rho_ (1 when not acceptance-aware)
   bool in_warmup() const { return steps_done_ < cfg_.warmup_steps; }
-  static uint64_t key(int64_t task, int64_t prompt) { return (static_cast<uint64_t>(task) << 32) | static_cast<uint64_t>(prompt); }
+  static uint64_t key(int64_t task, int64_t prompt) {
+    return (static_cast<uint64_t>(task) << 32) | static_cast<uint64_t>(prompt);
+  }
 
   SamplerConfig cfg_;
   int64_t R_ = 0;
@@ -282,12 +284,12 @@ class RatioPreservingSampler {
   // the last one it matched (callers usually report in draw order), so the hash map (one
   // cache miss a prompt) is only filled when a report arrives out of order.
   U64Map rec_index_;
-  size_t indexed_ = 0;   // records [0, indexed_) are in rec_index_
-  size_t guess_ = 0;     // record expected next in report()
+  size_t indexed_ = 0;  // records [0, indexed_) are in rec_index_
+  size_t guess_ = 0;    // record expected next in report()
   void ensure_index();
   int64_t lookup(int64_t task, int64_t prompt, size_t guess);  // record index or -1
-  std::vector<int64_t> drawn_;              // per task, this step
-  std::vector<std::vector<uint32_t>> acc_;  // per task, accepted prompts in report order
+  std::vector<int64_t> drawn_;                                 // per task, this step
+  std::vector<std::vector<uint32_t>> acc_;                     // per task, accepted prompts in report order
 };
 
 }  // namespace sampler
