@@ -640,10 +640,16 @@ def install_advantage_hook() -> None:
     rt = importlib.import_module("verl.trainer.ppo.ray_trainer")
     if _ORIGINAL_COMPUTE_ADVANTAGE is None:
         _ORIGINAL_COMPUTE_ADVANTAGE = rt.compute_advantage
-    for name in _ADVANTAGE_MODULES:
+    _rebind(_ADVANTAGE_MODULES, "compute_advantage", _ORIGINAL_COMPUTE_ADVANTAGE, _compute_advantage_with_rows)
+
+
+def _rebind(modules, attr: str, original, replacement) -> None:
+    """Point ``attr`` at ``replacement`` in every already-imported module of ``modules`` that
+    still holds ``original`` (verl imports its helpers by name into several modules)."""
+    for name in modules:
         mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, "compute_advantage", None) is _ORIGINAL_COMPUTE_ADVANTAGE:
-            mod.compute_advantage = _compute_advantage_with_rows
+        if mod is not None and getattr(mod, attr, None) is original:
+            setattr(mod, attr, replacement)
 
 
 # ---------------------------------------------------------------------------------------
@@ -681,10 +687,7 @@ def install_sampler_hook() -> None:
     utils = importlib.import_module("verl.trainer.ppo.utils")
     if _ORIGINAL_CREATE_RL_SAMPLER is None:
         _ORIGINAL_CREATE_RL_SAMPLER = utils.create_rl_sampler
-    for name in _SAMPLER_MODULES:
-        mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, "create_rl_sampler", None) is _ORIGINAL_CREATE_RL_SAMPLER:
-            mod.create_rl_sampler = _create_rl_sampler_with_class_path
+    _rebind(_SAMPLER_MODULES, "create_rl_sampler", _ORIGINAL_CREATE_RL_SAMPLER, _create_rl_sampler_with_class_path)
 
 
 def register(*, sampler_hook: bool = True) -> dict:
