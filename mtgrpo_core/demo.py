@@ -2,7 +2,7 @@
 
 It builds the embedded 537k-parameter policy and character tokenizer in-process, warm-starts
 it with 1,600 supervised steps on the cpu-3task suite's reference answers, prints per-task
-test accuracy (300 items per task), runs 260 MT-GRPO steps with an evaluation every 20 steps,
+test accuracy (300 items per task), runs 140 MT-GRPO steps with an evaluation every 20 steps,
 prints the accuracy again and writes the report (``runs/default/report/report.md`` and PNG
 plots). The budgets are steps, so the result does not depend on the machine's speed or load.
 ``mtgrpo demo`` calls :func:`mtgrpo_core.cli.main` with ``["train"]``; this module imports

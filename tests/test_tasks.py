@@ -366,21 +366,16 @@ def test_pool_kills_hanging_verifier_and_recovers():
         r = s.score(ps, comps)
         elapsed = time.perf_counter() - t0
         st_ = s.verifier_stats
-        # One chunk (24 < chunk_size): the first hanging item costs one timeout and only
-        # itself; the chunk's second timeout gives up on everything left in it (issue 16:
-        # hanging items cost a bounded number of timeouts per chunk, not one each; this
-        # replaces the old "timeouts == n_hang, restarts == n_hang" expectation).
+        # One chunk (24 < chunk_size): the first hanging item costs the chunk's one timeout
+        # and gives up on the chunk's unscored rest (issue 16: one timeout per chunk, not one
+        # per hanging item; the items before it keep their scores).
         hang = [i for i, c in enumerate(comps) if "9" in c]
-        expect = [0.0 if "9" in c else 1.0 for c in comps]
-        n_timeouts = 1
-        if n_hang >= 2:
-            expect[hang[1]:] = [0.0] * (len(comps) - hang[1])
-            n_timeouts = 1 + len(comps) - hang[1]
-        assert st_["timeouts"] == n_timeouts and st_["errors"] == 0
+        expect = [1.0] * hang[0] + [0.0] * (len(comps) - hang[0])
+        assert st_["timeouts"] == len(comps) - hang[0] and st_["errors"] == 0
         assert r.tolist() == expect
-        assert elapsed < 2 * 0.75 + 15.0
+        assert elapsed < 0.75 + 15.0
         pool = s._pool
-        assert pool.restarts == min(n_hang, 2) and len(pool.pids) == 2
+        assert pool.restarts == 1 and len(pool.pids) == 2
         # workers enforce an address-space limit (ping first: a worker that replaced a timed-out
         # one may still be starting when score() returns)
         assert all("rlimits" in layers for layers in pool.confinement())
@@ -407,7 +402,7 @@ def test_pool_contains_reasoning_gym_blowup_without_grammar():
     """Bypassing the grammar, sympy's parse_expr on 9**9**9**9 never returns: the pool kills
     the worker (timeout) or the memory limit stops it (error); either way reward 0."""
     entry = {"answer": "1", "metadata": {"numbers": [9, 9, 9, 9], "target": 100}}
-    with V.VerifierPool(n_workers=1, timeout_s=1.5, memory_mb=512) as pool:
+    with V.VerifierPool(n_workers=1, timeout_s=1.5, memory_mb=512, retry_rest=True) as pool:
         t0 = time.perf_counter()
         scores, status = pool.score("countdown", {"min_numbers": 4, "max_numbers": 4},
                                     [("9*9+9+9", entry), ("9**9**9**9", entry), ("9+9+9*9", entry)])
@@ -444,19 +439,40 @@ def test_stream_datasets_equal_fresh_reasoning_gym_datasets():
                     assert mine[i] == fresh[i], (spec.name, seed, i)
 
 
-def test_pool_hanging_items_cost_at_most_two_timeouts_per_chunk():
+def test_pool_hanging_items_cost_one_timeout_per_chunk():
     with V.VerifierPool(n_workers=1, timeout_s=1.0, chunk_size=64) as pool:
         pool.score("countdown", {}, [("1", {})], hook="noop")   # worker started and warm
         t0 = time.perf_counter()
         scores, status = pool.score("countdown", {}, [(str(i), {}) for i in range(40)], hook="hang")
         elapsed = time.perf_counter() - t0
         assert status == ["timeout"] * 40 and scores == [0.0] * 40
-        assert pool.restarts == 2
-        assert elapsed < 2 * 1.0 + 10.0    # was 40 timeouts (40 s) before
-        # two chunks: two timeouts each, and the chunks run side by side on 2 workers
+        assert pool.restarts == 1
+        assert elapsed < 1.0 + 10.0    # was 40 timeouts (40 s) before
+    # two chunks on 2 workers side by side: one timeout each
     with V.VerifierPool(n_workers=2, timeout_s=1.0, chunk_size=5) as pool:
         scores, status = pool.score("countdown", {}, [(str(i), {}) for i in range(10)], hook="hang")
-        assert status == ["timeout"] * 10 and pool.restarts == 4
+        assert status == ["timeout"] * 10 and pool.restarts == 2
+    # retry_rest: the rest of a timed-out chunk is tried once more (two timeouts at most)
+    with V.VerifierPool(n_workers=1, timeout_s=1.0, chunk_size=64, retry_rest=True) as pool:
+        scores, status = pool.score("countdown", {}, [(str(i), {}) for i in range(40)], hook="hang")
+        assert status == ["timeout"] * 40 and pool.restarts == 2
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk_size"):
+            V.VerifierPool(chunk_size=bad)
+
+
+def test_pool_one_hanging_item_default_vs_retry_rest():
+    """Default: the hanging item and its chunk's unscored rest get "timeout", the items before
+    it keep their scores. retry_rest=True loses only the hanging item (one more worker start)."""
+    answers = ["1", "2", "9", "3", "4", "5"]
+    for retry, expect_status, restarts in (
+            (False, ["ok", "ok", "timeout", "timeout", "timeout", "timeout"], 1),
+            (True, ["ok", "ok", "timeout", "ok", "ok", "ok"], 1)):
+        with V.VerifierPool(n_workers=1, timeout_s=1.0, chunk_size=64, retry_rest=retry) as pool:
+            scores, status = pool.score("countdown", {}, [(a, {}) for a in answers], hook="hang_if_9")
+            assert status == expect_status, retry
+            assert scores == [1.0 if st == "ok" else 0.0 for st in expect_status]
+            assert pool.restarts == restarts
 
 
 def test_pool_workers_are_confined(tmp_path):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ALGOS = ("dapo", "mtgrpo", "grpo", "sec-dapo", "mtgrpo-reward-only", "rps-uniform")
+ALGOS = ("dapo", "mtgrpo", "grpo", "sec-dapo", "mtgrpo-reward-only", "rps-uniform", "prompt-gdro", "rollout-gdro")
 
 
 def main(argv=None) -> int:

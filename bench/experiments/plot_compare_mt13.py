@@ -1,6 +1,7 @@
 """Plots of issue 13's comparison from ``compare.json`` and the runs' ``metrics.jsonl``:
 
-- ``compare_mt13_bars.png``: worst task and average (mean +- std over seeds) per algorithm;
+- ``compare_mt13_bars.png``: worst task and average, mean@k and pass@k (mean +- std over seeds) per
+  algorithm;
 - ``compare_mt13_curves.png``: worst-task mean@k over RL steps (evaluations), mean over seeds;
 - ``compare_mt13_weights.png``: the task weights z over steps of the weighted algorithms (seed 0).
 
@@ -31,15 +32,17 @@ def main(run_dir: str, out_dir: str) -> None:
     res = json.loads((run / "compare.json").read_text())["algos"]
     algos = list(res)
     x = np.arange(len(algos))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
-        m = [100 * np.mean(res[a][key]) for a in algos]
-        s = [100 * np.std(res[a][key]) for a in algos]
-        ax.bar(x + off, m, 0.4, yerr=s, capsize=3, label=label)
-    ax.set_xticks(x, algos, rotation=20)
-    ax.set_ylabel("test mean@4 (%)")
-    ax.set_title(f"cpu-3task, mean ± std over {len(res[algos[0]]['worst'])} seeds")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    n_seeds = len(res[algos[0]]["worst"])
+    for ax, (prefix, metric) in zip(axes, (("", "mean@4"), ("pass_", "pass@4"))):
+        for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
+            vals = [res[a].get(prefix + key) or [np.nan] for a in algos]
+            ax.bar(x + off, [100 * np.mean(v) for v in vals], 0.4, yerr=[100 * np.std(v) for v in vals],
+                   capsize=3, label=label)
+        ax.set_xticks(x, algos, rotation=25, fontsize=8)
+        ax.set_ylabel(f"test {metric} (%)")
+        ax.set_title(f"cpu-3task {metric}, mean ± std over {n_seeds} seeds")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "compare_mt13_bars.png", dpi=120)
 
@@ -59,7 +62,7 @@ def main(run_dir: str, out_dir: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "compare_mt13_curves.png", dpi=120)
 
-    weighted = [a for a in algos if a in ("mtgrpo", "sec-dapo", "mtgrpo-reward-only")]
+    weighted = [a for a in algos if a in ("mtgrpo", "sec-dapo", "mtgrpo-reward-only", "prompt-gdro")]
     fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
     for ax, a in zip(axes[0], weighted):
         tr = [r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "train"]

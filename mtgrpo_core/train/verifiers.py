@@ -585,10 +585,15 @@ class VerifierPool:
     n_workers : int
         Worker processes (started lazily, on the first :meth:`score`).
     timeout_s : float
-        Per-item limit: a worker that reports nothing for this long is killed and replaced;
-        its current item gets status ``"timeout"`` and the rest of its chunk is re-queued
-        once. If that rest times out again, all its unscored items get ``"timeout"``: a
-        chunk costs at most two timeouts however many of its items hang.
+        Per-item limit: a worker that reports nothing for this long is killed and replaced.
+        Its current item and the chunk's items not yet scored get status ``"timeout"``
+        (score 0), so a chunk costs **one** timeout however many of its items hang. Behind
+        :func:`check_grammar` the shipped tasks cannot hang, so this only bounds the damage
+        of a scorer defect; a smaller ``chunk_size`` loses fewer innocent items to it.
+    retry_rest : bool
+        ``True`` re-queues the unscored rest of a timed-out chunk once (only the hanging item
+        is lost; a chunk then costs at most **two** timeouts: a second one gives up on the
+        rest). Default ``False``.
     memory_mb : int
         Address space a worker may add after importing reasoning-gym (``RLIMIT_AS``).
     context : str
@@ -599,7 +604,7 @@ class VerifierPool:
     """
 
     def __init__(self, n_workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 1024,
-                 context: str = "forkserver", chunk_size: int = 64):
+                 context: str = "forkserver", chunk_size: int = 64, retry_rest: bool = False):
         if int(n_workers) < 1:
             raise ValueError(f"n_workers: expected >= 1, got {n_workers!r}")
         if not float(timeout_s) > 0:
@@ -609,7 +614,10 @@ class VerifierPool:
         self.n_workers = int(n_workers)
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
-        self.chunk_size = max(1, int(chunk_size))
+        if int(chunk_size) < 1:
+            raise ValueError(f"chunk_size: expected >= 1, got {chunk_size!r}")
+        self.chunk_size = int(chunk_size)
+        self.retry_rest = bool(retry_rest)
         self._ctx = clean_context(context)
         if context == "forkserver":
             self._ctx.set_forkserver_preload(["mtgrpo_core.train.verifiers", "reasoning_gym"])
@@ -722,9 +730,9 @@ class VerifierPool:
         if self._closed:
             raise RuntimeError("VerifierPool is closed")
         cfg_items = tuple(sorted(config.items()))
-        # (item indices, timeouts this chunk already cost): a chunk's second timeout gives up
-        # on everything it has left, so hanging items cost at most two timeouts a chunk
-        # (the first only loses the hanging item) instead of one timeout per item
+        # (item indices, timeouts this chunk already cost): a timeout gives up on everything
+        # the chunk has left (one timeout a chunk), or with retry_rest on its second timeout
+        # only (the first then loses only the hanging item)
         queue = deque((list(range(s, min(s + self.chunk_size, n))), 0) for s in range(0, n, self.chunk_size))
         done = 0
         failures = 0  # worker start/send failures; too many -> give up (items: "error")
@@ -760,8 +768,8 @@ class VerifierPool:
             nonlocal done
             if w.job is not None:
                 idxs, k, strikes = w.job
-                if why == "timeout" and strikes >= 1:
-                    for i in idxs[k:]:  # second timeout of this chunk: give up on the rest
+                if why == "timeout" and (strikes >= 1 or not self.retry_rest):
+                    for i in idxs[k:]:  # give up on the rest of the chunk
                         status[i] = "timeout"
                     done += len(idxs) - k
                 elif k < len(idxs):
