@@ -3,7 +3,8 @@
 - ``compare_mt13_bars.png``: worst task and average, mean@k and pass@k (mean +- std over seeds) per
   algorithm;
 - ``compare_mt13_curves.png``: worst-task mean@k over RL steps (evaluations), mean over seeds;
-- ``compare_mt13_weights.png``: the task weights z over steps of the weighted algorithms (seed 0).
+- ``compare_mt13_weights.png``: the task weights z (Prompt-GDRO: its bin weights q) over steps of the
+  weighted algorithms (seed 0).
 
 Usage: ``python bench/experiments/plot_compare_mt13.py RUN_DIR OUT_DIR``.
 """
@@ -66,11 +67,13 @@ def main(run_dir: str, out_dir: str) -> None:
     fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
     for ax, a in zip(axes[0], weighted):
         tr = [r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "train"]
+        key, what, name = (("gdro_q", "bin weights q", "bin") if tr and "gdro_q" in tr[0]
+                           else ("weights", "weights z", "task"))
         if tr:
-            z = np.array([r["weights"] for r in tr])
+            z = np.array([r[key] for r in tr])
             for k in range(z.shape[1]):
-                ax.plot([r["step"] for r in tr], z[:, k], label=f"task {k}")
-        ax.set_title(f"{a} (seed 0): weights z")
+                ax.plot([r["step"] for r in tr], z[:, k], label=f"{name} {k}")
+        ax.set_title(f"{a} (seed 0): {what}")
         ax.set_xlabel("RL step")
         ax.legend(fontsize=7)
     fig.tight_layout()
