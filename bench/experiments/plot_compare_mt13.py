@@ -63,7 +63,7 @@ def main(run_dir: str, out_dir: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "compare_mt13_curves.png", dpi=120)
 
-    weighted = [a for a in algos if a in ("mtgrpo", "sec-dapo", "mtgrpo-reward-only", "prompt-gdro")]
+    weighted = [a for a in algos if a.startswith(("mtgrpo", "sec-", "prompt-gdro"))]
     fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
     for ax, a in zip(axes[0], weighted):
         tr = [r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "train"]
