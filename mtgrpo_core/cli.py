@@ -141,10 +141,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds``: ``N`` (seeds 0 .. N-1) or a comma list (``0,2``)."""
+    try:
+        seeds = list(range(int(text))) if "," not in text else [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or a comma list of seeds, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected N >= 1 or seeds >= 0, got {text!r}")
+    return seeds
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .train.compare import run_compare
+    from pathlib import Path
+
+    from .train.compare import DEFAULT_ALGOS, run_compare, write_compare
     from .train.config import ConfigError, load_config
 
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()] if args.algos else list(DEFAULT_ALGOS)
+    if args.table:  # only the table over runs already in --out (e.g. seeds run side by side)
+        print(write_compare(Path(args.out), algos, args.seeds, args.threshold))
+        return 0
     try:
         # the same step budget for every algorithm: no wall-clock cap unless asked for
         budget = [f"rl.steps={args.steps}", "rl.max_time_s=0", f"eval.every={args.eval_every}"]
@@ -152,8 +169,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"mtgrpo compare: config error: {e}", file=sys.stderr)
         return 2
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    md = run_compare(cfg, args.out, algos=algos, seeds=list(range(args.seeds)), threshold=args.threshold,
+    md = run_compare(cfg, args.out, algos=algos, seeds=args.seeds, threshold=args.threshold,
                      console=_console())
     print(md)
     return 0
@@ -206,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--run", required=True)
     s.add_argument("--baseline", help="a baseline run folder for the relative change")
     s.set_defaults(fn=cmd_report)
-    s = sub.add_parser("compare", help="GRPO vs DAPO vs MT-GRPO (vs Prompt-GDRO), N seeds, same step budget")
+    s = sub.add_parser("compare", help="GRPO vs DAPO vs MT-GRPO vs the GDRO methods, N seeds, same step budget")
     s.add_argument("--config", help="TOML config (default: the embedded default)")
     s.add_argument("--out", default="runs/compare")
-    s.add_argument("--algos", default="grpo,dapo,mtgrpo,prompt-gdro")
-    s.add_argument("--seeds", type=int, default=2)
+    s.add_argument("--algos", default=None,
+                   help="comma list (default: grpo,dapo,mtgrpo,prompt-gdro,rollout-gdro)")
+    s.add_argument("--seeds", type=_seed_list, default=[0, 1],
+                   help="N (seeds 0..N-1) or a comma list; one seed per process runs seeds side by side")
+    s.add_argument("--table", action="store_true", help="only write the table over the runs already in --out")
     s.add_argument("--steps", type=int, default=400, help="RL steps per run (the shared budget)")
     s.add_argument("--eval-every", type=int, default=50, help="evaluation interval (for steps-to-threshold)")
     s.add_argument("--threshold", type=float, default=None, help="worst-task accuracy to reach (0-1)")

@@ -1,6 +1,7 @@
 """End-to-end training loop on tiny settings: every algorithm through the real loop (real
 suite, verifiers, model, generation, fused loss, sampler and controllers), exact resume
 after SIGKILL, evaluation, report and CLI."""
+import argparse
 import json
 import math
 import os
@@ -196,6 +197,17 @@ def test_compare_writes_the_paper_style_table(tmp_path):
     b = read_metrics(tmp_path / "cmp" / "mtgrpo-s0")
     assert a[0] == b[0] == {"kind": "init", "from": str(tmp_path / "cmp" / "warmup-s0" / "checkpoint.pt")}
     assert a[1]["tasks"] == b[1]["tasks"]   # identical "before" evaluation (same model, same eval seed)
+    # `mtgrpo compare --table` rebuilds the same table from the runs (seeds run side by side)
+    from mtgrpo_core.cli import _seed_list, main
+
+    (tmp_path / "cmp" / "compare.md").unlink()
+    assert main(["compare", "--table", "--seeds", "0,", "--algos", "dapo,mtgrpo", "--out", str(tmp_path / "cmp"),
+                 "--threshold", "0"]) == 0
+    assert (tmp_path / "cmp" / "compare.md").read_text().strip() == md.strip()
+    assert _seed_list("3") == [0, 1, 2] and _seed_list("0,2") == [0, 2] and _seed_list("1,") == [1]
+    for bad in ("0", "x", "-1,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _seed_list(bad)
 
 
 def test_policy_update_direction_through_library_loss():
