@@ -192,6 +192,12 @@ def test_compare_writes_the_paper_style_table(tmp_path):
     assert row.count("|") == lines[2].count("|") and "worst-task" in lines[2] and "Δ% vs DAPO" in lines[2]
     res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert res["algos"]["mtgrpo"]["steps_to_threshold"] == [0]   # threshold 0 is met before RL
+    # the paired worst-task difference is mtgrpo's worst task minus DAPO's, same seed
+    mt, da = res["algos"]["mtgrpo"], res["algos"]["dapo"]
+    assert mt["seeds"] == da["seeds"] == [0]
+    want = min(mt["per_task"][0].values()) - min(da["per_task"][0].values())
+    assert mt["worst_diff_vs_dapo"] == pytest.approx([want])
+    assert f"| {100 * mt['worst_diff_vs_dapo'][0]:+.1f} |" in row and "worst Δ vs DAPO (paired, pts)" in lines[2]
     # both algorithms started RL from the same warm-up checkpoint
     a = read_metrics(tmp_path / "cmp" / "dapo-s0")
     b = read_metrics(tmp_path / "cmp" / "mtgrpo-s0")

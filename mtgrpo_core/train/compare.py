@@ -1,6 +1,7 @@
 """``mtgrpo compare``: GRPO vs DAPO vs MT-GRPO (and Prompt-GDRO, Rollout-GDRO) on one suite,
 N seeds, the same step budget, and a table like the MT-GRPO paper's (worst-task accuracy,
-average, relative change vs DAPO, steps to reach a worst-task threshold) for mean@k, then
+average, relative change vs DAPO, the worst-task difference to DAPO paired by seed, steps to
+reach a worst-task threshold) for mean@k, then
 the same per-task / worst / average columns for pass@k.
 
 Per seed the supervised warm-up runs once (``DIR/warmup-s{seed}``) and every algorithm starts
@@ -56,17 +57,20 @@ def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=DEFAULT_ALGOS
 
 
 def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
-    rows = {}
+    rows, seeds_of = {}, {}
     for algo in algos:
-        runs = [load_run(out / f"{algo}-s{s}") for s in seeds if (out / f"{algo}-s{s}" / "metrics.jsonl").exists()]
-        rows[algo] = runs
+        have = [s for s in seeds if (out / f"{algo}-s{s}" / "metrics.jsonl").exists()]
+        rows[algo] = [load_run(out / f"{algo}-s{s}") for s in have]
+        seeds_of[algo] = [s for s, r in zip(have, rows[algo]) if final_accuracy(r)]
     accs = {a: [final_accuracy(r) for r in rs if final_accuracy(r)] for a, rs in rows.items()}
     before = [final_accuracy(r, tag="before") for rs in rows.values() for r in rs if final_accuracy(r, tag="before")]
     if threshold is None:  # default: halfway between the warm-up's worst task and 1
         bw = np.mean([min(b.values()) for b in before]) if before else 0.0
         threshold = float(bw + 0.25 * (1 - bw))
     tasks = list(next(iter(a for lst in accs.values() for a in lst)).keys()) if any(accs.values()) else []
-    dapo_by_seed = {i: a for i, a in enumerate(accs.get("dapo", []))}
+    # DAPO's result of the same seed (the same warm-up): the pairs behind the relative change and
+    # the paired worst-task difference
+    dapo_by_seed = dict(zip(seeds_of.get("dapo", []), accs.get("dapo", [])))
 
     def ms(v):
         v = [x for x in v if x is not None]
@@ -74,13 +78,14 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
             return "-"
         return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
 
-    head = ["algorithm", *tasks, "worst-task", "average", "Δ% vs DAPO", f"steps to worst ≥ {100 * threshold:.0f}%"]
+    head = ["algorithm", *tasks, "worst-task", "average", "Δ% vs DAPO", "worst Δ vs DAPO (paired, pts)",
+            f"steps to worst ≥ {100 * threshold:.0f}%"]
     lines = [f"Sampled test accuracy mean@k (%), mean ± std over seeds {list(seeds)}; same RL step budget.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if before:
         lines.append("| warm-up (before RL) | " + " | ".join(ms([b[t] for b in before]) for t in tasks)
                      + f" | {ms([min(b.values()) for b in before])} | {ms([np.mean(list(b.values())) for b in before])}"
-                     + " | - | - |")
+                     + " | - | - | - |")
     result = {"threshold": threshold, "algos": {}}
     for algo in algos:
         a = accs.get(algo, [])
@@ -88,15 +93,21 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
             continue
         worst = [min(x.values()) for x in a]
         avg = [float(np.mean(list(x.values()))) for x in a]
-        rel = ([relative_change(x, dapo_by_seed[i]) for i, x in enumerate(a) if i in dapo_by_seed]
-               if algo != "dapo" else [])
+        pairs = ([(x, dapo_by_seed[s]) for s, x in zip(seeds_of[algo], a) if s in dapo_by_seed]
+                 if algo != "dapo" else [])
+        rel = [relative_change(x, d) for x, d in pairs]
+        # paired worst-task difference: seed-to-seed spread of the warm-up cancels in it
+        dworst = [min(x.values()) - min(d.values()) for x, d in pairs]
         st = [steps_to_threshold(r, threshold) for r in rows[algo]]
         st_txt = ", ".join("-" if s is None else str(s) for s in st)
         rel_txt = "0 (ref)" if algo == "dapo" else (f"{np.mean(rel):+.1f}" if rel and None not in rel else "-")
+        dw_txt = "0 (ref)" if algo == "dapo" else (
+            "-" if not dworst else f"{100 * np.mean(dworst):+.1f}" + (f" ± {100 * np.std(dworst):.1f}"
+                                                                       if len(dworst) > 1 else ""))
         lines.append(f"| {algo} | " + " | ".join(ms([x[t] for x in a]) for t in tasks)
-                     + f" | {ms(worst)} | {ms(avg)} | {rel_txt} | {st_txt} |")
-        result["algos"][algo] = {"per_task": a, "worst": worst, "average": avg, "rel_vs_dapo": rel,
-                                 "steps_to_threshold": st}
+                     + f" | {ms(worst)} | {ms(avg)} | {rel_txt} | {dw_txt} | {st_txt} |")
+        result["algos"][algo] = {"seeds": seeds_of[algo], "per_task": a, "worst": worst, "average": avg,
+                                 "rel_vs_dapo": rel, "worst_diff_vs_dapo": dworst, "steps_to_threshold": st}
     # pass@k: the GDRO papers' headline metric (a hard task can rise in pass@k before mean@k)
     pk = {a: [final_accuracy(r, metric="pass_at_k") for r in rs if final_accuracy(r, metric="pass_at_k")]
           for a, rs in rows.items()}
