@@ -72,11 +72,12 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
     # the paired worst-task difference
     dapo_by_seed = dict(zip(seeds_of.get("dapo", []), accs.get("dapo", [])))
 
-    def ms(v):
+    def ms(v, sign=""):  # mean ± std in percent points; sign="+" for differences
         v = [x for x in v if x is not None]
         if not v:
             return "-"
-        return f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}" if len(v) > 1 else f"{100 * v[0]:.1f}"
+        return (f"{100 * np.mean(v):{sign}.1f} ± {100 * np.std(v):.1f}" if len(v) > 1
+                else f"{100 * v[0]:{sign}.1f}")
 
     head = ["algorithm", *tasks, "worst-task", "average", "Δ% vs DAPO", "worst Δ vs DAPO (paired, pts)",
             f"steps to worst ≥ {100 * threshold:.0f}%"]
@@ -101,9 +102,7 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
         st = [steps_to_threshold(r, threshold) for r in rows[algo]]
         st_txt = ", ".join("-" if s is None else str(s) for s in st)
         rel_txt = "0 (ref)" if algo == "dapo" else (f"{np.mean(rel):+.1f}" if rel and None not in rel else "-")
-        dw_txt = "0 (ref)" if algo == "dapo" else (
-            "-" if not dworst else f"{100 * np.mean(dworst):+.1f}" + (f" ± {100 * np.std(dworst):.1f}"
-                                                                       if len(dworst) > 1 else ""))
+        dw_txt = "0 (ref)" if algo == "dapo" else ms(dworst, "+")
         lines.append(f"| {algo} | " + " | ".join(ms([x[t] for x in a]) for t in tasks)
                      + f" | {ms(worst)} | {ms(avg)} | {rel_txt} | {dw_txt} | {st_txt} |")
         result["algos"][algo] = {"seeds": seeds_of[algo], "per_task": a, "worst": worst, "average": avg,
