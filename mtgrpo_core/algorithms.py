@@ -95,6 +95,11 @@ def get_algorithm(name: str) -> Algorithm:
     return ALGORITHMS[_REGISTRY.canonical(name)]
 
 
+# the algorithms `mtgrpo compare` runs when --algos is not given (kept here, beside the
+# registry, so the CLI can name them without importing the training layer)
+COMPARE_ALGOS = ("grpo", "dapo", "mtgrpo", "prompt-gdro", "rollout-gdro")
+
+
 def algorithm_names(*, aliases: bool = False) -> tuple[str, ...]:
     """Registered algorithm names (and, with ``aliases=True``, their aliases)."""
     return _REGISTRY.names(aliases=aliases)

@@ -155,12 +155,19 @@ def _seed_list(text: str) -> list[int]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .train.compare import DEFAULT_ALGOS, run_compare, write_compare
+    from .train.compare import run_compare, write_compare
     from .train.config import ConfigError, load_config
 
-    algos = [a.strip() for a in args.algos.split(",") if a.strip()] if args.algos else list(DEFAULT_ALGOS)
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    if not algos:
+        print("mtgrpo compare: --algos names no algorithm", file=sys.stderr)
+        return 2
     if args.table:  # only the table over runs already in --out (e.g. seeds run side by side)
-        print(write_compare(Path(args.out), algos, args.seeds, args.threshold))
+        try:
+            print(write_compare(Path(args.out), algos, args.seeds, args.threshold))
+        except FileNotFoundError as e:
+            print(f"mtgrpo compare --table: --out: {e}", file=sys.stderr)
+            return 2
         return 0
     try:
         # the same step budget for every algorithm: no wall-clock cap unless asked for
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_bench)
     s = sub.add_parser("demo", help="the main job")
     s.set_defaults(fn=cmd_demo)
-    from .algorithms import algorithm_names
+    from .algorithms import COMPARE_ALGOS, algorithm_names
 
     algos = list(algorithm_names(aliases=True))
     s = sub.add_parser("train", help="train a policy (no arguments: the embedded CPU default)")
@@ -225,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("compare", help="GRPO vs DAPO vs MT-GRPO vs the GDRO methods, N seeds, same step budget")
     s.add_argument("--config", help="TOML config (default: the embedded default)")
     s.add_argument("--out", default="runs/compare")
-    s.add_argument("--algos", default=None,
-                   help="comma list (default: grpo,dapo,mtgrpo,prompt-gdro,rollout-gdro)")
+    s.add_argument("--algos", default=",".join(COMPARE_ALGOS), help="comma list (default: %(default)s)")
     s.add_argument("--seeds", type=_seed_list, default=[0, 1],
                    help="N (seeds 0..N-1) or a comma list; one seed per process runs seeds side by side")
     s.add_argument("--table", action="store_true", help="only write the table over the runs already in --out")

@@ -210,6 +210,9 @@ def test_compare_writes_the_paper_style_table(tmp_path):
     assert main(["compare", "--table", "--seeds", "0,", "--algos", "dapo,mtgrpo", "--out", str(tmp_path / "cmp"),
                  "--threshold", "0"]) == 0
     assert (tmp_path / "cmp" / "compare.md").read_text().strip() == md.strip()
+    # a folder without the runs (a typo in --out) or an empty --algos: a clear error, exit 2
+    assert main(["compare", "--table", "--seeds", "0,", "--out", str(tmp_path / "no-runs")]) == 2
+    assert main(["compare", "--table", "--algos", " , ", "--out", str(tmp_path / "cmp")]) == 2
     assert _seed_list("3") == [0, 1, 2] and _seed_list("0,2") == [0, 2] and _seed_list("1,") == [1]
     for bad in ("0", "x", "-1,"):
         with pytest.raises(argparse.ArgumentTypeError):

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..algorithms import COMPARE_ALGOS
 from . import config as C
 from .report import final_accuracy, load_run, relative_change
 from .trainer import train
 
-DEFAULT_ALGOS = ("grpo", "dapo", "mtgrpo", "prompt-gdro", "rollout-gdro")
+DEFAULT_ALGOS = COMPARE_ALGOS  # what `mtgrpo compare` runs without --algos
 
 
 def steps_to_threshold(run: dict, thr: float) -> int | None:
@@ -57,12 +58,15 @@ def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=DEFAULT_ALGOS
 
 
 def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
-    rows, seeds_of = {}, {}
+    rows, seeds_of, accs = {}, {}, {}
     for algo in algos:
         have = [s for s in seeds if (out / f"{algo}-s{s}" / "metrics.jsonl").exists()]
         rows[algo] = [load_run(out / f"{algo}-s{s}") for s in have]
-        seeds_of[algo] = [s for s, r in zip(have, rows[algo]) if final_accuracy(r)]
-    accs = {a: [final_accuracy(r) for r in rs if final_accuracy(r)] for a, rs in rows.items()}
+        done = [(s, acc) for s, acc in zip(have, map(final_accuracy, rows[algo])) if acc]
+        seeds_of[algo], accs[algo] = [s for s, _ in done], [acc for _, acc in done]
+    if not any(rows.values()):
+        raise FileNotFoundError(f"no runs of {list(algos)} for seeds {list(seeds)} in {out} "
+                                f"(expected folders like {out / f'{algos[0]}-s{seeds[0]}'} with metrics.jsonl)")
     before = [final_accuracy(r, tag="before") for rs in rows.values() for r in rs if final_accuracy(r, tag="before")]
     if threshold is None:  # default: halfway between the warm-up's worst task and 1
         bw = np.mean([min(b.values()) for b in before]) if before else 0.0
