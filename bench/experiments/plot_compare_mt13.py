@@ -6,7 +6,8 @@
 - ``compare_mt13_weights.png``: the task weights z (Prompt-GDRO: its bin weights q) over steps of the
   weighted algorithms (seed 0).
 
-Usage: ``python bench/experiments/plot_compare_mt13.py RUN_DIR OUT_DIR``.
+Usage: ``python bench/experiments/plot_compare_mt13.py RUN_DIR OUT_DIR [PREFIX]``; the files are
+named ``PREFIX_bars.png`` etc. (default prefix ``compare_mt13``; issue 14 uses ``compare_gdro14``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def main(run_dir: str, out_dir: str) -> None:
+def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     run, out = Path(run_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = json.loads((run / "compare.json").read_text())["algos"]
@@ -35,9 +36,9 @@ def main(run_dir: str, out_dir: str) -> None:
     x = np.arange(len(algos))
     fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     n_seeds = len(res[algos[0]]["worst"])
-    for ax, (prefix, metric) in zip(axes, (("", "mean@4"), ("pass_", "pass@4"))):
+    for ax, (kp, metric) in zip(axes, (("", "mean@4"), ("pass_", "pass@4"))):
         for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
-            vals = [res[a].get(prefix + key) or [np.nan] for a in algos]
+            vals = [res[a].get(kp + key) or [np.nan] for a in algos]
             ax.bar(x + off, [100 * np.mean(v) for v in vals], 0.4, yerr=[100 * np.std(v) for v in vals],
                    capsize=3, label=label)
         ax.set_xticks(x, algos, rotation=25, fontsize=8)
@@ -45,7 +46,7 @@ def main(run_dir: str, out_dir: str) -> None:
         ax.set_title(f"cpu-3task {metric}, mean ± std over {n_seeds} seeds")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "compare_mt13_bars.png", dpi=120)
+    fig.savefig(out / f"{prefix}_bars.png", dpi=120)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for a in algos:
@@ -61,7 +62,7 @@ def main(run_dir: str, out_dir: str) -> None:
     ax.set_ylabel("worst-task mean@4 (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "compare_mt13_curves.png", dpi=120)
+    fig.savefig(out / f"{prefix}_curves.png", dpi=120)
 
     weighted = [a for a in algos if a.startswith(("mtgrpo", "sec-", "prompt-gdro"))]
     fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
@@ -71,14 +72,18 @@ def main(run_dir: str, out_dir: str) -> None:
                            else ("weights", "weights z", "task"))
         if tr:
             z = np.array([r[key] for r in tr])
+            ev = next((r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "eval"), {})
+            labels = list(ev.get("tasks", {})) if name == "task" else []
             for k in range(z.shape[1]):
-                ax.plot([r["step"] for r in tr], z[:, k], label=f"{name} {k}")
+                ax.plot([r["step"] for r in tr], z[:, k], label=labels[k] if k < len(labels) else f"{name} {k}")
         ax.set_title(f"{a} (seed 0): {what}")
         ax.set_xlabel("RL step")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "compare_mt13_weights.png", dpi=120)
+    fig.savefig(out / f"{prefix}_weights.png", dpi=120)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    main(*sys.argv[1:])
