@@ -34,7 +34,7 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     res = json.loads((run / "compare.json").read_text())["algos"]
     algos = list(res)
     x = np.arange(len(algos))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(max(13.0, 2.2 * len(algos)), 3.8))
     n_seeds = len(res[algos[0]]["worst"])
     for ax, (kp, metric) in zip(axes, (("", "mean@4"), ("pass_", "pass@4"))):
         for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
@@ -48,7 +48,7 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     fig.tight_layout()
     fig.savefig(out / f"{prefix}_bars.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for a in algos:
         curves = []
         for d in sorted(run.glob(f"{a}-s*")):
@@ -65,8 +65,13 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     fig.savefig(out / f"{prefix}_curves.png", dpi=120)
 
     weighted = [a for a in algos if a.startswith(("mtgrpo", "sec-", "prompt-gdro"))]
-    fig, axes = plt.subplots(1, max(len(weighted), 1), figsize=(4 * max(len(weighted), 1), 3.2), squeeze=False)
-    for ax, a in zip(axes[0], weighted):
+    n = max(len(weighted), 1)
+    cols = min(n, 5)  # wrap into rows of at most 5 panels
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(weighted):]:
+        ax.set_visible(False)
+    for ax, a in zip(axes.flat, weighted):
         tr = [r for r in _records(run / f"{a}-s0" / "metrics.jsonl") if r.get("kind") == "train"]
         key, what, name = (("gdro_q", "bin weights q", "bin") if tr and "gdro_q" in tr[0]
                            else ("weights", "weights z", "task"))
