@@ -34,7 +34,9 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     res = json.loads((run / "compare.json").read_text())["algos"]
     algos = list(res)
     x = np.arange(len(algos))
-    fig, axes = plt.subplots(1, 2, figsize=(max(13.0, 2.2 * len(algos)), 3.8))
+    stack = len(algos) > 6  # many settings: mean@k above pass@k, each panel full width
+    fig, axes = plt.subplots(2 if stack else 1, 1 if stack else 2,
+                             figsize=(max(13.0, 1.2 * len(algos)), 8.0 if stack else 3.8))
     n_seeds = len(res[algos[0]]["worst"])
     for ax, (kp, metric) in zip(axes, (("", "mean@4"), ("pass_", "pass@4"))):
         for off, key, label in ((-0.2, "worst", "worst task"), (0.2, "average", "average")):
