@@ -50,8 +50,9 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
     fig.tight_layout()
     fig.savefig(out / f"{prefix}_bars.png", dpi=120)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for a in algos:
+    fig, ax = plt.subplots(figsize=(9 if stack else 6, 4.2 if stack else 3.6))
+    colors = plt.get_cmap("tab20" if len(algos) > 10 else "tab10").colors  # one colour per setting
+    for a, color in zip(algos, colors * (len(algos) // len(colors) + 1)):
         curves = []
         for d in sorted(run.glob(f"{a}-s*")):
             ev = [r for r in _records(d / "metrics.jsonl") if r.get("kind") == "eval"]
@@ -59,10 +60,14 @@ def main(run_dir: str, out_dir: str, prefix: str = "compare_mt13") -> None:
         if curves:
             n = min(len(c) for c in curves)
             steps = [c[0] for c in curves[0][:n]]
-            ax.plot(steps, [100 * np.mean([c[i][1] for c in curves]) for i in range(n)], marker="o", label=a)
+            ax.plot(steps, [100 * np.mean([c[i][1] for c in curves]) for i in range(n)], marker="o", label=a,
+                    color=color)
     ax.set_xlabel("RL step")
     ax.set_ylabel("worst-task mean@4 (%)")
-    ax.legend(fontsize=7)
+    if stack:  # many settings: the legend beside the axes, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / f"{prefix}_curves.png", dpi=120)
 
