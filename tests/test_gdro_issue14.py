@@ -269,9 +269,10 @@ def test_compare_includes_rollout_gdro_and_a_pass_at_k_table(tmp_path):
     import json
 
     from mtgrpo_core.train import config as C
-    from mtgrpo_core.train.compare import DEFAULT_ALGOS, run_compare
+    from mtgrpo_core.algorithms import COMPARE_ALGOS
+    from mtgrpo_core.train.compare import run_compare
 
-    assert "rollout-gdro" in DEFAULT_ALGOS and "prompt-gdro" in DEFAULT_ALGOS
+    assert "rollout-gdro" in COMPARE_ALGOS and "prompt-gdro" in COMPARE_ALGOS
     tiny = ["run.threads=1", "run.progress=false", "model.hidden_size=32", "model.intermediate_size=64",
             "model.num_hidden_layers=1", "model.num_attention_heads=2", "model.num_key_value_heads=2",
             "model.max_position_embeddings=64", "tasks.train_size=60", "tasks.test_size=8", "warmup.steps=10",

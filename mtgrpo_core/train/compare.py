@@ -20,8 +20,6 @@ from . import config as C
 from .report import final_accuracy, load_run, relative_change
 from .trainer import train
 
-DEFAULT_ALGOS = COMPARE_ALGOS  # what `mtgrpo compare` runs without --algos
-
 
 def steps_to_threshold(run: dict, thr: float) -> int | None:
     for e in run["evals"]:
@@ -30,7 +28,7 @@ def steps_to_threshold(run: dict, thr: float) -> int | None:
     return None
 
 
-def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=DEFAULT_ALGOS, seeds=(0, 1),
+def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=COMPARE_ALGOS, seeds=(0, 1),
                 threshold: float | None = None, console=None) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
