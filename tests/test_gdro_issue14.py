@@ -24,7 +24,8 @@ def _stream_step(rng, G=4, per_bin=16):
 
 def test_unweighted_loss_leans_to_the_hardest_bin_weighted_feedback_does_not():
     rng = np.random.default_rng(0)
-    good, bad = PromptGDRO(4, eta=2.0), PromptGDRO(4, eta=2.0)
+    # issue 14's floor 0.01: equal shares of 1/4 scale the signal by 4 (the default floor 1 does not)
+    good, bad = PromptGDRO(4, eta=2.0, share_floor=0.01), PromptGDRO(4, eta=2.0, share_floor=0.01)
     for _ in range(200):
         g, loss = _stream_step(rng)
         good.observe(g, loss)
@@ -113,13 +114,17 @@ def test_prompt_gdro_reward_range_and_signals_by_hand():
 # --------------------------------------------------------------------------------------
 # (5) the share floor
 # --------------------------------------------------------------------------------------
-def test_share_floor_defaults_to_a_small_value_and_one_over_g_stays_an_option():
-    assert PromptGDRO(10).share_floor == 0.01
+def test_share_floor_defaults_to_no_amplification_and_small_floors_stay_options():
+    # issue 23: the default floor is 1 (a rare bin's signal is not amplified); issue 14's 0.01
+    # and the released 1/G stay available
+    assert PromptGDRO(10).share_floor == 1.0
     assert PromptGDRO(10, share_floor=None).share_floor == pytest.approx(0.1)
     g = np.array([0] * 99 + [1])                         # group 1 holds 1% of the responses
-    small, old = PromptGDRO(2, ema=1.0), PromptGDRO(2, ema=1.0, share_floor=None)
-    small.observe(g, np.ones(100))
-    old.observe(g, np.ones(100))
+    default = PromptGDRO(2, ema=1.0)
+    small, old = PromptGDRO(2, ema=1.0, share_floor=0.01), PromptGDRO(2, ema=1.0, share_floor=None)
+    for pg in (default, small, old):
+        pg.observe(g, np.ones(100))
+    assert default.scores[1] == pytest.approx(1.0)      # the group's mean signal, not amplified
     assert small.scores[1] == pytest.approx(100.0)      # amplified 1 / 0.01
     assert old.scores[1] == pytest.approx(2.0)          # capped at 1 / (1/G) = 2
     with pytest.raises(ValueError, match="share_floor"):

@@ -2,9 +2,12 @@
 Panaganti et al., arXiv 2601.19280).
 
 What: per step, for each group b present, the group's signal l_b, optionally divided by the
-group's share of the batch's responses (floored at ``share_floor``, default 0.01, so a rare
-group's signal is amplified at most 100-fold; ``share_floor=1/G`` is the earlier, much
-weaker amplification, which bound in 54-65% of (step, group) pairs); EMA score
+group's share of the batch's responses floored at ``share_floor``. The default floor is 1.0,
+which means no amplification (issue 23). With floor 0.01 a rare group's signal was amplified
+up to 100-fold, and at small batches (24 prompts over 11 groups) q collapsed onto a newly
+populated bin of 2-3 prompts. That cost 6.2 pass@4 points against GRPO on cpu-3task
+(bench/experiments/RESULTS-compare-gdro14.md). ``share_floor=1/G`` is the released code's
+floor, and 0.01 is issue 14's. EMA score
 S_b <- (1 - beta) S_b + beta l_b (first observation initialises; never-observed groups keep S_b =
 0). omega_b = exp(eta S_b) (computed as a
 softmax of eta S, so it never overflows), q_b = (1 - gamma) omega_b / sum omega + gamma / G.
@@ -114,7 +117,8 @@ class PromptGDRO:
     share_normalize : bool
         Divide each group's mean loss by its share of the batch (default True).
     share_floor : float or None
-        Floor of that share (default 0.01; None means 1 / num_groups).
+        Floor of that share (default 1.0: no rare-group amplification; None means
+        1 / num_groups, the released code's; 0.01 was issue 14's default).
     signal : {"surrogate", "learnability", "failure"}
         What the adversary maximises (module docstring); default "surrogate" (the paper's).
     reward_range : (lo, hi)
@@ -124,7 +128,7 @@ class PromptGDRO:
     kind = "PromptGDRO"
 
     def __init__(self, num_groups: int, eta: float = 0.65, gamma: float = 0.01, ema: float = 0.12,
-                 cap: float = 15.0, share_normalize: bool = True, share_floor: float | None = 0.01,
+                 cap: float = 15.0, share_normalize: bool = True, share_floor: float | None = 1.0,
                  signal: str = "surrogate", reward_range: tuple = (0.0, 1.0)):
         self.num_groups = check_positive_int("num_groups", num_groups, 1, MAX_TASKS)
         self.eta = check_float("eta", eta, 0.0, MAX_COEF)

@@ -522,7 +522,7 @@ class PromptGDROAdvantage:
 
     def __init__(self, *, id_key: str = "extra_info", edges=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                  window: int = 50, hysteresis: float = 0.03, unseen: str = "separate", eta: float = 0.65,
-                 gamma: float = 0.01, ema: float = 0.12, cap: float = 15.0, share_floor: float = 0.01,
+                 gamma: float = 0.01, ema: float = 0.12, cap: float = 15.0, share_floor: float = 1.0,
                  signal: str = "learnability", reward_range=(0.0, 1.0), correct_threshold: float = 1.0):
         from ..gdro import DifficultyClassifier, make_advantage_weighting
 

@@ -156,7 +156,7 @@ class GDROConfig:
     gamma: float = 0.01
     ema: float = 0.12
     cap: float = 15.0
-    share_floor: float = 0.01      # Prompt-GDRO share floor (issue 14; 1/G was the old value)
+    share_floor: float = 1.0       # Prompt-GDRO share floor: 1 = no rare-bin amplification (issue 23; 0.01 issue 14)
     # Prompt-GDRO adversary signal: learnability (this library's; sim worst task 0.26 vs 0.08 of
     # the paper's surrogate, docs/ALGORITHMS.md 5.2) | surrogate (the paper's) | failure
     signal: str = "learnability"
