@@ -55,6 +55,16 @@ def run_compare(base_cfg: C.TrainConfig, out: str | Path, *, algos=COMPARE_ALGOS
     return write_compare(out, algos, seeds, threshold)
 
 
+def mean_std(v, sign: str = "") -> str:
+    """Fractions -> ``"mean ± std"`` in percent points (population std, one decimal; ``"-"`` when
+    empty, the value alone for one seed); ``sign="+"`` for differences. The docs' tables use it too."""
+    v = [x for x in v if x is not None]
+    if not v:
+        return "-"
+    return (f"{100 * np.mean(v):{sign}.1f} ± {100 * np.std(v):.1f}" if len(v) > 1
+            else f"{100 * v[0]:{sign}.1f}")
+
+
 def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
     rows, seeds_of, accs = {}, {}, {}
     for algo in algos:
@@ -74,13 +84,7 @@ def write_compare(out: Path, algos, seeds, threshold: float | None) -> str:
     # the paired worst-task difference
     dapo_by_seed = dict(zip(seeds_of.get("dapo", []), accs.get("dapo", [])))
 
-    def ms(v, sign=""):  # mean ± std in percent points; sign="+" for differences
-        v = [x for x in v if x is not None]
-        if not v:
-            return "-"
-        return (f"{100 * np.mean(v):{sign}.1f} ± {100 * np.std(v):.1f}" if len(v) > 1
-                else f"{100 * v[0]:{sign}.1f}")
-
+    ms = mean_std
     head = ["algorithm", *tasks, "worst-task", "average", "Δ% vs DAPO", "worst Δ vs DAPO (paired, pts)",
             f"steps to worst ≥ {100 * threshold:.0f}%"]
     lines = [f"Sampled test accuracy mean@k (%), mean ± std over seeds {list(seeds)}; same RL step budget.", "",
