@@ -1,0 +1,231 @@
+"""Render the figures that README.md and docs/ quote from the committed data (one source).
+
+Every quoted benchmark or experiment number lives in ``docs/data/results.json`` (date, commit,
+machine, command per row) or in the run files a row names (``summary.json``, ``compare.json``,
+``bench/results/*.csv``). The Markdown files hold generated blocks between two markers::
+
+    <!-- figures: NAME -->
+    ... generated, do not edit ...
+    <!-- /figures -->
+
+``python docs/render_figures.py`` rewrites every block; ``--check`` only compares and exits 1
+naming the blocks that differ (``tests/test_docs.py`` runs the check), so two places cannot
+quote two different numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "docs" / "data" / "results.json"
+BLOCK = re.compile(r"(<!-- figures: ([a-z0-9-]+) -->\n)(.*?)(<!-- /figures -->)", re.S)
+
+
+def load_data() -> dict:
+    return json.loads(DATA.read_text())
+
+
+def _ms(x: float) -> str:
+    return f"{x / 1000:.2f} s" if x >= 1000 else f"{x:.3g} ms"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _mean_std(values) -> str:
+    from mtgrpo_core.train.compare import mean_std
+
+    return mean_std(values)
+
+
+def bench_rows(row: dict) -> dict[str, dict]:
+    """The CSV rows of one benchmark run: ``{provider: row}`` for the row's case, git sha and
+    thread count (the last such row when a run was repeated at one commit)."""
+    found: dict[str, dict] = {}
+    with open(ROOT / row["file"], newline="") as f:
+        for r in csv.DictReader(f):
+            if r["case"] == row["case"] and r["git"] == row["git"] and r["threads"] == row["threads"]:
+                found[r["provider"]] = r
+    need = [row["fast"], *row["refs"]]
+    missing = [p for p in need if p not in found]
+    if missing:
+        raise ValueError(f"{row['id']}: no rows for {missing} in {row['file']} "
+                         f"(case {row['case']!r}, git {row['git']}, threads {row['threads']})")
+    return found
+
+
+def figure(row: dict) -> str:
+    """The figure cell of one results row, read from the file the row names."""
+    kind = row["kind"]
+    if kind == "stated":
+        v = row["values"]
+        return (f"{_pct(v['worst_before'])} → **{_pct(v['worst_after'])}** "
+                f"(spell_backward {_pct(v['spell_backward_before'])} before RL)")
+    if kind == "summary":
+        s = json.loads((ROOT / row["file"]).read_text())
+        b, a = s["before"]["tasks"], s["after"]["tasks"]
+        return (f"{_pct(b['countdown-4']['mean_at_k'])} → **{_pct(a['countdown-4']['mean_at_k'])}** "
+                f"(spell_backward {_pct(b['spell_backward']['mean_at_k'])} before RL); {row['wall']}")
+    if kind == "compare":
+        algos = json.loads((ROOT / row["file"]).read_text())["algos"]
+        return "; ".join(f"{label} {_mean_std(algos[name][row['metric']])}" for name, label in row["algos"].items())
+    if kind == "bench":
+        rs = bench_rows(row)
+        fast = rs[row["fast"]]
+        t_fast, mem_fast = float(fast["median_ms"]), float(fast["peak_mb"])
+        first = next(iter(row["refs"]))
+        times = ", ".join(f"{float(rs[p]['median_ms']) / t_fast:.1f}x {label}" for p, label in row["refs"].items())
+        return (f"{_ms(t_fast)} = {times}; peak memory {mem_fast:.3g} MB, "
+                f"**{float(rs[first]['peak_mb']) / mem_fast:.1f}x lower** than {row['refs'][first]}")
+    raise ValueError(f"{row['id']}: unknown kind {kind!r}")
+
+
+def _link(path: str, from_file: Path) -> str:
+    target = ROOT / path
+    rel = Path(*([".."] * len(from_file.parent.relative_to(ROOT).parts)), target.relative_to(ROOT))
+    return f"[{Path(path).stem}]({rel.as_posix()})"
+
+
+def render_results(from_file: Path, *, commit: bool = True) -> str:
+    data = load_data()
+    head = ["result", "figure", "date", *(["commit"] if commit else []), "machine", "command", "source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in data["rows"]:
+        cells = [row["what"], figure(row), row["date"], *([f"`{row['commit']}`"] if commit else []),
+                 row["machine"], f"`{row['command']}`", _link(row["link"], from_file)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Machines: " + "; ".join(f"**{k}** = {v}" for k, v in data["machines"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def render_demo_sample(from_file: Path, *, short: bool = False) -> str:
+    """The tables ``make demo`` prints, from the committed run's summary.json (rich's layout);
+    ``short``: the after-RL table and the closing lines only."""
+    from rich.console import Console
+    from rich.table import Table
+
+    row = next(r for r in load_data()["rows"] if r["id"] == "demo-dev")
+    s = json.loads((ROOT / row["file"]).read_text())
+    buf = io.StringIO()
+    con = Console(file=buf, width=72, color_system=None, legacy_windows=False)
+    con.print("mtgrpo train algo=mtgrpo suite=cpu-3task out=runs/default")
+    con.print("[... warm-up: 1,600 supervised steps; the before-RL table ...]" if short
+              else "[... warm-up progress bar: 1,600 supervised steps ...]")
+    for tag, title in ((("after", "after RL"),) if short else (("before", "before RL"), ("after", "after RL"))):
+        if tag == "after":
+            con.print(f"[... RL progress: steps 1-{s['steps']}, batch accuracy, task weights z ...]")
+        ev = s[tag]
+        t = Table(title=f"{title} ({ev['split']}, step {ev['step']}, {ev['eval_time_s']:.1f} s)")
+        for col, just in (("task", "left"), ("items", "right"), ("greedy %", "right"),
+                          (f"mean@{ev['k']} %", "right"), (f"pass@{ev['k']} %", "right")):
+            t.add_column(col, justify=just)
+        for name, v in ev["tasks"].items():
+            t.add_row(name, str(v["n_items"]), _pct(v["greedy"]), _pct(v["mean_at_k"]), _pct(v["pass_at_k"]))
+        con.print(t)
+    b, a = s["before"], s["after"]
+    con.print("report: runs/default/report/report.md")
+    con.print(f"worst-task mean@k: {_pct(b['worst_mean_at_k'])}% -> {_pct(a['worst_mean_at_k'])}%  "
+              f"average: {_pct(b['avg_mean_at_k'])}% -> {_pct(a['avg_mean_at_k'])}%")
+    text = "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+    return f"```text\n{text}\n```\n"
+
+
+def render_bench_cpu(from_file: Path) -> str:
+    """Every benchmark row of the runs that the results table cites, one table per run."""
+    out = []
+    for row in load_data()["rows"]:
+        if row["kind"] != "bench":
+            continue
+        rs = bench_rows(row)
+        ref = next(iter(row["refs"]))
+        out += [f"**{row['what']}** ({row['date']}, commit `{row['commit']}`, {row['machine']}, "
+                f"{row['threads']} thread(s), `{row['command']}`, rows of `{row['file']}`)", "",
+                "| provider | median ms | p20 - p80 ms | peak MB above inputs | speedup vs the reference |",
+                "|---|---|---|---|---|"]
+        for prov, r in rs.items():
+            sp = float(rs[ref]["median_ms"]) / float(r["median_ms"])
+            out.append(f"| {prov} | {float(r['median_ms']):.4g} | {float(r['p20_ms']):.4g} - {float(r['p80_ms']):.4g}"
+                       f" | {r['peak_mb'] or '-'} | {sp:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_experiments(from_file: Path) -> str:
+    lines = ["| results file | status | what it holds |", "|---|---|---|"]
+    for e in load_data()["experiments"]:
+        lines.append(f"| [{Path(e['file']).name}]({e['page']}.md) | **{e['status']}** | {e['note']} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_grid(from_file: Path) -> str:
+    """The Triton GRPO loss grid at the long-sequence shape, from the launcher's own plan."""
+    import importlib
+
+    g = importlib.import_module("mtgrpo_core.ops.grpo_loss")
+
+    n, t = 64, 32768
+    _, _, nchunk, _ = g._grid_plan(n, t)
+    return (f"The Triton grid is rows x token chunks, sized to reach about {g._TARGET_PROGRAMS} programs "
+            f"(4 per SM on 132 SMs) when the tokens allow it: at {n} x {t} it is {nchunk} chunks per row, "
+            f"{n * nchunk} programs.\n")
+
+
+RENDERERS = {
+    "results": render_results,
+    "results-short": lambda f: render_results(f, commit=False),
+    "demo-sample": render_demo_sample,
+    "demo-sample-short": lambda f: render_demo_sample(f, short=True),
+    "bench-cpu": render_bench_cpu,
+    "experiments": render_experiments,
+    "grpo-grid": render_grid,
+}
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def render_file(path: Path) -> tuple[str, list[str]]:
+    """(new text, names of the blocks that changed) for one Markdown file."""
+    text = path.read_text()
+    changed: list[str] = []
+
+    def sub(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise ValueError(f"{path.relative_to(ROOT)}: unknown figures block {name!r} (known: {sorted(RENDERERS)})")
+        new = RENDERERS[name](path)
+        if new != m.group(3):
+            changed.append(name)
+        return m.group(1) + new + m.group(4)
+
+    return BLOCK.sub(sub, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only compare; exit 1 if a block differs from the data")
+    args = p.parse_args(argv)
+    stale = []
+    for path in doc_files():
+        new, changed = render_file(path)
+        if changed:
+            stale += [f"{path.relative_to(ROOT)}: {name}" for name in changed]
+            if not args.check:
+                path.write_text(new)
+    if stale:
+        print(("stale figures blocks (run python docs/render_figures.py):\n  " if args.check else "rewrote:\n  ")
+              + "\n  ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
