@@ -143,7 +143,8 @@ class TaskBatchComposer:
         self.batches += 1
         return np.concatenate([self._walk.take(k, int(n[k])) for k in range(self.num_tasks) if n[k] > 0])
 
-    def observe(self, task_ids: Any, rewards: Any, group_ids: Any = None, improvements: Any = None) -> dict:
+    def observe(self, task_ids: Any, rewards: Any, group_ids: Any = None, improvements: Any = None,
+                update: bool = True) -> dict:
         """Fold one generation batch in and update the weights.
 
         Parameters
@@ -152,6 +153,10 @@ class TaskBatchComposer:
         rewards : float[N] per rollout
         group_ids : int[N] group (prompt) label per rollout, for the zero-advantage share rho
         improvements : float[K] or None, forwarded to the controller (MT-GRPO's I_k)
+        update : bool
+            False: fold in J, rho and the mean |advantage| only; the weights move later
+            through :meth:`update_weights` (a host that runs several generation rounds a
+            step, or measures I_k after its optimiser step).
 
         Returns
         -------
@@ -185,9 +190,9 @@ class TaskBatchComposer:
             ema = self.rho_decay * self.rho + (1.0 - self.rho_decay) * np.nan_to_num(zero_frac)
             self.rho = np.where(has, ema, self.rho)
             mabs = per_task_mean(np.abs(group_advantages_np(r, labels)), t, self.num_tasks)[0]
-        z = self.controller.observe(TaskStats.make(self.num_tasks, J, present=present, improvements=improvements,
-                                                   mean_abs_advantage=mabs))
-        self.updates += 1
+        self.last_present, self.last_mean_abs_advantage = present, mabs
+        z = (self.update_weights(improvements=improvements, present=present, mean_abs_advantage=mabs) if update
+             else self.weights)
         out = {}
         for k, name in enumerate(self.task_names):
             out[f"task/{name}/accuracy"] = float(acc[k]) if present[k] else float("nan")
@@ -196,6 +201,16 @@ class TaskBatchComposer:
             out[f"task/{name}/zero_adv_frac"] = float(zero_frac[k])
             out[f"task/{name}/filtered_ratio"] = float(self.rho[k])
         return out
+
+    def update_weights(self, improvements: Any = None, present: Any = None,
+                       mean_abs_advantage: Any = None) -> np.ndarray:
+        """One controller update from the accuracy EMA ``J`` (:attr:`tracker`) and the given
+        per-task statistics (float[K] each, or None); returns the new weights z[K]."""
+        z = self.controller.observe(TaskStats.make(self.num_tasks, self.tracker.values, present=present,
+                                                   improvements=improvements,
+                                                   mean_abs_advantage=mean_abs_advantage))
+        self.updates += 1
+        return np.asarray(z, dtype=np.float64)
 
     def state_dict(self) -> dict:
         return {"controller": self.controller.state_dict(), "tracker": self.tracker.state_dict(),

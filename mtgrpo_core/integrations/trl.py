@@ -55,17 +55,22 @@ from __future__ import annotations
 import collections
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..groups import informative_groups
 from ..ops import grpo_loss
+from ..sampling import RatioPreservingSampler
 from ..weighting import canonical_weighting
 from ._batching import TaskBatchComposer
+from ._trl_rounds import join_rows
 
 try:
     from torch.utils.data import Sampler
+    from transformers import TrainerCallback
     from trl import GRPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("mtgrpo_core.integrations.trl needs TRL: pip install 'mtgrpo_core[trl]' "
@@ -76,6 +81,8 @@ __all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES", "rank_t
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 TASK_IDS_KEY = "mtgrpo_task_ids"
 STATE_FILE = "mtgrpo_task_weighting.json"
+SINGLE_TASK = "all"            # the task name with dynamic_sampling=True and no task column
+DEFAULT_DYNAMIC_ROUNDS = 4     # rounds a step with dynamic_sampling=True and no max_generation_rounds
 
 
 def rank_task_counts(counts: Any, windows: Any) -> np.ndarray:
@@ -143,6 +150,25 @@ def rank_task_counts(counts: Any, windows: Any) -> np.ndarray:
     return out + extra
 
 
+def _rank_layout(idx: np.ndarray, counts: np.ndarray, windows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``idx`` (grouped by task, ``counts[k]`` of task k) ordered into consecutive rank slices of
+    ``windows[r]`` entries, each holding every task in its share (:func:`rank_task_counts`),
+    each slice shuffled with ``rng`` (the same draws on every rank)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    per_rank = rank_task_counts(counts, windows)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    taken = np.zeros(len(counts), dtype=np.int64)
+    out: list[np.ndarray] = []
+    for r in range(per_rank.shape[1]):
+        part = []
+        for k in range(per_rank.shape[0]):
+            c = int(per_rank[k, r])
+            part.extend(idx[starts[k] + taken[k]: starts[k] + taken[k] + c].tolist())
+            taken[k] += c
+        out.append(rng.permutation(np.asarray(part, dtype=np.int64)))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
 class TaskRepeatSampler(Sampler):
     """TRL's ``RepeatSampler`` layout (each prompt ``mini_repeat_count`` times in a row, each
     chunk of ``batch_size`` prompts ``repeat_count`` times) with chunks composed by a
@@ -181,19 +207,7 @@ class TaskRepeatSampler(Sampler):
 
     def layout(self, idx: np.ndarray, counts: np.ndarray) -> list[int]:
         """Order a composed batch (``idx`` grouped by task, ``counts[k]`` of task k) by rank slices."""
-        per_rank = rank_task_counts(counts, self.windows)
-        rng = self.composer.rng
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        taken = np.zeros(len(counts), dtype=np.int64)
-        out: list[int] = []
-        for r in range(per_rank.shape[1]):
-            part = []
-            for k in range(per_rank.shape[0]):
-                c = int(per_rank[k, r])
-                part.extend(idx[starts[k] + taken[k]: starts[k] + taken[k] + c].tolist())
-                taken[k] += c
-            out.extend(rng.permutation(np.asarray(part, dtype=np.int64)).tolist())
-        return out
+        return _rank_layout(idx, counts, self.windows, self.composer.rng).tolist()
 
     def next_chunk(self) -> list[int]:
         if self.replay:
@@ -235,7 +249,9 @@ class MTGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, task_column: str = "task", task_weighting: str = "mtgrpo",
                  task_weighting_kwargs: dict | None = None, acceptance_aware: bool = True,
-                 correct_threshold: float = 1.0, loss_backend: str = "auto", **kwargs):
+                 correct_threshold: float = 1.0, loss_backend: str = "auto", max_generation_rounds: int | None = None,
+                 dynamic_sampling: bool = False, measure_improvement: bool | None = None, **kwargs):
+        rounds = _check_rounds(max_generation_rounds, dynamic_sampling)
         super().__init__(*args, **kwargs)
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(f"loss_type: MTGRPOTrainer supports {SUPPORTED_LOSS_TYPES}, got {self.loss_type!r}")
@@ -246,10 +262,16 @@ class MTGRPOTrainer(GRPOTrainer):
         self.task_column = task_column
         self.loss_backend = loss_backend
         ds = self.train_dataset
-        if ds is None or task_column not in getattr(ds, "column_names", []):
+        # dynamic sampling without a task column: one task (DAPO's dynamic sampling)
+        self._single_task = bool(dynamic_sampling) and ds is not None and task_column not in getattr(
+            ds, "column_names", [])
+        if ds is None or (task_column not in getattr(ds, "column_names", []) and not self._single_task):
             raise ValueError(f"task_column: the train dataset has no {task_column!r} column")
+        task_of_row = [SINGLE_TASK] * len(ds) if self._single_task else list(ds[task_column])
+        if self._single_task:
+            task_weighting = "uniform"
         prompts_per_gen = self.args.generation_batch_size // self.num_generations
-        num_tasks = len(set(ds[task_column]))
+        num_tasks = len(set(task_of_row))
         if prompts_per_gen < num_tasks:
             raise ValueError(
                 f"generation_batch_size: {self.args.generation_batch_size} rows / num_generations "
@@ -261,12 +283,14 @@ class MTGRPOTrainer(GRPOTrainer):
         if canonical_weighting(task_weighting) == "iwu":   # the I_k clip scales with the policy lr / 1e-6
             ckw.setdefault("policy_lr", float(self.args.learning_rate))
         self.task_composer = TaskBatchComposer(
-            list(ds[task_column]), prompts_per_gen, weighting=task_weighting, acceptance_aware=acceptance_aware,
+            task_of_row, prompts_per_gen, weighting=task_weighting, acceptance_aware=acceptance_aware,
             correct_threshold=correct_threshold, seed=int(self.args.seed), controller_kwargs=ckw)
         self.task_names = self.task_composer.task_names
         self._task_pos = {name: k for k, name in enumerate(self.task_names)}
         self._pending_chunks: collections.deque = collections.deque()
         self._replay_chunks: list = []
+        self._init_rounds(rounds, acceptance_aware)
+        self._init_improvement(measure_improvement)
 
     # -- batches -----------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -279,10 +303,17 @@ class MTGRPOTrainer(GRPOTrainer):
                                  pending=self._pending_chunks, replay=replay)
 
     def _local_task_ids(self, inputs) -> torch.Tensor:
+        if self._single_task:
+            return torch.zeros(len(inputs), dtype=torch.long, device=self.accelerator.device)
         return torch.tensor([self._task_pos.get(x.get(self.task_column), -1) for x in inputs], dtype=torch.long,
                             device=self.accelerator.device)
 
     def _generate_and_score_completions(self, inputs):
+        training = self.model.training
+        if training and self._pending_chunks:  # this generation batch is trained on: no longer pending
+            self._pending_chunks.popleft()
+        if training and self._round_sampler is not None:
+            return self._generate_in_rounds(inputs)
         out = super()._generate_and_score_completions(inputs)
         out[TASK_IDS_KEY] = self._local_task_ids(inputs)
         return out
@@ -293,15 +324,205 @@ class MTGRPOTrainer(GRPOTrainer):
             tids = self.accelerator.gather(self._local_task_ids(inputs)).cpu().numpy()
             w = self.reward_weights.to(rewards_per_func.device).unsqueeze(0)
             r = (rewards_per_func * w).nansum(dim=1).float().cpu().numpy()
+            self._round_rewards = (tids, r)  # the whole generation batch (all ranks), for the rounds
             groups = np.arange(r.shape[0]) // self.num_generations
             keep = tids >= 0
-            metrics = self.task_composer.observe(tids[keep], r[keep], groups[keep])
-            if self._pending_chunks:  # this generation batch is trained on: no longer pending
-                self._pending_chunks.popleft()
-            for key, v in metrics.items():
-                if np.isfinite(v):
-                    self._metrics["train"][key].append(float(v))
+            # the weights move here only for one round a step without I_k; else after the rounds / the optimiser step
+            update = self._round_sampler is None and not self._measure_improvement
+            metrics = self.task_composer.observe(tids[keep], r[keep], groups[keep], update=update)
+            self._log_task_metrics(metrics, weights=update)
         return rewards_per_func
+
+    def _log_task_metrics(self, metrics: dict, weights: bool = True) -> None:
+        for key, v in metrics.items():
+            if (weights or not key.endswith("/weight")) and np.isfinite(v):
+                self._metrics["train"][key].append(float(v))
+
+    def _log_weights(self) -> None:
+        self._log_task_metrics({f"task/{n}/weight": float(z) for n, z in zip(self.task_names, self.task_weights)})
+
+    # -- acceptance-aware generation rounds (issue 23) ---------------------------------
+    def _init_rounds(self, rounds: int, acceptance_aware: bool) -> None:
+        """The ratio-preserving sampler of the rounds (``max_generation_rounds > 1``)."""
+        self.max_generation_rounds = rounds
+        self._round_sampler = None
+        self._round_rewards = None
+        if rounds <= 1:
+            return
+        G = self.num_generations
+        rows = self._train_batch_size * self.args.steps_per_generation
+        if rows % G:
+            raise ValueError(f"max_generation_rounds: rounds keep whole groups on each process, so "
+                             f"per_device_train_batch_size x steps_per_generation ({rows}) must be a multiple of "
+                             f"num_generations ({G})")
+        comp = self.task_composer
+        self._round_members = [np.asarray(m, dtype=np.int64) for m in comp._walk.members]
+        self._round_sampler = RatioPreservingSampler(
+            [m.size for m in self._round_members], comp.batch_size, oversample=1.0, max_rounds=rounds,
+            acceptance_cap=comp.acceptance_cap, rho_decay=comp.rho_decay, seed=int(self.args.seed),
+            acceptance_aware=acceptance_aware, refill="fill-then-deficit")
+        self._round_rng = np.random.default_rng(int(self.args.seed) + 23)
+        self._round_windows = np.full(self.accelerator.num_processes, rows // G, dtype=np.int64)
+
+    def _gather_round(self, out: dict) -> list[dict]:
+        """Every process's output of one round (CPU tensors), in rank order."""
+        local = {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
+        if self.accelerator.num_processes == 1:
+            return [local]
+        from accelerate.utils import gather_object
+
+        return list(gather_object([local]))
+
+    def _generate_in_rounds(self, inputs) -> dict:
+        """Up to ``max_generation_rounds`` generations of the whole batch: each round's prompts
+        come from the ratio-preserving sampler (round 1: the task weights inflated by
+        acceptance; later rounds fill-then-deficit), its zero-advantage groups are reported
+        as rejected, then the sampler's selection (each task's quota, then a top-up) is
+        padded to the fixed batch with the step's other groups (zero advantage)."""
+        G, K = self.num_generations, len(self.task_names)
+        nproc, rank = self.accelerator.num_processes, self.accelerator.process_index
+        Pl = len(inputs) // G
+        P = Pl * nproc
+        s = self._round_sampler
+        s.start_step(self.task_composer.weights)
+        parts: list[dict] = []   # per (round, rank): that process's output of the round
+        metas = []               # per round: task ids, pool indices, informative flags (global prompt order)
+        while True:
+            draw = s.next_round()
+            if draw is None:
+                break
+            t, p = np.asarray(draw.task_ids, np.int64), np.asarray(draw.prompt_indices, np.int64)
+            if t.size != P:  # a pool ran short: the round cannot fill the batch's shape, so the rounds end
+                break
+            order = _rank_layout(np.arange(P), np.bincount(t, minlength=K), self._round_windows, self._round_rng)
+            t, p = t[order], p[order]
+            rows = np.array([self._round_members[k][i] for k, i in zip(t, p)], dtype=np.int64)
+            local = [dict(self.train_dataset[int(i)]) for i in rows[rank * Pl:(rank + 1) * Pl] for _ in range(G)]
+            out = super()._generate_and_score_completions(local)
+            _, r = self._round_rewards
+            inf = informative_groups(r, np.arange(P * G) // G, P)
+            s.report(t, p, inf)
+            parts.extend(self._gather_round(out))
+            metas.append((t, p, inf))
+        if not metas:
+            raise RuntimeError("max_generation_rounds: the sampler drew no full round (the dataset holds fewer "
+                               "prompts than a generation batch?)")
+        batch = s.finish()
+        where = {(int(a), int(b)): (ri, j) for ri, (t, p, _) in enumerate(metas) for j, (a, b) in enumerate(zip(t, p))}
+        chosen = [where[(int(a), int(b))] for a, b in zip(batch.task_ids, batch.prompt_indices)]
+        used = set(chosen)
+        for ri in range(len(metas)):  # fill: the step's other groups, in round order (zero advantage)
+            for j in range(P):
+                if len(chosen) >= P:
+                    break
+                if (ri, j) not in used:
+                    chosen.append((ri, j))
+                    used.add((ri, j))
+        ct = np.array([metas[ri][0][j] for ri, j in chosen], dtype=np.int64)
+        srt = np.argsort(ct, kind="stable")
+        chosen = [chosen[i] for i in srt]
+        final = [chosen[i] for i in _rank_layout(np.arange(P), np.bincount(ct, minlength=K), self._round_windows,
+                                                 self._round_rng)]
+        mine = final[rank * Pl:(rank + 1) * Pl]
+        picks = [(ri * nproc + j // Pl, (j % Pl) * G + g) for ri, j in mine for g in range(G)]
+        out = join_rows(parts, picks, self._tokenizer.pad_token_id, skip=(TASK_IDS_KEY,))
+        dev = self.accelerator.device
+        out = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in out.items()}
+        flat = torch.tensor([not metas[ri][2][j] for ri, j in mine for _ in range(G)], device=dev)
+        out["advantages"] = out["advantages"].masked_fill(flat if out["advantages"].dim() == 1 else flat[:, None], 0.0)
+        loss_mask = out["completion_mask"]
+        if out.get("tool_mask") is not None:
+            loss_mask = loss_mask * out["tool_mask"]
+        out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+        out[TASK_IDS_KEY] = torch.tensor([int(metas[ri][0][j]) for ri, j in mine for _ in range(G)], dtype=torch.long,
+                                         device=dev)
+        # metrics: rounds, shortfall, each task's informative share of the groups drawn this step
+        drawn = sum(np.bincount(t, minlength=K) for t, _, _ in metas)
+        kept = sum(np.bincount(t[inf], minlength=K) for t, _, inf in metas)
+        m = self._metrics["train"]
+        m["generation/rounds"].append(float(len(metas)))
+        m["generation/shortfall"].append(float(batch.shortfall))
+        for k, name in enumerate(self.task_names):
+            if drawn[k]:
+                m[f"task/{name}/informative_frac"].append(float(kept[k] / drawn[k]))
+        if not self._measure_improvement:  # one weight update a step, from the batch trained on
+            adv = out["advantages"] if out["advantages"].dim() == 1 else out["advantages"][:, 0]
+            both = self.accelerator.gather(torch.stack([out[TASK_IDS_KEY].double(), adv.double().abs()], 1)).cpu()
+            tk = both[:, 0].long().numpy()
+            cnt = np.bincount(tk, minlength=K)
+            mabs = np.bincount(tk, weights=both[:, 1].numpy(), minlength=K) / np.maximum(cnt, 1)
+            self.task_composer.update_weights(present=cnt > 0, mean_abs_advantage=mabs)
+            self._log_weights()
+        return out
+
+    # -- the improvement signal I_k (issue 23) -----------------------------------------
+    def _init_improvement(self, measure: bool | None) -> None:
+        needs = bool(getattr(self.task_composer.controller, "needs_improvement", False))
+        if measure and not needs:
+            raise ValueError("measure_improvement: the task weighting does not use I_k (only 'mtgrpo'/'iwu' does)")
+        self._measure_improvement = needs if measure is None else bool(measure)
+        self._I_window: list = []
+        self._I_model = None
+        self._I_last_end = None
+        self._last_loss_stats = self._last_prepared = None
+        if self._measure_improvement:
+            self.add_callback(_ImprovementCallback(self))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._measure_improvement or not self.model.training:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self._I_last_end is None:
+            self._I_last_end = time.perf_counter()
+        self._last_loss_stats = self._last_prepared = None
+        out = super().training_step(model, inputs, num_items_in_batch)
+        st, batch = self._last_loss_stats, self._last_prepared
+        if st is not None and batch is not None and TASK_IDS_KEY in batch:  # the loss before the step, per row
+            self._I_window.append((batch, st.per_sequence_loss.detach().double().cpu(),
+                                   batch[TASK_IDS_KEY].detach().cpu()))
+            self._I_model = model
+        return out
+
+    def _prepare_inputs(self, generation_batch):
+        out = super()._prepare_inputs(generation_batch)
+        self._last_prepared = out  # the micro-batch (tensors) that training_step trains on
+        return out
+
+    def _finish_improvement(self) -> None:
+        """After the optimiser step: the loss of the rows just trained on, again, with the new
+        parameters; I_k = -(after - before) summed over task k's rows (all processes), then
+        one controller update (the library trainer's measurement, train/trainer.py)."""
+        window, self._I_window = self._I_window, []
+        if not window:
+            return
+        t0 = time.perf_counter()
+        K = len(self.task_names)
+        before, after = np.zeros(K), np.zeros(K)
+        saved = self._metrics  # the second pass's loss metrics are not logged
+        self._metrics = {"train": collections.defaultdict(list), "eval": collections.defaultdict(list)}
+        try:
+            with torch.no_grad():
+                for inputs, b, tids in window:
+                    self._last_loss_stats = None
+                    self._compute_loss(self._I_model, inputs)
+                    a = self._last_loss_stats.per_sequence_loss.detach().double().cpu().numpy()
+                    tk = tids.numpy()
+                    ok = tk >= 0
+                    before += np.bincount(tk[ok], weights=b.numpy()[ok], minlength=K)
+                    after += np.bincount(tk[ok], weights=a[ok], minlength=K)
+        finally:
+            self._metrics = saved
+        both = torch.tensor(np.stack([before, after]), dtype=torch.float64, device=self.accelerator.device)
+        both = self.accelerator.reduce(both, reduction="sum").cpu().numpy()
+        improvement = -(both[1] - both[0])
+        self.task_composer.update_weights(improvements=improvement)
+        now = time.perf_counter()
+        m = self._metrics["train"]
+        for k, name in enumerate(self.task_names):
+            m[f"task/{name}/improvement"].append(float(improvement[k]))
+        self._log_weights()
+        m["improvement/time_s"].append(now - t0)
+        m["improvement/time_share"].append((now - t0) / max(now - self._I_last_end, 1e-9))
+        self._I_last_end = now
 
     # -- loss ------------------------------------------------------------------------------
     def _compute_loss(self, model, inputs):
@@ -366,6 +587,7 @@ class MTGRPOTrainer(GRPOTrainer):
             kw.update(loss_agg="token-mean", num_tokens=1)
             divide = normalizer
         loss, st = grpo_loss(per_token_logps, old, mask, adv, backend=self.loss_backend, **kw)
+        self._last_loss_stats = st  # per-row losses for I_k (training_step / _finish_improvement)
         kl_mean = st.ref_kl_mean
         if bias_corrected_kl:
             # TRL's default (use_bias_correction_kl=True): k3 times the (uncapped, differentiable) importance
@@ -420,8 +642,11 @@ class MTGRPOTrainer(GRPOTrainer):
     def task_weighting_state(self) -> dict:
         """JSON-able state of the task weighting: the composer (controller, EMA, rho, pool
         orders, RNG) and the generation batches drawn but not yet trained on."""
-        return {"version": 1, "task_names": [str(t) for t in self.task_names],
-                "composer": self.task_composer.state_dict(), "pending": [list(c) for c in self._pending_chunks]}
+        state = {"version": 1, "task_names": [str(t) for t in self.task_names],
+                 "composer": self.task_composer.state_dict(), "pending": [list(c) for c in self._pending_chunks]}
+        if self._round_sampler is not None:
+            state["rounds"] = {"sampler": self._round_sampler.state_dict(), "rng": self._round_rng.bit_generator.state}
+        return state
 
     def load_task_weighting_state(self, state: dict) -> None:
         """Restore :meth:`task_weighting_state` (the pending batches are replayed first)."""
@@ -429,7 +654,13 @@ class MTGRPOTrainer(GRPOTrainer):
             raise ValueError(f"state: expected a task-weighting state of version 1, got {type(state).__name__}")
         if state["task_names"] != [str(t) for t in self.task_names]:
             raise ValueError(f"state: saved tasks {state['task_names']} differ from this dataset's {self.task_names}")
+        if (self._round_sampler is not None) != ("rounds" in state):
+            raise ValueError("state: saved with max_generation_rounds "
+                             f"{'> 1' if 'rounds' in state else '<= 1'}, which this trainer does not match")
         self.task_composer.load_state_dict(state["composer"])
+        if self._round_sampler is not None:
+            self._round_sampler.load_state_dict(_state_arrays(state["rounds"]["sampler"]))
+            self._round_rng.bit_generator.state = state["rounds"]["rng"]
         self._pending_chunks.clear()
         self._replay_chunks = [list(c) for c in state["pending"]]
 
@@ -489,6 +720,41 @@ class MTGRPOTrainer(GRPOTrainer):
     def task_weights(self) -> np.ndarray:
         """Current task weights z[K] (order: ``self.task_names``)."""
         return self.task_composer.weights
+
+
+class _ImprovementCallback(TrainerCallback):
+    """Runs :meth:`MTGRPOTrainer._finish_improvement` right after each optimiser step."""
+
+    def __init__(self, trainer: MTGRPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._finish_improvement()
+        return control
+
+
+def _check_rounds(max_generation_rounds, dynamic_sampling) -> int:
+    """Rounds per generation batch: ``max_generation_rounds`` (None: 4 with dynamic sampling, else 1)."""
+    if not isinstance(dynamic_sampling, bool):
+        raise TypeError(f"dynamic_sampling: expected a bool, got {type(dynamic_sampling).__name__}")
+    if max_generation_rounds is None:
+        return DEFAULT_DYNAMIC_ROUNDS if dynamic_sampling else 1
+    if isinstance(max_generation_rounds, bool) or not isinstance(max_generation_rounds, (int, np.integer)):
+        raise TypeError(f"max_generation_rounds: expected an int, got {type(max_generation_rounds).__name__}")
+    r = int(max_generation_rounds)
+    if r < 1 or (dynamic_sampling and r < 2):
+        raise ValueError(f"max_generation_rounds: expected >= {2 if dynamic_sampling else 1}"
+                         f"{' with dynamic_sampling' if dynamic_sampling else ''}, got {r}")
+    return r
+
+
+def _state_arrays(d):
+    """A JSON-loaded sampler state: lists back to numpy arrays (what the sampler's state holds)."""
+    if isinstance(d, dict):
+        return {k: _state_arrays(v) for k, v in d.items()}
+    if isinstance(d, list) and d and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in d):
+        return np.asarray(d)
+    return d
 
 
 def _json_default(x):
