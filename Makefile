@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 BUILD_LOCK = $(VENV)/.build.lock
 
-.PHONY: setup build demo test lint format bench info clean
+.PHONY: setup build demo test docs lint format bench info clean
 
 $(VENV)/.torch-installed:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: setup
 
 test: setup lint
 	$(PYTHON) -m pytest -q tests
+
+# The docs site (Sphinx + MyST, API pages from the docstrings, the CLI page from the parser) into
+# build/docs/html, warnings as errors. Sphinx comes with the [docs] extra, part of .[test].
+docs: setup
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs build/docs/html
+	@echo "docs: build/docs/html/index.html"
 
 # ruff (configured in pyproject.toml) over the Python sources, tests and benchmarks, and
 # clang-format (.clang-format) over csrc/; `make format` rewrites the C++ in place

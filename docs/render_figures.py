@@ -88,6 +88,10 @@ def figure(row: dict) -> str:
 
 
 def _link(path: str, from_file: Path) -> str:
+    """A relative link from ``from_file``; inside docs/ a results file links to its experiments page."""
+    pages = {e["file"]: f"docs/experiments/{e['page']}.md" for e in load_data()["experiments"]}
+    if path in pages and (ROOT / "docs") in from_file.parents:
+        path = pages[path]
     target = ROOT / path
     rel = Path(*([".."] * len(from_file.parent.relative_to(ROOT).parts)), target.relative_to(ROOT))
     return f"[{Path(path).stem}]({rel.as_posix()})"
@@ -138,6 +142,36 @@ def render_demo_sample(from_file: Path, *, short: bool = False) -> str:
     return f"```text\n{text}\n```\n"
 
 
+def _demo_runs() -> tuple[dict, dict]:
+    """(this machine's figures, the committed run's summary.json) of the two demo rows."""
+    rows = {r["id"]: r for r in load_data()["rows"]}
+    return rows["demo-proj"]["values"], json.loads((ROOT / rows["demo-dev"]["file"]).read_text())
+
+
+def render_repro(from_file: Path) -> str:
+    v, s = _demo_runs()
+    b, a = s["before"]["tasks"], s["after"]["tasks"]
+    return (f"Across CPU models they differ: this project's machine printed countdown-4 {_pct(v['worst_before'])}% -> "
+            f"{_pct(v['worst_after'])}% (spell_backward {_pct(v['spell_backward_before'])}% before RL), the committed "
+            f"run from another machine, same code, {_pct(b['countdown-4']['mean_at_k'])}% -> "
+            f"{_pct(a['countdown-4']['mean_at_k'])}% ({_pct(b['spell_backward']['mean_at_k'])}%).\n")
+
+
+def render_demo_reading(from_file: Path) -> str:
+    _, s = _demo_runs()
+    b, a = s["before"]["tasks"], s["after"]["tasks"]
+    cd4, cd, sb = "countdown-4", "countdown", "spell_backward"
+    return (f"- **{cd4}** is the worst task before RL; MT-GRPO exists to lift the worst task. Its mean@4 goes "
+            f"from {_pct(b[cd4]['mean_at_k'])}% to {_pct(a[cd4]['mean_at_k'])}%, its greedy accuracy from "
+            f"{_pct(b[cd4]['greedy'])}% to {_pct(a[cd4]['greedy'])}%.\n"
+            f"- **{sb}** is learnt in the warm-up (mean@4 {_pct(b[sb]['mean_at_k'])}% before RL, "
+            f"{_pct(a[sb]['mean_at_k'])}% after).\n"
+            f"- **{cd}**: mean@4 goes from {_pct(b[cd]['mean_at_k'])}% to {_pct(a[cd]['mean_at_k'])}% while pass@4 "
+            f"goes from {_pct(b[cd]['pass_at_k'])}% to {_pct(a[cd]['pass_at_k'])}%: the 4 samples of an item agree "
+            "more often after RL, so fewer items have at least one correct sample.\n"
+            "- The last line gives the worst-task and average mean@4 before -> after.\n")
+
+
 def render_bench_cpu(from_file: Path) -> str:
     """Every benchmark row of the runs that the results table cites, one table per run."""
     out = []
@@ -184,6 +218,8 @@ RENDERERS = {
     "demo-sample": render_demo_sample,
     "demo-sample-short": lambda f: render_demo_sample(f, short=True),
     "bench-cpu": render_bench_cpu,
+    "repro": render_repro,
+    "demo-reading": render_demo_reading,
     "experiments": render_experiments,
     "grpo-grid": render_grid,
 }
