@@ -1,7 +1,8 @@
 """MTGRPOTrainer with 2 processes (torchrun, gloo, CPU, a tiny in-process Llama): every rank
 holds each task's share of every generation batch (within +-1 prompt), the global counts
 are the plan, the per-task metrics are identical on both ranks, and a run resumed from a
-checkpoint ends with the task weights of the uninterrupted run."""
+checkpoint ends with the task weights of the uninterrupted run; the same with generation
+rounds and I_k (issue 23)."""
 from __future__ import annotations
 
 import collections
@@ -85,3 +86,23 @@ def test_resumed_run_ends_with_the_same_weights(ranks):
         np.testing.assert_allclose(wb, wa, rtol=1e-12, atol=1e-14)
         assert len(r["seen_b"]) == 2  # only steps 3 and 4 were run again
     np.testing.assert_allclose(ranks[0]["weights_a"], ranks[1]["weights_a"], rtol=0, atol=0)
+
+
+def test_rounds_on_two_ranks_log_the_same_and_resume_exactly(ranks):
+    """Issue 23: 3 generation rounds + I_k + gradient accumulation 2 on 2 processes."""
+    lc0, lc1 = ranks[0]["logs_c"], ranks[1]["logs_c"]
+    assert len(lc0) == len(lc1) == 4
+    for a, b in zip(lc0, lc1):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key
+        assert 1 <= a["generation/rounds"] <= 3 and a["generation/shortfall"] >= 0
+        assert all(f"task/{n}/improvement" in a for n in ranks[0]["task_names"])
+    assert any(h["generation/rounds"] > 1 for h in lc0)
+    # every round generates the whole batch (6 prompts x 2 generations a rank)
+    assert all(len(t) == 12 for r in ranks for t in r["seen_c"])
+    for r in ranks:
+        wc, wd = np.array(r["weights_c"]), np.array(r["weights_d"])
+        assert np.ptp(wc) > 1e-3
+        np.testing.assert_allclose(wd, wc, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ranks[0]["weights_c"], ranks[1]["weights_c"], rtol=0, atol=0)

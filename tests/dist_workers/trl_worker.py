@@ -70,9 +70,13 @@ def args(out, **kw):
     return GRPOConfig(**base)
 
 
-def trainer(out, run, tok, data):
-    tr = MTGRPOTrainer(model=model(len(tok)), reward_funcs=make_reward(run), args=args(out), train_dataset=data,
-                       processing_class=tok, task_weighting_kwargs={"lam": 1.0, "lr": 0.5}, correct_threshold=0.5)
+def trainer(out, run, tok, data, rounds=None):
+    kw = {} if rounds is None else {"max_generation_rounds": rounds}
+    # with rounds: gradient accumulation 2 and 2 micro-batches a generation (issue 23)
+    a = args(out) if rounds is None else args(out, gradient_accumulation_steps=2, steps_per_generation=2)
+    tr = MTGRPOTrainer(model=model(len(tok)), reward_funcs=make_reward(run), args=a, train_dataset=data,
+                       processing_class=tok, task_weighting_kwargs={"lam": 1.0, "lr": 0.5}, correct_threshold=0.5,
+                       **kw)
     plans = []
     orig = tr.task_composer.next_batch
 
@@ -106,6 +110,15 @@ def main():
            "plans_a": plans_a, "logs_a": logs_a, "weights_a": weights_a, "weights_b": b.task_weights.tolist(),
            "controller_at_2": weights_at_2, "num_processes_P": a.task_composer.batch_size,
            "step_counts_a": [dict(collections.Counter(t)) for run, t in SEEN if run == "a"]}
+    # issue 23: acceptance-aware rounds with I_k (run c), resumed from c's checkpoint-2 (run d)
+    c, _ = trainer(os.path.join(out, "c"), "c", tok, data, rounds=3)
+    c.train()
+    d, _ = trainer(os.path.join(out, "d"), "d", tok, data, rounds=3)
+    d.train(resume_from_checkpoint=os.path.join(out, "c", "checkpoint-2"))
+    res.update({"logs_c": [{k: v for k, v in h.items() if k.startswith(("task/", "generation/"))}
+                           for h in c.state.log_history if "loss" in h],
+                "weights_c": c.task_weights.tolist(), "weights_d": d.task_weights.tolist(),
+                "seen_c": [t for run, t in SEEN if run == "c"], "seen_d": [t for run, t in SEEN if run == "d"]})
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else float(x))
 
