@@ -26,9 +26,34 @@ What
   inflated by ``1 / (1 - rho_k)`` when ``acceptance_aware``), the task being the dataset's
   ``task_column``. After each generation the trainer folds the rewards in (per-task accuracy
   EMA ``J``, zero-advantage share ``rho``) and updates ``z`` with the chosen controller
-  (MT-GRPO IWU by default, with ``I = 0``: the improvement term needs a second forward
-  pass after the optimiser step, not done here). Logged: ``task/<name>/accuracy``,
+  (MT-GRPO IWU by default). Logged: ``task/<name>/accuracy``,
   ``accuracy_ema``, ``weight``, ``zero_adv_frac``, ``filtered_ratio``, ``loss``.
+* Improvement signal (issue 23): with a weighting that uses I_k (MT-GRPO's IWU, the default;
+  ``measure_improvement=None`` means "when the weighting needs it") the trainer keeps the
+  per-row losses of every micro-batch of an optimiser step, recomputes them on the same rows
+  with the updated parameters right after the step (a callback's ``on_step_end``; one extra
+  no-grad forward per micro-batch), and sets I_k = -(after - before) summed over task k's
+  rows of all processes, as ``train/trainer.py`` does per mini-batch; the controller then
+  observes (J, I) once per optimiser step. Logged: ``task/<name>/improvement``,
+  ``improvement/time_s`` and ``improvement/time_share`` (its share of the step's wall time).
+* Generation rounds (issue 23, ``max_generation_rounds=R > 1``): each generation batch is
+  built in up to R rounds by a :class:`~mtgrpo_core.sampling.RatioPreservingSampler`
+  (batch size P = prompts per generation batch, ``oversample=1``, ``refill`` =
+  fill-then-deficit, the released code's): round 1 draws P prompts with the task weights
+  inflated by acceptance, the groups whose rewards are all equal are reported as rejected,
+  and later rounds draw P prompts again (from the weights while fewer than P groups are
+  accepted, then from the per-task deficits) until every quota is met or R rounds ran. The
+  sampler's selection (each task's quota, then a top-up) is padded to P groups with the
+  step's other groups (their advantage set to 0), so TRL's shapes stay fixed. Every round
+  generates a whole batch (P x num_generations rows over all processes); the dataloader's
+  batch is then only the clock of the step. With several processes the round outputs are
+  gathered (``gather_object``) and each rank takes its share of the selection. Logged:
+  ``generation/rounds``, ``generation/shortfall`` (P minus the accepted groups in the
+  batch) and ``task/<name>/informative_frac`` (informative share of the groups drawn).
+  ``scale_rewards="batch"`` normalises within each round. Text batches only.
+* Dynamic sampling (``dynamic_sampling=True``): the rounds (default 4) without a task
+  column are DAPO's dynamic sampling: one task, zero-advantage groups dropped and redrawn
+  until the batch is full or the rounds run out; any supported ``loss_type``.
   TRL's dataloader may prefetch one generation batch, so a weight change reaches the
   batches one generation later. Fewer prompts per generation batch than tasks raise
   ValueError (the ratio cannot be expressed).
@@ -245,6 +270,14 @@ class MTGRPOTrainer(GRPOTrainer):
     correct_threshold : float
         A completion counts as correct for ``J_k`` when its (weighted) reward >= this (1.0).
     loss_backend : "auto" | "cpu" | "triton" | "torch"
+    max_generation_rounds : int or None
+        Generation rounds per batch (module docstring); 1 (no rounds) unless
+        ``dynamic_sampling``, then 4 by default.
+    dynamic_sampling : bool
+        Drop zero-advantage groups and redraw (the rounds). Without a ``task_column`` in the
+        dataset this is DAPO's dynamic sampling over one task.
+    measure_improvement : bool or None
+        Measure I_k after each optimiser step (None: when the weighting uses it, i.e. IWU).
     """
 
     def __init__(self, *args, task_column: str = "task", task_weighting: str = "mtgrpo",
