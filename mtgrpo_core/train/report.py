@@ -174,6 +174,23 @@ def summary_table(runs: list[dict], baseline: dict | None = None, metric: str = 
     return "\n".join(lines)
 
 
+def mismatch_section(train: list[dict]) -> list[str]:
+    """Markdown lines: the train/inference mismatch over the run (the generator's sampling
+    log-probs against the trainer's recomputed ones; logged per step by the trainer)."""
+    recs = [r for r in train if r.get("mismatch_mean_abs") is not None]
+    if not recs:
+        return []
+    mean = np.asarray([r["mismatch_mean_abs"] for r in recs], np.float64)
+    mx = np.asarray([r["mismatch_max_abs"] for r in recs], np.float64)
+    out = np.asarray([r["mismatch_ratio_out"] for r in recs], np.float64)
+    return ["## Train/inference mismatch", "",
+            f"Sampling log-probs of the generator vs the trainer's recomputed log-probs, {len(recs)} steps.", "",
+            "| figure | mean over steps | worst step |", "|---|---|---|",
+            f"| mean abs(Δ log p) | {mean.mean():.3g} | {mean.max():.3g} |",
+            f"| max abs(Δ log p) | {mx.mean():.3g} | {mx.max():.3g} |",
+            f"| token share with ratio outside [0.5, 2] | {out.mean():.3g} | {out.max():.3g} |", ""]
+
+
 def write_report(run_dir, baseline_dir=None) -> Path:
     run = load_run(run_dir)
     base = load_run(baseline_dir) if baseline_dir else None
@@ -197,6 +214,7 @@ def write_report(run_dir, baseline_dir=None) -> Path:
             a = np.mean([r["train_acc"][k] for r in last])
             lines.append(f"| {n} | {zg[k]:.2f} | {w:.3f} | {100 * a:.1f} |")
         lines.append("")
+    lines += mismatch_section(run["train"])
     vs = s.get("verifier_stats")
     if vs:
         lines += [f"Verifier stats: {vs}", ""]

@@ -45,7 +45,7 @@ from ..pools import DynamicSampling
 from ..weighting import TaskStats
 from . import checkpoint as ckpt
 from .config import TrainConfig, to_toml, weighting_kwargs
-from .generation import make_generator
+from .generation import generator_seed, make_generator
 from .model import PAD, CharTokenizer, build_model, completion_logprobs
 
 
@@ -135,7 +135,7 @@ class Trainer:
     ``resume=True`` continues from ``out/checkpoint.pt`` exactly.
     """
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, console=None):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, console=None, generator=None):
         from . import tasks as tasks_mod
 
         self.cfg = cfg
@@ -162,7 +162,16 @@ class Trainer:
         self.K = len(self.task_names)
         self.tok = CharTokenizer()
         self.model = build_model(cfg.model, seed=cfg.run.seed, device=str(self.device), dtype=self.dtype)
-        self.generator = make_generator(cfg, self.model, self.tok, str(self.out / "vllm_model"))
+        # a running generator may be passed in (tests share one vLLM engine across runs); the
+        # weights it serves are replaced by the policy's before every generation
+        if generator is not None:
+            if getattr(generator, "name", None) != cfg.generation.backend:
+                raise ValueError(f"generator: a {getattr(generator, 'name', type(generator).__name__)!r} "
+                                 f"generator was passed but generation.backend is {cfg.generation.backend!r}")
+            generator.reseed(generator_seed(cfg))   # the same draws as a generator built here
+            self.generator = generator
+        else:
+            self.generator = make_generator(cfg, self.model, self.tok, str(self.out / "vllm_model"))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr, weight_decay=cfg.rl.weight_decay)
         self.pool_sizes = [min(int(self.suite.pool_size(t, "train")), cfg.rl.pool_items) for t in self.task_names]
         self._prompt_cache: dict = {}
@@ -534,6 +543,28 @@ class Trainer:
             seq_w = None if w is None else torch.as_tensor(np.asarray(w), dtype=torch.float32)
         return adv, seq_w
 
+    @torch.no_grad()
+    def _mismatch(self, ro, old_all: torch.Tensor) -> dict:
+        """Train/inference mismatch of this step's tokens: the generator's sampling log-probs
+        against the trainer's recomputed log-probs of the same policy (``old_all``, at
+        temperature 1; recomputed at ``rl.temperature`` when that differs). Mean and max
+        |Δ log p| and the share of tokens whose ratio exp(Δ) lies outside [0.5, 2]. With
+        ``rl.top_p < 1`` the sampling side is renormalised over the nucleus and the figures
+        include that (log Z of the kept mass)."""
+        mask = ro.completion_mask.bool()
+        if not bool(mask.any()):
+            return {"mismatch_mean_abs": None, "mismatch_max_abs": None, "mismatch_ratio_out": None}
+        T = float(self.cfg.rl.temperature)
+        train_lp = old_all
+        if T != 1.0:
+            dev = self.device
+            train_lp = completion_logprobs(self.model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
+                                           ro.completion_ids.to(dev), ro.completion_mask.to(dev),
+                                           temperature=T).float()
+        d = (ro.sampling_logprobs.to(train_lp.device).float() - train_lp)[mask.to(train_lp.device)].abs()
+        return {"mismatch_mean_abs": float(d.mean()), "mismatch_max_abs": float(d.max()),
+                "mismatch_ratio_out": float((d > math.log(2.0)).float().mean())}
+
     def policy_update(self, batch: Groups, adv: torch.Tensor, seq_w: torch.Tensor | None) -> dict:
         """``rl.mini_batches`` optimiser updates over whole groups; returns the per-response
         loss before each update [N] and the step's loss metrics. A weighting that
@@ -551,6 +582,7 @@ class Trainer:
         with torch.no_grad():
             old_all = completion_logprobs(self.model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
                                           ro.completion_ids.to(dev), mask_all.to(dev)).float()
+            mismatch = self._mismatch(ro, old_all)
             ref_all = None
             if self.ref_model is not None:
                 ref_all = completion_logprobs(self.ref_model, ro.prompt_ids.to(dev), ro.prompt_mask.to(dev),
@@ -610,6 +642,7 @@ class Trainer:
                 metrics[k] = float(np.mean(vals)) if vals else None
         if I_hist:
             metrics["improvement"] = np.mean(I_hist, 0)
+        metrics.update(mismatch)
         return {"per_response_loss": per_resp_loss.numpy(), "metrics": metrics}
 
     def observe(self, batch: Groups, adv: torch.Tensor, per_response_loss: np.ndarray) -> None:
@@ -752,6 +785,7 @@ def read_metrics(run_dir) -> list[dict]:
     return out
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, console=None) -> dict:
-    """Run one training job; returns the summary dict (also written to ``summary.json``)."""
-    return Trainer(cfg, resume=resume, console=console).run()
+def train(cfg: TrainConfig, *, resume: bool = False, console=None, generator=None) -> dict:
+    """Run one training job; returns the summary dict (also written to ``summary.json``).
+    ``generator``: an already running generator of the same model architecture (optional)."""
+    return Trainer(cfg, resume=resume, console=console, generator=generator).run()
