@@ -15,7 +15,10 @@ BENCH_GROUPS = {
     "ops": ["bench_grpo_loss.py", "bench_task_accumulate.py", "bench_linear_logprobs.py"],
     "sampler": ["bench_sampler.py"],
     "controllers": ["bench_controllers.py"],
+    # transformers vs vLLM generation; needs vLLM (.venv-vllm), so `all` leaves it out
+    "generation": ["bench_generation.py"],
 }
+NOT_IN_ALL = ("generation",)
 
 
 def _bench_dir() -> Path:
@@ -43,7 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     bench = _bench_dir()
-    groups = list(BENCH_GROUPS) if args.what == "all" else [args.what]
+    groups = [g for g in BENCH_GROUPS if g not in NOT_IN_ALL] if args.what == "all" else [args.what]
     rc = 0
     for g in groups:
         for script in BENCH_GROUPS[g]:
@@ -203,7 +206,8 @@ _DESCRIPTIONS = {
             "thread count, triton, the torch, Python and platform versions. One 'key  value' line each "
             "(--json: one JSON object). Use it as the check after installing.",
     "bench": "Run the microbenchmarks in the checkout's bench/ folder (ops: GRPO loss, per-task sums, "
-             "linear log-probs; sampler; controllers). Prints one JSON line per (case, provider) with "
+             "linear log-probs; sampler; controllers; 'generation': transformers vs vLLM, from the vLLM "
+             "environment, docs/vllm.md, not part of 'all'). Prints one JSON line per (case, provider) with "
              "median / p20 / p80 time, GB/s, peak memory and the speedup against the pure-PyTorch "
              "reference measured in the same run, and appends a row to bench/results/<op>.csv. Only the "
              "ratios within one run are comparable across machines.",
