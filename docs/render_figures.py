@@ -102,6 +102,8 @@ def render_results(from_file: Path, *, commit: bool = True) -> str:
     head = ["result", "figure", "date", *(["commit"] if commit else []), "machine", "command", "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in data["rows"]:
+        if not commit and not row.get("readme", True):   # the README's short table leaves such rows out
+            continue
         cells = [row["what"], figure(row), row["date"], *([f"`{row['commit']}`"] if commit else []),
                  row["machine"], f"`{row['command']}`", _link(row["link"], from_file)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -173,21 +175,26 @@ def render_demo_reading(from_file: Path) -> str:
 
 
 def render_bench_cpu(from_file: Path) -> str:
-    """Every benchmark row of the runs that the results table cites, one table per run."""
+    """One table per benchmark run of ``bench_tables``: every (case, provider) row of the CSV at
+    that commit and thread count (the last one where the run was repeated)."""
     out = []
-    for row in load_data()["rows"]:
-        if row["kind"] != "bench":
-            continue
-        rs = bench_rows(row)
-        ref = next(iter(row["refs"]))
-        out += [f"**{row['what']}** ({row['date']}, commit `{row['commit']}`, {row['machine']}, "
-                f"{row['threads']} thread(s), `{row['command']}`, rows of `{row['file']}`)", "",
-                "| provider | median ms | p20 - p80 ms | peak MB above inputs | speedup vs the reference |",
-                "|---|---|---|---|---|"]
-        for prov, r in rs.items():
-            sp = float(rs[ref]["median_ms"]) / float(r["median_ms"])
-            out.append(f"| {prov} | {float(r['median_ms']):.4g} | {float(r['p20_ms']):.4g} - {float(r['p80_ms']):.4g}"
-                       f" | {r['peak_mb'] or '-'} | {sp:.2f}x |")
+    for tb in load_data()["bench_tables"]:
+        rows: dict[tuple[str, str], dict] = {}
+        with open(ROOT / tb["file"], newline="") as f:
+            for r in csv.DictReader(f):
+                if r["git"] == tb["git"] and r["threads"] == tb["threads"]:
+                    rows[(r["case"], r["provider"])] = r
+        if not rows:
+            raise ValueError(f"{tb['file']}: no rows at git {tb['git']} with {tb['threads']} thread(s)")
+        out += [f"**{tb['title']}** ({tb['date']}, commit `{tb['commit']}`, {tb['machine']}, {tb['threads']} "
+                f"thread(s); `{tb['command']}`, rows of `{tb['file']}`)", "",
+                "| case | provider | median ms | p20 - p80 ms | GB/s | peak MB above inputs | vs reference |",
+                "|---|---|---|---|---|---|---|"]
+        for (case, prov), r in rows.items():
+            sp = r["speedup_vs_torch_ref"]
+            out.append(f"| {case} | {prov} | {float(r['median_ms']):.4g} | {float(r['p20_ms']):.4g} - "
+                       f"{float(r['p80_ms']):.4g} | {r['gbps'] or '-'} | {r['peak_mb'] or '-'} | "
+                       f"{f'{float(sp):.3g}x' if sp else '-'} |")
         out.append("")
     return "\n".join(out)
 
