@@ -250,3 +250,47 @@ def test_join_rows_pads_prompts_left_and_completions_right():
         join_rows([a], [(1, 0)], pad_token_id=0)
     with pytest.raises(ValueError, match="picks"):
         join_rows([a], [(0, 5)], pad_token_id=0)
+
+
+@pytest.mark.parametrize("rounds", [None, 2])
+def test_prompt_gdro_multiplies_trl_advantages_by_the_adversary_weights(tok, tmp_path, rounds):
+    """advantage_weighting='prompt-gdro': the trained advantages are TRL's times the weights of a
+    PromptGDROAdvantage fed the same prompt ids and rewards (bins from each prompt's pass history
+    over the earlier steps); the state round-trips through JSON."""
+    from mtgrpo_core.integrations.verl import PromptGDROAdvantage
+
+    data = _data(per_task=2)  # 6 prompts, 3 a generation batch: every prompt comes back every 2 steps
+    kw = {"max_generation_rounds": rounds} if rounds else {}
+    tr = MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward, args=_args(tmp_path, max_steps=5),
+                       train_dataset=data, processing_class=tok, task_weighting="uniform", correct_threshold=0.5,
+                       advantage_weighting="prompt-gdro", advantage_weighting_kwargs={"eta": 4.0}, **kw)
+    seen = []
+    orig = tr._apply_gdro
+
+    def recording(out, keys, r):  # instrumentation: the advantages before / after the multipliers
+        before = out["advantages"].clone()
+        orig(out, keys, r)
+        seen.append((list(keys), np.asarray(r).copy(), before, out["advantages"].clone()))
+
+    tr._apply_gdro = recording
+    tr.train()
+    ref = PromptGDROAdvantage(eta=4.0, correct_threshold=0.5)
+    moved = False
+    for keys, r, before, after in seen:
+        w = ref.step(torch.as_tensor(r), before, np.arange(len(keys)) // G, {"index": keys})
+        torch.testing.assert_close(after, before * torch.as_tensor(w, dtype=before.dtype))
+        moved |= bool(np.ptp(w) > 1e-6)
+    assert len(seen) == 5
+    # without rounds the batch mixes bins and the multipliers differ once prompts came back
+    # (with rounds this reward leaves only informative prompts, all in the top bin)
+    assert moved or rounds
+    state = json.loads(json.dumps(tr.task_weighting_state(), default=mtrl._json_default))
+    tr.load_task_weighting_state(state)
+    np.testing.assert_allclose(tr._gdro.gdro.distribution, ref.gdro.distribution)
+    with pytest.raises(ValueError, match="advantage_weighting"):
+        MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward, args=_args(tmp_path), train_dataset=data,
+                      processing_class=tok, advantage_weighting="rollout-gdro")
+    with pytest.raises(ValueError, match="surrogate"):
+        MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward, args=_args(tmp_path), train_dataset=data,
+                      processing_class=tok, advantage_weighting="prompt-gdro",
+                      advantage_weighting_kwargs={"signal": "surrogate"})

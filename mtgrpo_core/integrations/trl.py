@@ -51,6 +51,13 @@ What
   ``generation/rounds``, ``generation/shortfall`` (P minus the accepted groups in the
   batch) and ``task/<name>/informative_frac`` (informative share of the groups drawn).
   ``scale_rewards="batch"`` normalises within each round. Text batches only.
+* Prompt-GDRO (``advantage_weighting="prompt-gdro"``, issue 23): each generation batch's
+  advantages (after the rounds, if any) are multiplied by the adversary's per-response
+  weights (:class:`mtgrpo_core.integrations.verl.PromptGDROAdvantage`, the estimator verl
+  uses): bins from each prompt's pass@k history over the earlier steps (prompt id =
+  ``prompt_id_column``, else a hash of the prompt), signal "learnability" by default
+  ("surrogate" is refused: it is 0 in expectation). Its state is checkpointed with the
+  task weighting's.
 * Dynamic sampling (``dynamic_sampling=True``): the rounds (default 4) without a task
   column are DAPO's dynamic sampling: one task, zero-advantage groups dropped and redrawn
   until the batch is full or the rounds run out; any supported ``loss_type``.
@@ -78,6 +85,7 @@ What
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import time
@@ -278,12 +286,19 @@ class MTGRPOTrainer(GRPOTrainer):
         dataset this is DAPO's dynamic sampling over one task.
     measure_improvement : bool or None
         Measure I_k after each optimiser step (None: when the weighting uses it, i.e. IWU).
+    advantage_weighting : None or "prompt-gdro"
+        Prompt-GDRO's advantage multipliers; ``advantage_weighting_kwargs`` go to
+        :class:`~mtgrpo_core.integrations.verl.PromptGDROAdvantage` (eta, edges, ...).
+    prompt_id_column : str or None
+        Integer prompt ids for the difficulty bins (default: a hash of the prompt).
     """
 
     def __init__(self, *args, task_column: str = "task", task_weighting: str = "mtgrpo",
                  task_weighting_kwargs: dict | None = None, acceptance_aware: bool = True,
                  correct_threshold: float = 1.0, loss_backend: str = "auto", max_generation_rounds: int | None = None,
-                 dynamic_sampling: bool = False, measure_improvement: bool | None = None, **kwargs):
+                 dynamic_sampling: bool = False, measure_improvement: bool | None = None,
+                 advantage_weighting: str | None = None, advantage_weighting_kwargs: dict | None = None,
+                 prompt_id_column: str | None = None, **kwargs):
         rounds = _check_rounds(max_generation_rounds, dynamic_sampling)
         super().__init__(*args, **kwargs)
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
@@ -324,6 +339,7 @@ class MTGRPOTrainer(GRPOTrainer):
         self._replay_chunks: list = []
         self._init_rounds(rounds, acceptance_aware)
         self._init_improvement(measure_improvement)
+        self._init_gdro(advantage_weighting, advantage_weighting_kwargs, prompt_id_column, correct_threshold)
 
     # -- batches -----------------------------------------------------------------------
     def _get_train_sampler(self, dataset=None):
@@ -349,6 +365,8 @@ class MTGRPOTrainer(GRPOTrainer):
             return self._generate_in_rounds(inputs)
         out = super()._generate_and_score_completions(inputs)
         out[TASK_IDS_KEY] = self._local_task_ids(inputs)
+        if training and self._gdro is not None:
+            self._apply_gdro(out, [self._prompt_key(x) for x in inputs], self._round_rewards[1])
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
@@ -436,12 +454,12 @@ class MTGRPOTrainer(GRPOTrainer):
             inf = informative_groups(r, np.arange(P * G) // G, P)
             s.report(t, p, inf)
             parts.extend(self._gather_round(out))
-            metas.append((t, p, inf))
+            metas.append((t, p, inf, r, rows))
         if not metas:
             raise RuntimeError("max_generation_rounds: the sampler drew no full round (the dataset holds fewer "
                                "prompts than a generation batch?)")
         batch = s.finish()
-        where = {(int(a), int(b)): (ri, j) for ri, (t, p, _) in enumerate(metas) for j, (a, b) in enumerate(zip(t, p))}
+        where = {(int(a), int(b)): (ri, j) for ri, (t, p, *_) in enumerate(metas) for j, (a, b) in enumerate(zip(t, p))}
         chosen = [where[(int(a), int(b))] for a, b in zip(batch.task_ids, batch.prompt_indices)]
         used = set(chosen)
         for ri in range(len(metas)):  # fill: the step's other groups, in round order (zero advantage)
@@ -469,9 +487,13 @@ class MTGRPOTrainer(GRPOTrainer):
         out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
         out[TASK_IDS_KEY] = torch.tensor([int(metas[ri][0][j]) for ri, j in mine for _ in range(G)], dtype=torch.long,
                                          device=dev)
+        if self._gdro is not None:
+            keys = [self._prompt_key(self.train_dataset[int(metas[ri][4][j])]) for ri, j in mine for _ in range(G)]
+            r_all = np.concatenate([metas[ri][3][j * G:(j + 1) * G] for ri, j in final])
+            self._apply_gdro(out, keys, r_all)
         # metrics: rounds, shortfall, each task's informative share of the groups drawn this step
-        drawn = sum(np.bincount(t, minlength=K) for t, _, _ in metas)
-        kept = sum(np.bincount(t[inf], minlength=K) for t, _, inf in metas)
+        drawn = sum(np.bincount(t, minlength=K) for t, *_ in metas)
+        kept = sum(np.bincount(t[inf], minlength=K) for t, _, inf, *_ in metas)
         m = self._metrics["train"]
         m["generation/rounds"].append(float(len(metas)))
         m["generation/shortfall"].append(float(batch.shortfall))
@@ -487,6 +509,51 @@ class MTGRPOTrainer(GRPOTrainer):
             self.task_composer.update_weights(present=cnt > 0, mean_abs_advantage=mabs)
             self._log_weights()
         return out
+
+    # -- Prompt-GDRO's advantage weights (issue 23) -------------------------------------
+    def _init_gdro(self, name, kwargs, prompt_id_column, correct_threshold) -> None:
+        self._gdro = None
+        self.prompt_id_column = prompt_id_column
+        if name is None:
+            return
+        if name != "prompt-gdro":
+            raise ValueError(f"advantage_weighting: expected None or 'prompt-gdro', got {name!r}")
+        if prompt_id_column is not None and prompt_id_column not in self.train_dataset.column_names:
+            raise ValueError(f"prompt_id_column: the train dataset has no {prompt_id_column!r} column")
+        from .verl import PromptGDROAdvantage
+
+        kw = dict(kwargs or {})
+        kw.setdefault("correct_threshold", correct_threshold)
+        if kw.get("signal", "learnability") == "surrogate":
+            raise ValueError("advantage_weighting_kwargs: signal 'surrogate' is not available in TRL (its expectation "
+                             "is 0 in every bin, docs/ALGORITHMS.md 5.2); use 'learnability' or 'failure'")
+        self._gdro = PromptGDROAdvantage(**kw)
+
+    def _prompt_key(self, row) -> Any:
+        """A prompt's stable id for the difficulty bins: ``prompt_id_column``, else a 63-bit hash of the prompt."""
+        if self.prompt_id_column is not None:
+            v = row[self.prompt_id_column]
+            return v.item() if hasattr(v, "item") else v
+        h = hashlib.blake2b(json.dumps(row["prompt"], sort_keys=True, default=str).encode(), digest_size=8)
+        return int.from_bytes(h.digest(), "little") >> 1
+
+    def _apply_gdro(self, out: dict, local_keys: list, rewards_all: np.ndarray) -> None:
+        """Multiply the local advantages by Prompt-GDRO's multipliers of the whole batch (bins
+        from each prompt's pass history up to the previous step), then fold the step in."""
+        if self.prompt_id_column is not None and not all(isinstance(k, (int, np.integer)) for k in local_keys):
+            raise ValueError(f"prompt_id_column: {self.prompt_id_column!r} must hold integer ids")
+        dev = self.accelerator.device
+        keys = self.accelerator.gather(torch.tensor([int(k) for k in local_keys], dtype=torch.long, device=dev))
+        adv = out["advantages"] if out["advantages"].dim() == 1 else out["advantages"][:, 0]
+        adv_all = self.accelerator.gather(adv.detach().float())
+        n = int(keys.numel())
+        w = self._gdro.step(torch.as_tensor(rewards_all, dtype=torch.float64), adv_all.cpu(),
+                            np.arange(n) // self.num_generations, {"index": keys.cpu().tolist()})
+        lo = self.accelerator.process_index * adv.shape[0]
+        wl = torch.as_tensor(w[lo:lo + adv.shape[0]], dtype=out["advantages"].dtype, device=dev)
+        out["advantages"] = out["advantages"] * (wl if out["advantages"].dim() == 1 else wl[:, None])
+        for key, v in self._gdro.metrics.items():
+            self._metrics["train"][key].append(float(v))
 
     # -- the improvement signal I_k (issue 23) -----------------------------------------
     def _init_improvement(self, measure: bool | None) -> None:
@@ -679,6 +746,8 @@ class MTGRPOTrainer(GRPOTrainer):
                  "composer": self.task_composer.state_dict(), "pending": [list(c) for c in self._pending_chunks]}
         if self._round_sampler is not None:
             state["rounds"] = {"sampler": self._round_sampler.state_dict(), "rng": self._round_rng.bit_generator.state}
+        if self._gdro is not None:
+            state["gdro"] = self._gdro.state_dict()
         return state
 
     def load_task_weighting_state(self, state: dict) -> None:
@@ -690,10 +759,14 @@ class MTGRPOTrainer(GRPOTrainer):
         if (self._round_sampler is not None) != ("rounds" in state):
             raise ValueError("state: saved with max_generation_rounds "
                              f"{'> 1' if 'rounds' in state else '<= 1'}, which this trainer does not match")
+        if (self._gdro is not None) != ("gdro" in state):
+            raise ValueError("state: saved with a different advantage_weighting than this trainer's")
         self.task_composer.load_state_dict(state["composer"])
         if self._round_sampler is not None:
             self._round_sampler.load_state_dict(_state_arrays(state["rounds"]["sampler"]))
             self._round_rng.bit_generator.state = state["rounds"]["rng"]
+        if self._gdro is not None:
+            self._gdro.load_state_dict(state["gdro"])
         self._pending_chunks.clear()
         self._replay_chunks = [list(c) for c in state["pending"]]
 
