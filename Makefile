@@ -60,7 +60,7 @@ test-vllm: $(VLLM_VENV)/.deps-installed
 # The docs site (Sphinx + MyST, API pages from the docstrings, the CLI page from the parser) into
 # build/docs/html, warnings as errors. Sphinx comes with the [docs] extra, part of .[test].
 docs: setup
-	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs build/docs/html
+	$(VENV)/bin/sphinx-build -E -W --keep-going -q -b html docs build/docs/html
 	@echo "docs: build/docs/html/index.html"
 
 # ruff (configured in pyproject.toml) over the Python sources, tests and benchmarks, and
