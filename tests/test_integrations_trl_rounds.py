@@ -171,6 +171,8 @@ def test_improvement_weights_equal_the_library_controller_fed_the_same_data(tok,
     assert np.ptp(tr.task_weights) > 1e-3  # the weights moved, so the comparison means something
     logs = [h for h in tr.state.log_history if "loss" in h]
     assert all(f"task/{n}/improvement" in h for h in logs for n in tr.task_names)
+    # the second pass sees the updated policy (ratio != 1), so I_k is not identically 0
+    assert any(abs(h[f"task/{n}/improvement"]) > 1e-6 for h in logs for n in tr.task_names)
     assert all(0.0 < h["improvement/time_share"] < 1.0 for h in logs)
 
 

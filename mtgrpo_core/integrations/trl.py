@@ -564,7 +564,7 @@ class MTGRPOTrainer(GRPOTrainer):
         self._I_window: list = []
         self._I_model = None
         self._I_last_end = None
-        self._last_loss_stats = self._last_prepared = None
+        self._last_loss_stats = self._last_prepared = self._last_logps = None
         if self._measure_improvement:
             self.add_callback(_ImprovementCallback(self))
 
@@ -573,10 +573,13 @@ class MTGRPOTrainer(GRPOTrainer):
             return super().training_step(model, inputs, num_items_in_batch)
         if self._I_last_end is None:
             self._I_last_end = time.perf_counter()
-        self._last_loss_stats = self._last_prepared = None
+        self._last_loss_stats = self._last_prepared = self._last_logps = None
         out = super().training_step(model, inputs, num_items_in_batch)
         st, batch = self._last_loss_stats, self._last_prepared
         if st is not None and batch is not None and TASK_IDS_KEY in batch:  # the loss before the step, per row
+            if batch.get("old_per_token_logps") is None:
+                # on-policy (TRL keeps no old log-probs): the ratio of the second pass is new / before-step
+                batch = dict(batch, old_per_token_logps=self._last_logps)
             self._I_window.append((batch, st.per_sequence_loss.detach().double().cpu(),
                                    batch[TASK_IDS_KEY].detach().cpu()))
             self._I_model = model
@@ -687,7 +690,7 @@ class MTGRPOTrainer(GRPOTrainer):
             kw.update(loss_agg="token-mean", num_tokens=1)
             divide = normalizer
         loss, st = grpo_loss(per_token_logps, old, mask, adv, backend=self.loss_backend, **kw)
-        self._last_loss_stats = st  # per-row losses for I_k (training_step / _finish_improvement)
+        self._last_loss_stats, self._last_logps = st, per_token_logps.detach()  # for I_k (training_step)
         kl_mean = st.ref_kl_mean
         if bias_corrected_kl:
             # TRL's default (use_bias_correction_kl=True): k3 times the (uncapped, differentiable) importance

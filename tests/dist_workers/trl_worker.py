@@ -49,6 +49,7 @@ def dataset():
 
 
 SEEN: list = []  # (run, local task list) per reward call
+PROMPTS: list = []  # (run, local prompt list) per reward call
 
 
 def make_reward(run):
@@ -56,6 +57,7 @@ def make_reward(run):
         """Depends on the prompt and the rollout's position in its group only (not on the sampled
         text), so an interrupted and an uninterrupted run see the same rewards for the same batches."""
         SEEN.append((run, list(task)))
+        PROMPTS.append((run, list(prompts)))
         return [1.0 if zlib.crc32(f"{p}|{i % G}".encode()) % 100 < ACC[t] else 0.0
                 for i, (p, t) in enumerate(zip(prompts, task))]
     return reward
@@ -71,7 +73,9 @@ def args(out, **kw):
 
 
 def trainer(out, run, tok, data, rounds=None):
-    kw = {} if rounds is None else {"max_generation_rounds": rounds}
+    # runs a/b: the composer's exact resume (I_k off: with it the weights also depend on the
+    # completions TRL samples after a resume); runs c/d: rounds with I_k
+    kw = {"measure_improvement": False} if rounds is None else {"max_generation_rounds": rounds}
     # with rounds: gradient accumulation 2 and 2 micro-batches a generation (issue 23)
     a = args(out) if rounds is None else args(out, gradient_accumulation_steps=2, steps_per_generation=2)
     tr = MTGRPOTrainer(model=model(len(tok)), reward_funcs=make_reward(run), args=a, train_dataset=data,
@@ -118,7 +122,9 @@ def main():
     res.update({"logs_c": [{k: v for k, v in h.items() if k.startswith(("task/", "generation/"))}
                            for h in c.state.log_history if "loss" in h],
                 "weights_c": c.task_weights.tolist(), "weights_d": d.task_weights.tolist(),
-                "seen_c": [t for run, t in SEEN if run == "c"], "seen_d": [t for run, t in SEEN if run == "d"]})
+                "seen_c": [t for run, t in SEEN if run == "c"], "seen_d": [t for run, t in SEEN if run == "d"],
+                "prompts_c": [p for run, p in PROMPTS if run == "c"],
+                "prompts_d": [p for run, p in PROMPTS if run == "d"]})
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else float(x))
 
