@@ -13,7 +13,9 @@ data, never pickled code:
 - inside the worker the weights are loaded with the model runner's
   ``reload_weights(weights_iterator=...)``: it re-runs the backend's weight post-processing
   (the CPU backend repacks linear weights after loading, so a second plain ``load_weights``
-  finds size-0 parameters without a ``weight_loader``).
+  finds size-0 parameters without a ``weight_loader``);
+- then the engine's prefix cache is reset: its keys/values were computed with the old
+  weights, and a prompt longer than one KV block seen before the sync would reuse them.
 
 Use it from your own loop::
 
@@ -125,4 +127,8 @@ def sync_weights(llm, model_or_weights) -> dict:
         if not isinstance(r, dict) or r.get("tensors") != len(p["names"]) or r.get("bytes") != len(p["blob"]):
             raise RuntimeError(f"sync_weights: a worker reported {r!r}, expected {len(p['names'])} tensors "
                                f"and {len(p['blob'])} bytes")
+    # the prefix cache holds keys/values computed with the old weights: a prompt seen before
+    # the sync would otherwise reuse them (prompts longer than one KV block, 16 tokens)
+    if hasattr(llm, "reset_prefix_cache") and llm.reset_prefix_cache() is False:
+        raise RuntimeError("sync_weights: vLLM could not reset its prefix cache (requests still running?)")
     return {"tensors": len(p["names"]), "bytes": len(p["blob"]), "seconds": time.perf_counter() - t0}

@@ -294,10 +294,13 @@ class VLLMGenerator:
         if self.sleep:
             self.llm.sleep(level=1)
 
+    # the request seeds are seed + 1_000_003 * calls + prompt index: both are the sampling state
+    # (an evaluation reseeds and then restores this state)
     def state_dict(self) -> dict:
-        return {"calls": self.calls}
+        return {"seed": self.seed, "calls": self.calls}
 
     def load_state_dict(self, d: dict) -> None:
+        self.seed = int(d.get("seed", self.seed))
         self.calls = int(d.get("calls", 0))
 
     def reseed(self, seed: int) -> None:

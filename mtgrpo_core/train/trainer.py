@@ -172,6 +172,7 @@ class Trainer:
             self.generator = generator
         else:
             self.generator = make_generator(cfg, self.model, self.tok, str(self.out / "vllm_model"))
+        self._owns_generator = generator is None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.rl.lr, weight_decay=cfg.rl.weight_decay)
         self.pool_sizes = [min(int(self.suite.pool_size(t, "train")), cfg.rl.pool_items) for t in self.task_names]
         self._prompt_cache: dict = {}
@@ -710,6 +711,8 @@ class Trainer:
             self.suite.close()
         except Exception:  # pragma: no cover
             pass
+        if self._owns_generator and hasattr(self.generator, "close"):   # vLLM: stop the engine processes
+            self.generator.close()
         return summary
 
     def _rl_loop(self) -> None:
