@@ -53,12 +53,16 @@ struct RowsArgs {
   const void* old;
   const uint8_t* mk;
   const void* ref;
-  const void* adv_tok;  // [N, T] token advantages (compute dtype) or null
-  const double* a_row;  // per-row advantage (or per-row multiplier of token advantages)
-  const double* w_row;  // per-row aggregation weight
+  const void* roll;      // [N, T] rollout log-probs (token-level IS correction) or null
+  const void* adv_tok;   // [N, T] token advantages (compute dtype) or null
+  const double* a_row;   // per-row advantage (or per-row multiplier of token advantages)
+  const double* w_row;   // per-row aggregation weight
+  const double* rc_row;  // per-row constant of the form (1 where it has none)
+  const double* is_row;  // per-row sequence-level IS weight (1: none)
   int64_t T;
   DType dt;
   int kl;
+  int form;
   bool tok_adv;
   bool seq;
   const LossParams* p;
@@ -66,32 +70,54 @@ struct RowsArgs {
   double* rowstats;
 };
 
-template <typename In, typename C, int KL, bool TOK, bool SEQ>
+template <typename In, typename C, int KL, bool TOK, bool SEQ, int F>
 inline __attribute__((always_inline)) void rows_impl(const RowsArgs& A, int64_t r0, int64_t r1) {
   const int64_t T = A.T;
   for (int64_t i = r0; i < r1; ++i) {
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
-    grpo_row<In, C, KL, TOK, SEQ>(static_cast<const In*>(A.lp) + off, static_cast<const In*>(A.old) + off, A.mk + off,
-                                  A.ref ? static_cast<const In*>(A.ref) + off : nullptr,
-                                  TOK ? static_cast<const C*>(A.adv_tok) + off : nullptr, static_cast<C>(A.a_row[i]), T,
-                                  *A.p, static_cast<C>(A.w_row[i]), static_cast<C*>(A.grad) + off,
-                                  A.rowstats + i * kRowStats);
+    grpo_row<In, C, KL, TOK, SEQ, F>(
+        static_cast<const In*>(A.lp) + off, static_cast<const In*>(A.old) + off, A.mk + off,
+        A.ref ? static_cast<const In*>(A.ref) + off : nullptr, A.roll ? static_cast<const In*>(A.roll) + off : nullptr,
+        TOK ? static_cast<const C*>(A.adv_tok) + off : nullptr, static_cast<C>(A.a_row[i]), static_cast<C>(A.rc_row[i]),
+        static_cast<C>(A.is_row[i]), T, *A.p, static_cast<C>(A.w_row[i]), static_cast<C*>(A.grad) + off,
+        A.rowstats + i * kRowStats);
+  }
+}
+
+// The form, chosen once per call outside the token loop (see float_items in the header).
+template <typename In, typename C, int KL, bool TOK>
+inline __attribute__((always_inline)) void rows_form(const RowsArgs& A, int64_t r0, int64_t r1) {
+  switch (A.form) {
+    case kFormCispo:
+      if (A.seq)
+        rows_impl<In, C, KL, TOK, true, kFormCispo>(A, r0, r1);
+      else
+        rows_impl<In, C, KL, TOK, false, kFormCispo>(A, r0, r1);
+      break;
+    case kFormSapo:
+      rows_impl<In, C, KL, TOK, false, kFormSapo>(A, r0, r1);
+      break;
+    case kFormLogpWeighted:
+      rows_impl<In, C, KL, TOK, false, kFormLogpWeighted>(A, r0, r1);
+      break;
+    case kFormGeoMean:
+      rows_impl<In, C, KL, TOK, false, kFormGeoMean>(A, r0, r1);
+      break;
+    default:
+      if (A.seq)
+        rows_impl<In, C, KL, TOK, true, kFormVanilla>(A, r0, r1);
+      else
+        rows_impl<In, C, KL, TOK, false, kFormVanilla>(A, r0, r1);
+      break;
   }
 }
 
 template <typename In, typename C, int KL>
 inline __attribute__((always_inline)) void rows_kl(const RowsArgs& A, int64_t r0, int64_t r1) {
-  if (A.tok_adv) {
-    if (A.seq)
-      rows_impl<In, C, KL, true, true>(A, r0, r1);
-    else
-      rows_impl<In, C, KL, true, false>(A, r0, r1);
-  } else {
-    if (A.seq)
-      rows_impl<In, C, KL, false, true>(A, r0, r1);
-    else
-      rows_impl<In, C, KL, false, false>(A, r0, r1);
-  }
+  if (A.tok_adv)
+    rows_form<In, C, KL, true>(A, r0, r1);
+  else
+    rows_form<In, C, KL, false>(A, r0, r1);
 }
 
 template <typename In, typename C>
@@ -226,19 +252,22 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
 }
 
 // Fused forward + backward. Inputs are C-contiguous arrays; outputs are preallocated:
-// grad[N, T] (the input dtype: bf16 / fp16 gradients are rounded once, in the kernel), rowstats[N, 9]
+// grad[N, T] (the input dtype: bf16 / fp16 gradients are rounded once, in the kernel), rowstats[N, kRowStats]
 // float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given).
 void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
                            py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
                            const std::string& dtype, py::array grad, py::array rowstats, py::array adv_out,
-                           py::array row_flat, py::array row_leader,
+                           py::array row_flat, py::array row_leader, py::object rollout_logprobs, py::object row_coef,
+                           py::object is_row,
                            // advantage options (fused path)
                            const std::string& adv_scale, double adv_eps, bool adv_unbiased, bool adv_singleton_raw,
                            double adv_clip,
                            // loss options
                            double eps_low, double eps_high, double dual_clip, double ratio_cap, double kl_coef,
                            int kl_estimator, bool seq_level, int loss_agg, double num_tokens, double norm_length,
-                           bool seq_count_all) {
+                           bool seq_count_all,
+                           // policy-loss form and importance-sampling correction
+                           int form, double tau_pos, double tau_neg, int is_mode, double is_lo, double is_hi) {
   const DType dt = parse_dtype(dtype);
   const size_t item = itemsize(dt);
   const size_t citem = dt == DType::F64 ? 8 : 4;
@@ -262,7 +291,15 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   if (!(ratio_cap > 0.0)) fail("ratio_cap: expected a value > 0 (inf for off), got ", ratio_cap);
   if (!std::isfinite(kl_coef)) fail("kl_coef: expected a finite value, got ", kl_coef);
   if (kl_estimator < 0 || kl_estimator > 3) fail("kl_estimator: expected 0..3, got ", kl_estimator);
-  if (loss_agg < 0 || loss_agg > 3) fail("loss_agg: expected 0..3, got ", loss_agg);
+  if (loss_agg < 0 || loss_agg > 4) fail("loss_agg: expected 0..4, got ", loss_agg);
+  if (form < 0 || form >= kNumForms) fail("form: expected 0..", kNumForms - 1, ", got ", form);
+  if (seq_level && form != kFormVanilla && form != kFormCispo)
+    fail("importance_level: the sequence ratio exists for the 'vanilla' and 'cispo' forms only, got form ", form);
+  if (!(tau_pos > 0.0) || !std::isfinite(tau_pos)) fail("tau_pos: expected a finite value > 0, got ", tau_pos);
+  if (!(tau_neg > 0.0) || !std::isfinite(tau_neg)) fail("tau_neg: expected a finite value > 0, got ", tau_neg);
+  if (is_mode < 0 || is_mode > 2) fail("is_mode: expected 0 (off), 1 (truncate) or 2 (mask), got ", is_mode);
+  if (!(is_lo >= 0.0) || !std::isfinite(is_lo)) fail("is_lo: expected a finite value >= 0, got ", is_lo);
+  if (!(is_hi >= is_lo)) fail("is_hi: expected a value >= is_lo (inf for none), got ", is_hi);
   if (!(num_tokens >= 0.0) || !std::isfinite(num_tokens))
     fail("num_tokens: expected a finite value >= 0, got ", num_tokens);
   if (!(norm_length >= 0.0) || !std::isfinite(norm_length))
@@ -280,6 +317,12 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   p.num_tokens = num_tokens;
   p.norm_length = norm_length;
   p.seq_count_all = seq_count_all;
+  p.form = form;
+  p.tau_pos = tau_pos;
+  p.tau_neg = tau_neg;
+  p.is_mode = is_mode;
+  p.is_lo = is_lo;
+  p.is_hi = is_hi;
 
   const void* ref_ptr = nullptr;
   if (kl_estimator > 0) {
@@ -287,6 +330,25 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     auto rb = check_2d(ref_logprobs.cast<py::array>(), "ref_logprobs", N, T, item);
     ref_ptr = rb.ptr;
   }
+  const void* roll_ptr = nullptr;
+  if (is_mode != kIsOff) {
+    if (rollout_logprobs.is_none()) fail("rollout_logprobs: required with a token-level IS correction (is_mode > 0)");
+    auto rb = check_2d(rollout_logprobs.cast<py::array>(), "rollout_logprobs", N, T, item);
+    roll_ptr = rb.ptr;
+  }
+  // Per-row constants: the form's (GMPO's ratio, VESPO's weight) and the sequence IS weight.
+  std::vector<double> rc(static_cast<size_t>(N), 1.0), isw(static_cast<size_t>(N), 1.0);
+  auto row_vec = [&](const py::object& o, const char* name, std::vector<double>& out) {
+    if (o.is_none()) return;
+    auto b = check_1d(o.cast<py::array>(), name, N, 8);
+    const auto* v = static_cast<const double*>(b.ptr);
+    for (int64_t i = 0; i < N; ++i) {
+      if (!std::isfinite(v[i])) fail(name, ": non-finite value at index ", i);
+      out[static_cast<size_t>(i)] = v[i];
+    }
+  };
+  row_vec(row_coef, "row_coef", rc);
+  row_vec(is_row, "is_row", isw);
 
   // Advantages: given ([N] or [N, T], compute dtype) or computed from rewards + group_ids.
   auto* adv = static_cast<double*>(ab.ptr);
@@ -342,22 +404,27 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     const bool seq_tok = !f64 && seq_level && tok_adv;  // GSPO with token advantages: second pre-pass
     std::vector<double> coef_part(seq_tok ? static_cast<size_t>(items) : 0);
     std::vector<float> seq_coef(seq_tok ? static_cast<size_t>(N) : 0);
-    const RowsArgs A{lb.ptr, ob.ptr,       mk,      ref_ptr,   adv_tok, adv,    w_row.data(), T,
-                     dt,     kl_estimator, tok_adv, seq_level, &p,      gb.ptr, stats};
+    const RowsArgs A{lb.ptr,       ob.ptr,    mk,         ref_ptr, roll_ptr, adv_tok,      adv,
+                     w_row.data(), rc.data(), isw.data(), T,       dt,       kl_estimator, form,
+                     tok_adv,      seq_level, &p,         gb.ptr,  stats};
     const FloatJob J{dt,
                      lb.ptr,
                      ob.ptr,
                      mk,
                      ref_ptr,
+                     roll_ptr,
                      static_cast<const float*>(adv_tok),
                      adv,
                      w_row.data(),
+                     rc.data(),
+                     isw.data(),
                      r_seq.data(),
                      seq_coef.data(),
                      T,
                      kSeg,
                      nseg,
                      kl_estimator,
+                     form,
                      tok_adv,
                      seq_level,
                      &p,
@@ -455,11 +522,13 @@ void register_grpo_loss(py::module_& m) {
   m.def("grpo_loss_fwd_bwd_cpu", &grpo_loss_fwd_bwd_cpu, py::arg("logprobs"), py::arg("old_logprobs"), py::arg("mask"),
         py::arg("advantages"), py::arg("rewards"), py::arg("group_ids"), py::arg("seq_weights"),
         py::arg("ref_logprobs"), py::arg("dtype"), py::arg("grad"), py::arg("rowstats"), py::arg("adv_out"),
-        py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("adv_scale") = "group",
+        py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("rollout_logprobs") = py::none(),
+        py::arg("row_coef") = py::none(), py::arg("is_row") = py::none(), py::arg("adv_scale") = "group",
         py::arg("adv_eps") = 1e-6, py::arg("adv_unbiased") = true, py::arg("adv_singleton_raw") = false,
         py::arg("adv_clip") = 0.0, py::arg("eps_low") = 0.2, py::arg("eps_high") = 0.2, py::arg("dual_clip") = INFINITY,
         py::arg("ratio_cap") = INFINITY, py::arg("kl_coef") = 0.0, py::arg("kl_estimator") = 0,
         py::arg("seq_level") = false, py::arg("loss_agg") = 0, py::arg("num_tokens") = 0.0,
-        py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false,
+        py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false, py::arg("form") = 0, py::arg("tau_pos") = 1.0,
+        py::arg("tau_neg") = 1.05, py::arg("is_mode") = 0, py::arg("is_lo") = 0.0, py::arg("is_hi") = INFINITY,
         "Fused GRPO loss forward + backward on the CPU (see mtgrpo/grpo_loss.h).");
 }

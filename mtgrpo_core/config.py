@@ -11,7 +11,12 @@ ADV_STDS = ("unbiased", "population")
 ADV_SINGLETONS = ("zero", "raw")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+# Policy-loss forms by verl's registry names (and TRL's luspo / vespo): docs/ALGORITHMS.md 1.4.
+POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "geo_mean", "luspo", "vespo")
+# Importance-sampling corrections of the train / rollout mismatch (TRL's vllm_importance_sampling_mode
+# names; verl's token / sequence TIS and IcePop are token_truncate / sequence_truncate / *_mask).
+IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 SEQ_COUNTS = ("nonempty", "all")
 
 
@@ -41,6 +46,16 @@ class GRPOConfig:
     num_tokens: int | None = None
     norm_length: float | None = None
     seq_count: str = "nonempty"
+    policy_loss: str = "vanilla"
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    is_correction: str | None = None
+    is_lo: float | None = None
+    is_hi: float | None = None
 
     def __post_init__(self) -> None:
         _choice("adv_scale", self.adv_scale, ADV_SCALES)
@@ -61,6 +76,28 @@ class GRPOConfig:
         _number("num_tokens", self.num_tokens, lo=0, lo_open=True, optional=True, integer=True)
         _number("norm_length", self.norm_length, lo=0.0, lo_open=True, optional=True)
         _choice("seq_count", self.seq_count, SEQ_COUNTS)
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _number("tau_pos", self.tau_pos, lo=0.0, lo_open=True)
+        _number("tau_neg", self.tau_neg, lo=0.0, lo_open=True)
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            _number(name, getattr(self, name), lo=0.0)
+        if self.is_correction is not None:
+            _choice("is_correction", self.is_correction, IS_CORRECTIONS)
+        _number("is_lo", self.is_lo, lo=0.0, optional=True)
+        _number("is_hi", self.is_hi, lo=0.0, lo_open=True, optional=True)
+        if self.is_lo is not None and self.is_hi is not None and self.is_lo > self.is_hi:
+            raise ValueError(f"is_lo: expected a value <= is_hi ({self.is_hi!r}), got {self.is_lo!r}")
+        if self.is_correction is None and (self.is_lo is not None or self.is_hi is not None):
+            raise ValueError("is_correction: is_lo / is_hi given without a correction mode "
+                             f"(one of {IS_CORRECTIONS})")
+        if self.is_correction is not None and self.is_correction.endswith("truncate") and self.is_hi is None:
+            raise ValueError(f"is_hi: the cap C is required with is_correction={self.is_correction!r}")
+        if self.importance_level == "sequence" and self.policy_loss not in ("vanilla", "luspo", "cispo"):
+            raise ValueError(f"importance_level: the sequence ratio (GSPO) applies to the ratio losses "
+                             f"'vanilla', 'luspo' and 'cispo', got policy_loss={self.policy_loss!r}")
+        if self.policy_loss == "vespo" and self.is_correction is not None and self.is_correction.startswith("seq"):
+            raise ValueError(f"is_correction: VESPO folds token-level corrections into its weight (as TRL); "
+                             f"got {self.is_correction!r}, expected 'token_truncate' or 'token_mask'")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -363,7 +363,7 @@ def test_cpp_binding_bounds_checked_never_crashes():
         return np.zeros(s, dtype=np.float32)
     good = dict(logprobs=f32(2, 3), old_logprobs=f32(2, 3), mask=np.ones((2, 3), np.bool_), advantages=f32(2),
                 rewards=None, group_ids=None, seq_weights=None, ref_logprobs=None, dtype="float32", grad=f32(2, 3),
-                rowstats=np.zeros((2, 9)), adv_out=np.zeros(2), row_flat=np.zeros(2, np.uint8),
+                rowstats=np.zeros((2, C.GRPO_ROW_STATS)), adv_out=np.zeros(2), row_flat=np.zeros(2, np.uint8),
                 row_leader=np.zeros(2, np.uint8))
     C.grpo_loss_fwd_bwd_cpu(**good)  # sanity: the good call works
     bad = [
@@ -381,6 +381,15 @@ def test_cpp_binding_bounds_checked_never_crashes():
         (dict(ref_logprobs=None, kl_estimator=3), "ref_logprobs"),
         (dict(eps_low=1.0), "clip_eps_low"),
         (dict(loss_agg=7), "loss_agg"),
+        (dict(form=9), "form"),
+        (dict(form=2, seq_level=True), "importance_level"),
+        (dict(tau_pos=0.0), "tau_pos"),
+        (dict(is_mode=3), "is_mode"),
+        (dict(is_mode=1), "rollout_logprobs"),
+        (dict(is_mode=1, rollout_logprobs=f32(2, 5)), "rollout_logprobs"),
+        (dict(is_lo=2.0, is_hi=1.0), "is_hi"),
+        (dict(row_coef=np.array([1.0, np.inf])), "row_coef"),
+        (dict(is_row=np.zeros(3)), "is_row"),
     ]
     for override, name in bad:
         kw = dict(good)

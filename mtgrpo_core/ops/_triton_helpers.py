@@ -72,18 +72,19 @@ def kl_estimate(x, ref, KL: tl.constexpr):
 
 @triton.jit
 def segment_stats(REWARDS, GIDS, N, g, BLOCK_N: tl.constexpr):
-    """Over every i with GIDS[i] == g: (sum, count, min, max, lowest index) of REWARDS.
+    """Over every i with GIDS[i] == g: (sum, count, min, max, lowest index) of REWARDS, in
+    float64 (rewards near the float32 limit must not overflow; the same on every backend).
     O(N) per call: a program computing its own row's group statistics scans the labels."""
-    s = tl.zeros([BLOCK_N], tl.float32)
-    c = tl.zeros([BLOCK_N], tl.float32)
-    lo = tl.full([BLOCK_N], float("inf"), tl.float32)
-    hi = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float64)
+    c = tl.zeros([BLOCK_N], tl.float64)
+    lo = tl.full([BLOCK_N], float("inf"), tl.float64)
+    hi = tl.full([BLOCK_N], float("-inf"), tl.float64)
     first = tl.full([BLOCK_N], 2147483647, tl.int64)
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         inb = offs < N
         gg = tl.load(GIDS + offs, mask=inb, other=0)
-        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float32)
+        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float64)
         same = inb & (gg == g)
         s += tl.where(same, rr, 0.0)
         c += tl.where(same, 1.0, 0.0)
@@ -95,12 +96,12 @@ def segment_stats(REWARDS, GIDS, N, g, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def segment_sq_dev(REWARDS, GIDS, N, g, mean, ALL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum of squared deviations from ``mean`` over the group g (or every element if ALL)."""
-    acc = tl.zeros([BLOCK_N], tl.float32)
+    """Sum of squared deviations from ``mean`` over the group g (or every element if ALL), float64."""
+    acc = tl.zeros([BLOCK_N], tl.float64)
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N)
         inb = offs < N
-        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float32)
+        rr = tl.load(REWARDS + offs, mask=inb, other=0.0).to(tl.float64)
         if ALL:
             sel = inb
         else:
@@ -109,3 +110,77 @@ def segment_sq_dev(REWARDS, GIDS, N, g, mean, ALL: tl.constexpr, BLOCK_N: tl.con
         dv = rr - mean
         acc += tl.where(sel, dv * dv, 0.0)
     return tl.sum(acc, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# The per-token policy-loss forms (the Triton side of the registry in ops/grpo_loss.py,
+# KERNEL_FORMS; mirrors csrc/include/mtgrpo/grpo_forms.h). One helper per form, selected by
+# the tl.constexpr FORM id in policy_form, so each compiled kernel holds one form only.
+# Inputs: advantage a, ratio r (after the cap), log-prob x, unclamped log-ratio d, the row
+# constant rc. Returns (loss, d loss / d r, d loss / d x, low clip, high clip, dual clip).
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def form_vanilla(a, r, lo, hi, dual_clip, HAS_DUAL: tl.constexpr):
+    loss, dldr, dual = clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL)
+    return loss, dldr, tl.zeros_like(r), (r < lo) & (a < 0), (r > hi) & (a > 0), dual
+
+
+@triton.jit
+def form_cispo(a, r, x, lo, hi):
+    coef = -tl.minimum(tl.maximum(r, lo), hi) * a
+    return coef * x, tl.zeros_like(r), coef, r < lo, r > hi, a != a
+
+
+@triton.jit
+def form_sapo(a, r, tau_pos, tau_neg):
+    tau = tl.where(a > 0, tau_pos, tau_neg)
+    s = 1.0 / (1.0 + tl.exp(-(tau * (r - 1.0))))
+    gate = s * 4.0 / tau
+    none = a != a
+    return -a * gate, -a * 4.0 * s * (1.0 - s), tl.zeros_like(r), none, none, none
+
+
+@triton.jit
+def form_logp_weighted(a, x, rc):
+    coef = -rc * a
+    none = a != a
+    return coef * x, tl.zeros_like(x), coef, none, none, none
+
+
+@triton.jit
+def form_geo_mean(a, d, rc, eps_low, eps_high):
+    loss = -a * rc
+    inside = tl.where(a > 0, d <= eps_high, d >= -eps_low)
+    clipped = (d < -eps_low) | (d > eps_high)
+    return loss, tl.zeros_like(d), tl.where(inside, loss, 0.0), clipped & (a < 0), clipped & (a > 0), a != a
+
+
+@triton.jit
+def policy_form(a, r, x, d, rc, lo, hi, dual_clip, eps_low, eps_high, tau_pos, tau_neg, FORM: tl.constexpr,
+                HAS_DUAL: tl.constexpr):
+    """FORM: 0 vanilla / luspo, 1 cispo, 2 sapo, 3 gpg / vespo (rc = 1 / phi), 4 geo_mean."""
+    if FORM == 1:
+        out = form_cispo(a, r, x, lo, hi)
+    elif FORM == 2:
+        out = form_sapo(a, r, tau_pos, tau_neg)
+    elif FORM == 3:
+        out = form_logp_weighted(a, x, rc)
+    elif FORM == 4:
+        out = form_geo_mean(a, d, rc, eps_low, eps_high)
+    else:
+        out = form_vanilla(a, r, lo, hi, dual_clip, HAS_DUAL)
+    return out
+
+
+@triton.jit
+def is_token_weight(o, roll, is_lo, is_hi, IS_MODE: tl.constexpr):
+    """Token-level IS weight exp(clamp(old - rollout, -20, 20)), truncated to [is_lo, is_hi]
+    (IS_MODE 1) or zeroed outside it (IS_MODE 2); returns (weight, truncated-or-masked)."""
+    u = tl.minimum(tl.maximum(o - roll, -LOG_RATIO_CLAMP), LOG_RATIO_CLAMP)
+    raw = tl.exp(u)
+    keep = (raw >= is_lo) & (raw <= is_hi)
+    if IS_MODE == 1:
+        w = tl.minimum(tl.maximum(raw, is_lo), is_hi)
+    else:
+        w = tl.where(keep, raw, 0.0)
+    return w, keep == 0

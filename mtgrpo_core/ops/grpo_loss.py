@@ -61,18 +61,37 @@ from dataclasses import dataclass, fields
 import torch
 
 from .. import _native
-from ..config import GRPOConfig
-from ..reference.grpo_loss import grpo_loss_rows_ref
+from ..config import IS_CORRECTIONS, POLICY_LOSSES, GRPOConfig
+from ..reference.grpo_loss import (effective_config, geo_mean_dmin, grpo_loss_rows_ref, is_weights_ref,
+                                   vespo_phi)
 from ._dispatch import register_op, resolve_backend
 
 register_op("grpo_loss", triton=True, cpu="grpo_loss_fwd_bwd_cpu")
 register_op("group_advantages", triton=True, cpu="group_advantages_cpu")
 
-# Columns of the per-row statistics (mirror csrc/include/mtgrpo/grpo_loss.h RowStat).
-PG_SUM, KL_SUM, RATIO_SUM, NEG_LOGR_SUM, CLIP_LOW, CLIP_HIGH, DUAL, LOSS_CONTRIB, TOKENS = range(9)
-NUM_ROW_STATS = 9
+# Columns of the per-row statistics (mirror csrc/include/mtgrpo/grpo_loss.h RowStat). IS_RATIO_SUM /
+# IS_CLIPPED: token IS modes: masked sums of the correction weight / of its truncated-or-masked
+# flag; sequence modes: the row's weight / flag; no correction: the tokens / 0.
+(PG_SUM, KL_SUM, RATIO_SUM, NEG_LOGR_SUM, CLIP_LOW, CLIP_HIGH, DUAL, LOSS_CONTRIB, TOKENS, IS_RATIO_SUM,
+ IS_CLIPPED) = range(11)
+NUM_ROW_STATS = 11
 
-_AGG_CODE = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
+_AGG_CODE = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3,
+             "token-sum": 4}
+
+# ---------------------------------------------------------------------------------------
+# The policy-loss registry of the fused backends: each ``policy_loss`` name -> the id of its
+# per-token form in the kernels (csrc/include/mtgrpo/grpo_forms.h PolicyForm<id>,
+# ops/_triton_helpers.py policy_form(FORM=id)) and whether it needs a row constant computed
+# before the token pass (GMPO's sequence ratio, VESPO's gamma weight: ``_row_prepass``). The
+# reference's entries are reference/grpo_loss.py POLICY_LOSS_FNS. Adding a loss: CONTRIBUTING.md.
+# ---------------------------------------------------------------------------------------
+FORM_VANILLA, FORM_CISPO, FORM_SAPO, FORM_LOGP_WEIGHTED, FORM_GEO_MEAN = range(5)
+KERNEL_FORMS = {"vanilla": FORM_VANILLA, "luspo": FORM_VANILLA, "cispo": FORM_CISPO, "sapo": FORM_SAPO,
+                "gpg": FORM_LOGP_WEIGHTED, "vespo": FORM_LOGP_WEIGHTED, "geo_mean": FORM_GEO_MEAN}
+ROW_CONST_FORMS = ("vespo", "geo_mean")
+assert set(KERNEL_FORMS) == set(POLICY_LOSSES)
+_IS_KERNEL_MODE = {"token_truncate": 1, "token_mask": 2}
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _DTYPE_NAME = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -106,6 +125,10 @@ class GRPOStats:
     task_loss_sum, task_tokens, task_zero_adv_frac, task_num_sequences : Tensor[K] or None
         Per task (``task_ids`` given): sum of ``per_sequence_loss``, tokens, share of
         zero-advantage groups, number of sequences.
+    is_ratio_mean, is_clip_frac : 0-d
+        With ``is_correction``: the mean importance-sampling weight after the correction and the
+        share truncated or masked, over tokens (token modes) or sequences (sequence modes);
+        1 and 0 without a correction.
     """
 
     advantages: torch.Tensor
@@ -122,6 +145,8 @@ class GRPOStats:
     task_tokens: torch.Tensor | None = None
     task_zero_adv_frac: torch.Tensor | None = None
     task_num_sequences: torch.Tensor | None = None
+    is_ratio_mean: torch.Tensor | None = None
+    is_clip_frac: torch.Tensor | None = None
 
     def scalars(self) -> dict[str, float]:
         """The scalar statistics as Python floats (one device sync)."""
@@ -140,33 +165,92 @@ class GRPOStats:
 # custom op takes for it): _pack_config() is the one place that encodes it and
 # _unpack_config() the one place that decodes it for the C++ binding and the Triton launcher.
 _F_FIELDS = ("eps_low", "eps_high", "dual_clip", "ratio_cap", "kl_coef", "adv_eps", "adv_clip", "num_tokens",
-             "norm_length")
+             "norm_length", "tau_pos", "tau_neg", "is_lo", "is_hi", "vespo_k_pos", "vespo_lambda_pos",
+             "vespo_k_neg", "vespo_lambda_neg")
 _I_FIELDS = ("adv_scale", "adv_unbiased", "adv_singleton_raw", "kl_estimator", "seq_level", "loss_agg",
-             "seq_count_all")
+             "seq_count_all", "policy", "is_corr")
+# the keyword arguments of the C++ kernel among the unpacked parameters
+_CPU_KEYS = ("adv_scale", "adv_eps", "adv_unbiased", "adv_singleton_raw", "adv_clip", "eps_low", "eps_high",
+             "dual_clip", "ratio_cap", "kl_coef", "kl_estimator", "seq_level", "loss_agg", "num_tokens", "norm_length",
+             "seq_count_all", "form", "tau_pos", "tau_neg", "is_mode", "is_lo", "is_hi")
 _ADV_SCALE_CODE = {"group": 0, "batch": 1, "none": 2}
 _ADV_SCALE_NAME = {v: k for k, v in _ADV_SCALE_CODE.items()}
 
 
 def _pack_config(cfg: GRPOConfig, ref_given: bool) -> tuple[list[float], list[int]]:
     """(fparams, iparams) of ``cfg`` for the custom op; off switches are inf (clips) or 0."""
+    cfg = effective_config(cfg)
     f = [float(cfg.clip_eps_low), float(cfg.clip_eps_high),
          float(cfg.dual_clip) if cfg.dual_clip is not None else math.inf,
          float(cfg.ratio_cap) if cfg.ratio_cap is not None else math.inf,
          float(cfg.kl_coef), float(cfg.adv_eps), float(cfg.adv_clip or 0.0), float(cfg.num_tokens or 0),
-         float(cfg.norm_length or 0.0)]
+         float(cfg.norm_length or 0.0), float(cfg.tau_pos), float(cfg.tau_neg),
+         float(cfg.is_lo) if cfg.is_lo is not None else -1.0, float(cfg.is_hi) if cfg.is_hi is not None else math.inf,
+         float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg)]
     i = [_ADV_SCALE_CODE[cfg.adv_scale], int(cfg.adv_std == "unbiased"), int(cfg.adv_singleton == "raw"),
          _KL_CODE[cfg.kl_estimator] if ref_given else 0, int(cfg.importance_level == "sequence"),
-         _AGG_CODE[cfg.loss_agg], int(cfg.seq_count == "all")]
+         _AGG_CODE[cfg.loss_agg], int(cfg.seq_count == "all"), POLICY_LOSSES.index(cfg.policy_loss),
+         0 if cfg.is_correction is None else 1 + IS_CORRECTIONS.index(cfg.is_correction)]
     return f, i
 
 
 def _unpack_config(fparams, iparams) -> dict:
-    """Named kernel parameters (the keyword arguments of the C++ binding)."""
+    """Named kernel parameters (the keyword arguments of the C++ binding, plus the policy-loss
+    name, the IS correction name and the kernel's form / token IS mode derived from them)."""
     kp = dict(zip(_F_FIELDS, (float(v) for v in fparams)))
     kp.update(zip(_I_FIELDS, (int(v) for v in iparams)))
     for k in ("adv_unbiased", "adv_singleton_raw", "seq_level", "seq_count_all"):
         kp[k] = bool(kp[k])
+    kp["policy_loss"] = POLICY_LOSSES[kp["policy"]]
+    kp["is_correction"] = None if kp["is_corr"] == 0 else IS_CORRECTIONS[kp["is_corr"] - 1]
+    kp["form"] = KERNEL_FORMS[kp["policy_loss"]]
+    # token-level IS weights are computed in the token pass, except where the form folds them
+    # into its row constant (VESPO, GMPO: _row_prepass); sequence weights arrive per row
+    fold = kp["policy_loss"] in ROW_CONST_FORMS
+    kp["is_mode"] = 0 if fold else _IS_KERNEL_MODE.get(kp["is_correction"], 0)
+    kp["is_lo_opt"] = None if kp["is_lo"] < 0 else kp["is_lo"]
+    kp["is_hi_opt"] = None if math.isinf(kp["is_hi"]) else kp["is_hi"]
+    kp["is_lo"] = max(kp["is_lo"], 0.0)
     return kp
+
+
+def _row_prepass(lp, old, mask_u8, roll, a_row, kp: dict):
+    """Per-row inputs of the token pass that need a pass over the row first (torch ops on the
+    device, no host sync): (row_coef [N] f64 or None: GMPO's clipped sequence ratio / VESPO's
+    gamma weight; is_row [N] f64 or None: the sequence-level IS weight, or GMPO's geometric mean
+    of the token weights; is_cols [N, 2] f64 or None: the IS statistics columns when the token
+    pass does not compute them). ``a_row``: the row advantages [N] (after seq_weights)."""
+    pl, isc = kp["policy_loss"], kp["is_correction"]
+    if pl not in ROW_CONST_FORMS and (isc is None or isc.startswith("token")):
+        return None, None, None
+    cdt = _compute_dtype(lp.dtype)
+    mb = mask_u8 != 0
+    m = mb.to(cdt)
+    x = torch.where(mb, lp.to(cdt), 0.0)
+    o = torch.where(mb, old.to(cdt), 0.0)
+    rc = is_row = cols = w_tok = None
+    if isc is not None:
+        w, mod = is_weights_ref(o, torch.where(mb, roll.to(cdt), 0.0), m, isc, kp["is_lo_opt"], kp["is_hi_opt"])
+        if isc.startswith("token"):
+            w_tok = w
+            cols = torch.stack([(w * m).sum(1), (mod.to(cdt) * m).sum(1)], 1)
+        else:
+            is_row = w
+            cols = torch.stack([w, mod.to(cdt)], 1)
+    a = None if a_row is None else a_row.to(cdt)  # needed (and given) for the row-constant forms only
+    if pl == "vespo":
+        cfg = GRPOConfig(vespo_k_pos=kp["vespo_k_pos"], vespo_lambda_pos=kp["vespo_lambda_pos"],
+                         vespo_k_neg=kp["vespo_k_neg"], vespo_lambda_neg=kp["vespo_lambda_neg"])
+        rc = vespo_phi(x - o, m, a, cfg, w_tok)
+    elif pl == "geo_mean":
+        rt = m.sum(1).clamp(min=1.0)
+        dmin = geo_mean_dmin(x - o, a[:, None], kp["eps_low"], kp["eps_high"])
+        rc = torch.exp((dmin * m).sum(1) / rt)
+        if w_tok is not None:
+            is_row = torch.exp((torch.log(w_tok + 1e-10) * m).sum(1) / rt)
+    f64 = torch.float64
+    return (None if rc is None else rc.to(f64).contiguous(), None if is_row is None else is_row.to(f64).contiguous(),
+            None if cols is None else cols.to(f64))
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +340,22 @@ def _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_
         raise ValueError("num_tasks: given without task_ids")
 
 
+def _validate_policy(logprobs, advantages, rollout_logprobs, cfg: GRPOConfig) -> None:
+    """The policy-loss form and the IS correction against the tensors given."""
+    n, t = logprobs.shape
+    if cfg.is_correction is not None:
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_logprobs: required with is_correction={cfg.is_correction!r} "
+                             "(the sampler's log-probs of the completion tokens)")
+        _check_tensor("rollout_logprobs", rollout_logprobs, shape=(n, t), float_=True, device=logprobs.device)
+    elif rollout_logprobs is not None:
+        raise ValueError("rollout_logprobs: given without is_correction (one of "
+                         f"{IS_CORRECTIONS}); pass is_correction= to use it")
+    if cfg.policy_loss in ROW_CONST_FORMS and advantages is not None and advantages.dim() == 2:
+        raise ValueError(f"advantages: policy_loss={cfg.policy_loss!r} takes one advantage per sequence ([N] or the "
+                         f"fused rewards path), got shape {tuple(advantages.shape)}")
+
+
 # ---------------------------------------------------------------------------------------
 # Helpers of the backends
 # ---------------------------------------------------------------------------------------
@@ -296,6 +396,8 @@ def _row_weights(row_tok: torch.Tensor, n: int, t: int, kp: dict) -> torch.Tenso
         return torch.where(rt > 0, 1.0 / (n_seq * rt.clamp(min=1.0)), torch.zeros_like(rt))
     if agg == 2:
         return (1.0 / n_seq).expand(n).contiguous()
+    if agg == 4:  # token-sum
+        return torch.ones(n, device=rt.device)
     norm = kp["norm_length"] if kp["norm_length"] > 0 else float(t)
     return (1.0 / (n_seq * norm)).expand(n).contiguous()
 
@@ -305,6 +407,8 @@ def _needs_counts(kp: dict) -> bool:
     agg = kp["loss_agg"]
     if agg == 0:
         return kp["num_tokens"] <= 0
+    if agg == 4:
+        return False
     return agg == 1 or not kp["seq_count_all"]
 
 
@@ -315,14 +419,14 @@ try:  # triton is optional: the C++ and torch backends work without it
     import triton
     import triton.language as tl
 
-    from ._triton_helpers import (LOG_RATIO_CLAMP, clipped_surrogate, kl_estimate, load_token_tile, segment_sq_dev,
-                                  segment_stats)
+    from ._triton_helpers import (LOG_RATIO_CLAMP, clipped_surrogate, is_token_weight, kl_estimate, load_token_tile,
+                                  policy_form, segment_sq_dev, segment_stats)
 
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised on machines without triton
     _HAS_TRITON = False
 
-NUM_PART_STATS = NUM_ROW_STATS + 1  # the kernel's partial statistics: the 9 row columns + NaN count
+NUM_PART_STATS = NUM_ROW_STATS + 1  # the kernel's partial statistics: the 11 row columns + NaN count
 # Programs per launch that fill an H100/H200: 4 per SM x 132 SMs. The main kernel takes 74-103
 # registers at 8 warps (sm_90, see the AOT table), so 2 programs are resident per SM and 528
 # programs run in 2 waves with every SM busy; fewer, longer programs would leave SMs idle in
@@ -380,7 +484,7 @@ if _HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         ddof = 1.0 if UNBIASED else 0.0
         gid = tl.load(GIDS + row)
-        r_i = tl.load(REWARDS + row).to(tl.float32)
+        r_i = tl.load(REWARDS + row).to(tl.float64)  # group statistics in float64 (as C++ and the reference)
         s, cnt, lo_r, hi_r, first = segment_stats(REWARDS, GIDS, N, gid, BLOCK_N)
         mean = s / cnt
         sd = tl.sqrt(segment_sq_dev(REWARDS, GIDS, N, gid, mean, False, BLOCK_N) / tl.maximum(cnt - ddof, 1.0))
@@ -394,10 +498,10 @@ if _HAS_TRITON:
         if ADV_SCALE == 0:
             a_row = (r_i - mean) / (sd + adv_eps)
         elif ADV_SCALE == 1:
-            bacc = tl.zeros([BLOCK_N], tl.float32)
+            bacc = tl.zeros([BLOCK_N], tl.float64)
             for bstart in range(0, N, BLOCK_N):
                 boffs = bstart + tl.arange(0, BLOCK_N)
-                bacc += tl.load(REWARDS + boffs, mask=boffs < N, other=0.0).to(tl.float32)
+                bacc += tl.load(REWARDS + boffs, mask=boffs < N, other=0.0).to(tl.float64)
             bmean = tl.sum(bacc, 0) / N
             bss = segment_sq_dev(REWARDS, GIDS, N, gid, bmean, True, BLOCK_N)
             bstd = tl.where(N > ddof, tl.sqrt(bss / tl.maximum(N - ddof, 1.0)), 0.0)
@@ -409,10 +513,10 @@ if _HAS_TRITON:
             a_row = tl.minimum(tl.maximum(a_row, -adv_clip), adv_clip)
         tl.store(FLAT_OUT + row, flat.to(tl.uint8))
         tl.store(LEADER_OUT + row, (first == row).to(tl.uint8))
-        if HAS_SEQW:
-            a_row = a_row * tl.load(SEQW + row).to(tl.float32)
-        tl.store(ADV_OUT + row, a_row.to(tl.float64))
-        tl.store(A_ROW + row, a_row)
+        if HAS_SEQW:  # in float64, then rounded once (as the C++ kernel)
+            a_row = a_row * tl.load(SEQW + row).to(tl.float64)
+        tl.store(ADV_OUT + row, a_row)
+        tl.store(A_ROW + row, a_row.to(tl.float32))
 
     @triton.jit
     def _grpo_seq_coef_kernel(MASK, ADV, A_ROW, R_SEQ, COEF_SUM, T, TILES, NCHUNK, eps_low, eps_high, dual_clip,
@@ -438,12 +542,16 @@ if _HAS_TRITON:
 
     @triton.jit
     def _grpo_main_kernel(
-        LP, OLD, MASK, REF, ADV, A_ROW, W_ROW, R_SEQ, SEQ_COEF, GRAD, PART, T, TILES, NCHUNK,
-        eps_low, eps_high, dual_clip, ratio_cap, kl_coef,
-        HAS_DUAL: tl.constexpr, TOK_ADV: tl.constexpr, KL: tl.constexpr, SEQ: tl.constexpr, BLOCK_T: tl.constexpr,
+        LP, OLD, MASK, REF, ROLL, ADV, A_ROW, W_ROW, R_SEQ, SEQ_COEF, RC_ROW, IS_ROW, GRAD, PART, T, TILES, NCHUNK,
+        eps_low, eps_high, dual_clip, ratio_cap, kl_coef, tau_pos, tau_neg, is_lo, is_hi,
+        HAS_DUAL: tl.constexpr, TOK_ADV: tl.constexpr, KL: tl.constexpr, SEQ: tl.constexpr, FORM: tl.constexpr,
+        IS_MODE: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         """Per (row, chunk): loss terms and dL/dlogp (already weighted, in the input dtype) of
-        TILES tiles of BLOCK_T tokens, and the chunk's partial statistics PART[row, chunk, 10]."""
+        TILES tiles of BLOCK_T tokens, and the chunk's partial statistics PART[row, chunk, 12].
+        FORM: the policy-loss form (_triton_helpers.policy_form); IS_MODE: token-level IS
+        correction (0 off, 1 truncate, 2 mask); RC_ROW / IS_ROW: the row constant of the form
+        and the row's sequence-level IS weight."""
         row = tl.program_id(0).to(tl.int64)
         ch = tl.program_id(1).to(tl.int64)
         base = row * T
@@ -458,6 +566,8 @@ if _HAS_TRITON:
             r_seq = tl.load(R_SEQ + row)
             if TOK_ADV:
                 coef = tl.load(SEQ_COEF + row)
+        rc = tl.load(RC_ROW + row)
+        is_row = tl.load(IS_ROW + row)
         s_pg = tl.zeros([BLOCK_T], tl.float32)
         s_kl = tl.zeros([BLOCK_T], tl.float32)
         s_r = tl.zeros([BLOCK_T], tl.float32)
@@ -468,6 +578,8 @@ if _HAS_TRITON:
         s_loss = tl.zeros([BLOCK_T], tl.float32)
         s_m = tl.zeros([BLOCK_T], tl.float32)
         s_bad = tl.zeros([BLOCK_T], tl.float32)
+        s_isw = tl.zeros([BLOCK_T], tl.float32)
+        s_isc = tl.zeros([BLOCK_T], tl.float32)
         for k in range(0, TILES):
             start = c0 + k * BLOCK_T
             offs, inb, m, x, d, dc = load_token_tile(LP, OLD, MASK, base, start, T, BLOCK_T)
@@ -482,10 +594,21 @@ if _HAS_TRITON:
                 r = tl.exp(dc)
             cap_grad = tl.where(r <= ratio_cap, 1.0, 0.0)
             r = tl.minimum(r, ratio_cap)
-            loss, dldr, dual = clipped_surrogate(a, r, lo, hi, dual_clip, HAS_DUAL)
-            if SEQ and TOK_ADV:  # every token moves the one sequence ratio (issue 16 item 1)
+            loss, dldr, dldx, clo, chi, dual = policy_form(a, r, x, d, rc, lo, hi, dual_clip, eps_low, eps_high,
+                                                           tau_pos, tau_neg, FORM, HAS_DUAL)
+            if SEQ and TOK_ADV and FORM == 0:  # every token moves the one sequence ratio (issue 16 item 1)
                 dldr = tl.zeros([BLOCK_T], tl.float32) + coef
-            gt = dldr * r * cap_grad * din
+            gt = dldr * r * cap_grad * din + dldx
+            wi = tl.zeros([BLOCK_T], tl.float32) + is_row
+            isc = tl.zeros([BLOCK_T], tl.float32)
+            if IS_MODE > 0:
+                o = tl.load(OLD + base + offs, mask=inb, other=0.0).to(tl.float32)
+                rl = tl.load(ROLL + base + offs, mask=inb, other=0.0).to(tl.float32)
+                wt, cut = is_token_weight(o, rl, is_lo, is_hi, IS_MODE)
+                wi = wi * wt
+                isc = tl.where(cut, 1.0, 0.0)
+            loss = loss * wi
+            gt = gt * wi
             bad = d != d  # NaN at a token (min/max would hide it from the loss)
             kl = tl.zeros([BLOCK_T], tl.float32)
             if KL > 0:
@@ -499,13 +622,15 @@ if _HAS_TRITON:
             s_kl += tl.where(m, kl, 0.0)
             s_r += tl.where(m, r, 0.0)
             s_nd += tl.where(m, -dc, 0.0)
-            s_lo += tl.where(m & (r < lo) & (a < 0), 1.0, 0.0)
-            s_hi += tl.where(m & (r > hi) & (a > 0), 1.0, 0.0)
+            s_lo += tl.where(m & clo, 1.0, 0.0)
+            s_hi += tl.where(m & chi, 1.0, 0.0)
             s_du += tl.where(m & dual, 1.0, 0.0)
             s_loss += tl.where(m, lt, 0.0)
             s_m += tl.where(m, 1.0, 0.0)
             s_bad += tl.where(m & bad, 1.0, 0.0)
-        out = PART + (row * NCHUNK + ch) * 10
+            s_isw += tl.where(m, wi, 0.0)
+            s_isc += tl.where(m, isc, 0.0)
+        out = PART + (row * NCHUNK + ch) * 12
         tl.store(out + 0, tl.sum(s_pg, 0))
         tl.store(out + 1, tl.sum(s_kl, 0))
         tl.store(out + 2, tl.sum(s_r, 0))
@@ -515,7 +640,9 @@ if _HAS_TRITON:
         tl.store(out + 6, tl.sum(s_du, 0))
         tl.store(out + 7, tl.sum(s_loss, 0))
         tl.store(out + 8, tl.sum(s_m, 0))
-        tl.store(out + 9, tl.sum(s_bad, 0))
+        tl.store(out + 9, tl.sum(s_isw, 0))
+        tl.store(out + 10, tl.sum(s_isc, 0))
+        tl.store(out + 11, tl.sum(s_bad, 0))
 
     @triton.jit
     def _scale_grad_kernel(G, S, n, BLOCK: tl.constexpr):
@@ -535,7 +662,7 @@ def _triton_advantages(rewards, group_ids, seq_weights, kp, n):
     adv = torch.empty(n, dtype=torch.float64, device=dev)
     flat = torch.empty(n, dtype=torch.uint8, device=dev)
     leader = torch.empty(n, dtype=torch.uint8, device=dev)
-    rw = rewards.to(torch.float32).contiguous()
+    rw = rewards.to(torch.float64).contiguous()
     gid = group_ids.to(torch.int64).contiguous()
     sw = seq_weights.to(torch.float32).contiguous() if seq_weights is not None else a_row
     block_n = max(16, min(1024, triton.next_power_of_2(n)))
@@ -547,7 +674,7 @@ def _triton_advantages(rewards, group_ids, seq_weights, kp, n):
     return a_row, adv, flat, leader
 
 
-def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp: dict):
+def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp: dict, roll=None):
     """Launch the Triton kernels on contiguous, validated inputs (``mask`` uint8).
 
     Returns (loss 0-d f32, grad [N, T] in the input dtype, rowstats [N, 9] f64, adv [N] f64,
@@ -585,6 +712,9 @@ def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights,
         adv_out = a_row.to(torch.float64)
         flat = torch.zeros(n, dtype=torch.uint8, device=dev)
         leader = torch.zeros(n, dtype=torch.uint8, device=dev)
+    rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
+    rc = rc.to(f32) if rc is not None else torch.ones(n, dtype=f32, device=dev)
+    is_row = is_row.to(f32) if is_row is not None else torch.ones(n, dtype=f32, device=dev)
     hp = (kp["eps_low"], kp["eps_high"], kp["dual_clip"], kp["ratio_cap"])
     has_dual = math.isfinite(kp["dual_clip"])
     if seq and tok_adv:
@@ -595,12 +725,15 @@ def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights,
     grad = torch.empty((n, t), dtype=lp.dtype, device=dev)
     part = torch.empty((n, nchunk, NUM_PART_STATS), dtype=f32, device=dev)
     _grpo_main_kernel[(n, nchunk)](
-        lp, old, mask, ref if ref is not None else lp, advantages if tok_adv else lp, a_row, w_row,
-        r_seq if r_seq is not None else w_row, coef if coef is not None else w_row, grad, part, t, tiles, nchunk,
-        *hp, kp["kl_coef"],
-        HAS_DUAL=has_dual, TOK_ADV=tok_adv, KL=kp["kl_estimator"], SEQ=seq, BLOCK_T=block_t, num_warps=warps)
+        lp, old, mask, ref if ref is not None else lp, roll if kp["is_mode"] else lp, advantages if tok_adv else lp,
+        a_row, w_row, r_seq if r_seq is not None else w_row, coef if coef is not None else w_row, rc, is_row, grad,
+        part, t, tiles, nchunk, *hp, kp["kl_coef"], kp["tau_pos"], kp["tau_neg"], kp["is_lo"], kp["is_hi"],
+        HAS_DUAL=has_dual, TOK_ADV=tok_adv, KL=kp["kl_estimator"], SEQ=seq, FORM=kp["form"], IS_MODE=kp["is_mode"],
+        BLOCK_T=block_t, num_warps=warps)
     tot = part.to(torch.float64).sum(1)  # chunks folded in a fixed order, in fp64
     rowstats = tot[:, :NUM_ROW_STATS].contiguous()
+    if is_cols is not None:
+        rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = is_cols
     rowstats[:, LOSS_CONTRIB] = rowstats[:, LOSS_CONTRIB] * w_row.to(torch.float64)
     loss = rowstats[:, LOSS_CONTRIB].sum().to(f32)
     return loss, grad, rowstats, adv_out, flat, leader, tot[:, NUM_ROW_STATS].sum()
@@ -632,13 +765,15 @@ def aot_launches():
         def thunk():
             lp, old, mask = inputs(n, t, dtype)
             ref = lp.clone() if cfg.get("kl_coef") else None
+            roll = (lp.float() - 0.1).to(dtype) if cfg.get("is_correction") else None
             c = GRPOConfig(**cfg)
             kp = _unpack_config(*_pack_config(c, ref is not None))
             rewards = torch.rand(n) if adv == "rewards" else None
             gids = torch.arange(n) // 4 if adv == "rewards" else None
             a = (torch.randn(n) if adv == "seq"
                  else torch.randn(n, t).to(_compute_dtype(dtype)) if adv == "tok" else None)
-            grpo_loss_triton(lp, old, mask, a, rewards, gids, torch.rand(n) if adv != "rewards" else None, ref, kp)
+            grpo_loss_triton(lp, old, mask, a, rewards, gids, torch.rand(n) if adv != "rewards" else None, ref, kp,
+                             roll=roll)
         return thunk
 
     cases = []
@@ -660,6 +795,23 @@ def aot_launches():
         ("fp32 given[N,T] dual cap 64x32768",
          loss_thunk(64, 32768, torch.float32, adv="tok", dual_clip=2.0, ratio_cap=1.5)),
     ]
+    # every policy-loss form (issue 22), each with an IS correction, token-sum and KL somewhere
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        cases += [
+            (f"{name} cispo token_truncate k3 64x1000",
+             loss_thunk(64, 1000, dt, policy_loss="cispo", is_correction="token_truncate", is_hi=2.0, kl_coef=0.1)),
+            (f"{name} sapo token_mask seq-mean-token-mean 64x1000",
+             loss_thunk(64, 1000, dt, policy_loss="sapo", is_correction="token_mask", is_lo=0.5, is_hi=2.0,
+                        loss_agg="seq-mean-token-mean")),
+            (f"{name} gpg token-sum given[N,T] 8x300",
+             loss_thunk(8, 300, dt, adv="tok", policy_loss="gpg", loss_agg="token-sum")),
+            (f"{name} geo_mean sequence_truncate 64x1000",
+             loss_thunk(64, 1000, dt, policy_loss="geo_mean", is_correction="sequence_truncate", is_hi=2.0)),
+            (f"{name} vespo token_mask given[N] 64x1000",
+             loss_thunk(64, 1000, dt, adv="seq", policy_loss="vespo", is_correction="token_mask", is_hi=2.0)),
+        ]
+    cases.append(("bf16 cispo gspo given[N,T] 64x32768",
+                  loss_thunk(64, 32768, torch.bfloat16, adv="tok", policy_loss="cispo", importance_level="sequence")))
     for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         cases.append((f"{name} upstream scale 512x2048",
                       lambda dt=dt: _scale_grad_(torch.zeros(512, 2048, dtype=dt), torch.full((), 0.5))))
@@ -669,7 +821,20 @@ def aot_launches():
 # ---------------------------------------------------------------------------------------
 # The one custom op: forward kernels of every backend, fake, autograd
 # ---------------------------------------------------------------------------------------
-def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp):
+def _cpu_group_advantages(rewards, group_ids, kp):
+    """(adv f64 [N], flat u8 [N], leader u8 [N]) of the fused path through the C++ kernel."""
+    n = rewards.shape[0]
+    adv = torch.empty(n, dtype=torch.float64)
+    flat = torch.empty(n, dtype=torch.uint8)
+    leader = torch.empty(n, dtype=torch.uint8)
+    _native.native().group_advantages_cpu(
+        rewards.to(torch.float64).contiguous().numpy(), group_ids.to(torch.int64).contiguous().numpy(),
+        adv.numpy(), flat.numpy(), leader.numpy(), scale=_ADV_SCALE_NAME[kp["adv_scale"]], eps=kp["adv_eps"],
+        unbiased=kp["adv_unbiased"], singleton_raw=kp["adv_singleton_raw"], clip=kp["adv_clip"])
+    return adv, flat, leader
+
+
+def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, roll, kp):
     n, t = lp.shape
     cdt = _compute_dtype(lp.dtype)
     grad = torch.empty((n, t), dtype=lp.dtype)  # the kernel rounds bf16 / fp16 gradients itself
@@ -677,14 +842,29 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     adv_out = torch.empty(n, dtype=torch.float64)
     flat = torch.empty(n, dtype=torch.uint8)
     leader = torch.empty(n, dtype=torch.uint8)
+    sw = None if seq_weights is None else seq_weights.to(cdt).contiguous()
+    pre_flags = None
+    if kp["policy_loss"] in ROW_CONST_FORMS and advantages is None:
+        # the row constant needs the advantages first: the group statistics, then the given-[N] path
+        a64, f0, l0 = _cpu_group_advantages(rewards, group_ids, kp)
+        advantages, rewards, group_ids, pre_flags = a64.to(cdt), None, None, (f0, l0)
+    a_row = None
+    if advantages is not None and advantages.dim() == 1:
+        a_row = advantages.to(cdt) * sw if sw is not None else advantages.to(cdt)
+    rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
     adv = None if advantages is None else advantages.to(cdt).contiguous()
     rw = None if rewards is None else rewards.to(torch.float64).contiguous()
     gid = None if group_ids is None else group_ids.to(torch.int64).contiguous()
-    sw = None if seq_weights is None else seq_weights.to(cdt).contiguous()
-    kw = dict(kp, adv_scale=_ADV_SCALE_NAME[kp["adv_scale"]])
+    kw = {k: kp[k] for k in _CPU_KEYS}
+    kw["adv_scale"] = _ADV_SCALE_NAME[kp["adv_scale"]]
     _native.native().grpo_loss_fwd_bwd_cpu(
         _as_numpy(lp), _as_numpy(old), mask.numpy(), _opt(adv), _opt(rw), _opt(gid), _opt(sw), _opt(ref),
-        _DTYPE_NAME[lp.dtype], _as_numpy(grad), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(), **kw)
+        _DTYPE_NAME[lp.dtype], _as_numpy(grad), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(),
+        rollout_logprobs=_opt(roll) if kp["is_mode"] else None, row_coef=_opt(rc), is_row=_opt(is_row), **kw)
+    if is_cols is not None:
+        rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = is_cols
+    if pre_flags is not None:
+        flat, leader = pre_flags
     loss = rowstats[:, LOSS_CONTRIB].sum().to(cdt)
     return loss, grad, rowstats, adv_out, flat, leader
 
@@ -693,7 +873,7 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
 _DEFAULT_DISPATCH_TLS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
 
 
-def _torch_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, kp, cfg_lists):
+def _torch_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, roll, kp, cfg_lists):
     """The reference inside the op: its loss, its autograd gradient and its per-row sums."""
     cfg = _config_from_lists(*cfg_lists)
 
@@ -706,7 +886,8 @@ def _torch_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, r
     with torch._C._ForceDispatchKeyGuard(*_DEFAULT_DISPATCH_TLS), _disable_current_modes(), torch.enable_grad():
         x = lp.detach().requires_grad_()
         loss, _, rows = grpo_loss_rows_ref(x, old, mask, advantages, rewards=rewards, group_ids=group_ids,
-                                           seq_weights=seq_weights, ref_logprobs=ref, config=cfg)
+                                           seq_weights=seq_weights, ref_logprobs=ref, config=cfg,
+                                           rollout_logprobs=roll)
         (grad,) = torch.autograd.grad(loss, x)
     # clone: with float64 inputs the reference's adv_rows can be the caller's tensor itself, and a
     # custom op's outputs must not alias its inputs
@@ -728,7 +909,11 @@ def _config_from_lists(fparams, iparams) -> GRPOConfig:
         ratio_cap=kp["ratio_cap"] if math.isfinite(kp["ratio_cap"]) else None,
         importance_level="sequence" if kp["seq_level"] else "token", loss_agg=agg_names[kp["loss_agg"]],
         num_tokens=int(kp["num_tokens"]) if kp["num_tokens"] > 0 else None,
-        norm_length=kp["norm_length"] or None, seq_count="all" if kp["seq_count_all"] else "nonempty")
+        norm_length=kp["norm_length"] or None, seq_count="all" if kp["seq_count_all"] else "nonempty",
+        policy_loss=kp["policy_loss"], tau_pos=kp["tau_pos"], tau_neg=kp["tau_neg"],
+        vespo_k_pos=kp["vespo_k_pos"], vespo_lambda_pos=kp["vespo_lambda_pos"], vespo_k_neg=kp["vespo_k_neg"],
+        vespo_lambda_neg=kp["vespo_lambda_neg"], is_correction=kp["is_correction"], is_lo=kp["is_lo_opt"],
+        is_hi=kp["is_hi_opt"])
 
 
 _NAN_MESSAGE = ("logprobs/old_logprobs/ref_logprobs: a NaN (or a non-finite loss term) at an unmasked position; "
@@ -739,8 +924,8 @@ _NAN_MESSAGE = ("logprobs/old_logprobs/ref_logprobs: a NaN (or a non-finite loss
 def _grpo_loss_op(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, mask: torch.Tensor,
     advantages: torch.Tensor | None, rewards: torch.Tensor | None, group_ids: torch.Tensor | None,
-    seq_weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None, backend: str,
-    fparams: list[float], iparams: list[int],
+    seq_weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None,
+    backend: str, fparams: list[float], iparams: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused GRPO loss forward (the gradient is written in the same pass).
 
@@ -755,6 +940,11 @@ def _grpo_loss_op(
     old = lp if old_logprobs is None else old_logprobs.to(lp.dtype).contiguous()
     m = _mask_u8(mask)
     ref = None if ref_logprobs is None else ref_logprobs.to(lp.dtype).contiguous()
+    roll = None if rollout_logprobs is None else rollout_logprobs.to(lp.dtype).contiguous()
+    if kp["is_correction"] is not None:
+        if roll is None:
+            raise ValueError(f"rollout_logprobs: required with is_correction={kp['is_correction']!r}")
+        _check_finite("rollout_logprobs", torch.where(m != 0, roll, 0.0))
     if advantages is not None:
         _check_finite("advantages", advantages)
     if rewards is not None:
@@ -763,14 +953,14 @@ def _grpo_loss_op(
         _check_finite("seq_weights", seq_weights)
     bad = None
     if backend == "cpu":
-        out = _cpu_forward(lp, old, m, advantages, rewards, group_ids, seq_weights, ref, kp)
+        out = _cpu_forward(lp, old, m, advantages, rewards, group_ids, seq_weights, ref, roll, kp)
     elif backend == "triton":
         adv = None if advantages is None else advantages.to(_compute_dtype(lp.dtype)).contiguous()
-        *out, bad = grpo_loss_triton(lp, old, m, adv, rewards, group_ids, seq_weights, ref, kp)
+        *out, bad = grpo_loss_triton(lp, old, m, adv, rewards, group_ids, seq_weights, ref, kp, roll=roll)
         out[0] = out[0].to(_compute_dtype(lp.dtype))
     elif backend == "torch":
         out = _torch_forward(lp, None if old_logprobs is None else old, mask, advantages, rewards, group_ids,
-                             seq_weights, ref, kp, (fparams, iparams))
+                             seq_weights, ref, roll, kp, (fparams, iparams))
     else:
         raise ValueError(f"backend: grpo_loss runs 'cpu', 'triton' or 'torch', got {backend!r}")
     ok = torch.isfinite(out[2]).all()
@@ -781,8 +971,8 @@ def _grpo_loss_op(
 
 
 @_grpo_loss_op.register_fake
-def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, backend, fparams,
-      iparams):
+def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, rollout_logprobs,
+      backend, fparams, iparams):
     n, t = logprobs.shape
     cdt = _compute_dtype(logprobs.dtype)
     return (logprobs.new_empty((), dtype=cdt), logprobs.new_empty((n, t)),
@@ -810,11 +1000,11 @@ def _backward(ctx, g_loss, *unused):
     Under ``torch.compile`` it is ``buf * upstream`` (Inductor fuses it into the consumer).
     """
     if g_loss is None:  # the loss itself took no part in what is being differentiated
-        return (None,) * 11
+        return (None,) * 12
     (buf,) = ctx.saved_tensors
     s = g_loss.to(torch.float32)
     if torch.compiler.is_compiling() or buf.device.type not in ("cpu", "cuda"):
-        return ((buf * s).to(buf.dtype),) + (None,) * 10
+        return ((buf * s).to(buf.dtype),) + (None,) * 11
     if ctx.applied is None:
         ctx.applied = s.detach().clone()
         if buf.device.type == "cuda":
@@ -824,8 +1014,8 @@ def _backward(ctx, g_loss, *unused):
                 buf.data.mul_(s)
         elif float(s) != 1.0:  # CPU tensors: a host float, no device to wait for
             buf.data.mul_(s)  # .data: the saved tensor's version counter stays unchanged; fp32 math
-        return (buf,) + (None,) * 10
-    return ((buf.to(torch.float32) * (s / ctx.applied)).to(buf.dtype),) + (None,) * 10
+        return (buf,) + (None,) * 11
+    return ((buf.to(torch.float32) * (s / ctx.applied)).to(buf.dtype),) + (None,) * 11
 
 
 _grpo_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -936,6 +1126,17 @@ def grpo_loss(
     backend: str = "auto",
     config: GRPOConfig | None = None,
     process_group=None,
+    policy_loss: str = "vanilla",
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    rollout_logprobs: torch.Tensor | None = None,
+    is_correction: str | None = None,
+    is_lo: float | None = None,
+    is_hi: float | None = None,
 ) -> tuple[torch.Tensor, GRPOStats]:
     """GRPO clipped-surrogate loss, optionally with the group advantages fused in.
 
@@ -977,6 +1178,21 @@ def grpo_loss(
         its aggregation and the other statistics stay local (give ``num_tokens`` = the global
         token count for a global token mean); ``zero_adv_group_frac`` counts the groups
         present on this rank, flat when all their rewards over all ranks are equal.
+    policy_loss : str
+        The per-token form, by verl's registry names (docs/ALGORITHMS.md 1.4): "vanilla" (PPO
+        clip, the default), "cispo", "sapo" (``tau_pos`` / ``tau_neg``), "gpg", "geo_mean"
+        (GMPO; always a mean over rows of each row's loss, as verl), TRL's "luspo" (vanilla's
+        form; TRL aggregates it as ``loss_agg="seq-mean-token-sum", seq_count="all"``) and
+        "vespo" (``vespo_k_pos`` ... ``vespo_lambda_neg``). "geo_mean" and "vespo" take [N]
+        advantages (or the fused path); importance_level="sequence" goes with the ratio forms
+        vanilla / luspo / cispo. verl's clip_cov / kl_cov are not provided.
+    rollout_logprobs, is_correction, is_lo, is_hi
+        Importance-sampling correction of the train / rollout mismatch with the sampler's
+        log-probs ``rollout_logprobs[N, T]``: w = exp(old - rollout) per token ("token_*") or
+        exp(sum over the row) per sequence ("sequence_*"), "*_truncate": clamp(w, is_lo, is_hi)
+        (the cap C = ``is_hi``; TIS), "*_mask": w inside [is_lo, is_hi], else 0 (IcePop /
+        masked IS). The weight multiplies each token's loss (not the KL term), detached.
+        Statistics: ``is_ratio_mean``, ``is_clip_frac``.
 
     Returns
     -------
@@ -994,11 +1210,15 @@ def grpo_loss(
         adv_scale=adv_scale, adv_eps=adv_eps, adv_std=adv_std, adv_singleton=adv_singleton, adv_clip=adv_clip,
         kl_coef=kl_coef, kl_estimator=kl_estimator, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, ratio_cap=ratio_cap, importance_level=importance_level, loss_agg=loss_agg,
-        num_tokens=num_tokens, norm_length=norm_length, seq_count=seq_count)
+        num_tokens=num_tokens, norm_length=norm_length, seq_count=seq_count, policy_loss=policy_loss,
+        tau_pos=tau_pos, tau_neg=tau_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, is_correction=is_correction, is_lo=is_lo,
+        is_hi=is_hi)
     if not isinstance(cfg, GRPOConfig):
         raise TypeError(f"config: expected a GRPOConfig, got {type(cfg).__name__}")
     _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
               task_ids, num_tasks, cfg)
+    _validate_policy(logprobs, advantages, rollout_logprobs, cfg)
     be = resolve_backend("grpo_loss", backend, logprobs.device)
     fparams, iparams = _pack_config(cfg, ref_logprobs is not None)
     fused = advantages is None
@@ -1015,18 +1235,21 @@ def grpo_loss(
         # times seq_weights, cast to the compute dtype); flat / leader come from the global groups
         loss, _grad, rowstats, adv_rows, _f, _l = torch.ops.mtgrpo.grpo_loss(
             logprobs, det(old_logprobs), mask, adv_g.to(logprobs.device), None, None, det(seq_weights),
-            det(ref_logprobs), be, fparams, iparams)
+            det(ref_logprobs), det(rollout_logprobs), be, fparams, iparams)
         return loss, _stats_from_rows(rowstats, adv_rows, flat_g, leader_g, None, seq_weights, True,
-                                      ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype))
+                                      ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype),
+                                      cfg.is_correction)
     loss, _grad, rowstats, adv_rows, flat, leader = torch.ops.mtgrpo.grpo_loss(
         logprobs, det(old_logprobs), mask, det(advantages), det(rewards) if fused else None,
-        det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), be, fparams, iparams)
+        det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), det(rollout_logprobs), be, fparams,
+        iparams)
     return loss, _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused,
-                                  ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype))
+                                  ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype),
+                                  cfg.is_correction)
 
 
 def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused, ref_given, task_ids,
-                     num_tasks, cdt) -> GRPOStats:
+                     num_tasks, cdt, is_correction=None) -> GRPOStats:
     rs = rowstats.to(cdt)
     tot = rs.sum(0)  # every column's batch sum in one reduction (the scalars below are views)
     tok = tot[TOKENS]
@@ -1057,6 +1280,13 @@ def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, 
         zero_adv_group_frac=zero_frac,
         num_tokens=tok,
     )
+    if is_correction is not None and is_correction.startswith("token"):
+        stats.is_ratio_mean, stats.is_clip_frac = frac[IS_RATIO_SUM], frac[IS_CLIPPED]
+    elif is_correction is not None:  # one weight per row: the mean over rows (as TRL logs it)
+        stats.is_ratio_mean, stats.is_clip_frac = rs[:, IS_RATIO_SUM].mean(), rs[:, IS_CLIPPED].mean()
+    else:
+        stats.is_ratio_mean = torch.ones((), dtype=cdt, device=rs.device)
+        stats.is_clip_frac = torch.zeros((), dtype=cdt, device=rs.device)
     if task_ids is not None:
         t = _task_stats(per_seq, row_tokens, task_ids.long(), num_tasks, flat if fused else None, leader, adv_zero)
         for k, v in t.items():
@@ -1110,12 +1340,20 @@ def group_advantages(
     clip: float | None = None,
     backend: str = "auto",
     process_group=None,
+    reward_weights=None,
 ) -> torch.Tensor:
     """Group-relative advantages over ragged groups (docs/ALGORITHMS.md section 1.1).
 
     Parameters
     ----------
-    rewards : Tensor[N], real
+    rewards : Tensor[N] or Tensor[N, R], real
+        One reward per completion, or R reward columns (several reward functions): then GDPO's
+        "normalise, then sum" (TRL's ``multi_objective_aggregation="normalize_then_sum"``): each
+        column z-scored within its group (``(r - mean_g) / (std_g + eps)``, ``std``), weighted by
+        ``reward_weights`` and summed, then the sum normalised over the batch
+        (``(s - mean) / (std + eps)``); ``scale`` must be "group" there. TRL uses eps = 1e-4.
+    reward_weights : sequence of R floats or Tensor[R], optional
+        Weights of the reward columns (TRL's ``reward_weights``; default all 1).
     group_ids : Tensor[N], integer labels (any values, any order)
     scale : "group" | "batch" | "none";  std : "unbiased" | "population"
     singleton : "zero" (a group of one has A = 0) | "raw" (verl: mean 0, std 1)
@@ -1132,6 +1370,10 @@ def group_advantages(
     rewards are all equal.
     """
     cfg = GRPOConfig(adv_scale=scale, adv_eps=eps, adv_std=std, adv_singleton=singleton, adv_clip=clip)
+    if isinstance(rewards, torch.Tensor) and rewards.dim() == 2:
+        return _multi_reward_advantages(rewards, group_ids, cfg, backend, process_group, reward_weights)
+    if reward_weights is not None:
+        raise ValueError("reward_weights: only with several reward columns (rewards of shape [N, R])")
     _check_tensor("rewards", rewards, ndim=1)
     if rewards.dtype == torch.bool or rewards.dtype.is_complex:
         raise TypeError(f"rewards: expected a real tensor, got {rewards.dtype}")
@@ -1146,6 +1388,41 @@ def group_advantages(
         return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
     fparams, iparams = _pack_config(cfg, False)
     return torch.ops.mtgrpo.group_advantages(rewards.detach(), group_ids.detach(), be, fparams, iparams)
+
+
+def _multi_reward_advantages(rewards, group_ids, cfg: GRPOConfig, backend, process_group, reward_weights):
+    """GDPO / TRL normalize_then_sum over R reward columns (see :func:`group_advantages`)."""
+    if rewards.dtype == torch.bool or rewards.dtype.is_complex:
+        raise TypeError(f"rewards: expected a real tensor, got {rewards.dtype}")
+    n, r = rewards.shape
+    if n == 0 or r == 0:
+        raise ValueError(f"rewards: expected a non-empty [N, R] tensor, got shape {tuple(rewards.shape)}")
+    if cfg.adv_scale != "group":
+        raise ValueError(f"scale: several reward columns are z-scored per group (scale='group'), got {cfg.adv_scale!r}")
+    if reward_weights is None:
+        w = torch.ones(r, dtype=torch.float64, device=rewards.device)
+    else:
+        w = torch.as_tensor(reward_weights, dtype=torch.float64, device=rewards.device)
+        if w.shape != (r,):
+            raise ValueError(f"reward_weights: expected {r} weights (one per reward column), "
+                             f"got shape {tuple(w.shape)}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("reward_weights: expected finite weights")
+    per_col = dict(scale="group", eps=cfg.adv_eps, std=cfg.adv_std, singleton=cfg.adv_singleton, backend=backend,
+                   process_group=process_group)
+    z = torch.stack([group_advantages(rewards[:, k].contiguous(), group_ids, **per_col).to(torch.float64)
+                     for k in range(r)], 1)
+    s = (z * w).sum(1)
+    if process_group is not None:
+        s_all, _ = _gather_rows(s, process_group)
+    else:
+        s_all = s
+    ddof = 1 if cfg.adv_std == "unbiased" else 0
+    bstd = s_all.std(correction=ddof) if s_all.numel() > ddof else torch.zeros((), dtype=s.dtype, device=s.device)
+    adv = (s - s_all.mean()) / (bstd + cfg.adv_eps)
+    if cfg.adv_clip is not None:
+        adv = adv.clamp(-cfg.adv_clip, cfg.adv_clip)
+    return adv.to(torch.float64 if rewards.dtype == torch.float64 else torch.float32)
 
 
 class GRPOLoss(torch.nn.Module):

@@ -24,6 +24,9 @@ or its gradient; the reference multiplies by the mask, so it needs finite values
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from ..config import GRPOConfig
@@ -72,10 +75,13 @@ def group_advantages_ref(
 
     Returns
     -------
-    Tensor[N] in float64 for float64 rewards, else float32. A group whose rewards are all
-    equal gets exactly 0.
+    Tensor[N] in float64 for float64 rewards, else float32 (the statistics are computed in
+    float64 either way). A group whose rewards are all equal gets exactly 0.
     """
-    dt = _compute_dtype(rewards)
+    # Group statistics in float64 on every backend (issue 22 item 8: rewards near the float32
+    # limit, |r| ~ 1e38, overflow a float32 sum of squares); the result is cast back after.
+    out_dt = _compute_dtype(rewards)
+    dt = torch.float64
     r = rewards.to(dt)
     inv, counts, g = group_structure(group_ids)
     n = counts.to(dt)
@@ -105,7 +111,7 @@ def group_advantages_ref(
     adv = torch.where(flat[inv], torch.zeros_like(adv), adv)
     if clip is not None:
         adv = adv.clamp(-clip, clip)
-    return adv
+    return adv.to(out_dt)
 
 
 def zero_adv_group_flags(rewards: torch.Tensor, group_ids: torch.Tensor, singleton: str = "zero"):
@@ -132,6 +138,157 @@ def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
     raise ValueError(f"kl_estimator: expected 'k1', 'k2' or 'k3', got {estimator!r}")
 
 
+# ---------------------------------------------------------------------------------------
+# The policy-loss forms, registered by name (verl's register_policy_loss): one small function
+# per form mapping a token context to the per-token loss (autograd gives d/d logp) and the clip
+# masks its statistics count. The fused backends mirror each entry: csrc/include/mtgrpo/
+# grpo_forms.h (one functor per form) and ops/_triton_helpers.py (one @triton.jit helper per
+# form id). Formulas and sources: docs/ALGORITHMS.md section 1.4.
+# ---------------------------------------------------------------------------------------
+class FormCtx:
+    """What a form sees: ``lp`` log-probs (differentiable), ``d`` the unclamped log-ratio,
+    ``ratio`` (clamped log-ratio, GSPO's sequence ratio when asked, capped), ``a`` advantages
+    ([N, 1] or [N, T]), ``m`` the float mask, ``row_tokens``, the config ``c``, and ``w_tok`` the
+    token-level IS weights (detached, [N, T]; ones without a correction)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+POLICY_LOSS_FNS: dict = {}
+
+
+def register_policy_loss(*names: str):
+    """Register a reference form under one or more ``policy_loss`` names."""
+    def deco(fn):
+        for name in names:
+            POLICY_LOSS_FNS[name] = fn
+        return fn
+    return deco
+
+
+@register_policy_loss("vanilla", "luspo")
+def _form_vanilla(x: FormCtx):
+    c = x.c
+    lo, hi = 1.0 - c.clip_eps_low, 1.0 + c.clip_eps_high
+    a, ratio = x.a, x.ratio
+    pg = torch.maximum(-a * ratio, -a * ratio.clamp(lo, hi))
+    dual = torch.zeros_like(pg, dtype=torch.bool)
+    if c.dual_clip is not None:
+        l_dual = -a * c.dual_clip
+        dual = (a < 0) & (l_dual < pg)
+        pg = torch.where(a < 0, torch.minimum(pg, l_dual), pg)
+    return pg, (ratio < lo) & (a < 0), (ratio > hi) & (a > 0), dual
+
+
+@register_policy_loss("cispo")
+def _form_cispo(x: FormCtx):
+    lo, hi = 1.0 - x.c.clip_eps_low, 1.0 + x.c.clip_eps_high
+    coef = -x.ratio.clamp(lo, hi).detach() * x.a
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return coef * x.lp, (x.ratio < lo) & (x.m > 0), (x.ratio > hi) & (x.m > 0), none
+
+
+@register_policy_loss("sapo")
+def _form_sapo(x: FormCtx):
+    tau = torch.where(x.a > 0, x.c.tau_pos, x.c.tau_neg)
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return -(torch.sigmoid(tau * (x.ratio - 1.0)) * 4.0 / tau) * x.a, none, none, none
+
+
+@register_policy_loss("gpg")
+def _form_gpg(x: FormCtx):
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return -x.lp * x.a, none, none, none
+
+
+@register_policy_loss("vespo")
+def _form_vespo(x: FormCtx):
+    phi = vespo_phi(x.d.detach(), x.m, x.a, x.c, x.w_tok)
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return (-phi[:, None] * x.a) * x.lp, none, none, none
+
+
+@register_policy_loss("geo_mean")
+def _form_geo_mean(x: FormCtx):
+    d = x.lp - x.old  # verl does not clamp the log-ratio here
+    dmin = geo_mean_dmin(d, x.a, x.c.clip_eps_low, x.c.clip_eps_high)
+    r_row = torch.exp((dmin * x.m).sum(1) / x.row_tokens.clamp(min=1.0))
+    clipped = ((d < -x.c.clip_eps_low) | (d > x.c.clip_eps_high)) & (x.m > 0)
+    return (-x.a * r_row[:, None]).expand_as(x.lp), clipped & (x.a < 0), clipped & (x.a > 0), \
+        torch.zeros_like(x.lp, dtype=torch.bool)
+
+
+def geo_mean_dmin(d: torch.Tensor, a: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
+    """GMPO's sign-aware clipped log-ratio: sgn(a) min(sgn(a) d, sgn(a) clamp(d, -eps_low, eps_high))."""
+    s = torch.sign(a)
+    return s * torch.minimum(s * d, s * d.clamp(-eps_low, eps_high))
+
+
+VESPO_LOG_FLOOR = math.log(1e-8)  # TRL's get_gamma_weights clamps log w to [log 1e-8, 20]
+
+
+def vespo_phi(d: torch.Tensor, m: torch.Tensor, a: torch.Tensor, c: GRPOConfig, w_tok: torch.Tensor | None):
+    """VESPO's gamma weight per row (TRL ``get_gamma_weights``; no gradient):
+    log w = clamp(sum_t m clamp(d_t, -20, 20) + sum_t m clamp(log w_is_t, log 1e-8, 20), log 1e-8, 20),
+    phi = exp(lam + k log w - lam w), (k, lam) = (k_pos, lam_pos) where a >= 0, else the negative pair."""
+    with torch.no_grad():
+        s = (d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * m).sum(1)
+        if w_tok is not None:
+            s = s + (torch.log(w_tok).clamp(VESPO_LOG_FLOOR, LOG_RATIO_CLAMP) * m).sum(1)
+        log_w = s.clamp(VESPO_LOG_FLOOR, LOG_RATIO_CLAMP)
+        a_row = a[:, 0] if a.dim() == 2 and a.shape[1] == 1 else a
+        pos = a_row >= 0
+        k = torch.where(pos, c.vespo_k_pos, c.vespo_k_neg)
+        lam = torch.where(pos, c.vespo_lambda_pos, c.vespo_lambda_neg).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def is_weights_ref(old: torch.Tensor, rollout: torch.Tensor, m: torch.Tensor, mode: str, lo: float | None,
+                   hi: float | None):
+    """Importance-sampling correction weights of the train / rollout mismatch (no gradient).
+
+    ``old`` / ``rollout``: log-probs of the training policy's behaviour pass and of the sampler
+    (masked positions already 0). Token modes: w_t = exp(clamp(old_t - rollout_t, -20, 20));
+    sequence modes: one w per row, exp(clamp(sum_t m (old_t - rollout_t), -20, 20)) (TRL sums,
+    verl's rollout_is="sequence" too). "truncate": clamp(w, lo, hi) (TIS; lo None = 0);
+    "mask": w where lo <= w <= hi, else 0 (IcePop / masked IS; None = unbounded).
+
+    Returns (w [N, T] for token modes or [N] for sequence modes, modified bool of the same shape).
+    """
+    with torch.no_grad():
+        u = (old - rollout) * m
+        if mode.startswith("sequence"):
+            u = u.sum(1)
+        raw = torch.exp(u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        lo_v = 0.0 if lo is None else lo
+        hi_v = math.inf if hi is None else hi
+        keep = (raw >= lo_v) & (raw <= hi_v)
+        w = raw.clamp(lo_v, hi_v) if mode.endswith("truncate") else torch.where(keep, raw, torch.zeros_like(raw))
+        return w, ~keep
+
+
+def effective_config(c: GRPOConfig) -> GRPOConfig:
+    """The config a loss actually runs: GMPO ("geo_mean") is a mean over all rows of each row's
+    loss whatever ``loss_agg`` says (verl ignores loss_agg_mode there), i.e. seq-mean-token-mean
+    with seq_count="all"."""
+    if c.policy_loss == "geo_mean" and (c.loss_agg, c.seq_count) != ("seq-mean-token-mean", "all"):
+        return dataclasses.replace(c, loss_agg="seq-mean-token-mean", seq_count="all")
+    return c
+
+
+def is_stats_ref(is_w, is_mod, m, mode, dt):
+    """(mean IS weight after the correction, share truncated or masked): over masked tokens for
+    token modes, over rows for sequence modes (as TRL logs them); (1, 0) without a correction."""
+    if is_w is None:
+        return torch.ones((), dtype=dt, device=m.device), torch.zeros((), dtype=dt, device=m.device)
+    if mode.startswith("token"):
+        tok = m.sum().clamp(min=1.0)
+        return (is_w * m).sum() / tok, (is_mod.to(dt) * m).sum() / tok
+    return is_w.to(dt).mean(), is_mod.to(dt).mean()
+
+
 def grpo_loss_ref(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor | None,
@@ -145,6 +302,7 @@ def grpo_loss_ref(
     task_ids: torch.Tensor | None = None,
     num_tasks: int | None = None,
     config: GRPOConfig = GRPOConfig(),
+    rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Clipped GRPO surrogate, differentiable with respect to ``logprobs``.
 
@@ -164,6 +322,8 @@ def grpo_loss_ref(
         Reference-policy log-probs for the KL penalty (needed when ``config.kl_coef != 0``).
     task_ids, num_tasks : per-task statistics.
     config : GRPOConfig
+    rollout_logprobs : Tensor[N, T] or None
+        The sampler's log-probs, for ``config.is_correction``.
 
     Returns
     -------
@@ -172,7 +332,8 @@ def grpo_loss_ref(
     """
     loss, stats, _ = grpo_loss_rows_ref(logprobs, old_logprobs, mask, advantages, rewards=rewards,
                                         group_ids=group_ids, seq_weights=seq_weights, ref_logprobs=ref_logprobs,
-                                        task_ids=task_ids, num_tasks=num_tasks, config=config)
+                                        task_ids=task_ids, num_tasks=num_tasks, config=config,
+                                        rollout_logprobs=rollout_logprobs)
     return loss, stats
 
 
@@ -189,6 +350,7 @@ def grpo_loss_rows_ref(
     task_ids: torch.Tensor | None = None,
     num_tasks: int | None = None,
     config: GRPOConfig = GRPOConfig(),
+    rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict, dict]:
     """:func:`grpo_loss_ref` plus the per-row quantities the fused kernels return.
 
@@ -196,14 +358,15 @@ def grpo_loss_rows_ref(
     -------
     loss, stats : as :func:`grpo_loss_ref`
     rows : dict
-        ``row_stats`` [N, 9] float64 (columns as ``mtgrpo_core.ops.grpo_loss.PG_SUM`` ...
+        ``row_stats`` [N, 11] float64 (columns as ``mtgrpo_core.ops.grpo_loss.PG_SUM`` ...
         ``TOKENS``: masked sums of the surrogate, KL, ratio, negative log-ratio, low / high /
-        dual clip counts, the row's share of the loss, tokens), ``adv_rows`` [N] float64 (the
+        dual clip counts, the row's share of the loss, tokens, sum of the IS weights applied, tokens
+        whose token IS weight was truncated or masked), ``adv_rows`` [N] float64 (the
         row's advantage after ``seq_weights``; the seq weight, or 1, with token advantages),
         ``flat`` / ``leader`` [N] uint8 (zero-advantage group, first row of its group; 0
         without rewards).
     """
-    c = config
+    c = effective_config(config)
     dt = _compute_dtype(logprobs)
     mb = mask != 0
     # Masked positions may hold anything (NaN included): they are replaced by 0 before any
@@ -236,15 +399,30 @@ def grpo_loss_rows_ref(
     ratio = torch.exp(log_ratio)
     if c.ratio_cap is not None:
         ratio = ratio.clamp(max=c.ratio_cap)
-    lo, hi = 1.0 - c.clip_eps_low, 1.0 + c.clip_eps_high
-    l_unclipped = -a * ratio
-    l_clipped = -a * ratio.clamp(lo, hi)
-    pg = torch.maximum(l_unclipped, l_clipped)
-    dual_active = torch.zeros_like(pg, dtype=torch.bool)
-    if c.dual_clip is not None:
-        l_dual = -a * c.dual_clip
-        dual_active = (a < 0) & (l_dual < pg)
-        pg = torch.where(a < 0, torch.minimum(pg, l_dual), pg)
+    # Importance-sampling correction (detached weights): token weights multiply each token's
+    # loss, a sequence weight the row's; VESPO folds token weights into its gamma weight and
+    # GMPO into one geometric-mean weight per row (as verl's geo_mean).
+    w_tok = w_row = is_mod = is_w = None
+    if c.is_correction is not None:
+        if rollout_logprobs is None:
+            raise ValueError(f"rollout_logprobs: required with is_correction={c.is_correction!r}")
+        roll = torch.where(mb, rollout_logprobs.to(dt), 0.0)
+        is_w, is_mod = is_weights_ref(old.detach(), roll, m, c.is_correction, c.is_lo, c.is_hi)
+        if c.is_correction.startswith("token"):
+            w_tok = is_w
+        else:
+            w_row = is_w
+    ctx = FormCtx(lp=lp, old=old, d=lp - old, ratio=ratio, a=a, m=m, row_tokens=row_tokens, c=c, w_tok=w_tok)
+    pg, clip_lo, clip_hi, dual_active = POLICY_LOSS_FNS[c.policy_loss](ctx)
+    if c.policy_loss == "geo_mean" and w_tok is not None:  # one geometric-mean weight per row
+        w_row = torch.exp((torch.log(w_tok + 1e-10) * m).sum(1) / row_tokens.clamp(min=1.0))
+        w_tok = None
+    if c.policy_loss == "vespo":
+        w_tok = None  # already inside phi
+    if w_tok is not None:
+        pg = pg * w_tok
+    if w_row is not None:
+        pg = pg * w_row[:, None]
 
     token_loss = pg
     kl = None
@@ -259,7 +437,10 @@ def grpo_loss_rows_ref(
     else:
         n_seq = torch.tensor(float(n), dtype=dt, device=lp.device)
     n_seq_safe = n_seq.clamp(min=1.0)
-    if c.loss_agg == "token-mean":
+    if c.loss_agg == "token-sum":
+        row_share = seq_sum
+        loss = (token_loss * m).sum()
+    elif c.loss_agg == "token-mean":
         denom = (torch.tensor(float(c.num_tokens), dtype=dt, device=lp.device) if c.num_tokens
                  else total_tokens.clamp(min=1.0))
         row_share = seq_sum / denom
@@ -282,14 +463,15 @@ def grpo_loss_rows_ref(
         stats = {
             "advantages": adv.detach(),
             "per_sequence_loss": (pg * m).sum(1).detach() / row_tokens.clamp(min=1.0),
-            "clip_frac_low": (((ratio < lo) & (a < 0)).to(dt) * m).sum() / tok,
-            "clip_frac_high": (((ratio > hi) & (a > 0)).to(dt) * m).sum() / tok,
+            "clip_frac_low": (clip_lo.to(dt) * m).sum() / tok,
+            "clip_frac_high": (clip_hi.to(dt) * m).sum() / tok,
             "dual_clip_frac": (dual_active.to(dt) * m).sum() / tok,
             "ratio_mean": (ratio * m).sum() / tok,
             "approx_kl": (-d * m).sum() / tok,
             "ref_kl_mean": (kl * m).sum() / tok if kl is not None else torch.zeros((), dtype=dt, device=lp.device),
             "num_tokens": total_tokens,
         }
+        stats["is_ratio_mean"], stats["is_clip_frac"] = is_stats_ref(is_w, is_mod, m, c.is_correction, dt)
         if group_ids is not None and rewards is not None:
             flat, inv = zero_adv_group_flags(rewards, group_ids, c.adv_singleton)
             stats["zero_adv_group_frac"] = flat.to(dt).mean()
@@ -317,10 +499,18 @@ def grpo_loss_rows_ref(
                 nz = torch.zeros(k, dtype=dt, device=lp.device).index_add_(0, tid, (a_rows == 0).to(dt))
             stats["task_zero_adv_frac"] = torch.where(ng > 0, nz / ng.clamp(min=1.0), torch.zeros_like(nz))
         f64 = torch.float64
+        # IS columns: token modes: masked sums of the correction weight and of its truncated /
+        # masked flag; sequence modes: the row's weight and flag; no correction: tokens and 0
+        if is_w is None:
+            is_cols = [row_tokens, torch.zeros_like(row_tokens)]
+        elif is_w.dim() == 2:
+            is_cols = [(is_w * m).sum(1), (is_mod.to(dt) * m).sum(1)]
+        else:
+            is_cols = [is_w.to(dt), is_mod.to(dt)]
         cols = [(pg * m).sum(1), (kl * m).sum(1) if kl is not None else torch.zeros(n, dtype=dt, device=lp.device),
-                (ratio * m).sum(1), (-d * m).sum(1), (((ratio < lo) & (a < 0)).to(dt) * m).sum(1),
-                (((ratio > hi) & (a > 0)).to(dt) * m).sum(1), (dual_active.to(dt) * m).sum(1), row_share.detach(),
-                row_tokens]
+                (ratio * m).sum(1), (-d * m).sum(1), (clip_lo.to(dt) * m).sum(1),
+                (clip_hi.to(dt) * m).sum(1), (dual_active.to(dt) * m).sum(1), row_share.detach(),
+                row_tokens, *is_cols]
         rows = {"row_stats": torch.stack([col.detach().to(f64) for col in cols], 1)}
         if adv.dim() == 1:
             rows["adv_rows"] = adv.detach().to(f64)

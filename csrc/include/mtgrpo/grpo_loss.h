@@ -25,9 +25,27 @@ namespace mtgrpo {
 
 enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 
-enum class LossAgg : int { TokenMean = 0, SeqMeanTokenMean = 1, SeqMeanTokenSum = 2, SeqMeanTokenSumNorm = 3 };
+enum class LossAgg : int {
+  TokenMean = 0,
+  SeqMeanTokenMean = 1,
+  SeqMeanTokenSum = 2,
+  SeqMeanTokenSumNorm = 3,
+  TokenSum = 4
+};
 
 enum class AdvScale : int { Group = 0, Batch = 1, None = 2 };
+
+// The per-token policy-loss functors of grpo_forms.h (one per form; "gpg" and "vespo" share
+// kFormLogpWeighted, with the row constant 1 and VESPO's gamma weight). Python's registry
+// (ops/grpo_loss.py POLICY_LOSSES) maps each policy_loss name to one of these ids.
+enum FormId : int { kFormVanilla = 0, kFormCispo = 1, kFormSapo = 2, kFormLogpWeighted = 3, kFormGeoMean = 4 };
+constexpr int kNumForms = 5;
+
+// Token-level importance-sampling correction of the train / rollout mismatch (TRL
+// vllm_importance_sampling_mode token_*, verl rollout_is="token"): w = exp(old - rollout),
+// truncated to [is_lo, is_hi] or zeroed outside it. Sequence-level modes arrive as a per-row
+// weight (is_row) computed before the token pass.
+enum IsMode : int { kIsOff = 0, kIsTruncate = 1, kIsMask = 2 };
 
 // Per-row statistics written by the kernel (float64, row-major [N, kRowStats]).
 enum RowStat : int {
@@ -40,6 +58,8 @@ enum RowStat : int {
   kDualClip,        // tokens where the dual clip is active
   kLossContrib,     // this row's share of the aggregated loss
   kTokens,          // sum_t m
+  kIsRatioSum,      // sum_t m * the importance-sampling weight applied (1 without a correction)
+  kIsClipped,       // tokens whose token-level IS weight was truncated or masked
   kRowStats
 };
 
@@ -51,9 +71,13 @@ struct LossParams {
   int kl_estimator = 0;    // 0: no KL term, 1: k1, 2: k2, 3: k3
   bool seq_level = false;  // GSPO sequence-level ratio
   LossAgg agg = LossAgg::TokenMean;
-  double num_tokens = 0.0;     // > 0: global token count of token-mean
-  double norm_length = 0.0;    // L of seq-mean-token-sum-norm (> 0)
-  bool seq_count_all = false;  // seq-mean modes: count every row, not only non-empty
+  double num_tokens = 0.0;               // > 0: global token count of token-mean
+  double norm_length = 0.0;              // L of seq-mean-token-sum-norm (> 0)
+  bool seq_count_all = false;            // seq-mean modes: count every row, not only non-empty
+  int form = kFormVanilla;               // FormId
+  double tau_pos = 1.0, tau_neg = 1.05;  // SAPO temperatures
+  int is_mode = kIsOff;                  // IsMode (token-level IS correction)
+  double is_lo = 0.0, is_hi = INFINITY;  // its bounds
 };
 
 struct AdvParams {
@@ -197,54 +221,102 @@ void group_advantages(const R* rewards, const int64_t* group_ids, int64_t n, con
   }
 }
 
-// ---- the row kernel ---------------------------------------------------------------------
-// Per-token contributions to the row's statistics (one lane of the vector loop).
+// ---- the per-token forms, scalar instantiation (the float64 path) -------------------------
+namespace scalar {
+template <typename V>
+inline V sel(bool m, V a, V b) {
+  return m ? a : b;
+}
+template <typename V>
+inline V vmin(V a, V b) {
+  return std::min(a, b);
+}
+template <typename V>
+inline V vmax(V a, V b) {
+  return std::max(a, b);
+}
+inline double vexp(double x) {
+  return std::exp(x);
+}
+inline float vexp(float x) {
+  return mtgrpo::vexp(x);
+}
+#include "mtgrpo/grpo_forms.h"
+}  // namespace scalar
+
 template <typename C>
-struct TokenAcc {
-  C pg, kl, r, nd, lo, hi, du, loss, m;
+scalar::FormConsts<C, bool> form_consts(const LossParams& p) {
+  return {static_cast<C>(1.0 - p.eps_low),
+          static_cast<C>(1.0 + p.eps_high),
+          static_cast<C>(p.dual_clip),
+          static_cast<C>(p.eps_low),
+          static_cast<C>(p.eps_high),
+          static_cast<C>(p.tau_pos),
+          static_cast<C>(p.tau_neg),
+          C(0),
+          C(1),
+          C(4),
+          false};
+}
+
+// Per-row constants of the token loop (scalar path).
+template <typename C>
+struct RowConsts {
+  C a_row, r_seq, seq_coef, rc, is_row, cap, beta, w, is_lo, is_hi;
+  int is_mode;
+  scalar::FormConsts<C, bool> k;
 };
 
-// One token: writes its gradient and adds its contributions to `acc`. Branch-free (selects
-// only) so the lane loop below vectorises.
-template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
+// ---- the row kernel ---------------------------------------------------------------------
+
+// One token: writes its gradient and adds its contributions to `acc` ([kRowStats][lanes]).
+// The form F (grpo_forms.h) gives the loss and its derivatives; this function adds what every
+// form shares: the log-ratio clamp, the ratio cap, GSPO's sequence ratio, the IS weight and
+// the KL term. Branch-free (selects only) apart from uniform tests, so the lane loop vectorises.
+template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ, int F>
 inline __attribute__((always_inline)) void grpo_token(const In* __restrict lp, const In* __restrict old,
                                                       const uint8_t* __restrict mk, const In* __restrict ref,
-                                                      const C* __restrict adv_tok, int64_t t, C a_row, C r_seq,
-                                                      C seq_coef, C lo, C hi, C cap, C dual, C beta, C w,
-                                                      C* __restrict grad, C* __restrict acc, int lanes, int j) {
+                                                      const In* __restrict roll, const C* __restrict adv_tok, int64_t t,
+                                                      const RowConsts<C>& c, C* __restrict grad, C* __restrict acc,
+                                                      int lanes, int j) {
   const C lim = static_cast<C>(kLogRatioClamp), klim = static_cast<C>(kKlLogClamp),
           kval = static_cast<C>(kKlValueClamp);
   const bool on = mk[t] != 0;
   const C x = to_compute(lp[t]);
-  const C d = x - to_compute(old[t]);
+  const C o = to_compute(old[t]);
+  const C d = x - o;
   const C dc = std::min(std::max(d, -lim), lim);
   const C din = (d >= -lim && d <= lim) ? C(1) : C(0);
-  const C a = TOK_ADV ? adv_tok[t] * a_row : a_row;  // a_row: the sequence weight then
-  C r = SEQ ? r_seq : vexp(dc);
-  const C cap_grad = r <= cap ? C(1) : C(0);
-  r = std::min(r, cap);
-  const C rc = std::min(std::max(r, lo), hi);
-  const C l1 = -a * r, l2 = -a * rc;
-  const bool use1 = l1 >= l2;
-  C l = use1 ? l1 : l2;
-  C dldr = use1 ? -a : C(0);
-  const C l3 = -a * dual;
-  const bool du = (a < C(0)) && (l3 < l);
-  l = du ? l3 : l;
-  dldr = du ? C(0) : dldr;
+  const C a = TOK_ADV ? adv_tok[t] * c.a_row : c.a_row;  // a_row: the sequence weight then
+  C r = SEQ ? c.r_seq : vexp(dc);
+  const C cap_grad = r <= c.cap ? C(1) : C(0);
+  r = std::min(r, c.cap);
+  const scalar::FormArgs<C, bool> fa{a, r, x, d, c.rc, a<C(0), a> C(0)};
+  const auto f = scalar::PolicyForm<F>::eval(fa, c.k);
   // GSPO with token advantages: every token's log-ratio enters the one sequence ratio
   // through its mean, so d loss / d logp_t = r_seq * din_t * mean_s(m_s dldr_s) (seq_coef),
   // not this token's own dldr (issue 16 item 1). With one advantage per row all dldr_s
   // are equal and the two coincide.
-  C g = ((SEQ && TOK_ADV) ? seq_coef : dldr) * r * cap_grad * din;
+  C g = ((SEQ && TOK_ADV && F == kFormVanilla) ? c.seq_coef : f.dldr) * r * cap_grad * din + f.dldx;
+  C wi = c.is_row, isc = C(0);
+  if (c.is_mode != kIsOff) {
+    const C u = std::min(std::max(o - to_compute(roll[t]), -lim), lim);
+    const C raw = vexp(u);
+    const bool keep = raw >= c.is_lo && raw <= c.is_hi;
+    const C wt = c.is_mode == kIsTruncate ? std::min(std::max(raw, c.is_lo), c.is_hi) : (keep ? raw : C(0));
+    isc = keep ? C(0) : C(1);
+    wi = wi * wt;
+  }
+  const C l = f.l * wi;
+  g = g * wi;
   C kl = C(0);
   if constexpr (KL == 1) {
     kl = x - to_compute(ref[t]);
-    g += beta;
+    g += c.beta;
   } else if constexpr (KL == 2) {
     const C v = x - to_compute(ref[t]);
     kl = C(0.5) * v * v;
-    g += beta * v;
+    g += c.beta * v;
   } else if constexpr (KL == 3) {
     const C u = to_compute(ref[t]) - x;
     const C uc = std::min(std::max(u, -klim), klim);
@@ -252,37 +324,39 @@ inline __attribute__((always_inline)) void grpo_token(const In* __restrict lp, c
     const C k3 = e - uc - C(1);
     const C kin = (u >= -klim && u <= klim && k3 <= kval && k3 >= -kval) ? C(1) : C(0);
     kl = std::min(std::max(k3, -kval), kval);
-    g += beta * (C(1) - e) * kin;
+    g += c.beta * (C(1) - e) * kin;
   }
-  grad[t] = on ? w * g : C(0);
-  // acc is [9][lanes]: lane j of each statistic
+  grad[t] = on ? c.w * g : C(0);
   acc[0 * lanes + j] += on ? l : C(0);
   acc[1 * lanes + j] += on ? kl : C(0);
   acc[2 * lanes + j] += on ? r : C(0);
   acc[3 * lanes + j] += on ? -dc : C(0);
-  acc[4 * lanes + j] += (on && r < lo && a < C(0)) ? C(1) : C(0);
-  acc[5 * lanes + j] += (on && r > hi && a > C(0)) ? C(1) : C(0);
-  acc[6 * lanes + j] += (on && du) ? C(1) : C(0);
-  acc[7 * lanes + j] += on ? l + beta * kl : C(0);
+  acc[4 * lanes + j] += (on && f.clo) ? C(1) : C(0);
+  acc[5 * lanes + j] += (on && f.chi) ? C(1) : C(0);
+  acc[6 * lanes + j] += (on && f.du) ? C(1) : C(0);
+  acc[7 * lanes + j] += on ? l + c.beta * kl : C(0);
   acc[8 * lanes + j] += on ? C(1) : C(0);
+  acc[9 * lanes + j] += on ? wi : C(0);
+  acc[10 * lanes + j] += on ? isc : C(0);
 }
 
 // C: compute type (float or double). KL: 0 none, 1 k1, 2 k2, 3 k3. TOK_ADV: advantages per
-// token. SEQ: GSPO sequence-level ratio. `w` is the row's aggregation weight.
+// token. SEQ: GSPO sequence-level ratio. F: the form (FormId). `w` is the row's aggregation
+// weight, `rc` the form's row constant, `is_row` the row's sequence-level IS weight (1: none).
 // Tokens are processed in blocks of kLanes with one accumulator per lane (the sum order is
 // fixed: lane-wise, then lanes folded in order), which GCC vectorises without -ffast-math.
-template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ>
+template <typename In, typename C, int KL, bool TOK_ADV, bool SEQ, int F>
 inline __attribute__((always_inline)) void grpo_row(const In* __restrict lp, const In* __restrict old,
                                                     const uint8_t* __restrict mk, const In* __restrict ref,
-                                                    const C* __restrict adv_tok, C a_row, int64_t T,
-                                                    const LossParams& p, C w, C* __restrict grad, double* out) {
+                                                    const In* __restrict roll, const C* __restrict adv_tok, C a_row,
+                                                    C rc, C is_row, int64_t T, const LossParams& p, C w,
+                                                    C* __restrict grad, double* out) {
   constexpr int kLanes = 16;
   const C lo = static_cast<C>(1.0 - p.eps_low), hi = static_cast<C>(1.0 + p.eps_high);
   const C cap = static_cast<C>(p.ratio_cap), dual = static_cast<C>(p.dual_clip);
-  const C beta = static_cast<C>(p.kl_coef);
   const C lim = static_cast<C>(kLogRatioClamp);
-  alignas(64) C acc[9 * kLanes];
-  for (int k = 0; k < 9 * kLanes; ++k) acc[k] = C(0);
+  alignas(64) C acc[kRowStats * kLanes];
+  for (int k = 0; k < kRowStats * kLanes; ++k) acc[k] = C(0);
   C r_seq = C(1);
   if constexpr (SEQ) {
     alignas(64) C sd[kLanes] = {}, cnt[kLanes] = {};
@@ -326,18 +400,28 @@ inline __attribute__((always_inline)) void grpo_row(const In* __restrict lp, con
     }
     seq_coef = s / std::max(c, C(1));
   }
+  const RowConsts<C> rcs{a_row,
+                         r_seq,
+                         seq_coef,
+                         rc,
+                         is_row,
+                         cap,
+                         static_cast<C>(p.kl_coef),
+                         w,
+                         static_cast<C>(p.is_lo),
+                         static_cast<C>(p.is_hi),
+                         p.is_mode,
+                         form_consts<C>(p)};
   int64_t t0 = 0;
   for (; t0 + kLanes <= T; t0 += kLanes) {
 #pragma GCC ivdep
     for (int j = 0; j < kLanes; ++j)
-      grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t0 + j, a_row, r_seq, seq_coef, lo, hi, cap, dual,
-                                          beta, w, grad, acc, kLanes, j);
+      grpo_token<In, C, KL, TOK_ADV, SEQ, F>(lp, old, mk, ref, roll, adv_tok, t0 + j, rcs, grad, acc, kLanes, j);
   }
   for (int64_t t = t0; t < T; ++t)
-    grpo_token<In, C, KL, TOK_ADV, SEQ>(lp, old, mk, ref, adv_tok, t, a_row, r_seq, seq_coef, lo, hi, cap, dual, beta,
-                                        w, grad, acc, kLanes, 0);
-  double tot[9];
-  for (int k = 0; k < 9; ++k) {
+    grpo_token<In, C, KL, TOK_ADV, SEQ, F>(lp, old, mk, ref, roll, adv_tok, t, rcs, grad, acc, kLanes, 0);
+  double tot[kRowStats];
+  for (int k = 0; k < kRowStats; ++k) {
     double s = 0.0;
     for (int j = 0; j < kLanes; ++j) s += static_cast<double>(acc[k * kLanes + j]);
     tot[k] = s;
@@ -351,6 +435,8 @@ inline __attribute__((always_inline)) void grpo_row(const In* __restrict lp, con
   out[kDualClip] = tot[6];
   out[kLossContrib] = static_cast<double>(w) * tot[7];
   out[kTokens] = tot[8];
+  out[kIsRatioSum] = tot[9];
+  out[kIsClipped] = tot[10];
 }
 
 // Aggregation weight of a row with `row_tokens` tokens, given the batch's token count
@@ -365,6 +451,8 @@ inline double row_weight(const LossParams& p, double row_tokens, double total_to
       return 1.0 / std::max(n_seq, 1.0);
     case LossAgg::SeqMeanTokenSumNorm:
       return 1.0 / (std::max(n_seq, 1.0) * (p.norm_length > 0 ? p.norm_length : static_cast<double>(T)));
+    case LossAgg::TokenSum:
+      return 1.0;
   }
   return 0.0;
 }
@@ -382,13 +470,17 @@ struct FloatJob {
   const void* old;
   const uint8_t* mk;
   const void* ref;
+  const void* roll;       // [N, T] rollout log-probs (token-level IS correction) or null
   const float* adv_tok;   // [N, T] or null
   const double* a_row;    // [N]
   const double* w_row;    // [N]
+  const double* rc_row;   // [N] the form's row constant (1 where the form has none)
+  const double* is_row;   // [N] sequence-level IS weight (1: none)
   const float* r_seq;     // [N] (SEQ main pass)
   const float* seq_coef;  // [N] (SEQ with token advantages: mean d loss / d r of the row)
   int64_t T, seg, nseg;
   int kl;
+  int form;  // FormId
   bool tok_adv, seq;
   const LossParams* p;
   void* grad;  // [N, T] in the input dtype (float, Bf16 or F16)
@@ -545,53 +637,58 @@ MTGRPO_VINL vf vexp(vf x) {
   return y * (vf)(e << 23);
 }
 
+#include "mtgrpo/grpo_forms.h"  // the per-token forms for this ISA's vectors
+
 struct Consts {
-  vf lo, hi, cap, dual, beta, w, a_row, r_seq, seq_coef, neg_a, l3, a_neg, a_pos;
+  vf cap, beta, w, a_row, r_seq, seq_coef, rc, is_row, is_lo, is_hi, a_neg, a_pos;
+  bool is_on, is_trunc;
+  FormConsts<vf, vi> k;
 };
 
 struct Acc {
-  vf s[9];
+  vf s[kRowStats];
 };
 
 // kW tokens starting at the given pointers (grpo_token on each lane).
-template <typename In, int KL, bool TOK_ADV, bool SEQ>
+template <typename In, int KL, bool TOK_ADV, bool SEQ, int F>
 MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
-                       const In* __restrict ref, const float* __restrict adv_tok, const Consts& c, In* __restrict grad,
-                       Acc& acc) {
+                       const In* __restrict ref, const In* __restrict roll, const float* __restrict adv_tok,
+                       const Consts& c, In* __restrict grad, Acc& acc) {
   const vf lim = splat(static_cast<float>(kLogRatioClamp));
   const vf nlim = splat(-static_cast<float>(kLogRatioClamp));
   const vi on = load_mask(mk);
   const vf x = load(lp);
-  const vf d = x - load(old);
+  const vf o = load(old);
+  const vf d = x - o;
   const vf dc = vmin(vmax(d, nlim), lim);
   const vf din = ones_if((d >= nlim) & (d <= lim));
-  vf a, neg_a, l3;
+  vf a;
   vi a_neg, a_pos;
   if constexpr (TOK_ADV) {
     a = load(adv_tok) * c.a_row;
-    neg_a = -a;
-    l3 = neg_a * c.dual;
     a_neg = a < 0.0f;
     a_pos = a > 0.0f;
   } else {
     a = c.a_row;
-    neg_a = c.neg_a;
-    l3 = c.l3;
     a_neg = (vi)c.a_neg;
     a_pos = (vi)c.a_pos;
   }
   vf r = SEQ ? c.r_seq : vexp(dc);
   const vf cap_grad = ones_if(r <= c.cap);
   r = vmin(r, c.cap);
-  const vf rc = vmin(vmax(r, c.lo), c.hi);
-  const vf l1 = neg_a * r, l2 = neg_a * rc;
-  const vi use1 = l1 >= l2;
-  vf l = sel(use1, l1, l2);
-  vf dldr = sel(use1, neg_a, vf{});
-  const vi du = a_neg & (l3 < l);
-  l = sel(du, l3, l);
-  dldr = sel(du, vf{}, dldr);
-  vf g = ((SEQ && TOK_ADV) ? c.seq_coef : dldr) * r * cap_grad * din;  // see grpo_token
+  const FormArgs<vf, vi> fa{a, r, x, d, c.rc, a_neg, a_pos};
+  const FormOut<vf, vi> f = PolicyForm<F>::eval(fa, c.k);
+  vf g = ((SEQ && TOK_ADV && F == kFormVanilla) ? c.seq_coef : f.dldr) * r * cap_grad * din + f.dldx;  // grpo_token
+  vf wi = c.is_row, isc = vf{};
+  if (c.is_on) {  // uniform per call: the token-level IS weight exp(old - rollout), truncated or masked
+    const vf raw = vexp(vmin(vmax(o - load(roll), nlim), lim));
+    const vi keep = (raw >= c.is_lo) & (raw <= c.is_hi);
+    const vf wt = c.is_trunc ? vmin(vmax(raw, c.is_lo), c.is_hi) : sel(keep, raw, vf{});
+    isc = ones_if(~keep);
+    wi = wi * wt;
+  }
+  const vf l = f.l * wi;
+  g = g * wi;
   vf kl = vf{};
   if constexpr (KL == 1) {
     kl = x - load(ref);
@@ -616,11 +713,13 @@ MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const 
   acc.s[1] += sel(on, kl, vf{});
   acc.s[2] += sel(on, r, vf{});
   acc.s[3] += sel(on, -dc, vf{});
-  acc.s[4] += ones_if(on & (r < c.lo) & a_neg);
-  acc.s[5] += ones_if(on & (r > c.hi) & a_pos);
-  acc.s[6] += ones_if(on & du);
+  acc.s[4] += ones_if(on & f.clo);
+  acc.s[5] += ones_if(on & f.chi);
+  acc.s[6] += ones_if(on & f.du);
   acc.s[7] += sel(on, l + c.beta * kl, vf{});
   acc.s[8] += ones_if(on);
+  acc.s[9] += sel(on, wi, vf{});
+  acc.s[10] += sel(on, isc, vf{});
 }
 
 MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
@@ -629,56 +728,68 @@ MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
 }
 
 // Tokens [t0, t1) of one row (pointers at the row start): writes grad[t0, t1) and the
-// span's statistics part[9] (part[kLossContrib] not yet multiplied by the row weight).
-template <typename In, int KL, bool TOK_ADV, bool SEQ>
+// span's statistics part[kRowStats] (part[kLossContrib] not yet multiplied by the row weight).
+// `roll` is read only with a token-level IS correction (p.is_mode != kIsOff).
+template <typename In, int KL, bool TOK_ADV, bool SEQ, int F>
 MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
-                      const In* __restrict ref, const float* __restrict adv_tok, float a_row, float r_seq,
-                      float seq_coef, int64_t t0, int64_t t1, const LossParams& p, float w, In* __restrict grad,
-                      double* part) {
+                      const In* __restrict ref, const In* __restrict roll, const float* __restrict adv_tok, float a_row,
+                      float r_seq, float seq_coef, float rc, float is_row, int64_t t0, int64_t t1, const LossParams& p,
+                      float w, In* __restrict grad, double* part) {
   Consts c;
-  c.lo = splat(static_cast<float>(1.0 - p.eps_low));
-  c.hi = splat(static_cast<float>(1.0 + p.eps_high));
+  c.k.lo = splat(static_cast<float>(1.0 - p.eps_low));
+  c.k.hi = splat(static_cast<float>(1.0 + p.eps_high));
+  c.k.dual = splat(static_cast<float>(p.dual_clip));
+  c.k.eps_lo = splat(static_cast<float>(p.eps_low));
+  c.k.eps_hi = splat(static_cast<float>(p.eps_high));
+  c.k.tau_pos = splat(static_cast<float>(p.tau_pos));
+  c.k.tau_neg = splat(static_cast<float>(p.tau_neg));
+  c.k.zero = vf{};
+  c.k.one = splat(1.0f);
+  c.k.four = splat(4.0f);
+  c.k.never = vi{};
   c.cap = splat(static_cast<float>(p.ratio_cap));
-  c.dual = splat(static_cast<float>(p.dual_clip));
   c.beta = splat(static_cast<float>(p.kl_coef));
   c.w = splat(w);
   c.a_row = splat(a_row);
   c.r_seq = splat(r_seq);
   c.seq_coef = splat(seq_coef);
-  c.neg_a = -c.a_row;
-  c.l3 = c.neg_a * c.dual;
+  c.rc = splat(rc);
+  c.is_row = splat(is_row);
+  c.is_lo = splat(static_cast<float>(p.is_lo));
+  c.is_hi = splat(static_cast<float>(p.is_hi));
+  c.is_on = p.is_mode != kIsOff;
+  c.is_trunc = p.is_mode == kIsTruncate;
   c.a_neg = (vf)(c.a_row < 0.0f);
   c.a_pos = (vf)(c.a_row > 0.0f);
+  const bool is_on = c.is_on;
   // Lane j of a 16-token block is lane j % kW of sub-vector j / kW; one accumulator set per
   // sub-vector (separate variables, not an array, so they stay in registers).
   Acc a0, a1, a2, a3;
-  for (int k = 0; k < 9; ++k) a0.s[k] = a1.s[k] = a2.s[k] = a3.s[k] = vf{};
+  for (int k = 0; k < kRowStats; ++k) a0.s[k] = a1.s[k] = a2.s[k] = a3.s[k] = vf{};
+  auto blk = [&](int64_t u, const In* lpp, const In* oldp, const uint8_t* mkp, const In* refp, const In* rollp,
+                 const float* advp, In* gp, Acc& acc) MTGRPO_VLAMBDA {
+    block<In, KL, TOK_ADV, SEQ, F>(lpp + u, oldp + u, mkp + u, KL ? refp + u : nullptr, is_on ? rollp + u : nullptr,
+                                   TOK_ADV ? advp + u : nullptr, c, gp + u, acc);
+  };
   int64_t t = t0;
   for (; t + kBlock <= t1; t += kBlock) {
-    block<In, KL, TOK_ADV, SEQ>(lp + t, old + t, mk + t, KL ? ref + t : nullptr, TOK_ADV ? adv_tok + t : nullptr, c,
-                                grad + t, a0);
-    if constexpr (kU >= 2) {
-      const int64_t t1v = t + kW;
-      block<In, KL, TOK_ADV, SEQ>(lp + t1v, old + t1v, mk + t1v, KL ? ref + t1v : nullptr,
-                                  TOK_ADV ? adv_tok + t1v : nullptr, c, grad + t1v, a1);
-    }
+    blk(t, lp, old, mk, ref, roll, adv_tok, grad, a0);
+    if constexpr (kU >= 2) blk(t + kW, lp, old, mk, ref, roll, adv_tok, grad, a1);
     if constexpr (kU >= 4) {
-      const int64_t t2v = t + 2 * kW, t3v = t + 3 * kW;
-      block<In, KL, TOK_ADV, SEQ>(lp + t2v, old + t2v, mk + t2v, KL ? ref + t2v : nullptr,
-                                  TOK_ADV ? adv_tok + t2v : nullptr, c, grad + t2v, a2);
-      block<In, KL, TOK_ADV, SEQ>(lp + t3v, old + t3v, mk + t3v, KL ? ref + t3v : nullptr,
-                                  TOK_ADV ? adv_tok + t3v : nullptr, c, grad + t3v, a3);
+      blk(t + 2 * kW, lp, old, mk, ref, roll, adv_tok, grad, a2);
+      blk(t + 3 * kW, lp, old, mk, ref, roll, adv_tok, grad, a3);
     }
   }
   const int64_t rem = t1 - t;
   if (rem > 0) {  // tail: the same block on zero-padded copies (padding is masked out)
-    alignas(64) In lpb[kBlock], oldb[kBlock], refb[kBlock];
+    alignas(64) In lpb[kBlock], oldb[kBlock], refb[kBlock], rollb[kBlock];
     alignas(64) float advb[kBlock];
     alignas(64) In gb[kBlock];
     alignas(16) uint8_t mkb[kBlock];
     std::memset(static_cast<void*>(lpb), 0, sizeof lpb);
     std::memset(static_cast<void*>(oldb), 0, sizeof oldb);
     std::memset(static_cast<void*>(refb), 0, sizeof refb);
+    std::memset(static_cast<void*>(rollb), 0, sizeof rollb);
     std::memset(advb, 0, sizeof advb);
     std::memset(mkb, 0, sizeof mkb);
     const size_t n = static_cast<size_t>(rem);
@@ -686,19 +797,17 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
     std::memcpy(static_cast<void*>(oldb), old + t, n * sizeof(In));
     std::memcpy(mkb, mk + t, n);
     if constexpr (KL != 0) std::memcpy(static_cast<void*>(refb), ref + t, n * sizeof(In));
+    if (is_on) std::memcpy(static_cast<void*>(rollb), roll + t, n * sizeof(In));
     if constexpr (TOK_ADV) std::memcpy(advb, adv_tok + t, n * sizeof(float));
-    block<In, KL, TOK_ADV, SEQ>(lpb, oldb, mkb, refb, advb, c, gb, a0);
-    if constexpr (kU >= 2)
-      block<In, KL, TOK_ADV, SEQ>(lpb + kW, oldb + kW, mkb + kW, refb + kW, advb + kW, c, gb + kW, a1);
+    blk(0, lpb, oldb, mkb, refb, rollb, advb, gb, a0);
+    if constexpr (kU >= 2) blk(kW, lpb, oldb, mkb, refb, rollb, advb, gb, a1);
     if constexpr (kU >= 4) {
-      block<In, KL, TOK_ADV, SEQ>(lpb + 2 * kW, oldb + 2 * kW, mkb + 2 * kW, refb + 2 * kW, advb + 2 * kW, c,
-                                  gb + 2 * kW, a2);
-      block<In, KL, TOK_ADV, SEQ>(lpb + 3 * kW, oldb + 3 * kW, mkb + 3 * kW, refb + 3 * kW, advb + 3 * kW, c,
-                                  gb + 3 * kW, a3);
+      blk(2 * kW, lpb, oldb, mkb, refb, rollb, advb, gb, a2);
+      blk(3 * kW, lpb, oldb, mkb, refb, rollb, advb, gb, a3);
     }
     std::memcpy(static_cast<void*>(grad + t), static_cast<const void*>(gb), n * sizeof(In));
   }
-  for (int k = 0; k < 9; ++k) {
+  for (int k = 0; k < kRowStats; ++k) {
     double sum = 0.0;
     sum = fold(a0.s[k], sum);
     if constexpr (kU >= 2) sum = fold(a1.s[k], sum);
@@ -791,7 +900,7 @@ MTGRPO_VINL void coef_span(const uint8_t* __restrict mk, const float* __restrict
 
 // Items [k0, k1) of a FloatJob (see FloatJob). Non-template entry points, so that each
 // inclusion under a `#pragma GCC target` region compiles the whole kernel for that ISA.
-template <typename In, int KL, bool TOK, bool SEQ>
+template <typename In, int KL, bool TOK, bool SEQ, int F>
 MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
   const int64_t T = J.T;
   for (int64_t k = k0; k < k1; ++k) {
@@ -799,27 +908,50 @@ MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
     const int64_t t0 = (k - i * J.nseg) * J.seg;
     const int64_t t1 = std::min(T, t0 + J.seg);
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
-    span<In, KL, TOK, SEQ>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
-                           KL ? static_cast<const In*>(J.ref) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
-                           static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f, (SEQ && TOK) ? J.seq_coef[i] : 0.0f,
-                           t0, t1, *J.p, static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off,
-                           J.part + k * kRowStats);
+    span<In, KL, TOK, SEQ, F>(
+        static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
+        KL ? static_cast<const In*>(J.ref) + off : nullptr, J.roll ? static_cast<const In*>(J.roll) + off : nullptr,
+        TOK ? J.adv_tok + off : nullptr, static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
+        (SEQ && TOK) ? J.seq_coef[i] : 0.0f, static_cast<float>(J.rc_row[i]), static_cast<float>(J.is_row[i]), t0, t1,
+        *J.p, static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
+  }
+}
+
+// The form is chosen here, once per call, outside the token loop. GSPO's sequence ratio (SEQ)
+// exists for the ratio forms "vanilla" and "cispo" only (validated in Python).
+template <typename In, int KL, bool TOK>
+MTGRPO_VINL void items_form(const FloatJob& J, int64_t k0, int64_t k1) {
+  switch (J.form) {
+    case kFormCispo:
+      if (J.seq)
+        items_impl<In, KL, TOK, true, kFormCispo>(J, k0, k1);
+      else
+        items_impl<In, KL, TOK, false, kFormCispo>(J, k0, k1);
+      break;
+    case kFormSapo:
+      items_impl<In, KL, TOK, false, kFormSapo>(J, k0, k1);
+      break;
+    case kFormLogpWeighted:
+      items_impl<In, KL, TOK, false, kFormLogpWeighted>(J, k0, k1);
+      break;
+    case kFormGeoMean:
+      items_impl<In, KL, TOK, false, kFormGeoMean>(J, k0, k1);
+      break;
+    default:
+      if (J.seq)
+        items_impl<In, KL, TOK, true, kFormVanilla>(J, k0, k1);
+      else
+        items_impl<In, KL, TOK, false, kFormVanilla>(J, k0, k1);
+      break;
   }
 }
 
 template <typename In, int KL>
 MTGRPO_VINL void items_kl(const FloatJob& J, int64_t k0, int64_t k1) {
-  if (J.tok_adv) {
-    if (J.seq)
-      items_impl<In, KL, true, true>(J, k0, k1);
-    else
-      items_impl<In, KL, true, false>(J, k0, k1);
-  } else {
-    if (J.seq)
-      items_impl<In, KL, false, true>(J, k0, k1);
-    else
-      items_impl<In, KL, false, false>(J, k0, k1);
-  }
+  if (J.tok_adv)
+    items_form<In, KL, true>(J, k0, k1);
+  else
+    items_form<In, KL, false>(J, k0, k1);
 }
 
 template <typename In>
