@@ -14,7 +14,8 @@ Fenced blocks by info string:
 * ``toml``: loaded as a run config by ``mtgrpo_core.train.config.load_config``.
 * ``text`` and MyST directives (``{toctree}``, ``{automodule}``, ...) are not code.
 
-Budget: the python blocks add up to about 40 s on 2 idle cores (the TRL quick start is most of it).
+Budget: the python blocks took 70 s together on the shared 2 cores at load 7 (the TRL quick start 19 s,
+the transformers examples 8-15 s each); each block has its own timeout.
 """
 from __future__ import annotations
 
