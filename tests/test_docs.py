@@ -218,3 +218,14 @@ def test_readme_size_and_setup_commands():
     text = (ROOT / "README.md").read_text()
     assert len(text) <= 12_000, f"README.md has {len(text)} characters; the reference belongs in docs/"
     assert "make demo" in text and "make test" in text
+
+
+def test_readme_links_resolve():
+    """README.md is read on the repository's web page, not built by Sphinx: its relative links are
+    checked here (the docs' links are checked by the -W build)."""
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "README.md has no relative links"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
