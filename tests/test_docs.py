@@ -229,3 +229,22 @@ def test_readme_links_resolve():
     assert local, "README.md has no relative links"
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"README.md links to missing files: {missing}"
+
+
+def test_quoted_mean_std_figures_are_in_the_records():
+    """Every "mean ± std" that README.md or docs/ quote outside the rendered blocks is a figure of a
+    committed results file under bench/experiments/ (equal at the quoted precision), so prose cannot
+    carry a number that no run produced."""
+    quoted_re = re.compile(r"([+-]?\d+\.(\d+)) ± (\d+\.\d+)")
+    source_re = re.compile(r"([+-]?\d+\.\d+) ± \+?(\d+\.\d+)")
+    records = set()
+    for f in (ROOT / "bench" / "experiments").rglob("*.md"):
+        records |= {(float(m), float(s)) for m, s in source_re.findall(f.read_text())}
+    rendered = re.compile(r"<!-- figures: [a-z0-9-]+ -->.*?<!-- /figures -->", re.S)
+    unknown = []
+    for path in doc_files():
+        for m, dec, s in quoted_re.findall(rendered.sub("", path.read_text())):
+            d = len(dec)
+            if not any(round(rm, d) == float(m) and round(rs, d) == float(s) for rm, rs in records):
+                unknown.append(f"{path.relative_to(ROOT)}: {m} ± {s}")
+    assert not unknown, f"figures quoted in the docs but found in no results file: {unknown}"
