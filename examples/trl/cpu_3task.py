@@ -64,8 +64,12 @@ def build(args):
                         algo="mtgrpo", out=f"{args.out}/library")
     lib = Trainer(cfg)
     t0 = time.time()
-    lib.warmup()
-    print(f"warm-up: {args.warmup_steps} steps in {time.time() - t0:.0f} s")
+    if args.init_from:  # a warm-up checkpoint of the library (e.g. runs/<out>/warmup-s0/checkpoint.pt)
+        lib.load_checkpoint(args.init_from, full=False)
+        print(f"warm start: {args.init_from}")
+    else:
+        lib.warmup()
+        print(f"warm-up: {args.warmup_steps} steps in {time.time() - t0:.0f} s")
     return lib
 
 
@@ -127,6 +131,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="TRL optimiser steps per run")
     ap.add_argument("--warmup-steps", type=int, default=1000)
+    ap.add_argument("--init-from", default="", help="a library checkpoint to start from instead of the warm-up")
     ap.add_argument("--prompts", type=int, default=24, help="prompts per step")
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
     ap.add_argument("--rounds", type=int, default=3)
