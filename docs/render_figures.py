@@ -104,11 +104,10 @@ def render_results(from_file: Path, *, commit: bool = True) -> str:
     for row in data["rows"]:
         if not commit and not row.get("readme", True):   # the README's short table leaves such rows out
             continue
+        machine = data["machines"][row["machine"]]["short" if not commit else "long"]
         cells = [row["what"], figure(row), row["date"], *([f"`{row['commit']}`"] if commit else []),
-                 row["machine"], f"`{row['command']}`", _link(row["link"], from_file)]
+                 machine, f"`{row['command']}`", _link(row["link"], from_file)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Machines: " + "; ".join(f"**{k}** = {v}" for k, v in data["machines"].items()) + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +177,7 @@ def render_bench_cpu(from_file: Path) -> str:
     """One table per benchmark run of ``bench_tables``: every (case, provider) row of the CSV at
     that commit and thread count (the last one where the run was repeated)."""
     out = []
+    machines = load_data()["machines"]
     for tb in load_data()["bench_tables"]:
         rows: dict[tuple[str, str], dict] = {}
         with open(ROOT / tb["file"], newline="") as f:
@@ -186,7 +186,8 @@ def render_bench_cpu(from_file: Path) -> str:
                     rows[(r["case"], r["provider"])] = r
         if not rows:
             raise ValueError(f"{tb['file']}: no rows at git {tb['git']} with {tb['threads']} thread(s)")
-        out += [f"**{tb['title']}** ({tb['date']}, commit `{tb['commit']}`, {tb['machine']}, {tb['threads']} "
+        machine = machines[tb["machine"]]["long"]
+        out += [f"**{tb['title']}** ({tb['date']}, commit `{tb['commit']}`, {machine}, {tb['threads']} "
                 f"thread(s); `{tb['command']}`, rows of `{tb['file']}`)", "",
                 "| case | provider | median ms | p20 - p80 ms | GB/s | peak MB above inputs | vs reference |",
                 "|---|---|---|---|---|---|---|"]

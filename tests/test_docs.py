@@ -205,7 +205,8 @@ def test_every_results_row_names_date_commit_machine_command():
     for row in data["rows"]:
         for key in ("date", "commit", "machine", "command", "link"):
             assert row.get(key), f"{row['id']}: no {key}"
-        assert row["machine"] in data["machines"], f"{row['id']}: machine {row['machine']!r} is not described"
+        machine = data["machines"].get(row["machine"], {})
+        assert machine.get("short") and machine.get("long"), f"{row['id']}: machine {row['machine']!r} not described"
         assert (ROOT / row["link"]).exists(), f"{row['id']}: link {row['link']} does not exist"
     for e in data["experiments"]:
         assert (ROOT / e["file"]).exists() and e["status"] in ("current", "superseded"), e
@@ -216,7 +217,7 @@ def test_every_results_row_names_date_commit_machine_command():
 
 def test_readme_size_and_setup_commands():
     text = (ROOT / "README.md").read_text()
-    assert len(text) <= 12_000, f"README.md has {len(text)} characters; the reference belongs in docs/"
+    assert len(text) <= 10_500, f"README.md has {len(text)} characters  (about 10k at most)"
     assert "make demo" in text and "make test" in text
 
 
