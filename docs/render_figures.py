@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def _link(path: str, from_file: Path) -> str:
     if path in pages and (ROOT / "docs") in from_file.parents:
         path = pages[path]
     target = ROOT / path
-    rel = Path(*([".."] * len(from_file.parent.relative_to(ROOT).parts)), target.relative_to(ROOT))
+    rel = Path(os.path.relpath(target, from_file.parent))
     return f"[{Path(path).stem}]({rel.as_posix()})"
 
 
