@@ -194,7 +194,13 @@ def _add_gpu_check(sub) -> None:
         return gpu_check_main(out=args.out, budget_s=args.budget_s)
 
     s = sub.add_parser("gpu-check", help="on an NVIDIA GPU: requires_cuda tests + GPU benchmarks -> one "
-                                          "markdown table (bench/results/GPU-CHECK.md); exits 2 without a GPU")
+                                          "markdown table (bench/results/GPU-CHECK.md); exits 2 without a GPU",
+                       description="On a machine with an NVIDIA GPU: run every requires_cuda test, then the GPU "
+                                   "benchmarks (GRPO loss against the eager and compiled references, linear "
+                                   "log-probs against the naive path, per-task sums against index_add), and write "
+                                   "one markdown table to bench/results/GPU-CHECK.md: median time, achieved GB/s "
+                                   "or TFLOP/s and the share of the device's peak per row. Prints the table and "
+                                   "the test summary. Without a GPU it measures nothing, says why and exits 2.")
     s.add_argument("--out", help="markdown file to write (default: bench/results/GPU-CHECK.md)")
     s.add_argument("--budget-s", type=float, default=480.0, help="time budget in seconds (default 480 = 8 min)")
     s.set_defaults(fn=cmd_gpu_check)

@@ -249,3 +249,15 @@ def test_quoted_mean_std_figures_are_in_the_records():
             if not any(round(rm, d) == float(m) and round(rs, d) == float(s) for rm, rs in records):
                 unknown.append(f"{path.relative_to(ROOT)}: {m} ± {s}")
     assert not unknown, f"figures quoted in the docs but found in no results file: {unknown}"
+
+
+def test_every_cli_command_says_what_it_does():
+    """`mtgrpo COMMAND --help` has a description (what the command does and prints), not only a
+    one-line help, for every command; the docs' CLI page is generated from the same parser."""
+    import argparse
+
+    from mtgrpo_core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    short = [name for name, p in sub.choices.items() if len(p.description or "") < 80]
+    assert not short, f"commands without a description of what they do and print: {short}"
