@@ -82,8 +82,8 @@ def figure(row: dict) -> str:
         fast = rs[row["fast"]]
         t_fast, mem_fast = float(fast["median_ms"]), float(fast["peak_mb"])
         first = next(iter(row["refs"]))
-        times = ", ".join(f"{float(rs[p]['median_ms']) / t_fast:.1f}x {label}" for p, label in row["refs"].items())
-        return (f"{_ms(t_fast)} = {times}; peak memory {mem_fast:.3g} MB, "
+        times = ", ".join(f"{float(rs[p]['median_ms']) / t_fast:.1f}x vs {label}" for p, label in row["refs"].items())
+        return (f"{_ms(t_fast)}, speedup {times}; peak memory {mem_fast:.3g} MB, "
                 f"**{float(rs[first]['peak_mb']) / mem_fast:.1f}x lower** than {row['refs'][first]}")
     raise ValueError(f"{row['id']}: unknown kind {kind!r}")
 
