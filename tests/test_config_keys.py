@@ -61,6 +61,8 @@ CASES = {
     "loss.loss_agg": ("'token-mean'", "grpo"), "loss.filter_zero_adv": ("true", "grpo"),
     "loss.adv_scale": ("'none'", "grpo"), "loss.adv_clip": ("0.01", "grpo"), "loss.kl_coef": ("0.5", "grpo"),
     "loss.backend": ("'torch'", "grpo"), "loss.filter_rule": ("'strict'", "dapo"),
+    "loss.policy_loss": ("'cispo'", "grpo"), "loss.is_correction": ("'token_mask'", "grpo"),
+    "loss.is_lo": ("0.5", "grpo"), "loss.is_hi": ("1.5", "grpo"),
     "mtgrpo.lam": ("2.0", "mtgrpo"), "mtgrpo.weight_lr": ("0.5", "mtgrpo"), "mtgrpo.weight_decay": ("1.0", "mtgrpo"),
     "mtgrpo.improvement_clip": ("1e-6", "mtgrpo"), "mtgrpo.optimizer": ("'sgd'", "mtgrpo"),
     "mtgrpo.eta": ("5.0", "mtgrpo-reward-only"), "mtgrpo.reward_ema": ("0.9", "mtgrpo"),

@@ -4,22 +4,24 @@ ratio-preserving (MT-GRPO, arXiv 2602.05547).
 
 What
 ----
-* Loss: TRL's ``_compute_loss`` for ``loss_type`` "grpo" / "bnpo" / "dr_grpo" / "dapo" with
-  the same inputs, computed by the fused kernel (C++ on CPU, Triton on GPU):
+* Loss: TRL's ``_compute_loss`` for every ``loss_type`` ("grpo", "bnpo", "dr_grpo", "dapo",
+  "cispo", "sapo", "luspo", "vespo"; the mapping is :func:`trl_loss_kwargs`) and every
+  ``vllm_importance_sampling_mode`` (computed in the kernel from the sampling log-probs) with
+  the same inputs, computed by the fused kernel (C++ on CPU, Triton on GPU); for the PPO forms:
   ``-min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A)`` with ``delta`` as the ratio cap,
   ``importance_sampling_level`` token / sequence, k3 KL times ``beta``; the normalisers are
   TRL's: grpo = mean over all rows of token means / GA steps, bnpo = local token mean / GA,
   dr_grpo = sum / (B * max_completion_length) / GA, dapo = sum / (num_items_in_batch /
   processes * GA / steps_per_generation) (GA = the current gradient-accumulation steps, in
   training only). Per-token multipliers TRL applies (top-entropy mask, off-policy sequence
-  mask, vLLM importance ratios; all >= 0) are folded into token-level advantages, which
+  mask; both >= 0) are folded into token-level advantages, which
   gives the same values and gradients. Differences: the library clamps log-ratios to
   [-20, 20] and the k3 value to [-10, 10] (verl's guards; TRL has none), which only matters
   for ratios beyond e^20. TRL's default ``use_bias_correction_kl=True`` (k3 KL times the
   importance ratio) is added in torch next to the kernel's policy term; with it off the k3
   KL is fused in the kernel. ``delta`` matches exactly when ``delta >= 1 + epsilon_high``
-  (TRL clips the uncapped ratio). Not supported (ValueError at construction): the other
-  loss types, the entropy bonus (``entropy_coef`` / adaptive entropy) and the MoE
+  (TRL clips the uncapped ratio). Not supported (ValueError at construction): the entropy
+  bonus (``entropy_coef`` / adaptive entropy) and the MoE
   auxiliary loss.
 * Batches: each generation batch of ``P = generation_batch_size / num_generations`` prompts
   holds task ``k`` exactly ``n_k`` times (``target_counts`` of the task weights ``z``,
@@ -109,9 +111,12 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("mtgrpo_core.integrations.trl needs TRL: pip install 'mtgrpo_core[trl]' "
                       "(tested with trl 1.16)") from e
 
-__all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES", "rank_task_counts", "STATE_FILE"]
+__all__ = ["MTGRPOTrainer", "TaskRepeatSampler", "SUPPORTED_LOSS_TYPES", "SUPPORTED_IS_MODES", "trl_loss_kwargs",
+           "rank_task_counts", "STATE_FILE"]
 
-SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+# TRL's vllm_importance_sampling_mode values, computed by grpo_loss's is_correction of the same name
+SUPPORTED_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 TASK_IDS_KEY = "mtgrpo_task_ids"
 STATE_FILE = "mtgrpo_task_weighting.json"
 SINGLE_TASK = "all"            # the task name with dynamic_sampling=True and no task column
@@ -658,37 +663,21 @@ class MTGRPOTrainer(GRPOTrainer):
                                            sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_or_cur),
                                            mask=mask, off_policy_threshold=self.off_policy_mask_threshold)
             mult = opm if mult is None else mult * opm
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            isr = inputs["importance_sampling_ratio"]
-            mult = isr if mult is None else mult * isr
         if mult is not None:
+            if self.loss_type == "vespo":
+                raise ValueError("top_entropy_quantile / off_policy_mask_threshold: not supported with "
+                                 "loss_type='vespo' by MTGRPOTrainer (its gamma weight needs one advantage per "
+                                 "sequence)")
             a2 = adv if adv.dim() == 2 else adv.unsqueeze(1)
             adv = (a2 * mult).expand_as(per_token_logps).contiguous()
 
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        kw: dict[str, Any] = dict(clip_eps_low=float(self.epsilon_low), clip_eps_high=float(self.epsilon_high),
-                                  ratio_cap=None if self.args.delta is None else float(self.args.delta),
-                                  importance_level=self.importance_sampling_level)
+        kw, divide = trl_loss_kwargs(self, inputs, mode)
         bias_corrected_kl = self.beta != 0.0 and bool(getattr(self.args, "use_bias_correction_kl", False))
         if self.beta != 0.0 and not bias_corrected_kl:  # plain k3 KL: fused in the kernel
             kw.update(ref_logprobs=inputs["ref_per_token_logps"], kl_coef=float(self.beta), kl_estimator="k3")
         tids = inputs.get(TASK_IDS_KEY)
         if tids is not None and bool((tids >= 0).all()):
             kw.update(task_ids=tids, num_tasks=len(self.task_names))
-        divide = float(ga)
-        if self.loss_type == "grpo":
-            kw.update(loss_agg="seq-mean-token-mean", seq_count="all")
-        elif self.loss_type == "bnpo":
-            kw.update(loss_agg="token-mean")
-        elif self.loss_type == "dr_grpo":
-            kw.update(loss_agg="seq-mean-token-sum-norm", seq_count="all",
-                      norm_length=float(self.max_completion_length))
-        else:  # dapo: sum / (active tokens of the generation batch / processes), rescaled to one window
-            normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-            if mode == "train":
-                normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-            kw.update(loss_agg="token-mean", num_tokens=1)
-            divide = normalizer
         loss, st = grpo_loss(per_token_logps, old, mask, adv, backend=self.loss_backend, **kw)
         self._last_loss_stats, self._last_logps = st, per_token_logps.detach()  # for I_k (training_step)
         kl_mean = st.ref_kl_mean
@@ -733,13 +722,15 @@ class MTGRPOTrainer(GRPOTrainer):
     def _aggregate(self, x, mask):
         """Sum / mean of a per-token term with the loss type's normaliser (before the GA division)."""
         m = mask.to(x.dtype)
-        if self.loss_type == "grpo":
+        if self.loss_type in ("grpo", "sapo"):
             return ((x * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        if self.loss_type == "luspo":
+            return (x * m).sum(-1).mean()
         if self.loss_type == "bnpo":
             return (x * m).sum() / m.sum().clamp(min=1.0)
         if self.loss_type == "dr_grpo":
             return (x * m).sum() / (x.size(0) * self.max_completion_length)
-        return (x * m).sum()  # dapo: divided by its normaliser with the policy term
+        return (x * m).sum()  # dapo / cispo / vespo: divided by their normaliser with the policy term
 
     # -- checkpoints -------------------------------------------------------------------
     def task_weighting_state(self) -> dict:
@@ -840,6 +831,70 @@ class _ImprovementCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._finish_improvement()
         return control
+
+
+def trl_loss_kwargs(tr, inputs: dict, mode: str) -> tuple[dict, Any]:
+    """grpo_loss keyword arguments reproducing ``GRPOTrainer._compute_loss`` (TRL 1.16) for the
+    trainer state ``tr`` (its loss_type, epsilons, delta, SAPO / VESPO parameters, importance
+    sampling level and vLLM importance-sampling mode), and what the loss is divided by after.
+
+    Policy form: grpo / bnpo / dr_grpo / dapo -> "vanilla" (``delta`` as the ratio cap), luspo
+    -> "luspo", cispo -> "cispo" with TRL's one-sided cap ``clamp(r, max=epsilon_high)`` (clip
+    range [1e-9, epsilon_high]: no lower clip, the log-ratio being clamped to [-20, 20]), sapo ->
+    "sapo" (sapo_temperature_pos / _neg), vespo -> "vespo" (vespo_k / lambda, pos / neg).
+    Normalisers: grpo / sapo = mean over all rows of token means, luspo = mean over rows of token
+    sums, bnpo = token mean, dr_grpo = sum / (B * max_completion_length), each / GA; dapo / cispo /
+    vespo = token sum / (num_items_in_batch / processes * GA / steps_per_generation) (GA: the
+    current gradient-accumulation steps, in training only). vLLM importance sampling: the same
+    mode computed by the kernel from ``sampling_per_token_logps`` (a NaN sampling log-prob, one vLLM
+    could not score, gives ratio 1 as TRL's nan_to_num)."""
+    lt = tr.loss_type
+    if lt not in SUPPORTED_LOSS_TYPES:
+        raise ValueError(f"loss_type: MTGRPOTrainer supports {SUPPORTED_LOSS_TYPES}, got {lt!r}")
+    a = tr.args
+    ga = tr.current_gradient_accumulation_steps if mode == "train" else 1.0
+    kw: dict[str, Any] = dict(clip_eps_low=float(tr.epsilon_low), clip_eps_high=float(tr.epsilon_high),
+                              importance_level=tr.importance_sampling_level)
+    if lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        kw.update(policy_loss="luspo" if lt == "luspo" else "vanilla",
+                  ratio_cap=None if a.delta is None else float(a.delta))
+    elif lt == "cispo":
+        if not float(tr.epsilon_high) > 1.0:
+            raise ValueError(f"epsilon_high: TRL's cispo caps the ratio at epsilon_high, expected a value > 1, "
+                             f"got {tr.epsilon_high!r}")
+        kw.update(policy_loss="cispo", clip_eps_low=1.0 - 1e-9, clip_eps_high=float(tr.epsilon_high) - 1.0)
+    elif lt == "sapo":
+        kw.update(policy_loss="sapo", tau_pos=float(a.sapo_temperature_pos), tau_neg=float(a.sapo_temperature_neg))
+    else:
+        kw.update(policy_loss="vespo", vespo_k_pos=float(a.vespo_k_pos), vespo_lambda_pos=float(a.vespo_lambda_pos),
+                  vespo_k_neg=float(a.vespo_k_neg), vespo_lambda_neg=float(a.vespo_lambda_neg))
+    divide: Any = float(ga)
+    if lt in ("grpo", "sapo"):
+        kw.update(loss_agg="seq-mean-token-mean", seq_count="all")
+    elif lt == "luspo":
+        kw.update(loss_agg="seq-mean-token-sum", seq_count="all")
+    elif lt == "bnpo":
+        kw.update(loss_agg="token-mean")
+    elif lt == "dr_grpo":
+        kw.update(loss_agg="seq-mean-token-sum-norm", seq_count="all", norm_length=float(tr.max_completion_length))
+    else:  # dapo / cispo / vespo: sum / (active tokens of the generation batch / processes), one window
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / tr.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * tr.current_gradient_accumulation_steps / a.steps_per_generation
+        kw.update(loss_agg="token-sum")
+        divide = normalizer
+    if tr.use_vllm and tr.vllm_importance_sampling_correction:
+        is_mode = tr.vllm_importance_sampling_mode
+        if is_mode not in SUPPORTED_IS_MODES:
+            raise ValueError(f"vllm_importance_sampling_mode: expected one of {SUPPORTED_IS_MODES}, got {is_mode!r}")
+        samp = inputs["sampling_per_token_logps"]
+        old = inputs["old_per_token_logps"]
+        kw.update(is_correction=is_mode, rollout_logprobs=torch.where(torch.isnan(samp), old, samp),
+                  is_lo=None if tr.vllm_importance_sampling_clip_min is None
+                  else float(tr.vllm_importance_sampling_clip_min),
+                  is_hi=None if tr.vllm_importance_sampling_clip_max is None
+                  else float(tr.vllm_importance_sampling_clip_max))
+    return kw, divide
 
 
 def _check_rounds(max_generation_rounds, dynamic_sampling) -> int:

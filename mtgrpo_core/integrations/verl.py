@@ -87,7 +87,8 @@ except ImportError:  # pragma: no cover
 __all__ = ["register", "compute_policy_loss_mtgrpo", "compute_mtgrpo_grpo_advantage", "MTGRPOTaskSampler",
            "PromptGDROSampler", "PromptGDROAdvantage", "configure_prompt_gdro", "prompt_gdro_state",
            "compute_prompt_gdro_advantage", "GDRO_ADV_ESTIMATOR_NAME",
-           "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME"]
+           "install_sampler_hook", "POLICY_LOSS_NAME", "ADV_ESTIMATOR_NAME", "FUSED_POLICY_LOSSES",
+           "ORIGINAL_POLICY_LOSSES"]
 
 POLICY_LOSS_NAME = "mtgrpo"
 ADV_ESTIMATOR_NAME = "mtgrpo_grpo"
@@ -162,15 +163,23 @@ def compute_policy_loss_mtgrpo(
     if c is None or not float(c) > 1.0:
         raise ValueError(f"clip_ratio_c: the dual-clip bound must be > 1.0 (verl asserts it too), got {c!r}")
     info = dict(_cfg_get(config, "global_batch_info", None) or {})
-    dp = int(info.get("dp_size") or 1)
-    bnt = info.get("batch_num_tokens")
-    gbs = info.get("global_batch_size")
-    lsf = info.get("loss_scale_factor")
-    if isinstance(bnt, torch.Tensor):
-        bnt = float(bnt)
-    if isinstance(gbs, torch.Tensor):
-        gbs = float(gbs)
+    adv = _fold_is_weights(advantages, rollout_is_weights, response_mask, n, t)
+    kw, scale = _agg_kwargs(loss_agg_mode, info, n, t)
+    loss, st = grpo_loss(log_prob, old_log_prob, response_mask, adv, clip_eps_low=float(low),
+                         clip_eps_high=float(high), dual_clip=float(c), **kw)
+    if scale != 1.0:
+        loss = loss * scale
+    metrics = {
+        "actor/pg_clipfrac": float(st.clip_frac_low + st.clip_frac_high),
+        "actor/ppo_kl": float(st.approx_kl),
+        "actor/pg_clipfrac_lower": float(st.dual_clip_frac),
+    }
+    return loss, metrics
 
+
+def _fold_is_weights(advantages, rollout_is_weights, response_mask, n, t):
+    """verl's rollout_is_weights multiply each token's loss; for losses linear in the advantage
+    (and SAPO, whose gate only reads its sign) that is the advantage times w (w >= 0)."""
     adv = advantages
     if rollout_is_weights is not None:
         w = rollout_is_weights.detach()
@@ -181,7 +190,20 @@ def compute_policy_loss_mtgrpo(
             raise ValueError("rollout_is_weights: negative weights cannot be folded into the advantages "
                              "(the mtgrpo loss needs w >= 0; verl's importance weights are ratios, so >= 0)")
         adv = (adv if adv.dim() == 2 else adv[:, None]) * w.to(adv.dtype)
+    return adv
 
+
+def _agg_kwargs(loss_agg_mode: str, info: dict, n: int, t: int) -> tuple[dict, float]:
+    """grpo_loss aggregation keywords and a scale reproducing verl's ``agg_loss`` with
+    ``global_batch_info`` (dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)."""
+    dp = int(info.get("dp_size") or 1)
+    bnt = info.get("batch_num_tokens")
+    gbs = info.get("global_batch_size")
+    lsf = info.get("loss_scale_factor")
+    if isinstance(bnt, torch.Tensor):
+        bnt = float(bnt)
+    if isinstance(gbs, torch.Tensor):
+        gbs = float(gbs)
     kw: dict[str, Any] = {}
     scale = 1.0
     if loss_agg_mode == "token-mean":
@@ -196,7 +218,7 @@ def compute_policy_loss_mtgrpo(
             kw["num_tokens"] = 1
             scale = dp / float(bnt)
     elif loss_agg_mode == "token-sum":
-        kw.update(loss_agg="token-mean", num_tokens=1)
+        kw.update(loss_agg="token-sum")
         scale = float(dp)
     elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
         kw["loss_agg"] = loss_agg_mode
@@ -211,17 +233,71 @@ def compute_policy_loss_mtgrpo(
             kw["norm_length"] = float(lsf) if lsf is not None else float(t)
     else:
         raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    return kw, scale
 
-    loss, st = grpo_loss(log_prob, old_log_prob, response_mask, adv, clip_eps_low=float(low),
-                         clip_eps_high=float(high), dual_clip=float(c), **kw)
-    if scale != 1.0:
-        loss = loss * scale
-    metrics = {
-        "actor/pg_clipfrac": float(st.clip_frac_low + st.clip_frac_high),
-        "actor/ppo_kl": float(st.approx_kl),
-        "actor/pg_clipfrac_lower": float(st.dual_clip_frac),
-    }
-    return loss, metrics
+
+def _clip_ratios(config):
+    clip = _cfg_get(config, "clip_ratio", 0.2)
+    low = _cfg_get(config, "clip_ratio_low", None)
+    high = _cfg_get(config, "clip_ratio_high", None)
+    return float(clip if low is None else low), float(clip if high is None else high)
+
+
+def _fused_policy_loss(name: str):
+    """The fused version of verl's registered policy loss ``name`` ("cispo", "sapo", "gpg",
+    "geo_mean"): verl's signature, values and gradients (float32 tolerance), through
+    :func:`mtgrpo_core.grpo_loss` with ``policy_loss=name``."""
+
+    def fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean", config=None,
+           rollout_is_weights=None):
+        if config is None:
+            raise ValueError(f"config: the fused {name!r} policy loss needs verl's ActorConfig, got None")
+        if not isinstance(log_prob, torch.Tensor) or log_prob.dim() != 2:
+            raise ValueError(f"log_prob: expected a [B, T] tensor, got {getattr(log_prob, 'shape', type(log_prob))}")
+        n, t = log_prob.shape
+        low, high = _clip_ratios(config)
+        info = dict(_cfg_get(config, "global_batch_info", None) or {})
+        kw: dict[str, Any] = dict(policy_loss=name, clip_eps_low=low, clip_eps_high=high)
+        if name == "geo_mean":  # verl: one advantage per row (the masked mean), torch.mean over rows
+            m = response_mask.to(log_prob.dtype)
+            a2 = advantages if advantages.dim() == 2 else advantages[:, None].expand(n, t)
+            ms = m.sum(-1)
+            adv = (a2 * m).sum(-1) / (ms + 1e-8)
+            if rollout_is_weights is not None:  # verl: their geometric mean per row multiplies the row's loss
+                w = rollout_is_weights.detach()
+                kw["seq_weights"] = torch.exp((torch.log(w + 1e-10) * m).sum(-1) / (ms + 1e-8))
+            scale = 1.0
+        else:
+            adv = _fold_is_weights(advantages, rollout_is_weights, response_mask, n, t)
+            # verl's sapo aggregates with seq-mean-token-mean whatever loss_agg_mode says
+            kw_agg, scale = _agg_kwargs("seq-mean-token-mean" if name == "sapo" else loss_agg_mode, info, n, t)
+            kw.update(kw_agg)
+            if name == "sapo":
+                kw.update(tau_pos=float(_cfg_get(config, "tau_pos", 1.0)), tau_neg=float(_cfg_get(config, "tau_neg",
+                                                                                                    1.05)))
+        loss, st = grpo_loss(log_prob, old_log_prob, response_mask, adv, **kw)
+        if scale != 1.0:
+            loss = loss * scale
+        metrics = {}
+        if name != "gpg":
+            metrics = {"actor/pg_clipfrac": float(st.clip_frac_low + st.clip_frac_high),
+                       "actor/ppo_kl": float(st.approx_kl), "actor/pg_clipfrac_lower": 0.0}
+            if name == "geo_mean":
+                metrics["actor/pg_clipfrac"] = float(st.clip_frac_high)
+                metrics["actor/pg_clipfrac_lower"] = float(st.clip_frac_low)
+        return loss, metrics
+
+    fn.__name__ = f"compute_policy_loss_{name}_fused"
+    fn.__qualname__ = fn.__name__
+    return fn
+
+
+# The fused versions of verl's own policy losses, registered under verl's names by register()
+# (verl's originals stay in ORIGINAL_POLICY_LOSSES). clip_cov / kl_cov (batch top-k
+# statistics), dppo_*, dro and bypass_mode keep verl's implementations.
+FUSED_POLICY_LOSSES = {"vanilla": compute_policy_loss_mtgrpo,
+                       **{name: _fused_policy_loss(name) for name in ("cispo", "sapo", "gpg", "geo_mean")}}
+ORIGINAL_POLICY_LOSSES: dict = {}
 
 
 # ---------------------------------------------------------------------------------------
@@ -690,9 +766,12 @@ def install_sampler_hook() -> None:
     _rebind(_SAMPLER_MODULES, "create_rl_sampler", _ORIGINAL_CREATE_RL_SAMPLER, _create_rl_sampler_with_class_path)
 
 
-def register(*, sampler_hook: bool = True) -> dict:
+def register(*, sampler_hook: bool = True, fused_policy_losses: bool = True) -> dict:
     """Register the ``"mtgrpo"`` policy loss and the ``"mtgrpo_grpo"`` advantage estimator
     with verl (idempotent), and by default the sampler hook (:func:`install_sampler_hook`).
+    With ``fused_policy_losses`` (default) the fused versions of verl's "vanilla", "cispo",
+    "sapo", "gpg" and "geo_mean" replace verl's under the same names (FUSED_POLICY_LOSSES;
+    verl's own functions are kept in ORIGINAL_POLICY_LOSSES).
 
     Returns
     -------
@@ -701,6 +780,11 @@ def register(*, sampler_hook: bool = True) -> dict:
     ca = _core_algos()
     if ca.POLICY_LOSS_REGISTRY.get(POLICY_LOSS_NAME) is not compute_policy_loss_mtgrpo:
         ca.register_policy_loss(POLICY_LOSS_NAME)(compute_policy_loss_mtgrpo)
+    if fused_policy_losses:
+        for name, fn in FUSED_POLICY_LOSSES.items():
+            if ca.POLICY_LOSS_REGISTRY.get(name) is not fn:
+                ORIGINAL_POLICY_LOSSES.setdefault(name, ca.POLICY_LOSS_REGISTRY.get(name))
+                ca.register_policy_loss(name)(fn)
     if ca.ADV_ESTIMATOR_REGISTRY.get(ADV_ESTIMATOR_NAME) is not compute_mtgrpo_grpo_advantage:
         if ADV_ESTIMATOR_NAME in ca.ADV_ESTIMATOR_REGISTRY:
             raise ValueError(f"verl's advantage registry already holds another {ADV_ESTIMATOR_NAME!r} estimator")

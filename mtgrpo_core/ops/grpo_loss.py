@@ -208,10 +208,28 @@ def _unpack_config(fparams, iparams) -> dict:
     # into its row constant (VESPO, GMPO: _row_prepass); sequence weights arrive per row
     fold = kp["policy_loss"] in ROW_CONST_FORMS
     kp["is_mode"] = 0 if fold else _IS_KERNEL_MODE.get(kp["is_correction"], 0)
+    # GSPO's sequence ratio with token IS weights: every token's weight enters the row's one
+    # ratio gradient, so the weights are folded into token advantages (the kernels' GSPO
+    # token-advantage path, issue 16 item 1) instead of multiplying each token's own gradient
+    kp["seq_tok_is"] = bool(kp["seq_level"] and kp["form"] == FORM_VANILLA and kp["is_mode"])
+    if kp["seq_tok_is"]:
+        kp["is_mode"] = 0
     kp["is_lo_opt"] = None if kp["is_lo"] < 0 else kp["is_lo"]
     kp["is_hi_opt"] = None if math.isinf(kp["is_hi"]) else kp["is_hi"]
     kp["is_lo"] = max(kp["is_lo"], 0.0)
     return kp
+
+
+def _token_is_fold(lp, old, mask_u8, roll, kp: dict):
+    """Token IS weights [N, T] (compute dtype) and their statistics columns [N, 2] f64, for
+    folding into token advantages (``kp["seq_tok_is"]``)."""
+    cdt = _compute_dtype(lp.dtype)
+    mb = mask_u8 != 0
+    m = mb.to(cdt)
+    w, mod = is_weights_ref(torch.where(mb, old.to(cdt), 0.0), torch.where(mb, roll.to(cdt), 0.0), m,
+                            kp["is_correction"], kp["is_lo_opt"], kp["is_hi_opt"])
+    cols = torch.stack([(w * m).sum(1), (mod.to(cdt) * m).sum(1)], 1).to(torch.float64)
+    return w.contiguous(), cols
 
 
 def _row_prepass(lp, old, mask_u8, roll, a_row, kp: dict):
@@ -713,6 +731,10 @@ def grpo_loss_triton(lp, old, mask, advantages, rewards, group_ids, seq_weights,
         flat = torch.zeros(n, dtype=torch.uint8, device=dev)
         leader = torch.zeros(n, dtype=torch.uint8, device=dev)
     rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
+    if kp["seq_tok_is"]:  # token IS weights folded into token advantages (see _unpack_config)
+        w_tok, is_cols = _token_is_fold(lp, old, mask, roll, kp)
+        advantages = (advantages * w_tok if tok_adv else w_tok).to(f32).contiguous()
+        tok_adv = True
     rc = rc.to(f32) if rc is not None else torch.ones(n, dtype=f32, device=dev)
     is_row = is_row.to(f32) if is_row is not None else torch.ones(n, dtype=f32, device=dev)
     hp = (kp["eps_low"], kp["eps_high"], kp["dual_clip"], kp["ratio_cap"])
@@ -843,8 +865,8 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     flat = torch.empty(n, dtype=torch.uint8)
     leader = torch.empty(n, dtype=torch.uint8)
     sw = None if seq_weights is None else seq_weights.to(cdt).contiguous()
-    pre_flags = None
-    if kp["policy_loss"] in ROW_CONST_FORMS and advantages is None:
+    pre_flags = fold_cols = adv_rows = None
+    if (kp["policy_loss"] in ROW_CONST_FORMS or kp["seq_tok_is"]) and advantages is None:
         # the row constant needs the advantages first: the group statistics, then the given-[N] path
         a64, f0, l0 = _cpu_group_advantages(rewards, group_ids, kp)
         advantages, rewards, group_ids, pre_flags = a64.to(cdt), None, None, (f0, l0)
@@ -852,6 +874,13 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     if advantages is not None and advantages.dim() == 1:
         a_row = advantages.to(cdt) * sw if sw is not None else advantages.to(cdt)
     rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
+    if kp["seq_tok_is"]:
+        w_tok, fold_cols = _token_is_fold(lp, old, mask, roll, kp)
+        if advantages.dim() == 1:
+            adv_rows = a_row.to(torch.float64)
+            advantages = advantages.to(cdt)[:, None] * w_tok
+        else:
+            advantages = advantages.to(cdt) * w_tok
     adv = None if advantages is None else advantages.to(cdt).contiguous()
     rw = None if rewards is None else rewards.to(torch.float64).contiguous()
     gid = None if group_ids is None else group_ids.to(torch.int64).contiguous()
@@ -863,6 +892,10 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
         rollout_logprobs=_opt(roll) if kp["is_mode"] else None, row_coef=_opt(rc), is_row=_opt(is_row), **kw)
     if is_cols is not None:
         rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = is_cols
+    if fold_cols is not None:
+        rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = fold_cols
+    if adv_rows is not None:
+        adv_out = adv_rows
     if pre_flags is not None:
         flat, leader = pre_flags
     loss = rowstats[:, LOSS_CONTRIB].sum().to(cdt)

@@ -795,6 +795,8 @@ def _validate(hidden, weight, token_ids, bias):
         raise TypeError(f"hidden: expected a float16/bfloat16/float32/float64 tensor, got {hidden.dtype}")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden: expected shape [M, H] or [N, T, H], got {tuple(hidden.shape)}")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden: the hidden size H (last dim) must be >= 1, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] < 1:
         raise ValueError(f"weight: expected shape [V, H] with V >= 1 and H = {hidden.shape[-1]} "
                          f"(hidden's last dim), got {tuple(weight.shape)}")

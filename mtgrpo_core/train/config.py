@@ -115,6 +115,14 @@ class LossConfig:
     # (DAPO's dynamic sampling); "strict" = also every group with no response of reward >= 1
     # (the released MT-GRPO scripts' filter; the same as lenient with 0/1 rewards)
     filter_rule: str = "lenient"
+    # the per-token policy-loss form (grpo_loss's policy_loss: vanilla, cispo, sapo, gpg,
+    # geo_mean, luspo, vespo) and the train / rollout importance-sampling correction fed with the
+    # rollouts' sampling log-probs: "none" or token_truncate | token_mask | sequence_truncate |
+    # sequence_mask with its bounds (is_hi = the cap C of *_truncate; [is_lo, is_hi] of *_mask)
+    policy_loss: str = "vanilla"
+    is_correction: str = "none"
+    is_lo: float | None = None
+    is_hi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -537,6 +545,18 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.mtgrpo.optimizer in ("adam", "sgd"), f"mtgrpo.optimizer must be adam|sgd, got {cfg.mtgrpo.optimizer!r}")
     need(cfg.mtgrpo.lam >= 0, f"mtgrpo.lam must be >= 0, got {cfg.mtgrpo.lam}")
     need(lo.filter_rule in FILTER_RULES, f"loss.filter_rule must be one of {FILTER_RULES}, got {lo.filter_rule!r}")
+    from ..config import IS_CORRECTIONS, POLICY_LOSSES, GRPOConfig
+
+    need(lo.policy_loss in POLICY_LOSSES, f"loss.policy_loss must be one of {POLICY_LOSSES}, got {lo.policy_loss!r}"
+         f"{_did_you_mean(str(lo.policy_loss), POLICY_LOSSES)}")
+    need(lo.is_correction in ("none", *IS_CORRECTIONS),
+         f"loss.is_correction must be 'none' or one of {IS_CORRECTIONS}, got {lo.is_correction!r}"
+         f"{_did_you_mean(str(lo.is_correction), IS_CORRECTIONS)}")
+    try:  # the bounds against the mode, as grpo_loss checks them
+        GRPOConfig(policy_loss=lo.policy_loss, is_correction=None if lo.is_correction == "none" else lo.is_correction,
+                   is_lo=lo.is_lo, is_hi=lo.is_hi)
+    except (TypeError, ValueError) as e:
+        need(False, f"loss.{e}")
     need(cfg.mtgrpo.refill in ("fill-then-deficit", "deficit"),
          f"mtgrpo.refill must be fill-then-deficit|deficit, got {cfg.mtgrpo.refill!r}")
     need(cfg.mtgrpo.inflation in ("per-step", "per-round"),

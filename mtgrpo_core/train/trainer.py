@@ -473,14 +473,18 @@ class Trainer:
         return np.asarray(task_ids, np.int64) * 1_000_000_000 + np.asarray(prompt_indices, np.int64)
 
     # ----------------------------------------------------------------- one RL step
-    def _loss(self, logp, old, mask, adv, seq_w, task_ids, ref=None):
+    def _loss(self, logp, old, mask, adv, seq_w, task_ids, ref=None, roll=None):
+        """grpo_loss with the config's form; ``roll``: the rollouts' sampling log-probs, used by
+        the IS correction (loss.is_correction) of the train / rollout mismatch."""
         import mtgrpo_core as mc
 
         lo = self.cfg.loss
+        isc = None if lo.is_correction == "none" else lo.is_correction
         return mc.grpo_loss(logp, old, mask, adv, seq_weights=seq_w, clip_eps_low=lo.clip_eps_low,
                             clip_eps_high=lo.clip_eps_high, loss_agg=lo.loss_agg, ref_logprobs=ref,
                             kl_coef=lo.kl_coef if ref is not None else 0.0, task_ids=task_ids, num_tasks=self.K,
-                            backend=lo.backend)
+                            backend=lo.backend, policy_loss=lo.policy_loss, is_correction=isc, is_lo=lo.is_lo,
+                            is_hi=lo.is_hi, rollout_logprobs=roll if isc is not None else None)
 
     def rl_step(self) -> dict:
         """One RL step: weights -> collect rollouts -> advantages -> policy update -> observe."""
@@ -599,8 +603,9 @@ class Trainer:
             a = adv[sel].to(dev)
             sw = seq_w[sel].to(dev) if seq_w is not None else None
             tids = task_resp[sel].to(dev)
+            roll = ro.sampling_logprobs[sel].to(dev).float() if cfg.loss.is_correction != "none" else None
             logp = completion_logprobs(self.model, pid, pm, cid, cm).float()
-            loss, st = self._loss(logp, old, cm, a, sw, tids, ref)
+            loss, st = self._loss(logp, old, cm, a, sw, tids, ref, roll)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             gn = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.rl.grad_clip)
@@ -614,7 +619,7 @@ class Trainer:
                 # weighted one feeds q back into itself and locked q at 0.991 on an arbitrary
                 # bin in issue 14's stream where the hardest bin should lead with 0.30
                 with torch.no_grad():
-                    _, st_u = self._loss(logp.detach(), old, cm, a, None, tids, None)
+                    _, st_u = self._loss(logp.detach(), old, cm, a, None, tids, None, roll)
                 per_resp_loss[sel] = st_u.per_sequence_loss.detach().float().cpu()
             losses.append(float(loss.detach()))
             stats_acc.append({"clip_frac_low": float(st.clip_frac_low), "clip_frac_high": float(st.clip_frac_high),
@@ -624,10 +629,13 @@ class Trainer:
                               if getattr(st, "task_loss_sum", None) is not None else None})
             if ref is not None:
                 stats_acc[-1]["ref_kl"] = float(st.ref_kl_mean)
+            if roll is not None:  # the IS correction's mean weight and share truncated / masked
+                stats_acc[-1]["is_ratio_mean"] = float(st.is_ratio_mean)
+                stats_acc[-1]["is_clip_frac"] = float(st.is_clip_frac)
             if measure_I:
                 with torch.no_grad():
                     logp2 = completion_logprobs(self.model, pid, pm, cid, cm).float()
-                    _, st2 = self._loss(logp2, old, cm, a, sw, tids, ref)
+                    _, st2 = self._loss(logp2, old, cm, a, sw, tids, ref, roll)
                 after = st2.per_sequence_loss.detach().float().cpu()
                 tk = tids.cpu().numpy()
                 I = -(np.bincount(tk, weights=after.numpy().astype(np.float64), minlength=K)
