@@ -38,6 +38,9 @@ autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 autosummary_generate = False
 html_theme = "alabaster"
+# the hidden glob toctree of index.md only keeps pages that others add from failing the -W build;
+# the sidebar shows the explicit toctrees
+html_theme_options = {"sidebar_includehidden": False}
 html_title = "mtgrpo_core"
 html_static_path: list[str] = []
 
