@@ -182,10 +182,11 @@ def test_loss_parity_with_trl_compute_loss(setup, loss_type, variant):
     assert abs(float(ref_loss)) > 0
 
 
-def test_rejects_unsupported_loss_type(setup):
+def test_rejects_unsupported_options(setup):
     tok, data, out = setup
-    with pytest.raises(ValueError, match="loss_type"):
-        MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits, args=_args(out, loss_type="cispo"),
+    # every TRL loss type is supported since issue 22; the entropy bonus is not
+    with pytest.raises(ValueError, match="entropy_coef"):
+        MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits, args=_args(out, entropy_coef=0.01),
                       train_dataset=data, processing_class=tok)
     with pytest.raises(ValueError, match="task_column"):
         MTGRPOTrainer(model=_model(len(tok)), reward_funcs=reward_digits, args=_args(out), train_dataset=data,
