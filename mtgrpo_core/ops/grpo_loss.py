@@ -494,6 +494,14 @@ if _HAS_TRITON:
             tl.store(SEQ_SUM + out, tl.sum(acc, 0))
 
     @triton.jit
+    def _recip_f64(c):
+        """1 / c in float64 for a count c >= 1: a float32 reciprocal refined by two Newton steps."""
+        c = c + tl.zeros([], tl.float64)  # (also for a count the compiler specialised to the constant 1)
+        inv = (1.0 / c.to(tl.float32)).to(tl.float64)
+        inv = inv * (2.0 - c * inv)
+        return inv * (2.0 - c * inv)
+
+    @triton.jit
     def _grpo_adv_kernel(REWARDS, GIDS, SEQW, A_ROW, ADV_OUT, FLAT_OUT, LEADER_OUT, N, adv_eps, adv_clip,
                          ADV_SCALE: tl.constexpr, UNBIASED: tl.constexpr, SINGLETON_RAW: tl.constexpr,
                          HAS_ADV_CLIP: tl.constexpr, HAS_SEQW: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -504,8 +512,11 @@ if _HAS_TRITON:
         gid = tl.load(GIDS + row)
         r_i = tl.load(REWARDS + row).to(tl.float64)  # group statistics in float64 (as C++ and the reference)
         s, cnt, lo_r, hi_r, first = segment_stats(REWARDS, GIDS, N, gid, BLOCK_N)
-        mean = s / cnt
-        sd = tl.sqrt(segment_sq_dev(REWARDS, GIDS, N, gid, mean, False, BLOCK_N) / tl.maximum(cnt - ddof, 1.0))
+        # float64 divisions by the counts through a float32 reciprocal and two Newton steps (full
+        # float64 precision): ptxas's float64 division slow path spills on sm_90 (issue 22 AOT)
+        mean = s * _recip_f64(cnt)
+        ss = segment_sq_dev(REWARDS, GIDS, N, gid, mean, False, BLOCK_N)
+        sd = tl.sqrt(ss * _recip_f64(tl.maximum(cnt - ddof, 1.0)))
         single = cnt == 1.0
         if SINGLETON_RAW:
             mean = tl.where(single, 0.0, mean)
@@ -520,9 +531,9 @@ if _HAS_TRITON:
             for bstart in range(0, N, BLOCK_N):
                 boffs = bstart + tl.arange(0, BLOCK_N)
                 bacc += tl.load(REWARDS + boffs, mask=boffs < N, other=0.0).to(tl.float64)
-            bmean = tl.sum(bacc, 0) / N
+            bmean = tl.sum(bacc, 0) * _recip_f64(N)
             bss = segment_sq_dev(REWARDS, GIDS, N, gid, bmean, True, BLOCK_N)
-            bstd = tl.where(N > ddof, tl.sqrt(bss / tl.maximum(N - ddof, 1.0)), 0.0)
+            bstd = tl.where(N > ddof, tl.sqrt(bss * _recip_f64(tl.maximum(N - ddof, 1.0))), 0.0)
             a_row = (r_i - mean) / (bstd + adv_eps)
         else:
             a_row = r_i - mean
