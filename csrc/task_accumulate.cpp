@@ -10,8 +10,14 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common.h"
 #include "mtgrpo/task_accumulate.h"
@@ -21,6 +27,121 @@ using namespace mtgrpo::task_acc;
 using mtgrpo::fail;
 
 namespace {
+
+// ---- Instruction-set versions of the CPU loops ------------------------------------------
+// The loops of task_accumulate.h compiled three times: for the x86-64 baseline (SSE2), for
+// AVX2 and for AVX-512 (the wrappers below inline them under a target attribute, so the 32
+// lanes of a unit become 2 zmm / 4 ymm registers and the mask compare a k-mask), picked once
+// from the CPU's features: one wheel runs on any x86-64. Every version adds the same lanes
+// in the same order (adds only, no FMA), so all give the same bits. MTGRPO_CPU_ISA=
+// baseline|avx2|avx512 caps the choice (as for the GRPO loss).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MTGRPO_TA_DISPATCH 1
+#define MTGRPO_TA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2")))
+#define MTGRPO_TA_AVX2 __attribute__((target("avx2,fma,bmi,bmi2")))
+#endif
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa pick_isa() {
+  const char* env = std::getenv("MTGRPO_CPU_ISA");
+  const std::string want = env ? env : "";
+#ifdef MTGRPO_TA_DISPATCH
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi") &&
+                    __builtin_cpu_supports("bmi2");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && (want.empty() || want == "avx512")) return Isa::kAvx512;
+  if (avx2 && (want.empty() || want == "avx512" || want == "avx2")) return Isa::kAvx2;
+#endif
+  return Isa::kBaseline;
+}
+
+Isa cpu_isa() {
+  static const Isa isa = pick_isa();
+  return isa;
+}
+
+const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : (isa == Isa::kAvx2 ? "avx2" : "baseline");
+}
+
+// Blocks [b0, b1) of the plan (each writes its own partial bins) and rows [r0, r1) of the
+// backward, one definition per instruction set.
+#define MTGRPO_TA_VERSION(NAME, ATTR)                                                                                 \
+  template <int VT, int MK>                                                                                           \
+  ATTR void blocks_##NAME(const typename ValueTraits<VT>::storage* v, const typename MaskTraits<MK>::storage* m,      \
+                          const int64_t* ids, const Plan& p, int64_t b0, int64_t b1,                                  \
+                          typename ValueTraits<VT>::acc* part_sums, uint32_t* part_counts) {                          \
+    for (int64_t b = b0; b < b1; ++b)                                                                                 \
+      block_partials_cpu<VT, MK>(v, m, ids, p, b, part_sums + b * p.tasks, part_counts + b * p.tasks);                \
+  }                                                                                                                   \
+  template <typename ES, int MK>                                                                                      \
+  ATTR void grad_rows_##NAME(ES* out, const typename MaskTraits<MK>::storage* m, const int64_t* ids, const ES* table, \
+                             int64_t cols, int64_t r0, int64_t r1) {                                                  \
+    for (int64_t n = r0; n < r1; ++n)                                                                                 \
+      weighted_grad_row_cpu<ES, MK>(out + n * cols, m + n * cols, cols, table[ids[n]]);                               \
+  }
+
+MTGRPO_TA_VERSION(baseline, )
+#ifdef MTGRPO_TA_DISPATCH
+MTGRPO_TA_VERSION(avx2, MTGRPO_TA_AVX2)
+MTGRPO_TA_VERSION(avx512, MTGRPO_TA_AVX512)
+#endif
+#undef MTGRPO_TA_VERSION
+
+template <int VT, int MK>
+auto blocks_fn() {
+#ifdef MTGRPO_TA_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &blocks_avx512<VT, MK>;
+    case Isa::kAvx2:
+      return &blocks_avx2<VT, MK>;
+    default:
+      break;
+  }
+#endif
+  return &blocks_baseline<VT, MK>;
+}
+
+template <typename ES, int MK>
+auto grad_rows_fn() {
+#ifdef MTGRPO_TA_DISPATCH
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return &grad_rows_avx512<ES, MK>;
+    case Isa::kAvx2:
+      return &grad_rows_avx2<ES, MK>;
+    default:
+      break;
+  }
+#endif
+  return &grad_rows_baseline<ES, MK>;
+}
+
+// Asks Linux for 2 MB pages behind a freshly allocated output of at least 4 MB that is about
+// to be written whole: the first write to each 4 KB page of a new allocation faults, and on
+// an 8M-token gradient (32 MB) those 8192 faults took longer than writing it (measured:
+// first write 40-50 ms, with MADV_HUGEPAGE 20-33 ms, a second write 20 ms). Advice only:
+// failures (another OS, THP off) are ignored, and the bytes written are the same.
+void advise_huge_pages(void* ptr, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
+// Below this many elements a call runs on the calling thread: waking a second OpenMP
+// thread costs more than the work, and on a busy machine it can wait a scheduler tick.
+constexpr int64_t kParallelMinElems = 65536;
 
 template <typename F>
 void dispatch_value(int value_type, F&& f) {
@@ -166,14 +287,17 @@ py::tuple py_task_masked_sum_cpu(const py::array& values, int value_type, const 
                               const Plan p = make_plan(in.rows, in.cols, K);
                               std::vector<Acc> part_sums(size_t(p.blocks) * K);
                               std::vector<uint32_t> part_counts(size_t(p.blocks) * K);
+                              const auto blocks = blocks_fn<VT, MK>();
                               const int nt = threads > 0 ? threads : mtgrpo::num_threads();
-                              (void)nt;
+                              const bool par = nt > 1 && p.blocks > 1 && in.rows * in.cols >= kParallelMinElems;
+                              if (!par) {
+                                blocks(v, m, in.task_ids, p, 0, p.blocks, part_sums.data(), part_counts.data());
+                              } else {
 #ifdef MTGRPO_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (p.blocks > 1 && in.rows * in.cols >= 32768)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-                              for (int64_t b = 0; b < p.blocks; ++b) {
-                                block_partials_cpu<VT, MK>(v, m, in.task_ids, p, b, part_sums.data() + size_t(b) * K,
-                                                           part_counts.data() + size_t(b) * K);
+                                for (int64_t b = 0; b < p.blocks; ++b)
+                                  blocks(v, m, in.task_ids, p, b, b + 1, part_sums.data(), part_counts.data());
                               }
                               combine_partials_cpu(part_sums.data(), part_counts.data(), p.blocks, K, sums_ptr,
                                                    counts_ptr);
@@ -211,7 +335,6 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
   const int64_t rows = ob.shape[0], cols = ob.shape[1];
   const int64_t* ids = check_task_ids(task_ids, rows, K);
   const int nt = threads > 0 ? threads : mtgrpo::num_threads();
-  (void)nt;
   auto run = [&](auto es_tag) {
     using ES = typename decltype(es_tag)::type;
     dispatch_mask(mask_kind, [&](auto mk) {
@@ -221,10 +344,18 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
       ES* o = static_cast<ES*>(ob.ptr);
       const ES* tab = static_cast<const ES*>(tb.ptr);
       const MS* m = static_cast<const MS*>(mb.ptr);
+      const auto grad_rows = grad_rows_fn<ES, MK>();
+      advise_huge_pages(o, size_t(rows) * size_t(cols) * sizeof(ES));
+      if (nt <= 1 || rows < 2 || rows * cols < kParallelMinElems) {
+        grad_rows(o, m, ids, tab, cols, 0, rows);
+        return;
+      }
+      // Chunks of about 64K elements (at least one row), as many as needed.
+      const int64_t chunk = std::max<int64_t>(1, kParallelMinElems / std::max<int64_t>(cols, 1));
 #ifdef MTGRPO_WITH_OPENMP
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nt) if (rows * cols >= 32768)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
 #endif
-      for (int64_t n = 0; n < rows; ++n) weighted_grad_row_cpu<ES, MK>(o + n * cols, m + n * cols, cols, tab[ids[n]]);
+      for (int64_t r0 = 0; r0 < rows; r0 += chunk) grad_rows(o, m, ids, tab, cols, r0, std::min(rows, r0 + chunk));
     });
   };
   switch (ob.itemsize) {
@@ -298,6 +429,11 @@ void py_task_weighted_grad_cuda(std::uintptr_t out, int elem_bytes, std::uintptr
 
 void register_task_accumulate(py::module_& m) {
   m.attr("TASK_ACC_MAX_TASKS") = kMaxTasks;
+  m.attr("TASK_ACC_PARALLEL_MIN_ELEMS") = kParallelMinElems;
+  m.def(
+      "task_accumulate_cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
+      "Instruction set of the task_masked_sum / weighted-grad CPU loops picked for this CPU: 'avx512', 'avx2' or "
+      "'baseline' (MTGRPO_CPU_ISA caps it).");
   m.def("task_masked_sum_cpu", &py_task_masked_sum_cpu, py::arg("values"), py::arg("value_type"), py::arg("mask"),
         py::arg("mask_kind"), py::arg("task_ids"), py::arg("num_tasks"), py::arg("threads") = 0,
         "Per-task masked sums on the CPU -> (sums[K] f32|f64, counts[K] int64). Deterministic for any "

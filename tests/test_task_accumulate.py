@@ -639,3 +639,72 @@ def test_cuda_plan_fills_every_warp():
                                   backend="cuda")
         ts, _ = twin(x.cpu(), torch.ones(n, t, dtype=torch.bool), torch.arange(n) % k, k)
         assert bits_equal(s, ts)
+
+
+# ---- instruction-set versions, the small-call path, the parallel threshold (issue 25) ----
+_ISA_SCRIPT = r"""
+import hashlib, torch, mtgrpo_core as mc
+from mtgrpo_core import _native
+h = hashlib.sha256()
+g = torch.Generator().manual_seed(5)
+for n, t, dt, mdt in [(37, 1500, torch.float32, torch.bool), (64, 33, torch.bfloat16, torch.float32),
+                      (9, 2100, torch.float64, torch.int64), (300, 250, torch.float16, torch.uint8)]:
+    v = torch.randn(n, t, generator=g).to(dt)
+    m = (torch.rand(n, t, generator=g) < 0.7).to(mdt)
+    ids = torch.randint(0, 5, (n,), generator=g)
+    s, c = mc.task_masked_sum(v, m, ids, 5, backend="cpu")
+    x = v.clone().requires_grad_(True)
+    mc.task_weighted_loss(x, m, ids, torch.rand(5, generator=g) + 0.5, backend="cpu").backward()
+    for a in (s, c, x.grad):
+        h.update(a.contiguous().view(torch.uint8).numpy().tobytes())
+print(_native.native().task_accumulate_cpu_isa(), h.hexdigest())
+"""
+
+
+@pytest.mark.skipif(not _native.has("task_accumulate_cpu_isa"), reason="C++ extension not built")
+def test_isa_versions_give_the_same_bits():
+    # The AVX-512 / AVX2 / baseline loops add the same lanes in the same order: same bits.
+    import subprocess
+    import sys
+
+    digests = {}
+    for isa in ("baseline", "avx2", "avx512"):
+        env = dict(os.environ, MTGRPO_CPU_ISA=isa, OMP_NUM_THREADS="2")
+        out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        got_isa, digest = out.stdout.split()
+        digests[got_isa] = digest
+    assert "baseline" in digests
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_small_call_path_equals_the_custom_op():
+    # The eager small-call path (no custom-op dispatch) runs the op's own implementation:
+    # same bits as the op, and the same ValueError for a bad id.
+    g = torch.Generator().manual_seed(1)
+    v, m = torch.randn(4, 8, generator=g), torch.rand(4, 8, generator=g) < 0.5
+    ids = torch.tensor([0, 2, 1, 2], dtype=torch.int32)
+    fast = mc.task_masked_sum(v, m, ids, 3, backend="cpu")
+    op = torch.ops.mtgrpo.task_masked_sum(v, m, ids, 3, "cpu", True)
+    for a, b in zip(fast, op):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    with pytest.raises(ValueError, match="task_ids"):
+        mc.task_masked_sum(v, m, torch.tensor([0, 3, 1, 2]), 3, backend="cpu")
+    with torch.no_grad():  # a tensor that requires grad, with grad mode off
+        s, _ = mc.task_masked_sum(v.clone().requires_grad_(True), m, ids, 3, backend="cpu")
+    assert torch.equal(s, fast[0])
+
+
+@pytest.mark.skipif(not _native.has("task_accumulate_cpu_isa"), reason="C++ extension not built")
+def test_parallel_threshold_does_not_change_the_bits():
+    # Below TASK_ACC_PARALLEL_MIN_ELEMS the call stays on one thread; above it, blocks run on
+    # OpenMP threads. Either side of the threshold, any thread count gives the same bits.
+    C = _native.native()
+    lim = C.TASK_ACC_PARALLEL_MIN_ELEMS
+    g = torch.Generator().manual_seed(2)
+    for n, t in [(2, lim // 4), (8, lim // 4 + 3)]:
+        v, m = torch.randn(n, t, generator=g), torch.rand(n, t, generator=g) < 0.5
+        ids = torch.arange(n) % 3
+        base = cpu_threads(v, m, ids, 3, 1)
+        for threads in (2, 3):
+            got = cpu_threads(v, m, ids, 3, threads)
+            assert all(np.array_equal(a, b) for a, b in zip(base, got))

@@ -86,7 +86,43 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    return _resolve_constant(op, backend, torch.device(device).type)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    if not torch.compiler.is_compiling():
+        # eager: the answer of an earlier call with the same environment (a dict look-up
+        # instead of ~2 us of checks on every small call). The variables matter only to
+        # "auto" and "triton" (an explicit backend ignores MTGRPO_BACKEND): not read otherwise.
+        if backend == "auto" or backend == "triton":
+            key = (op, backend, device_type, os.environ.get("MTGRPO_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+        else:
+            key = (op, backend, device_type)
+        hit = _RESOLVED.get(key)
+        if hit is None:
+            hit = _RESOLVED[key] = _resolve(op, backend, torch.device(device_type))
+        return hit
+    return _resolve_constant(op, backend, device_type)
+
+
+# (op, backend, device type[, $MTGRPO_BACKEND, $TRITON_INTERPRET]) -> resolved backend. What else
+# the answer depends on (the extension, triton's presence) does not change while a process runs.
+_RESOLVED: dict[tuple, str] = {}
+
+
+def eager_plain(*tensors: torch.Tensor) -> bool:
+    """True when a call may run its op's real implementation directly instead of through the
+    ``torch.library`` custom op (whose dispatch costs ~12 us, most of a small call): eager (not
+    traced by torch.compile), no torch-function or dispatch mode active (FakeTensorMode,
+    make_fx, FlopCounterMode, ...), no functorch transform (vmap, grad), every argument a plain
+    ``torch.Tensor``, and none of them needing a gradient. The result is the same either way:
+    the custom op calls the same implementation."""
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True
 
 
 @torch.compiler.assume_constant_result

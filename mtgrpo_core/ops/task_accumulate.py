@@ -52,7 +52,7 @@ import torch
 
 from .. import _native
 from ..reference.task_accumulate import accumulate_dtype, task_masked_sum_ref
-from ._dispatch import register_op, resolve_backend
+from ._dispatch import eager_plain, register_op, resolve_backend
 
 __all__ = ["task_masked_sum", "task_weighted_loss", "MAX_TASKS", "NORMALIZE_MODES"]
 
@@ -66,6 +66,8 @@ register_op("task_weighted_loss", cuda="task_weighted_grad_cuda", cpu="task_weig
 _VALUE_TYPE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _VALUE_VIEW = {torch.float32: torch.float32, torch.float64: torch.float64,
                torch.bfloat16: torch.int16, torch.float16: torch.int16}
+# The same for `_np`: None where numpy has the dtype (no view op on the small-call path).
+_VALUE_NP_VIEW = {torch.float32: None, torch.float64: None, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MASK_INT_KIND = {1: 0, 2: 1, 4: 2, 8: 3}
 _MASK_FLOAT_KIND = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 5, torch.float64: 6}
@@ -123,8 +125,8 @@ def _check_finite_weights(w: torch.Tensor) -> None:
 def _masked_sum_kernel(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """sums[K], counts[K] on ``backend`` ("cpu", "cuda" or "torch"); ids already checked."""
-    v, m = values.detach().contiguous(), mask.detach().contiguous()
-    ids = task_ids.detach().to(torch.int64).contiguous()
+    v, m = _plain(values), _plain(mask)
+    ids = _plain(task_ids if task_ids.dtype == torch.int64 else task_ids.to(torch.int64))
     if backend == "torch":
         return task_masked_sum_ref(v, m, ids, num_tasks)
     C = _native.native()
@@ -143,9 +145,27 @@ def _masked_sum_kernel(values: torch.Tensor, mask: torch.Tensor, task_ids: torch
                                    _cuda_stream(v.device))
         return sums, counts
     # "cpu": the C++ path checks the ids itself, in the same pass.
-    sums, counts = C.task_masked_sum_cpu(v.view(_VALUE_VIEW[v.dtype]).numpy(), vtype, _mask_view(m).numpy(),
+    sums, counts = C.task_masked_sum_cpu(_np(v, _VALUE_NP_VIEW[v.dtype]), vtype, _np(m, _mask_np_view(m.dtype)),
                                          mkind, ids.numpy(), num_tasks)
     return torch.from_numpy(sums), torch.from_numpy(counts)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without autograd history, contiguous (no new tensor when it already is: the
+    detach and the dtype conversion above cost ~1 us each on a small call)."""
+    return (t.detach() if t.requires_grad else t).contiguous()
+
+
+def _np(t: torch.Tensor, view: torch.dtype | None) -> np.ndarray:
+    """A contiguous CPU tensor as a numpy array, through an integer view of the same itemsize
+    when numpy lacks its dtype (``view`` None: numpy has it, no view op needed)."""
+    return (t if view is None else t.view(view)).numpy()
+
+
+def _mask_np_view(dtype: torch.dtype) -> torch.dtype | None:
+    """The view `_np` needs for a mask: none for numpy dtypes (bool, ints, f16/32/64; the C++
+    side reads only the itemsize and the mask kind), int16 for bfloat16."""
+    return torch.int16 if dtype == torch.bfloat16 else None
 
 
 def _scatter_grad_kernel(table: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
@@ -165,7 +185,7 @@ def _scatter_grad_kernel(table: torch.Tensor, mask: torch.Tensor, task_ids: torc
                                       _cuda_stream(m.device))
         return out
     ints = _INT_VIEW[_itemsize(tab.dtype)]
-    C.task_weighted_grad_cpu(out.view(ints).numpy(), _mask_view(m).numpy(), _mask_kind(m.dtype), ids.numpy(),
+    C.task_weighted_grad_cpu(out.view(ints).numpy(), _np(m, _mask_np_view(m.dtype)), _mask_kind(m.dtype), ids.numpy(),
                              tab.view(ints).numpy())
     return out
 
@@ -359,6 +379,8 @@ def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Te
     k = _check_num_tasks(num_tasks)
     _check_validate(validate)
     be = resolve_backend("task_masked_sum", backend, values.device)
+    if be == "cpu" and values.device.type == "cpu" and eager_plain(values, mask, task_ids):
+        return _masked_sum_kernel(values, mask, task_ids, k, be)  # what the op runs, without its dispatch
     return torch.ops.mtgrpo.task_masked_sum(values, mask, task_ids, k, be, validate)
 
 

@@ -17,6 +17,14 @@
 
 #include "mtgrpo/task_accumulate.cuh"
 
+// The loops below are forced inline into their callers: csrc/task_accumulate.cpp calls them
+// from functions compiled for AVX2 and AVX-512, and an out-of-line copy would be baseline code.
+#if defined(__GNUC__)
+#define MTGRPO_TA_INLINE inline __attribute__((always_inline))
+#else
+#define MTGRPO_TA_INLINE inline
+#endif
+
 namespace mtgrpo {
 namespace task_acc {
 
@@ -46,9 +54,9 @@ void dispatch_mask(int mask_kind, F&& f) {
 
 // Sum and count of one unit (len <= kSegLen elements), 32 strided lanes then the fold.
 template <int VT, int MK>
-inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
-                         const typename MaskTraits<MK>::storage* __restrict m, int64_t len,
-                         typename ValueTraits<VT>::acc* sum, uint32_t* cnt) {
+MTGRPO_TA_INLINE void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
+                                   const typename MaskTraits<MK>::storage* __restrict m, int64_t len,
+                                   typename ValueTraits<VT>::acc* sum, uint32_t* cnt) {
   using Acc = typename ValueTraits<VT>::acc;
   Acc lanes[kLanes];
   uint32_t c = 0;
@@ -94,9 +102,10 @@ inline void unit_sum_cpu(const typename ValueTraits<VT>::storage* __restrict v,
 
 // Step 1-3 of the plan for block b: writes bins[K] and cbins[K] (this block's partials).
 template <int VT, int MK>
-inline void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
-                               const typename MaskTraits<MK>::storage* mask, const int64_t* task_ids, const Plan& p,
-                               int64_t b, typename ValueTraits<VT>::acc* bins, uint32_t* cbins) {
+MTGRPO_TA_INLINE void block_partials_cpu(const typename ValueTraits<VT>::storage* values,
+                                         const typename MaskTraits<MK>::storage* mask, const int64_t* task_ids,
+                                         const Plan& p, int64_t b, typename ValueTraits<VT>::acc* bins,
+                                         uint32_t* cbins) {
   using Acc = typename ValueTraits<VT>::acc;
   for (int k = 0; k < p.tasks; ++k) {
     bins[k] = Acc(0);
@@ -144,8 +153,8 @@ inline void combine_partials_cpu(const Acc* part_sums, const uint32_t* part_coun
 
 // One row of the backward: out[t] = mask[t] ? val : 0 (ES: the output element's bits).
 template <typename ES, int MK>
-inline void weighted_grad_row_cpu(ES* __restrict out, const typename MaskTraits<MK>::storage* __restrict m,
-                                  int64_t cols, ES val) {
+MTGRPO_TA_INLINE void weighted_grad_row_cpu(ES* __restrict out, const typename MaskTraits<MK>::storage* __restrict m,
+                                            int64_t cols, ES val) {
   for (int64_t t = 0; t < cols; ++t) out[t] = MaskTraits<MK>::set(m[t]) ? val : ES(0);
 }
 
