@@ -138,7 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=3, help="RL steps timed per shape")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the trainer (default 0: the trainer's rule, all cores on a quiet "
+                         "machine and 1 when the load fills them; 2 threads on 2 loaded cores ran 4x slower here)")
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
     a = ap.parse_args(argv)
     quick = a.quick or os.environ.get("MTGRPO_BENCH_QUICK") == "1"
@@ -148,9 +150,13 @@ def main(argv=None) -> int:
               "`make test-vllm` and run `.venv-vllm/bin/mtgrpo bench generation` (docs/vllm.md)", file=sys.stderr)
         return 2
     for k, v in (("max_new_tokens", a.max_new_tokens), ("repeats", a.repeats), ("steps", a.steps),
-                 ("threads", a.threads)):
+                 ("threads", a.threads + 1)):
         if v < 1:
-            raise SystemExit(f"--{k.replace('_', '-')} must be >= 1, got {v}")
+            raise SystemExit(f"--{k.replace('_', '-')} must be >= {1 if k != 'threads' else 0}, got {v}")
+    if a.threads == 0:
+        from mtgrpo_core.train.trainer import _auto_threads
+
+        a.threads = _auto_threads()
     shapes = [(4, 2)] if quick else [(24, 8), (256, 8)]
     steps, repeats = (1, 1) if quick else (a.steps, a.repeats)
     rows = []
