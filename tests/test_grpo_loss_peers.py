@@ -251,3 +251,73 @@ def test_verl_rollout_correction_weights_parity(level, thr, ours):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     if level == "token":
         torch.testing.assert_close(st.is_ratio_mean, (w * mask).sum() / mask.sum(), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- MTGRPOTrainer end to end
+def _tiny_trainer(tmp_path, loss_type, **kw):
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig as TRLConfig
+
+    from mtgrpo_core.integrations.trl import MTGRPOTrainer
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate("abcdefgh")}}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    data = Dataset.from_list([{"prompt": "abc"[: 1 + i % 3], "task": f"t{i % 2}"} for i in range(8)])
+    args = TRLConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                     max_completion_length=9, max_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                     loss_type=loss_type, gradient_accumulation_steps=2, steps_per_generation=4, bf16=False, **kw)
+    tr = MTGRPOTrainer(model=model, reward_funcs=lambda completions, **k: [0.0] * len(completions), args=args,
+                       train_dataset=data, processing_class=tok)
+    tr.model.train()
+    tr.current_gradient_accumulation_steps = 2
+    return tr, model
+
+
+@pytest.mark.parametrize("loss_type,is_mode", [("cispo", None), ("sapo", "token_truncate"), ("luspo", "sequence_mask"),
+                                               ("vespo", "token_mask"), ("dapo", "sequence_truncate")])
+def test_mtgrpo_trainer_matches_trl_for_new_loss_types(tmp_path, loss_type, is_mode):
+    """MTGRPOTrainer._compute_loss (the fused kernel) = GRPOTrainer._compute_loss on the same
+    model and inputs, values and parameter gradients, with TRL's vLLM IS correction switched on
+    after construction (the sampling log-probs given as vLLM would)."""
+    tr, model = _tiny_trainer(tmp_path, loss_type, **({"epsilon_high": 4.0} if loss_type == "cispo" else {}))
+    if is_mode is not None:
+        tr.use_vllm = tr.vllm_importance_sampling_correction = True
+        tr.vllm_importance_sampling_mode = is_mode
+    g = torch.Generator().manual_seed(3)
+    b, t = 6, 9
+    inputs = {"prompt_ids": torch.randint(3, 11, (b, 3), generator=g),
+              "prompt_mask": torch.ones(b, 3, dtype=torch.long),
+              "completion_ids": torch.randint(3, 11, (b, t), generator=g),
+              "completion_mask": torch.ones(b, t, dtype=torch.long), "advantages": torch.randn(b, generator=g),
+              "num_items_in_batch": torch.tensor(2 * b * t)}
+    inputs["completion_mask"][1, 5:] = 0
+    with torch.no_grad():
+        lp, _, _ = tr._get_per_token_logps_and_entropies(
+            model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1), t)
+    inputs["old_per_token_logps"] = lp + 0.3 * torch.randn(lp.shape, generator=g)
+    if is_mode is not None:
+        inputs["sampling_per_token_logps"] = inputs["old_per_token_logps"] + 0.2 * torch.randn(lp.shape, generator=g)
+        inputs["importance_sampling_ratio"] = _trl_is_ratio(inputs["old_per_token_logps"],
+                                                            inputs["sampling_per_token_logps"],
+                                                            inputs["completion_mask"], tr)
+
+    def run(fn):
+        model.zero_grad()
+        loss = fn(model, inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.detach().clone() for p in model.parameters()]
+
+    l0, g0 = run(lambda m, x: GRPOTrainer._compute_loss(tr, m, x))
+    l1, g1 = run(tr._compute_loss)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    for a, b_ in zip(g1, g0):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-6)
+    assert abs(float(l0)) > 0
