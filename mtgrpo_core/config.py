@@ -13,7 +13,9 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 IMPORTANCE_LEVELS = ("token", "sequence")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 # Policy-loss forms by verl's registry names (and TRL's luspo / vespo): docs/ALGORITHMS.md 1.4.
-POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "geo_mean", "luspo", "vespo")
+POLICY_LOSSES = ("vanilla", "cispo", "sapo", "gpg", "geo_mean", "luspo", "vespo", "clip_cov", "kl_cov")
+# forms that select tokens by batch statistics (covariance top-k / random draw): the torch path only
+TORCH_ONLY_POLICY_LOSSES = ("clip_cov", "kl_cov")
 # Importance-sampling corrections of the train / rollout mismatch (TRL's vllm_importance_sampling_mode
 # names; verl's token / sequence TIS and IcePop are token_truncate / sequence_truncate / *_mask).
 IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
@@ -53,6 +55,11 @@ class GRPOConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    clip_cov_ratio: float = 0.0002
+    clip_cov_lb: float = 1.0
+    clip_cov_ub: float = 5.0
+    kl_cov_ratio: float = 0.0002
+    ppo_kl_coef: float = 1.0
     is_correction: str | None = None
     is_lo: float | None = None
     is_hi: float | None = None
@@ -81,6 +88,11 @@ class GRPOConfig:
         _number("tau_neg", self.tau_neg, lo=0.0, lo_open=True)
         for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
             _number(name, getattr(self, name), lo=0.0)
+        _number("clip_cov_ratio", self.clip_cov_ratio, lo=0.0, lo_open=True)
+        _number("kl_cov_ratio", self.kl_cov_ratio, lo=0.0, lo_open=True)
+        _number("clip_cov_lb", self.clip_cov_lb)
+        _number("clip_cov_ub", self.clip_cov_ub)
+        _number("ppo_kl_coef", self.ppo_kl_coef)
         if self.is_correction is not None:
             _choice("is_correction", self.is_correction, IS_CORRECTIONS)
         _number("is_lo", self.is_lo, lo=0.0, optional=True)

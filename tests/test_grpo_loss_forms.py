@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mtgrpo_core as mc
-from mtgrpo_core.config import IS_CORRECTIONS, POLICY_LOSSES, GRPOConfig
+from mtgrpo_core.config import IS_CORRECTIONS, POLICY_LOSSES, TORCH_ONLY_POLICY_LOSSES, GRPOConfig
 from mtgrpo_core.reference.grpo_loss import POLICY_LOSS_FNS, grpo_loss_ref
 
 gl = importlib.import_module("mtgrpo_core.ops.grpo_loss")  # the module (the package exports the function)
@@ -37,6 +37,8 @@ def _case(seed=0, n=7, t=37, dtype=torch.float64):
 def _cfgs():
     out = []
     for pl in POLICY_LOSSES:
+        if pl in TORCH_ONLY_POLICY_LOSSES:
+            continue
         for isc in (None, *IS_CORRECTIONS):
             if pl == "vespo" and isc is not None and isc.startswith("sequence"):
                 continue
@@ -51,7 +53,26 @@ CFGS = _cfgs()
 
 
 def test_registries_agree():
-    assert set(POLICY_LOSS_FNS) == set(POLICY_LOSSES) == set(gl.KERNEL_FORMS)
+    assert set(POLICY_LOSS_FNS) == set(POLICY_LOSSES) == set(gl.KERNEL_FORMS) | set(TORCH_ONLY_POLICY_LOSSES)
+
+
+@pytest.mark.parametrize("name", TORCH_ONLY_POLICY_LOSSES)
+def test_torch_only_forms_run_on_torch_and_refuse_the_kernels(name):
+    lp, old, roll, mask, rewards, gids = _case(9)
+    kw = dict(policy_loss=name, clip_cov_ratio=0.2, clip_cov_lb=-1.0, kl_cov_ratio=0.2)
+    torch.manual_seed(0)
+    x0 = lp.clone().requires_grad_()
+    l0, _ = grpo_loss_ref(x0, old, mask, rewards=rewards, group_ids=gids, config=GRPOConfig(**kw))
+    l0.backward()
+    torch.manual_seed(0)
+    x1 = lp.clone().requires_grad_()
+    l1, _ = mc.grpo_loss(x1, old, mask, rewards=rewards, group_ids=gids, **kw)  # auto -> torch
+    l1.backward()
+    torch.testing.assert_close(l1, l0.detach())
+    torch.testing.assert_close(x1.grad, x0.grad)
+    for be in ("cpu", "triton"):
+        with pytest.raises(ValueError, match="backend"):
+            mc.grpo_loss(lp, old, mask, rewards=rewards, group_ids=gids, backend=be, **kw)
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean"])

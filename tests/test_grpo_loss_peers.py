@@ -235,6 +235,34 @@ def test_verl_policy_loss_parity(name, mode, is_level):
         assert m1["actor/pg_clipfrac"] == pytest.approx(m0["actor/pg_clipfrac"], abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+def test_verl_cov_losses_parity_on_the_torch_path(name):
+    """verl's clip_cov / kl_cov (batch covariance selection; clip_cov draws with torch.randperm,
+    so both sides start from the same global seed) against grpo_loss's torch-path forms."""
+    from verl.workers.config.actor import PolicyLossConfig
+
+    pl = PolicyLossConfig(loss_mode=name, clip_cov_ratio=0.1, clip_cov_lb=-0.5, clip_cov_ub=5.0, kl_cov_ratio=0.1,
+                          ppo_kl_coef=0.7)
+    cfg = ActorConfig(strategy="fsdp", rollout_n=4, ppo_micro_batch_size_per_gpu=2, clip_ratio_low=0.2,
+                      clip_ratio_high=0.28, clip_ratio_c=3.0, policy_loss=pl)
+    lp, old, roll, mask, adv = _verl_case(21, n=9, t=17)
+    torch.manual_seed(5)
+    x0 = lp.clone().requires_grad_()
+    l0, _ = VERL_ORIGINALS_COV[name](old, x0, adv, mask, "token-mean", cfg)
+    l0.backward()
+    torch.manual_seed(5)
+    x1 = lp.clone().requires_grad_()
+    l1, _ = mc.grpo_loss(x1, old, mask, adv, policy_loss=name, clip_eps_low=0.2, clip_eps_high=0.28,
+                         clip_cov_ratio=0.1, clip_cov_lb=-0.5, clip_cov_ub=5.0, kl_cov_ratio=0.1, ppo_kl_coef=0.7)
+    l1.backward()
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-4, atol=1e-7)
+
+
+VERL_ORIGINALS_COV = {"clip_cov": core_algos.compute_policy_loss_clip_cov,
+                      "kl_cov": core_algos.compute_policy_loss_kl_cov}
+
+
 @pytest.mark.parametrize("level,thr,ours", [("token", 1.5, ("token_truncate", None, 1.5)),
                                            ("sequence", 2.0, ("sequence_truncate", None, 2.0)),
                                            ("token", "0.8_1.25", ("token_mask", 0.8, 1.25)),

@@ -61,7 +61,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from .. import _native
-from ..config import IS_CORRECTIONS, POLICY_LOSSES, GRPOConfig
+from ..config import IS_CORRECTIONS, POLICY_LOSSES, TORCH_ONLY_POLICY_LOSSES, GRPOConfig
 from ..reference.grpo_loss import (effective_config, geo_mean_dmin, grpo_loss_rows_ref, is_weights_ref,
                                    vespo_phi)
 from ._dispatch import register_op, resolve_backend
@@ -90,7 +90,7 @@ FORM_VANILLA, FORM_CISPO, FORM_SAPO, FORM_LOGP_WEIGHTED, FORM_GEO_MEAN = range(5
 KERNEL_FORMS = {"vanilla": FORM_VANILLA, "luspo": FORM_VANILLA, "cispo": FORM_CISPO, "sapo": FORM_SAPO,
                 "gpg": FORM_LOGP_WEIGHTED, "vespo": FORM_LOGP_WEIGHTED, "geo_mean": FORM_GEO_MEAN}
 ROW_CONST_FORMS = ("vespo", "geo_mean")
-assert set(KERNEL_FORMS) == set(POLICY_LOSSES)
+assert set(KERNEL_FORMS) | set(TORCH_ONLY_POLICY_LOSSES) == set(POLICY_LOSSES)
 _IS_KERNEL_MODE = {"token_truncate": 1, "token_mask": 2}
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -166,7 +166,8 @@ class GRPOStats:
 # _unpack_config() the one place that decodes it for the C++ binding and the Triton launcher.
 _F_FIELDS = ("eps_low", "eps_high", "dual_clip", "ratio_cap", "kl_coef", "adv_eps", "adv_clip", "num_tokens",
              "norm_length", "tau_pos", "tau_neg", "is_lo", "is_hi", "vespo_k_pos", "vespo_lambda_pos",
-             "vespo_k_neg", "vespo_lambda_neg")
+             "vespo_k_neg", "vespo_lambda_neg", "clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio",
+             "ppo_kl_coef")
 _I_FIELDS = ("adv_scale", "adv_unbiased", "adv_singleton_raw", "kl_estimator", "seq_level", "loss_agg",
              "seq_count_all", "policy", "is_corr")
 # the keyword arguments of the C++ kernel among the unpacked parameters
@@ -186,7 +187,9 @@ def _pack_config(cfg: GRPOConfig, ref_given: bool) -> tuple[list[float], list[in
          float(cfg.kl_coef), float(cfg.adv_eps), float(cfg.adv_clip or 0.0), float(cfg.num_tokens or 0),
          float(cfg.norm_length or 0.0), float(cfg.tau_pos), float(cfg.tau_neg),
          float(cfg.is_lo) if cfg.is_lo is not None else -1.0, float(cfg.is_hi) if cfg.is_hi is not None else math.inf,
-         float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg)]
+         float(cfg.vespo_k_pos), float(cfg.vespo_lambda_pos), float(cfg.vespo_k_neg), float(cfg.vespo_lambda_neg),
+         float(cfg.clip_cov_ratio), float(cfg.clip_cov_lb), float(cfg.clip_cov_ub), float(cfg.kl_cov_ratio),
+         float(cfg.ppo_kl_coef)]
     i = [_ADV_SCALE_CODE[cfg.adv_scale], int(cfg.adv_std == "unbiased"), int(cfg.adv_singleton == "raw"),
          _KL_CODE[cfg.kl_estimator] if ref_given else 0, int(cfg.importance_level == "sequence"),
          _AGG_CODE[cfg.loss_agg], int(cfg.seq_count == "all"), POLICY_LOSSES.index(cfg.policy_loss),
@@ -203,7 +206,7 @@ def _unpack_config(fparams, iparams) -> dict:
         kp[k] = bool(kp[k])
     kp["policy_loss"] = POLICY_LOSSES[kp["policy"]]
     kp["is_correction"] = None if kp["is_corr"] == 0 else IS_CORRECTIONS[kp["is_corr"] - 1]
-    kp["form"] = KERNEL_FORMS[kp["policy_loss"]]
+    kp["form"] = KERNEL_FORMS.get(kp["policy_loss"], FORM_VANILLA)  # torch-only forms never reach a kernel
     # token-level IS weights are computed in the token pass, except where the form folds them
     # into its row constant (VESPO, GMPO: _row_prepass); sequence weights arrive per row
     fold = kp["policy_loss"] in ROW_CONST_FORMS
@@ -956,7 +959,9 @@ def _config_from_lists(fparams, iparams) -> GRPOConfig:
         norm_length=kp["norm_length"] or None, seq_count="all" if kp["seq_count_all"] else "nonempty",
         policy_loss=kp["policy_loss"], tau_pos=kp["tau_pos"], tau_neg=kp["tau_neg"],
         vespo_k_pos=kp["vespo_k_pos"], vespo_lambda_pos=kp["vespo_lambda_pos"], vespo_k_neg=kp["vespo_k_neg"],
-        vespo_lambda_neg=kp["vespo_lambda_neg"], is_correction=kp["is_correction"], is_lo=kp["is_lo_opt"],
+        vespo_lambda_neg=kp["vespo_lambda_neg"], clip_cov_ratio=kp["clip_cov_ratio"], clip_cov_lb=kp["clip_cov_lb"],
+        clip_cov_ub=kp["clip_cov_ub"], kl_cov_ratio=kp["kl_cov_ratio"], ppo_kl_coef=kp["ppo_kl_coef"],
+        is_correction=kp["is_correction"], is_lo=kp["is_lo_opt"],
         is_hi=kp["is_hi_opt"])
 
 
@@ -1177,6 +1182,11 @@ def grpo_loss(
     vespo_lambda_pos: float = 3.0,
     vespo_k_neg: float = 3.0,
     vespo_lambda_neg: float = 2.0,
+    clip_cov_ratio: float = 0.0002,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 0.0002,
+    ppo_kl_coef: float = 1.0,
     rollout_logprobs: torch.Tensor | None = None,
     is_correction: str | None = None,
     is_lo: float | None = None,
@@ -1227,9 +1237,12 @@ def grpo_loss(
         clip, the default), "cispo", "sapo" (``tau_pos`` / ``tau_neg``), "gpg", "geo_mean"
         (GMPO; always a mean over rows of each row's loss, as verl), TRL's "luspo" (vanilla's
         form; TRL aggregates it as ``loss_agg="seq-mean-token-sum", seq_count="all"``) and
-        "vespo" (``vespo_k_pos`` ... ``vespo_lambda_neg``). "geo_mean" and "vespo" take [N]
-        advantages (or the fused path); importance_level="sequence" goes with the ratio forms
-        vanilla / luspo / cispo. verl's clip_cov / kl_cov are not provided.
+        "vespo" (``vespo_k_pos`` ... ``vespo_lambda_neg``), and verl's "clip_cov" / "kl_cov"
+        (``clip_cov_ratio`` / ``_lb`` / ``_ub``, ``kl_cov_ratio``, ``ppo_kl_coef``; they select
+        tokens by batch covariance statistics, clip_cov at random with torch's global generator,
+        so they run on the torch backend only, with a host sync). "geo_mean" and "vespo" take
+        [N] advantages (or the fused path); importance_level="sequence" goes with the ratio
+        forms vanilla / luspo / cispo.
     rollout_logprobs, is_correction, is_lo, is_hi
         Importance-sampling correction of the train / rollout mismatch with the sampler's
         log-probs ``rollout_logprobs[N, T]``: w = exp(old - rollout) per token ("token_*") or
@@ -1256,13 +1269,19 @@ def grpo_loss(
         dual_clip=dual_clip, ratio_cap=ratio_cap, importance_level=importance_level, loss_agg=loss_agg,
         num_tokens=num_tokens, norm_length=norm_length, seq_count=seq_count, policy_loss=policy_loss,
         tau_pos=tau_pos, tau_neg=tau_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, is_correction=is_correction, is_lo=is_lo,
-        is_hi=is_hi)
+        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, clip_cov_ratio=clip_cov_ratio,
+        clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
+        is_correction=is_correction, is_lo=is_lo, is_hi=is_hi)
     if not isinstance(cfg, GRPOConfig):
         raise TypeError(f"config: expected a GRPOConfig, got {type(cfg).__name__}")
     _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
               task_ids, num_tasks, cfg)
     _validate_policy(logprobs, advantages, rollout_logprobs, cfg)
+    if cfg.policy_loss in TORCH_ONLY_POLICY_LOSSES:
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"backend: policy_loss={cfg.policy_loss!r} selects tokens by batch statistics and runs "
+                             f"on the 'torch' backend only, got backend={backend!r}")
+        backend = "torch"
     be = resolve_backend("grpo_loss", backend, logprobs.device)
     fparams, iparams = _pack_config(cfg, ref_logprobs is not None)
     fused = advantages is None

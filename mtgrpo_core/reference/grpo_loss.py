@@ -219,6 +219,51 @@ def _form_geo_mean(x: FormCtx):
         torch.zeros_like(x.lp, dtype=torch.bool)
 
 
+@register_policy_loss("clip_cov")
+def _form_clip_cov(x: FormCtx):
+    """verl compute_policy_loss_clip_cov: the PPO clip, and among the unclipped tokens whose
+    covariance (A - mean A)(logp - mean logp) lies in (lb, ub) up to max(1, int(ratio * tokens))
+    drawn at random (torch.randperm, the global generator) lose their loss. Torch path only (a
+    batch-wide random draw and a host sync)."""
+    c, a, m = x.c, x.a.expand_as(x.lp), x.m
+    lo, hi = 1.0 - c.clip_eps_low, 1.0 + c.clip_eps_high
+    pg1, pg2 = -a * x.ratio, -a * x.ratio.clamp(lo, hi)
+    mb = m > 0
+    clip_by_origin = (pg2 > pg1) & mb
+    tok = m.sum()
+    cov = (a - (a * m).sum() / tok) * (x.lp - (x.lp.detach() * m).sum() / tok)
+    cov = cov.masked_fill(~mb | clip_by_origin, -math.inf)
+    clip_num = max(int(c.clip_cov_ratio * float(tok)), 1)
+    idx = torch.nonzero((cov < c.clip_cov_ub) & (cov > c.clip_cov_lb) & mb)
+    if len(idx) > 0:
+        idx = idx[torch.randperm(len(idx))[: min(clip_num, len(idx))]]
+    corr = torch.ones_like(x.lp)
+    corr[idx[:, 0], idx[:, 1]] = 0
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return torch.maximum(pg1, pg2) * corr, none, (corr == 0) & mb, none
+
+
+@register_policy_loss("kl_cov")
+def _form_kl_cov(x: FormCtx):
+    """verl compute_policy_loss_kl_cov: -A r, plus ppo_kl_coef |d| on the max(1, int(ratio *
+    tokens)) tokens of largest covariance (A - mean A)(logp - mean logp). Torch path only."""
+    c, a, m = x.c, x.a.expand_as(x.lp), x.m
+    d = x.lp - x.old
+    pg = -a * x.ratio
+    pg_kl = pg + c.ppo_kl_coef * d.abs()
+    valid = (m > 0).reshape(-1)
+    vidx = torch.nonzero(valid, as_tuple=True)[0]
+    av, lv = a.detach().reshape(-1)[vidx], x.lp.detach().reshape(-1)[vidx]
+    sel = torch.zeros_like(valid)
+    if len(vidx) > 0:
+        cov = (av - av.mean()) * (lv - lv.mean())
+        k = max(1, int(len(cov) * c.kl_cov_ratio))
+        sel[vidx[torch.topk(cov, k, largest=True).indices]] = True
+    sel = sel.view_as(pg)
+    none = torch.zeros_like(x.lp, dtype=torch.bool)
+    return torch.where(sel, pg_kl, pg), none, none, none
+
+
 def geo_mean_dmin(d: torch.Tensor, a: torch.Tensor, eps_low: float, eps_high: float) -> torch.Tensor:
     """GMPO's sign-aware clipped log-ratio: sgn(a) min(sgn(a) d, sgn(a) clamp(d, -eps_low, eps_high))."""
     s = torch.sign(a)
