@@ -105,6 +105,26 @@ def test_every_form_and_correction_matches_the_fp64_reference(backend, agg):
     assert not fails, "\n".join(fails)
 
 
+def test_float64_cpu_path_matches_the_reference_to_1e10():
+    """The C++ float64 path (the scalar instantiation of the same forms) against the reference."""
+    lp, old, roll, mask, rewards, gids = _case(12)
+    for kw in CFGS:
+        kw = dict(kw, kl_coef=0.05)
+        ref = lp + 0.1
+        x0 = lp.clone().requires_grad_()
+        l0, s0 = grpo_loss_ref(x0, old, mask, rewards=rewards, group_ids=gids, ref_logprobs=ref,
+                               config=GRPOConfig(**kw), rollout_logprobs=roll)
+        l0.backward()
+        x1 = lp.clone().requires_grad_()
+        l1, s1 = mc.grpo_loss(x1, old, mask, rewards=rewards, group_ids=gids, ref_logprobs=ref, backend="cpu",
+                              rollout_logprobs=roll if kw["is_correction"] else None, **kw)
+        l1.backward()
+        torch.testing.assert_close(l1, l0.detach(), rtol=1e-10, atol=1e-10, msg=str(kw))
+        torch.testing.assert_close(x1.grad, x0.grad, rtol=1e-10, atol=1e-10, msg=str(kw))
+        for f in STATS:
+            torch.testing.assert_close(getattr(s1, f), s0[f].to(getattr(s1, f).dtype), rtol=1e-10, atol=1e-10, msg=f)
+
+
 @pytest.mark.parametrize("adv", ["rewards", "seq", "tok"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequence_ratio_with_token_is_weights(backend, adv):

@@ -191,7 +191,7 @@ def _form_cispo(x: FormCtx):
 
 @register_policy_loss("sapo")
 def _form_sapo(x: FormCtx):
-    tau = torch.where(x.a > 0, x.c.tau_pos, x.c.tau_neg)
+    tau = torch.where(x.a > 0, x.a.new_tensor(x.c.tau_pos), x.a.new_tensor(x.c.tau_neg))  # in a's dtype
     none = torch.zeros_like(x.lp, dtype=torch.bool)
     return -(torch.sigmoid(tau * (x.ratio - 1.0)) * 4.0 / tau) * x.a, none, none, none
 
@@ -284,8 +284,8 @@ def vespo_phi(d: torch.Tensor, m: torch.Tensor, a: torch.Tensor, c: GRPOConfig, 
         log_w = s.clamp(VESPO_LOG_FLOOR, LOG_RATIO_CLAMP)
         a_row = a[:, 0] if a.dim() == 2 and a.shape[1] == 1 else a
         pos = a_row >= 0
-        k = torch.where(pos, c.vespo_k_pos, c.vespo_k_neg)
-        lam = torch.where(pos, c.vespo_lambda_pos, c.vespo_lambda_neg).clamp(min=1e-4)
+        k = torch.where(pos, s.new_tensor(c.vespo_k_pos), s.new_tensor(c.vespo_k_neg))
+        lam = torch.where(pos, s.new_tensor(c.vespo_lambda_pos), s.new_tensor(c.vespo_lambda_neg)).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
