@@ -80,7 +80,10 @@ def test_torch_only_forms_run_on_torch_and_refuse_the_kernels(name):
 def test_every_form_and_correction_matches_the_fp64_reference(backend, agg):
     lp, old, roll, mask, rewards, gids = _case(BACKENDS.index(backend))
     fails = []
-    for i, kw in enumerate(CFGS):
+    # the Triton interpreter is slow: every form x correction once (token-mean), a third of them
+    # with the other aggregations (the aggregation is the same code for every form)
+    cfgs = CFGS if backend != "triton" or agg == "token-mean" else CFGS[::3]
+    for i, kw in enumerate(cfgs):
         kw = dict(kw, loss_agg=agg, kl_coef=0.05 if i % 3 == 0 else 0.0, clip_eps_high=0.28)
         ref = lp + 0.1 if kw["kl_coef"] else None
         cfg = GRPOConfig(**kw)
@@ -163,7 +166,7 @@ def test_low_precision_forms(backend, dtype):
     gradients: + one rounding step of the input dtype, eps * max|grad|)."""
     lp, old, roll, mask, rewards, gids = _case(3)
     lp, old, roll = (v.to(dtype).double() for v in (lp, old, roll))  # representable inputs
-    for kw in CFGS[::2]:
+    for kw in CFGS[::2] if backend == "cpu" else CFGS[::5]:
         cfg = GRPOConfig(**kw)
         x0 = lp.clone().requires_grad_()
         l0, _ = grpo_loss_ref(x0, old, mask, rewards=rewards, group_ids=gids, config=cfg, rollout_logprobs=roll)
