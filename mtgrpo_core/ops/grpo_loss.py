@@ -1469,8 +1469,7 @@ def _multi_reward_advantages(rewards, group_ids, cfg: GRPOConfig, backend, proce
         if w.shape != (r,):
             raise ValueError(f"reward_weights: expected {r} weights (one per reward column), "
                              f"got shape {tuple(w.shape)}")
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError("reward_weights: expected finite weights")
+        _value_check(torch.isfinite(w).all(), "reward_weights: expected finite weights")  # no host sync on CUDA
     per_col = dict(scale="group", eps=cfg.adv_eps, std=cfg.adv_std, singleton=cfg.adv_singleton, backend=backend,
                    process_group=process_group)
     z = torch.stack([group_advantages(rewards[:, k].contiguous(), group_ids, **per_col).to(torch.float64)
