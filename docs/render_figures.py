@@ -208,6 +208,14 @@ def render_experiments(from_file: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_experiment_status(from_file: Path) -> str:
+    """The status box of one experiments page (the page named like ``from_file``)."""
+    e = next(e for e in load_data()["experiments"] if e["page"] == from_file.stem)
+    kind = "note" if e["status"] == "current" else "warning"
+    return (f":::{{{kind}}}\n**{e['status'].capitalize()}.** {e['note']}. The file is `{e['file']}`; it is "
+            "included below as committed.\n:::\n")
+
+
 def render_grid(from_file: Path) -> str:
     """The Triton GRPO loss grid at the long-sequence shape, from the launcher's own plan."""
     import importlib
@@ -230,6 +238,7 @@ RENDERERS = {
     "repro": render_repro,
     "demo-reading": render_demo_reading,
     "experiments": render_experiments,
+    "experiment-status": render_experiment_status,
     "grpo-grid": render_grid,
 }
 
