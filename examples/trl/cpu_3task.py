@@ -19,7 +19,7 @@ What it does
 4. Evaluates each on the test split with the library's evaluator (greedy accuracy, mean@4,
    pass@4 per task) and prints the table and the rounds / I_k statistics.
 
-Run:  .venv/bin/python examples/trl/cpu_3task.py [--steps 30] [--out runs/trl_example]
+Run:  .venv/bin/python examples/trl/cpu_3task.py [--steps 60] [--out runs/trl_example]
 (the committed output, ``examples/trl/output.txt``, says the budget it ran at).
 """
 from __future__ import annotations
@@ -97,6 +97,7 @@ def make_reward(lib):
 
 
 def run(lib, warm_state, tok, args, name, **kw):
+    from transformers import PrinterCallback
     from trl import GRPOConfig
 
     from mtgrpo_core.integrations.trl import MTGRPOTrainer
@@ -113,6 +114,7 @@ def run(lib, warm_state, tok, args, name, **kw):
     tr = MTGRPOTrainer(model=lib.model, reward_funcs=make_reward(lib), args=targs,
                        train_dataset=dataset(lib, with_task), processing_class=tok, loss_backend=args.loss_backend,
                        **kw)
+    tr.remove_callback(PrinterCallback)  # the per-step log dicts; the summary below is printed instead
     t0 = time.time()
     tr.train()
     wall = time.time() - t0
@@ -129,7 +131,7 @@ def mean_log(logs, key):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30, help="TRL optimiser steps per run")
+    ap.add_argument("--steps", type=int, default=60, help="TRL optimiser steps per run")
     ap.add_argument("--warmup-steps", type=int, default=1000)
     ap.add_argument("--init-from", default="", help="a library checkpoint to start from instead of the warm-up")
     ap.add_argument("--prompts", type=int, default=24, help="prompts per step")
