@@ -435,7 +435,11 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     const FloatKernels& K = float_kernels();
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
-#pragma omp parallel
+    // Below kParallelMinTokens the region has one thread (no wake-up at all): a 4 x 8 call
+    // took a median 11 ms with 2 threads on the loaded 2-core machine (issue 25), since its
+    // second thread waited for a busy core; one thread does 16K tokens in ~50-100 us.
+    constexpr int64_t kParallelMinTokens = 16384;
+#pragma omp parallel if (N * T >= kParallelMinTokens)
     {
       // Pass 1: tokens per row (1 byte per token), then the rows' aggregation weights.
 #pragma omp for schedule(static)
