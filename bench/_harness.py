@@ -3,7 +3,8 @@
 Each case prints one JSON line and appends a CSV row to ``bench/results/<op>.csv``:
 op, case (shape), provider, device, median / p20 / p80 time (ms), achieved GB/s for the
 bytes the op must touch, peak memory above the inputs (MB), speedup vs ``torch_ref``
-measured in the same run, git sha and versions. Providers are named ``mtgrpo-<backend>``
+measured in the same run, git sha and versions, the UTC date of the run and the machine
+(CPU model, cores, GPU). Providers are named ``mtgrpo-<backend>``
 and ``torch_ref`` (the reference, imported from ``mtgrpo_core.reference``).
 Compare timings only as ratios taken in one run: absolute numbers move with the machine.
 """
@@ -117,6 +118,43 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def machine() -> str:
+    """The machine in a few words: CPU model, cores this process may use, GPU if any."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {cores} cores{gpu}"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+CSV_COLUMNS = ["op", "case", "provider", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mb",
+               "speedup_vs_torch_ref", "extra", "git", "torch", "threads", "date", "machine"]
+
+
+def _upgrade_csv(path: Path) -> None:
+    """Rewrite a CSV written before the date and machine columns with those columns added
+    (empty for its old rows: when and where they were measured was not recorded)."""
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] == CSV_COLUMNS:
+        return
+    head = rows[0]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows[1:]:
+            d = dict(zip(head, r))
+            w.writerow([d.get(c, "") for c in CSV_COLUMNS])
+
+
 def versions() -> dict:
     v = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
     try:
@@ -142,18 +180,19 @@ def emit(rows: list[Row], *, csv_name: str | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{csv_name or rows[0].op}.csv"
     new = not path.exists()
+    if not new:
+        _upgrade_csv(path)
+    date, where = utc_now(), machine()
     with path.open("a", newline="") as f:
         w = csv.writer(f)
-        cols = ["op", "case", "provider", "device", "median_ms", "p20_ms", "p80_ms", "gbps", "peak_mb",
-                "speedup_vs_torch_ref", "extra", "git", "torch", "threads"]
         if new:
-            w.writerow(cols)
+            w.writerow(CSV_COLUMNS)
         for r in rows:
             w.writerow([r.op, r.case, r.provider, r.device, f"{r.median_ms:.4f}", f"{r.p20_ms:.4f}",
                         f"{r.p80_ms:.4f}", "" if r.gbps is None else f"{r.gbps:.3f}",
                         "" if r.peak_mb is None else f"{r.peak_mb:.2f}",
                         "" if r.speedup_vs_torch_ref is None else r.speedup_vs_torch_ref,
-                        json.dumps(r.extra), sha, ver["torch"], ver["threads"]])
+                        json.dumps(r.extra), sha, ver["torch"], ver["threads"], date, where])
 
 
 def memcpy_ms(nbytes: int, *, device: str = "cpu") -> float:
