@@ -63,7 +63,7 @@ use ``data.dataloader_num_workers=0`` for immediate effect.
 Registration must happen in every Ray process that runs verl code (the driver-side
 trainer and the actor workers). The simplest way is verl's own hook, the environment
 variable ``VERL_USE_EXTERNAL_MODULES=mtgrpo_core.integrations.verl_plugin`` forwarded to
-Ray workers (see the README section), whose import calls :func:`register`.
+Ray workers (see docs/guides/verl.md), whose import calls :func:`register`.
 """
 from __future__ import annotations
 
