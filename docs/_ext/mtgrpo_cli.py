@@ -120,7 +120,31 @@ class MtgrpoConfigDirective(SphinxDirective):
         return result
 
 
+class MtgrpoAutosummaryDirective(SphinxDirective):
+    """``.. mtgrpo-autosummary:: MODULE`` (inside an ``eval-rst`` block): an autosummary table of the
+    classes and functions in ``MODULE.__all__``, so the table follows the module's exports."""
+
+    required_arguments = 1
+    has_content = False
+
+    def run(self) -> list[nodes.Node]:
+        import importlib
+        import inspect
+
+        from docutils.statemachine import StringList
+
+        name = self.arguments[0]
+        mod = importlib.import_module(name)
+        members = [m for m in getattr(mod, "__all__", [])
+                   if inspect.isclass(getattr(mod, m, None)) or inspect.isfunction(getattr(mod, m, None))]
+        lines = [".. autosummary::", ""] + [f"   {name}.{m}" for m in members]
+        node = nodes.container()
+        self.state.nested_parse(StringList(lines, source=f"mtgrpo-autosummary {name}"), self.content_offset, node)
+        return node.children
+
+
 def setup(app):
     app.add_directive("mtgrpo-cli", MtgrpoCliDirective)
     app.add_directive("mtgrpo-config", MtgrpoConfigDirective)
+    app.add_directive("mtgrpo-autosummary", MtgrpoAutosummaryDirective)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
