@@ -105,10 +105,12 @@ def render_results(from_file: Path, *, commit: bool = True) -> str:
     for row in data["rows"]:
         if not commit and not row.get("readme", True):   # the README's short table leaves such rows out
             continue
-        machine = data["machines"][row["machine"]]["short" if not commit else "long"]
+        machine = data["machines"][row["machine"]]["short"]
         cells = [row["what"], figure(row), row["date"], *([f"`{row['commit']}`"] if commit else []),
                  machine, f"`{row['command']}`", _link(row["link"], from_file)]
         lines.append("| " + " | ".join(cells) + " |")
+    if commit:   # the long form carries the machines' descriptions
+        lines += ["", "Machines: " + "; ".join(f"*{m['short']}*: {m['long']}" for m in data["machines"].values()) + "."]
     return "\n".join(lines) + "\n"
 
 
