@@ -74,6 +74,11 @@ def figure(row: dict) -> str:
         b, a = s["before"]["tasks"], s["after"]["tasks"]
         return (f"{_pct(b['countdown-4']['mean_at_k'])} → **{_pct(a['countdown-4']['mean_at_k'])}** "
                 f"(spell_backward {_pct(b['spell_backward']['mean_at_k'])} before RL); {row['wall']}")
+    if kind == "generation":
+        v = row["values"]
+        return (f"tokens/s {v['tf_tok_24']:,} vs {v['vllm_tok_24']:,} (24 x 8), {v['tf_tok_256']:,} vs "
+                f"{v['vllm_tok_256']:,} (256 x 8); RL step {v['tf_step_24']} vs **{v['vllm_step_24']} s** (24 x 8); "
+                f"vLLM engine start {v['engine_start_s']} s")
     if kind == "compare":
         algos = json.loads((ROOT / row["file"]).read_text())["algos"]
         return "; ".join(f"{label} {_mean_std(algos[name][row['metric']])}" for name, label in row["algos"].items())
