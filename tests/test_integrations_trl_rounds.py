@@ -6,7 +6,9 @@ the prompt and the rollout's position (so which groups are informative is known)
 from __future__ import annotations
 
 import json
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +17,14 @@ import torch
 pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
-from tokenizers import Tokenizer, decoders, models  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig  # noqa: E402
 
 import mtgrpo_core.integrations.trl as mtrl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_workers"))
+# the character tokenizer and tiny Llama of the 2-process TRL worker, one definition for both
+from trl_worker import model as _model  # noqa: E402
+from trl_worker import tokenizer as _tokenizer  # noqa: E402
 from mtgrpo_core.integrations._trl_rounds import join_rows  # noqa: E402
 from mtgrpo_core.integrations.trl import SUPPORTED_LOSS_TYPES, MTGRPOTrainer  # noqa: E402
 from mtgrpo_core.weighting import TaskRewardTracker, TaskStats, make_weighting  # noqa: E402
@@ -27,22 +32,6 @@ from mtgrpo_core.weighting import TaskRewardTracker, TaskStats, make_weighting  
 G = 2
 # percent of each task's prompts whose group is informative (rewards 0 and 1), the others all 0
 INFORMATIVE = {"alpha": 25, "beta": 55, "gamma": 90}
-
-
-def _tokenizer():
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
-    for c in [chr(i) for i in range(32, 127)]:
-        vocab.setdefault(c, len(vocab))
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tk.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-
-
-def _model(vocab_size):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                        max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1))
 
 
 def _informative(prompt: str, task: str) -> bool:
