@@ -253,8 +253,12 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
 
 // Fused forward + backward. Inputs are C-contiguous arrays; outputs are preallocated:
 // grad[N, T] (the input dtype: bf16 / fp16 gradients are rounded once, in the kernel), rowstats[N, kRowStats]
-// float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given).
-void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
+// float64, adv_out[N] float64, row_flat[N] / row_leader[N] uint8 (filled when rewards are given), and
+// optionally loss_out (the sum of the rows' loss shares, in row order, rounded once to the compute dtype).
+// Returns whether every row statistic is finite (false: a NaN at an unmasked token, or a non-finite
+// loss term; the caller raises, naming the inputs). Given advantages, rewards and seq_weights are
+// checked finite here, in the pass that reads them (ValueError naming the argument).
+bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
                            py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
                            const std::string& dtype, py::array grad, py::array rowstats, py::array adv_out,
                            py::array row_flat, py::array row_leader, py::object rollout_logprobs, py::object row_coef,
@@ -267,7 +271,9 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
                            int kl_estimator, bool seq_level, int loss_agg, double num_tokens, double norm_length,
                            bool seq_count_all,
                            // policy-loss form and importance-sampling correction
-                           int form, double tau_pos, double tau_neg, int is_mode, double is_lo, double is_hi) {
+                           int form, double tau_pos, double tau_neg, int is_mode, double is_lo, double is_hi,
+                           // optional: the loss (0-d or [1] array of the compute dtype) written here
+                           py::object loss_out) {
   const DType dt = parse_dtype(dtype);
   const size_t item = itemsize(dt);
   const size_t citem = dt == DType::F64 ? 8 : 4;
@@ -283,6 +289,13 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   auto ab = check_1d(adv_out, "adv_out", N, 8);
   auto fb = check_1d(row_flat, "row_flat", N, 1);
   auto ldb = check_1d(row_leader, "row_leader", N, 1);
+  void* loss_ptr = nullptr;
+  if (!loss_out.is_none()) {
+    auto b = loss_out.cast<py::array>().request();
+    if (b.size != 1 || static_cast<size_t>(b.itemsize) != citem)
+      fail("loss_out: expected one ", citem, "-byte element (the compute dtype), got ", b.size, " of ", b.itemsize);
+    loss_ptr = b.ptr;
+  }
 
   if (!(eps_low >= 0.0 && eps_low < 1.0)) fail("clip_eps_low: expected a value in [0, 1), got ", eps_low);
   if (!(eps_high >= 0.0) || !std::isfinite(eps_high))
@@ -361,11 +374,19 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     auto info = a.request();
     if (info.ndim == 2) {
       auto tb = check_2d(a, "advantages", N, T, citem);
+      if (citem == 8)
+        check_finite(static_cast<const double*>(tb.ptr), N * T, "advantages");
+      else
+        check_finite(static_cast<const float*>(tb.ptr), N * T, "advantages");
       adv_tok = tb.ptr;
       tok_adv = true;
       for (int64_t i = 0; i < N; ++i) adv[i] = 1.0;
     } else {
       auto vb = check_1d(a, "advantages", N, citem);
+      if (citem == 8)
+        check_finite(static_cast<const double*>(vb.ptr), N, "advantages");
+      else
+        check_finite(static_cast<const float*>(vb.ptr), N, "advantages");
       for (int64_t i = 0; i < N; ++i)
         adv[i] = citem == 8 ? static_cast<const double*>(vb.ptr)[i] : static_cast<const float*>(vb.ptr)[i];
     }
@@ -510,6 +531,20 @@ void grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
       }
     }
   }
+  bool finite = true;
+  double loss = 0.0;
+  for (int64_t i = 0; i < N; ++i) {
+    const double* out = stats + i * kRowStats;
+    for (int c = 0; c < kRowStats; ++c) finite = finite && std::isfinite(out[c]);
+    loss += out[kLossContrib];
+  }
+  if (loss_ptr != nullptr) {
+    if (citem == 8)
+      *static_cast<double*>(loss_ptr) = loss;
+    else
+      *static_cast<float*>(loss_ptr) = static_cast<float>(loss);
+  }
+  return finite;
 }
 
 }  // namespace
@@ -526,7 +561,7 @@ void register_grpo_loss(py::module_& m) {
   m.def("grpo_loss_fwd_bwd_cpu", &grpo_loss_fwd_bwd_cpu, py::arg("logprobs"), py::arg("old_logprobs"), py::arg("mask"),
         py::arg("advantages"), py::arg("rewards"), py::arg("group_ids"), py::arg("seq_weights"),
         py::arg("ref_logprobs"), py::arg("dtype"), py::arg("grad"), py::arg("rowstats"), py::arg("adv_out"),
-        py::arg("row_flat"), py::arg("row_leader"), py::kw_only(), py::arg("rollout_logprobs") = py::none(),
+        py::arg("row_flat"), py::arg("row_leader"), py::arg("rollout_logprobs") = py::none(),
         py::arg("row_coef") = py::none(), py::arg("is_row") = py::none(), py::arg("adv_scale") = "group",
         py::arg("adv_eps") = 1e-6, py::arg("adv_unbiased") = true, py::arg("adv_singleton_raw") = false,
         py::arg("adv_clip") = 0.0, py::arg("eps_low") = 0.2, py::arg("eps_high") = 0.2, py::arg("dual_clip") = INFINITY,
@@ -534,5 +569,8 @@ void register_grpo_loss(py::module_& m) {
         py::arg("seq_level") = false, py::arg("loss_agg") = 0, py::arg("num_tokens") = 0.0,
         py::arg("norm_length") = 0.0, py::arg("seq_count_all") = false, py::arg("form") = 0, py::arg("tau_pos") = 1.0,
         py::arg("tau_neg") = 1.05, py::arg("is_mode") = 0, py::arg("is_lo") = 0.0, py::arg("is_hi") = INFINITY,
-        "Fused GRPO loss forward + backward on the CPU (see mtgrpo/grpo_loss.h).");
+        py::arg("loss_out") = py::none(),
+        "Fused GRPO loss forward + backward on the CPU (see mtgrpo/grpo_loss.h). Every argument may be given "
+        "by position (the small-call path does: no keyword matching). Returns whether every row statistic is "
+        "finite.");
 }

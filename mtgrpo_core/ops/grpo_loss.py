@@ -58,13 +58,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from .. import _native
 from ..config import IS_CORRECTIONS, POLICY_LOSSES, TORCH_ONLY_POLICY_LOSSES, GRPOConfig
 from ..reference.grpo_loss import (effective_config, geo_mean_dmin, grpo_loss_rows_ref, is_weights_ref,
                                    vespo_phi)
-from ._dispatch import register_op, resolve_backend
+from ._dispatch import eager_direct, register_op, resolve_backend
 
 register_op("grpo_loss", triton=True, cpu="grpo_loss_fwd_bwd_cpu")
 register_op("group_advantages", triton=True, cpu="group_advantages_cpu")
@@ -157,6 +158,40 @@ class GRPOStats:
                 out[f.name] = float(v)
         return out
 
+    # A small eager call builds its statistics on first access (~10 small torch ops that would
+    # otherwise be most of a 4 x 8 call): ``_lazy`` keeps the function that computes them from
+    # the op's row statistics (internal buffers nobody else holds), and the first read of any
+    # field below fills them all in, with exactly the values, types, dtypes and devices an eager
+    # build gives. ``__getattr__`` runs only for attributes the instance lacks.
+    @classmethod
+    def _lazy(cls, build) -> GRPOStats:
+        s = object.__new__(cls)
+        s.__dict__.update(task_loss_sum=None, task_tokens=None, task_zero_adv_frac=None, task_num_sequences=None,
+                          _pending=build)
+        return s
+
+    def __getattr__(self, name: str):
+        d = self.__dict__
+        if name not in _LAZY_FIELDS or "_pending" not in d:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r}")
+        full = d.pop("_pending")()
+        for f in _LAZY_FIELDS:
+            d[f] = full.__dict__[f]
+        return d[name]
+
+    def __getstate__(self):  # pickling / copying a lazy instance stores the values, not the builder
+        if "_pending" in self.__dict__:
+            self.advantages  # noqa: B018 - fills in every lazy field
+        return self.__dict__
+
+
+_LAZY_FIELDS = frozenset(("advantages", "per_sequence_loss", "clip_frac_low", "clip_frac_high", "dual_clip_frac",
+                          "ratio_mean", "approx_kl", "ref_kl_mean", "zero_adv_group_frac", "num_tokens",
+                          "is_ratio_mean", "is_clip_frac"))
+# The class attributes that dataclass leaves for fields with a default would answer before
+# __getattr__ for a lazy instance: removed (the generated __init__ keeps its defaults).
+del GRPOStats.is_ratio_mean, GRPOStats.is_clip_frac
+
 
 # ---------------------------------------------------------------------------------------
 # The configuration, packed once
@@ -220,6 +255,42 @@ def _unpack_config(fparams, iparams) -> dict:
     kp["is_lo_opt"] = None if kp["is_lo"] < 0 else kp["is_lo"]
     kp["is_hi_opt"] = None if math.isinf(kp["is_hi"]) else kp["is_hi"]
     kp["is_lo"] = max(kp["is_lo"], 0.0)
+    # the C++ binding's keyword arguments, in its order (passed by position: no keyword matching)
+    kp["cpu_args"] = tuple(_ADV_SCALE_NAME[kp[k]] if k == "adv_scale" else kp[k] for k in _CPU_KEYS)
+    return kp
+
+
+# The packing and its decoding, once per configuration instead of once per call (~5 us of a
+# small call). Both results are shared: never mutated.
+_PACKED: dict[int, tuple] = {}  # id(cfg) -> (cfg, [packed without ref, packed with ref])
+_UNPACKED: dict[tuple, dict] = {}  # (*fparams, *iparams) -> kp
+_CACHE_MAX = 256
+
+
+def _packed(cfg: GRPOConfig, ref_given: bool) -> tuple[list[float], list[int], dict]:
+    """(fparams, iparams, kp) of ``cfg``. A GRPOConfig is frozen, so its identity is its value;
+    the entry keeps ``cfg`` alive, so its id cannot be reused while the entry exists."""
+    hit = _PACKED.get(id(cfg))
+    if hit is None or hit[0] is not cfg:
+        if len(_PACKED) >= _CACHE_MAX:
+            _PACKED.clear()
+        hit = _PACKED[id(cfg)] = (cfg, [None, None])
+    slot = hit[1]
+    out = slot[ref_given]
+    if out is None:
+        f, i = _pack_config(cfg, ref_given)
+        out = slot[ref_given] = (f, i, _unpacked(f, i))
+    return out
+
+
+def _unpacked(fparams, iparams) -> dict:
+    """:func:`_unpack_config`, remembered (the op's implementation gets only the packed lists)."""
+    key = (*fparams, *iparams)
+    kp = _UNPACKED.get(key)
+    if kp is None:
+        if len(_UNPACKED) >= _CACHE_MAX:
+            _UNPACKED.clear()
+        kp = _UNPACKED[key] = _unpack_config(fparams, iparams)
     return kp
 
 
@@ -871,49 +942,70 @@ def _cpu_group_advantages(rewards, group_ids, kp):
 
 
 def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref, roll, kp):
+    """The C++ path on contiguous CPU tensors (``mask`` bool or uint8; ``lp`` without grad).
+
+    Returns (loss 0-d tensor, grad [N, T] tensor, rowstats, adv_out, flat, leader, finite):
+    rowstats [N, 11] float64, adv_out [N] float64, flat / leader [N] uint8 as numpy arrays (the
+    op wraps them with ``torch.from_numpy``, zero-copy; a small eager call only when its
+    statistics are read), ``finite``: every row statistic is finite. Outputs are numpy
+    allocations (~0.1 us each against ~1 us for ``torch.empty``); given advantages, rewards and
+    seq_weights are checked finite by the binding, in the pass that reads them."""
     n, t = lp.shape
     cdt = _compute_dtype(lp.dtype)
-    grad = torch.empty((n, t), dtype=lp.dtype)  # the kernel rounds bf16 / fp16 gradients itself
-    rowstats = torch.empty((n, NUM_ROW_STATS), dtype=torch.float64)
-    adv_out = torch.empty(n, dtype=torch.float64)
-    flat = torch.empty(n, dtype=torch.uint8)
-    leader = torch.empty(n, dtype=torch.uint8)
-    sw = None if seq_weights is None else seq_weights.to(cdt).contiguous()
-    pre_flags = fold_cols = adv_rows = None
-    if (kp["policy_loss"] in ROW_CONST_FORMS or kp["seq_tok_is"]) and advantages is None:
-        # the row constant needs the advantages first: the group statistics, then the given-[N] path
-        a64, f0, l0 = _cpu_group_advantages(rewards, group_ids, kp)
-        advantages, rewards, group_ids, pre_flags = a64.to(cdt), None, None, (f0, l0)
-    a_row = None
-    if advantages is not None and advantages.dim() == 1:
-        a_row = advantages.to(cdt) * sw if sw is not None else advantages.to(cdt)
-    rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
-    if kp["seq_tok_is"]:
-        w_tok, fold_cols = _token_is_fold(lp, old, mask, roll, kp)
-        if advantages.dim() == 1:
-            adv_rows = a_row.to(torch.float64)
-            advantages = advantages.to(cdt)[:, None] * w_tok
-        else:
-            advantages = advantages.to(cdt) * w_tok
-    adv = None if advantages is None else advantages.to(cdt).contiguous()
-    rw = None if rewards is None else rewards.to(torch.float64).contiguous()
-    gid = None if group_ids is None else group_ids.to(torch.int64).contiguous()
-    kw = {k: kp[k] for k in _CPU_KEYS}
-    kw["adv_scale"] = _ADV_SCALE_NAME[kp["adv_scale"]]
-    _native.native().grpo_loss_fwd_bwd_cpu(
+    grad_np = np.empty((n, t), dtype=_NP_DTYPE[lp.dtype])  # the kernel rounds bf16 / fp16 gradients itself
+    grad = torch.from_numpy(grad_np)
+    if lp.dtype == torch.bfloat16:
+        grad = grad.view(torch.bfloat16)
+    loss_np = np.empty((), dtype=np.float64 if cdt == torch.float64 else np.float32)
+    rowstats = np.empty((n, NUM_ROW_STATS), dtype=np.float64)
+    adv_out = np.empty(n, dtype=np.float64)
+    flat = np.empty(n, dtype=np.uint8)
+    leader = np.empty(n, dtype=np.uint8)
+    sw = None if seq_weights is None else _as(seq_weights, cdt)
+    pre_flags = fold_cols = adv_rows = is_cols = rc = is_row = None
+    if kp["policy_loss"] in ROW_CONST_FORMS or kp["seq_tok_is"] or kp["is_correction"] is not None:
+        if advantages is None and (kp["policy_loss"] in ROW_CONST_FORMS or kp["seq_tok_is"]):
+            # the row constant needs the advantages first: the group statistics, then the given-[N] path
+            a64, f0, l0 = _cpu_group_advantages(rewards, group_ids, kp)
+            advantages, rewards, group_ids, pre_flags = a64.to(cdt), None, None, (f0, l0)
+        a_row = None
+        if advantages is not None and advantages.dim() == 1:
+            a_row = advantages.to(cdt) * sw if sw is not None else advantages.to(cdt)
+        rc, is_row, is_cols = _row_prepass(lp, old, mask, roll, a_row, kp)
+        if kp["seq_tok_is"]:
+            w_tok, fold_cols = _token_is_fold(lp, old, mask, roll, kp)
+            if advantages.dim() == 1:
+                adv_rows = a_row.to(torch.float64)
+                advantages = advantages.to(cdt)[:, None] * w_tok
+            else:
+                advantages = advantages.to(cdt) * w_tok
+    adv = None if advantages is None else _as(advantages, cdt).contiguous()
+    # the binding reads float32 or float64 rewards (in float64) and int64 labels as they are
+    rw = None if rewards is None else (rewards if rewards.dtype in _F32_F64 else rewards.to(torch.float64)).contiguous()
+    gid = None if group_ids is None else _as(group_ids, torch.int64).contiguous()
+    finite = _native.native().grpo_loss_fwd_bwd_cpu(
         _as_numpy(lp), _as_numpy(old), mask.numpy(), _opt(adv), _opt(rw), _opt(gid), _opt(sw), _opt(ref),
-        _DTYPE_NAME[lp.dtype], _as_numpy(grad), rowstats.numpy(), adv_out.numpy(), flat.numpy(), leader.numpy(),
-        rollout_logprobs=_opt(roll) if kp["is_mode"] else None, row_coef=_opt(rc), is_row=_opt(is_row), **kw)
-    if is_cols is not None:
-        rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = is_cols
-    if fold_cols is not None:
-        rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = fold_cols
+        _DTYPE_NAME[lp.dtype], grad_np, rowstats, adv_out, flat, leader, _opt(roll) if kp["is_mode"] else None,
+        _opt(rc), _opt(is_row), *kp["cpu_args"], loss_np)
+    for cols in (is_cols, fold_cols):
+        if cols is not None:
+            rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = cols.numpy()
+            finite = finite and bool(np.isfinite(rowstats).all())
     if adv_rows is not None:
-        adv_out = adv_rows
+        adv_out = adv_rows.numpy()
     if pre_flags is not None:
-        flat, leader = pre_flags
-    loss = rowstats[:, LOSS_CONTRIB].sum().to(cdt)
-    return loss, grad, rowstats, adv_out, flat, leader
+        flat, leader = pre_flags[0].numpy(), pre_flags[1].numpy()
+    return torch.from_numpy(loss_np), grad, rowstats, adv_out, flat, leader, finite
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already that dtype (~1 us on a small call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+_F32_F64 = (torch.float32, torch.float64)
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+             torch.bfloat16: np.int16}
 
 
 # The dispatch key sets of a plain eager thread (taken at import, outside any op).
@@ -969,41 +1061,45 @@ _NAN_MESSAGE = ("logprobs/old_logprobs/ref_logprobs: a NaN (or a non-finite loss
                 "check the policy's log-probabilities (masked positions may hold anything)")
 
 
-@torch.library.custom_op("mtgrpo::grpo_loss", mutates_args=())
-def _grpo_loss_op(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, mask: torch.Tensor,
-    advantages: torch.Tensor | None, rewards: torch.Tensor | None, group_ids: torch.Tensor | None,
-    seq_weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None,
-    backend: str, fparams: list[float], iparams: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused GRPO loss forward (the gradient is written in the same pass).
-
-    Returns (loss 0-d compute dtype, dL/dlogp [N, T] input dtype, rowstats [N, 9] float64,
-    adv [N] float64, row_flat [N] uint8, row_leader [N] uint8). ``backend`` is already
-    resolved ("cpu" | "triton" | "torch"); ``fparams`` / ``iparams`` come from
-    :func:`_pack_config`. Value checks (finite advantages / rewards / seq weights, no NaN at
-    unmasked tokens) run here, on the real tensors, without a host sync on CUDA.
-    """
-    kp = _unpack_config(fparams, iparams)
-    lp = logprobs.contiguous()
-    old = lp if old_logprobs is None else old_logprobs.to(lp.dtype).contiguous()
-    m = _mask_u8(mask)
-    ref = None if ref_logprobs is None else ref_logprobs.to(lp.dtype).contiguous()
-    roll = None if rollout_logprobs is None else rollout_logprobs.to(lp.dtype).contiguous()
+def _grpo_loss_impl(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
+                    rollout_logprobs, backend: str, fparams, iparams, kp: dict | None = None) -> tuple:
+    """The real implementation of ``mtgrpo::grpo_loss`` on every backend (see the op). The op
+    calls it; so does a plain eager CPU call directly (:func:`grpo_loss`'s small-call path),
+    which is why the two give the same bits. On the "cpu" backend the last four outputs are
+    numpy arrays (the op wraps them); ``kp``: the decoded ``fparams`` / ``iparams`` when the
+    caller has them."""
+    if kp is None:
+        kp = _unpacked(fparams, iparams)
+    lp = logprobs.detach() if logprobs.requires_grad else logprobs
+    lp = lp.contiguous()
+    dt = lp.dtype
+    old = lp if old_logprobs is None else _as(old_logprobs, dt).contiguous()
+    cpu = backend == "cpu"
+    # the C++ kernel reads a bool mask's bytes as they are (nonzero = token)
+    m = mask.contiguous() if cpu and mask.dtype == torch.bool else _mask_u8(mask)
+    ref = None if ref_logprobs is None else _as(ref_logprobs, dt).contiguous()
+    roll = None if rollout_logprobs is None else _as(rollout_logprobs, dt).contiguous()
     if kp["is_correction"] is not None:
         if roll is None:
             raise ValueError(f"rollout_logprobs: required with is_correction={kp['is_correction']!r}")
         _check_finite("rollout_logprobs", torch.where(m != 0, roll, 0.0))
-    if advantages is not None:
-        _check_finite("advantages", advantages)
-    if rewards is not None:
-        _check_finite("rewards", rewards.double())
-    if seq_weights is not None:
-        _check_finite("seq_weights", seq_weights)
+    # The C++ binding checks given advantages, rewards and seq_weights itself, in the pass that
+    # reads them, except where a torch pre-pass reads them first (the row-constant forms, GSPO
+    # with token IS weights).
+    if not cpu or kp["policy_loss"] in ROW_CONST_FORMS or kp["seq_tok_is"]:
+        if advantages is not None:
+            _check_finite("advantages", advantages)
+        if rewards is not None:
+            _check_finite("rewards", rewards.double())
+        if seq_weights is not None:
+            _check_finite("seq_weights", seq_weights)
     bad = None
-    if backend == "cpu":
-        out = _cpu_forward(lp, old, m, advantages, rewards, group_ids, seq_weights, ref, roll, kp)
-    elif backend == "triton":
+    if cpu:
+        *out, finite = _cpu_forward(lp, old, m, advantages, rewards, group_ids, seq_weights, ref, roll, kp)
+        if not finite:
+            raise ValueError(_NAN_MESSAGE)
+        return tuple(out)
+    if backend == "triton":
         adv = None if advantages is None else advantages.to(_compute_dtype(lp.dtype)).contiguous()
         *out, bad = grpo_loss_triton(lp, old, m, adv, rewards, group_ids, seq_weights, ref, kp, roll=roll)
         out[0] = out[0].to(_compute_dtype(lp.dtype))
@@ -1019,6 +1115,26 @@ def _grpo_loss_op(
     return tuple(out)
 
 
+@torch.library.custom_op("mtgrpo::grpo_loss", mutates_args=())
+def _grpo_loss_op(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor | None, mask: torch.Tensor,
+    advantages: torch.Tensor | None, rewards: torch.Tensor | None, group_ids: torch.Tensor | None,
+    seq_weights: torch.Tensor | None, ref_logprobs: torch.Tensor | None, rollout_logprobs: torch.Tensor | None,
+    backend: str, fparams: list[float], iparams: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused GRPO loss forward (the gradient is written in the same pass).
+
+    Returns (loss 0-d compute dtype, dL/dlogp [N, T] input dtype, rowstats [N, 11] float64,
+    adv [N] float64, row_flat [N] uint8, row_leader [N] uint8). ``backend`` is already
+    resolved ("cpu" | "triton" | "torch"); ``fparams`` / ``iparams`` come from
+    :func:`_pack_config`. Value checks (finite advantages / rewards / seq weights, no NaN at
+    unmasked tokens) run here, on the real tensors, without a host sync on CUDA.
+    """
+    out = _grpo_loss_impl(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
+                          rollout_logprobs, backend, fparams, iparams)
+    return tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in out)
+
+
 @_grpo_loss_op.register_fake
 def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs, rollout_logprobs,
       backend, fparams, iparams):
@@ -1029,13 +1145,17 @@ def _(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights,
             logprobs.new_empty(n, dtype=torch.uint8), logprobs.new_empty(n, dtype=torch.uint8))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+def _save_grad(ctx, grad: torch.Tensor) -> None:
+    ctx.save_for_backward(grad)
     ctx.applied = None  # the upstream scale already applied to the saved gradient (None: none yet)
-    ctx.mark_non_differentiable(*output[1:])
     # No zero-filled gradients for the outputs that get none: autograd would otherwise
     # allocate and memset an [N, T] tensor for the gradient buffer's "gradient" (4 B/token).
     ctx.set_materialize_grads(False)
+
+
+def _setup_context(ctx, inputs, output):
+    _save_grad(ctx, output[1])
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, g_loss, *unused):
@@ -1263,15 +1383,32 @@ def grpo_loss(
     meta tensors give shapes. The forward writes dL/dlogp in the input dtype; the backward
     returns it unchanged when the upstream gradient is 1 (see ``_backward``).
     """
-    cfg = config if config is not None else GRPOConfig(
-        adv_scale=adv_scale, adv_eps=adv_eps, adv_std=adv_std, adv_singleton=adv_singleton, adv_clip=adv_clip,
-        kl_coef=kl_coef, kl_estimator=kl_estimator, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, ratio_cap=ratio_cap, importance_level=importance_level, loss_agg=loss_agg,
-        num_tokens=num_tokens, norm_length=norm_length, seq_count=seq_count, policy_loss=policy_loss,
-        tau_pos=tau_pos, tau_neg=tau_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
-        vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, clip_cov_ratio=clip_cov_ratio,
-        clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
-        is_correction=is_correction, is_lo=is_lo, is_hi=is_hi)
+    compiling = torch.compiler.is_compiling()  # (a trace runs once per graph: no caches there)
+    if config is None:
+        # The keyword configuration, validated once per distinct set of values (GRPOConfig's
+        # checks cost ~8 us): the key holds the values, the entry their types, so a value equal
+        # to a cached one but of another type (True for 1.0, numpy for float) is built and checked.
+        key = (adv_scale, adv_eps, adv_std, adv_singleton, adv_clip, kl_coef, kl_estimator, clip_eps_low,
+               clip_eps_high, dual_clip, ratio_cap, importance_level, loss_agg, num_tokens, norm_length, seq_count,
+               policy_loss, tau_pos, tau_neg, vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg,
+               clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef, is_correction, is_lo, is_hi)
+        cfg = None if compiling else _cached_config(key)
+        if cfg is None:
+            cfg = GRPOConfig(
+                adv_scale=adv_scale, adv_eps=adv_eps, adv_std=adv_std, adv_singleton=adv_singleton, adv_clip=adv_clip,
+                kl_coef=kl_coef, kl_estimator=kl_estimator, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+                dual_clip=dual_clip, ratio_cap=ratio_cap, importance_level=importance_level, loss_agg=loss_agg,
+                num_tokens=num_tokens, norm_length=norm_length, seq_count=seq_count, policy_loss=policy_loss,
+                tau_pos=tau_pos, tau_neg=tau_neg, vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos,
+                vespo_k_neg=vespo_k_neg, vespo_lambda_neg=vespo_lambda_neg, clip_cov_ratio=clip_cov_ratio,
+                clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
+                is_correction=is_correction, is_lo=is_lo, is_hi=is_hi)
+            if not compiling:
+                if len(_CONFIGS) >= _CACHE_MAX:
+                    _CONFIGS.clear()
+                _CONFIGS[key] = (tuple(map(type, key)), cfg)
+    else:
+        cfg = config
     if not isinstance(cfg, GRPOConfig):
         raise TypeError(f"config: expected a GRPOConfig, got {type(cfg).__name__}")
     _validate(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
@@ -1283,8 +1420,32 @@ def grpo_loss(
                              f"on the 'torch' backend only, got backend={backend!r}")
         backend = "torch"
     be = resolve_backend("grpo_loss", backend, logprobs.device)
-    fparams, iparams = _pack_config(cfg, ref_logprobs is not None)
+    ref_given = ref_logprobs is not None
+    if compiling:
+        fparams, iparams = _pack_config(cfg, ref_given)
+    else:
+        fparams, iparams, kp = _packed(cfg, ref_given)
     fused = advantages is None
+    cdt = _compute_dtype(logprobs.dtype)
+    # (the device test: a meta call resolves to any backend the op has, "cpu" included)
+    if (not compiling and be == "cpu" and process_group is None and logprobs.device.type == "cpu"
+            and eager_direct(logprobs, old_logprobs, mask, advantages, rewards, group_ids, seq_weights, ref_logprobs,
+                             rollout_logprobs, task_ids)):
+        # A plain eager CPU call: the op's implementation directly (what the op runs, without its
+        # dispatch: ~50 us of a small call), autograd through _EagerGRPOLoss (the op's backward)
+        args = (_det(old_logprobs), mask, _det(advantages), _det(rewards), _det(group_ids), _det(seq_weights),
+                _det(ref_logprobs), _det(rollout_logprobs), be, fparams, iparams, kp)
+        if logprobs.requires_grad and torch.is_grad_enabled():
+            holder = []
+            loss = _EagerGRPOLoss.apply(logprobs, args, holder)
+            _, _grad, rowstats, adv_rows, flat, leader = holder[0]
+        else:
+            loss, _grad, rowstats, adv_rows, flat, leader = _grpo_loss_impl(logprobs, *args)
+        if task_ids is None and (fused or advantages.dim() == 1):
+            return loss, _lazy_stats(rowstats, adv_rows, flat, leader, fused, ref_given, cdt, cfg.is_correction)
+        t = torch.from_numpy
+        return loss, _stats_from_rows(t(rowstats), t(adv_rows), t(flat), t(leader), advantages, seq_weights, fused,
+                                      ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
     det = lambda t: None if t is None else t.detach()  # noqa: E731 - only logprobs is differentiable
     if process_group is not None:
         if not fused:
@@ -1300,15 +1461,55 @@ def grpo_loss(
             logprobs, det(old_logprobs), mask, adv_g.to(logprobs.device), None, None, det(seq_weights),
             det(ref_logprobs), det(rollout_logprobs), be, fparams, iparams)
         return loss, _stats_from_rows(rowstats, adv_rows, flat_g, leader_g, None, seq_weights, True,
-                                      ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype),
-                                      cfg.is_correction)
+                                      ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
     loss, _grad, rowstats, adv_rows, flat, leader = torch.ops.mtgrpo.grpo_loss(
         logprobs, det(old_logprobs), mask, det(advantages), det(rewards) if fused else None,
         det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), det(rollout_logprobs), be, fparams,
         iparams)
     return loss, _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused,
-                                  ref_logprobs is not None, task_ids, num_tasks, _compute_dtype(logprobs.dtype),
-                                  cfg.is_correction)
+                                  ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
+
+
+# the keyword configurations already validated: key (the values) -> (their types, GRPOConfig)
+_CONFIGS: dict[tuple, tuple] = {}
+
+
+def _cached_config(key: tuple) -> GRPOConfig | None:
+    try:
+        hit = _CONFIGS.get(key)
+    except TypeError:  # an unhashable value: GRPOConfig says what is wrong with it
+        return None
+    return hit[1] if hit is not None and hit[0] == tuple(map(type, key)) else None
+
+
+def _det(t):
+    """``t`` without autograd history (no new tensor when it has none)."""
+    return t.detach() if t is not None and t.requires_grad else t
+
+
+class _EagerGRPOLoss(torch.autograd.Function):
+    """Autograd of the small-call path: the gradient the forward wrote is saved and returned by
+    the op's own backward (:func:`_backward`, same upstream-scale and retained-graph rules)."""
+
+    @staticmethod
+    def forward(ctx, logprobs, args, holder):
+        out = _grpo_loss_impl(logprobs, *args)
+        holder.append(out)
+        _save_grad(ctx, out[1])
+        return out[0]
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        return _backward(ctx, g_loss)[0], None, None
+
+
+def _lazy_stats(rowstats, adv_rows, flat, leader, fused, ref_given, cdt, is_correction) -> GRPOStats:
+    """GRPOStats built from the C++ path's numpy row statistics on first access (see GRPOStats)."""
+    def build():
+        t = torch.from_numpy
+        return _stats_from_rows(t(rowstats), t(adv_rows), t(flat), t(leader), None, None, fused, ref_given, None,
+                                None, cdt, is_correction)
+    return GRPOStats._lazy(build)
 
 
 def _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused, ref_given, task_ids,
