@@ -73,6 +73,13 @@ _MASK_INT_KIND = {1: 0, 2: 1, 4: 2, 8: 3}
 _MASK_FLOAT_KIND = {torch.float16: 4, torch.bfloat16: 4, torch.float32: 5, torch.float64: 6}
 
 
+# mask dtype -> kind (a dict look-up on the small-call path; _mask_kind for any other dtype)
+_MASK_KIND = {**{d: k for d, k in _MASK_FLOAT_KIND.items()},
+              **{d: _MASK_INT_KIND[d.itemsize] for d in (torch.bool, torch.uint8, torch.int8, torch.int16,
+                                                         torch.int32, torch.int64)}}
+_MASK_NP_VIEW = {torch.bfloat16: torch.int16}  # the masks numpy has no dtype for
+
+
 def _mask_kind(dtype: torch.dtype) -> int:
     if dtype in _MASK_FLOAT_KIND:
         return _MASK_FLOAT_KIND[dtype]
@@ -145,8 +152,17 @@ def _masked_sum_kernel(values: torch.Tensor, mask: torch.Tensor, task_ids: torch
                                    _cuda_stream(v.device))
         return sums, counts
     # "cpu": the C++ path checks the ids itself, in the same pass.
-    sums, counts = C.task_masked_sum_cpu(_np(v, _VALUE_NP_VIEW[v.dtype]), vtype, _np(m, _mask_np_view(m.dtype)),
-                                         mkind, ids.numpy(), num_tasks)
+    return _masked_sum_cpu(v, m, ids, num_tasks)
+
+
+def _masked_sum_cpu(v: torch.Tensor, m: torch.Tensor, ids: torch.Tensor, num_tasks: int):
+    """The C++ call on contiguous CPU tensors without grad (int64 ``ids``): numpy views (an
+    integer view where numpy lacks the dtype), one table look-up per dtype."""
+    vview, mview, mkind = _VALUE_NP_VIEW[v.dtype], _MASK_NP_VIEW.get(m.dtype), _MASK_KIND.get(m.dtype)
+    sums, counts = _native.native().task_masked_sum_cpu(
+        (v if vview is None else v.view(vview)).numpy(), _VALUE_TYPE[v.dtype],
+        (m if mview is None else m.view(mview)).numpy(), _mask_kind(m.dtype) if mkind is None else mkind,
+        ids.numpy(), num_tasks)
     return torch.from_numpy(sums), torch.from_numpy(counts)
 
 
@@ -165,7 +181,7 @@ def _np(t: torch.Tensor, view: torch.dtype | None) -> np.ndarray:
 def _mask_np_view(dtype: torch.dtype) -> torch.dtype | None:
     """The view `_np` needs for a mask: none for numpy dtypes (bool, ints, f16/32/64; the C++
     side reads only the itemsize and the mask kind), int16 for bfloat16."""
-    return torch.int16 if dtype == torch.bfloat16 else None
+    return _MASK_NP_VIEW.get(dtype)
 
 
 def _scatter_grad_kernel(table: torch.Tensor, mask: torch.Tensor, task_ids: torch.Tensor,
@@ -314,21 +330,27 @@ def _check_common(values: torch.Tensor, name: str, mask, task_ids) -> None:
     _check_values(values, name)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask: expected a torch.Tensor [N, T], got {type(mask).__name__}")
-    if mask.shape != values.shape:
-        raise ValueError(f"mask: expected shape {tuple(values.shape)} like {name}, got {tuple(mask.shape)}")
+    shape = values.shape
+    if mask.shape != shape:
+        raise ValueError(f"mask: expected shape {tuple(shape)} like {name}, got {tuple(mask.shape)}")
     if mask.is_complex():
         raise TypeError(f"mask: expected bool or a real numeric dtype, got {mask.dtype}")
-    if mask.device != values.device:
+    on_cpu = values.is_cpu  # CPU tensors share the one CPU device: no device objects to compare
+    if not (on_cpu and mask.is_cpu) and mask.device != values.device:
         raise ValueError(f"mask: expected device {values.device} like {name}, got {mask.device}")
     if not isinstance(task_ids, torch.Tensor):
         raise TypeError(f"task_ids: expected an integer torch.Tensor [N], got {type(task_ids).__name__}")
-    if task_ids.dim() != 1 or task_ids.shape[0] != values.shape[0]:
-        raise ValueError(f"task_ids: expected shape [{values.shape[0]}] (one task id per row of {name}), "
+    if task_ids.dim() != 1 or task_ids.shape[0] != shape[0]:
+        raise ValueError(f"task_ids: expected shape [{shape[0]}] (one task id per row of {name}), "
                          f"got {tuple(task_ids.shape)}")
-    if task_ids.dtype == torch.bool or task_ids.is_floating_point() or task_ids.is_complex():
+    if task_ids.dtype not in _INT_ID_DTYPES and (task_ids.dtype == torch.bool or task_ids.is_floating_point()
+                                                 or task_ids.is_complex()):
         raise TypeError(f"task_ids: expected an integer dtype, got {task_ids.dtype}")
-    if task_ids.device != values.device:
+    if not (on_cpu and task_ids.is_cpu) and task_ids.device != values.device:
         raise ValueError(f"task_ids: expected device {values.device} like {name}, got {task_ids.device}")
+
+
+_INT_ID_DTYPES = (torch.int64, torch.int32)  # the usual ids: accepted without the three dtype tests
 
 
 def _check_num_tasks(num_tasks) -> int:
@@ -376,11 +398,13 @@ def task_masked_sum(values: torch.Tensor, mask: torch.Tensor, task_ids: torch.Te
         An argument has the wrong type, shape, device or range (the message names it).
     """
     _check_common(values, "values", mask, task_ids)
-    k = _check_num_tasks(num_tasks)
+    k = num_tasks if type(num_tasks) is int and 1 <= num_tasks <= MAX_TASKS else _check_num_tasks(num_tasks)
     _check_validate(validate)
     be = resolve_backend("task_masked_sum", backend, values.device)
     if be == "cpu" and values.device.type == "cpu" and eager_plain(values, mask, task_ids):
-        return _masked_sum_kernel(values, mask, task_ids, k, be)  # what the op runs, without its dispatch
+        # what the op runs (_masked_sum_kernel's "cpu" branch), without its dispatch
+        ids = task_ids if task_ids.dtype == torch.int64 else task_ids.to(torch.int64)
+        return _masked_sum_cpu(values.contiguous(), mask.contiguous(), ids.contiguous(), k)
     return torch.ops.mtgrpo.task_masked_sum(values, mask, task_ids, k, be, validate)
 
 
