@@ -187,16 +187,16 @@ size_t itemsize(DType d) {
   return d == DType::F64 ? 8 : (d == DType::F32 ? 4 : 2);
 }
 
-py::buffer_info check_2d(const py::array& a, const char* name, int64_t N, int64_t T, size_t item) {
-  auto b = checked_buffer(a, name, 2);
+ArrayView check_2d(const py::array& a, const char* name, int64_t N, int64_t T, size_t item, bool out = false) {
+  auto b = checked_view(a, name, 2, out);
   if (b.shape[0] != N || b.shape[1] != T)
     fail(name, ": expected shape [", N, ", ", T, "], got [", b.shape[0], ", ", b.shape[1], "]");
   if (static_cast<size_t>(b.itemsize) != item) fail(name, ": expected ", item, "-byte elements, got ", b.itemsize);
   return b;
 }
 
-py::buffer_info check_1d(const py::array& a, const char* name, int64_t N, size_t item) {
-  auto b = checked_buffer(a, name, 1);
+ArrayView check_1d(const py::array& a, const char* name, int64_t N, size_t item, bool out = false) {
+  auto b = checked_view(a, name, 1, out);
   if (b.shape[0] != N) fail(name, ": expected shape [", N, "], got [", b.shape[0], "]");
   if (static_cast<size_t>(b.itemsize) != item) fail(name, ": expected ", item, "-byte elements, got ", b.itemsize);
   return b;
@@ -213,12 +213,12 @@ void check_finite(const R* v, int64_t n, const char* name) {
 void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_out, py::array row_flat,
                           py::array row_leader, const std::string& scale, double eps, bool unbiased, bool singleton_raw,
                           double clip) {
-  auto rb = checked_buffer(rewards, "rewards", 1);
+  auto rb = checked_view(rewards, "rewards", 1);
   const int64_t N = rb.shape[0];
   auto gb = check_1d(group_ids, "group_ids", N, 8);
-  auto ab = check_1d(adv_out, "adv_out", N, 8);
-  auto fb = check_1d(row_flat, "row_flat", N, 1);
-  auto lb = check_1d(row_leader, "row_leader", N, 1);
+  auto ab = check_1d(adv_out, "adv_out", N, 8, true);
+  auto fb = check_1d(row_flat, "row_flat", N, 1, true);
+  auto lb = check_1d(row_leader, "row_leader", N, 1, true);
   AdvParams ap;
   if (scale == "group")
     ap.scale = AdvScale::Group;
@@ -238,16 +238,16 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
   auto* adv = static_cast<double*>(ab.ptr);
   auto* fl = static_cast<uint8_t*>(fb.ptr);
   auto* ld = static_cast<uint8_t*>(lb.ptr);
-  if (rb.itemsize == 8 && rb.format == py::format_descriptor<double>::format()) {
+  if (rb.itemsize == 8 && rb.kind == 'f') {
     check_finite(static_cast<const double*>(rb.ptr), N, "rewards");
     py::gil_scoped_release nogil;
     group_advantages(static_cast<const double*>(rb.ptr), gid, N, ap, adv, fl, ld);
-  } else if (rb.itemsize == 4 && rb.format == py::format_descriptor<float>::format()) {
+  } else if (rb.itemsize == 4 && rb.kind == 'f') {
     check_finite(static_cast<const float*>(rb.ptr), N, "rewards");
     py::gil_scoped_release nogil;
     group_advantages(static_cast<const float*>(rb.ptr), gid, N, ap, adv, fl, ld);
   } else {
-    fail("rewards: expected float32 or float64, got format '", rb.format, "'");
+    fail("rewards: expected float32 or float64, got dtype kind '", rb.kind, "' of ", rb.itemsize, " bytes");
   }
 }
 
@@ -277,21 +277,23 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   const DType dt = parse_dtype(dtype);
   const size_t item = itemsize(dt);
   const size_t citem = dt == DType::F64 ? 8 : 4;
-  auto lb = checked_buffer(logprobs, "logprobs", 2);
+  auto lb = checked_view(logprobs, "logprobs", 2);
   const int64_t N = lb.shape[0], T = lb.shape[1];
   if (static_cast<size_t>(lb.itemsize) != item) fail("logprobs: expected ", item, "-byte elements for ", dtype);
   auto ob = check_2d(old_logprobs, "old_logprobs", N, T, item);
   auto mb = check_2d(mask, "mask", N, T, 1);
-  auto gb = check_2d(grad, "grad", N, T, item);  // the input dtype: written once, never cast
-  auto sb = checked_buffer(rowstats, "rowstats", 2);
+  auto gb = check_2d(grad, "grad", N, T, item, true);  // the input dtype: written once, never cast
+  auto sb = checked_view(rowstats, "rowstats", 2, true);
   if (sb.shape[0] != N || sb.shape[1] != kRowStats || sb.itemsize != 8)
     fail("rowstats: expected float64 [", N, ", ", static_cast<int>(kRowStats), "]");
-  auto ab = check_1d(adv_out, "adv_out", N, 8);
-  auto fb = check_1d(row_flat, "row_flat", N, 1);
-  auto ldb = check_1d(row_leader, "row_leader", N, 1);
+  auto ab = check_1d(adv_out, "adv_out", N, 8, true);
+  auto fb = check_1d(row_flat, "row_flat", N, 1, true);
+  auto ldb = check_1d(row_leader, "row_leader", N, 1, true);
   void* loss_ptr = nullptr;
   if (!loss_out.is_none()) {
-    auto b = loss_out.cast<py::array>().request();
+    auto a = loss_out.cast<py::array>();
+    if (!a.writeable()) fail("loss_out: expected a writable array");
+    ArrayView b{a.mutable_data(), {1, 1}, a.itemsize(), a.size(), 'f'};
     if (b.size != 1 || static_cast<size_t>(b.itemsize) != citem)
       fail("loss_out: expected one ", citem, "-byte element (the compute dtype), got ", b.size, " of ", b.itemsize);
     loss_ptr = b.ptr;
@@ -371,8 +373,7 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     if (!rewards.is_none() || !group_ids.is_none())
       fail("advantages: give either advantages or rewards + group_ids, not both");
     auto a = advantages.cast<py::array>();
-    auto info = a.request();
-    if (info.ndim == 2) {
+    if (a.ndim() == 2) {
       auto tb = check_2d(a, "advantages", N, T, citem);
       if (citem == 8)
         check_finite(static_cast<const double*>(tb.ptr), N * T, "advantages");

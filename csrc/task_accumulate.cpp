@@ -210,8 +210,8 @@ void check_extent(int64_t rows, int64_t cols) {
 }
 
 const int64_t* check_task_ids(const py::array& task_ids, int64_t rows, int64_t num_tasks) {
-  py::buffer_info b = mtgrpo::checked_buffer(task_ids, "task_ids", 1);
-  if (task_ids.dtype().kind() != 'i' || b.itemsize != 8) fail("task_ids: expected an int64 array");
+  mtgrpo::ArrayView b = mtgrpo::checked_view(task_ids, "task_ids", 1);
+  if (b.kind != 'i' || b.itemsize != 8) fail("task_ids: expected an int64 array");
   if (b.shape[0] != rows) fail("task_ids: expected length ", rows, " (rows of values), got ", b.shape[0]);
   const int64_t* ids = static_cast<const int64_t*>(b.ptr);
   for (int64_t n = 0; n < rows; ++n) {
@@ -225,10 +225,10 @@ Inputs check_inputs(const py::array& values, int value_type, const py::array& ma
                     const py::array& task_ids, int64_t num_tasks) {
   check_tasks(num_tasks);
   Inputs in;
-  py::buffer_info vb = mtgrpo::checked_buffer(values, "values", 2);
+  mtgrpo::ArrayView vb = mtgrpo::checked_view(values, "values", 2);
   if (vb.itemsize != value_bytes(value_type))
     fail("values: itemsize ", vb.itemsize, " does not match value type tag ", value_type);
-  py::buffer_info mb = mtgrpo::checked_buffer(mask, "mask", 2);
+  mtgrpo::ArrayView mb = mtgrpo::checked_view(mask, "mask", 2);
   if (mb.itemsize != mask_bytes(mask_kind))
     fail("mask: itemsize ", mb.itemsize, " does not match mask kind ", mask_kind);
   if (mb.shape[0] != vb.shape[0] || mb.shape[1] != vb.shape[1])
@@ -320,13 +320,12 @@ py::tuple py_task_masked_sum_twin(const py::array& values, int value_type, const
 // `out` (a view of the torch gradient), elements of 2, 4 or 8 bytes.
 void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_kind, const py::array& task_ids,
                                const py::array& table, int threads) {
-  py::buffer_info ob = mtgrpo::checked_buffer(out, "out", 2);
-  if (ob.readonly) fail("out: expected a writable array");
-  py::buffer_info tb = mtgrpo::checked_buffer(table, "table", 1);
+  mtgrpo::ArrayView ob = mtgrpo::checked_view(out, "out", 2, true);
+  mtgrpo::ArrayView tb = mtgrpo::checked_view(table, "table", 1);
   const int64_t K = tb.shape[0];
   check_tasks(K);
   if (tb.itemsize != ob.itemsize) fail("table: itemsize ", tb.itemsize, " differs from out's ", ob.itemsize);
-  py::buffer_info mb = mtgrpo::checked_buffer(mask, "mask", 2);
+  mtgrpo::ArrayView mb = mtgrpo::checked_view(mask, "mask", 2);
   if (mb.itemsize != mask_bytes(mask_kind))
     fail("mask: itemsize ", mb.itemsize, " does not match mask kind ", mask_kind);
   if (mb.shape[0] != ob.shape[0] || mb.shape[1] != ob.shape[1])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # Benchmark groups -> scripts in the repository's bench/ folder.
 BENCH_GROUPS = {
-    "ops": ["bench_grpo_loss.py", "bench_task_accumulate.py", "bench_linear_logprobs.py"],
+    "ops": ["bench_grpo_loss.py", "bench_task_accumulate.py", "bench_linear_logprobs.py", "bench_small_calls.py"],
     "sampler": ["bench_sampler.py"],
     "controllers": ["bench_controllers.py"],
     # transformers vs vLLM generation; needs vLLM (.venv-vllm), so `all` leaves it out

@@ -95,6 +95,7 @@ assert set(KERNEL_FORMS) | set(TORCH_ONLY_POLICY_LOSSES) == set(POLICY_LOSSES)
 _IS_KERNEL_MODE = {"token_truncate": 1, "token_mask": 2}
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3}
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_INT64_32 = (torch.int64, torch.int32)  # integer dtypes accepted without the three dtype tests
 _DTYPE_NAME = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -353,13 +354,15 @@ def _check_tensor(name: str, t, *, ndim=None, shape=None, float_=False, integer=
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name}: expected {ndim}-d tensor, got shape {tuple(t.shape)}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
+    if shape is not None and t.shape != tuple(shape):  # (torch.Size compares as a tuple)
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
     if float_ and t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a float32/float64/bfloat16/float16 tensor, got {t.dtype}")
-    if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+    if integer and t.dtype not in _INT64_32 and (t.dtype.is_floating_point or t.dtype.is_complex
+                                                 or t.dtype == torch.bool):
         raise TypeError(f"{name}: expected an integer tensor, got {t.dtype}")
-    if device is not None and t.device != device:
+    # CPU tensors are all on the one CPU device: no device objects to build and compare
+    if device is not None and not (t.is_cpu and device.type == "cpu") and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (like logprobs), got {t.device}")
 
 
@@ -984,9 +987,10 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     rw = None if rewards is None else (rewards if rewards.dtype in _F32_F64 else rewards.to(torch.float64)).contiguous()
     gid = None if group_ids is None else _as(group_ids, torch.int64).contiguous()
     finite = _native.native().grpo_loss_fwd_bwd_cpu(
-        _as_numpy(lp), _as_numpy(old), mask.numpy(), _opt(adv), _opt(rw), _opt(gid), _opt(sw), _opt(ref),
-        _DTYPE_NAME[lp.dtype], grad_np, rowstats, adv_out, flat, leader, _opt(roll) if kp["is_mode"] else None,
-        _opt(rc), _opt(is_row), *kp["cpu_args"], loss_np)
+        _as_numpy(lp), _as_numpy(old), mask.numpy(), None if adv is None else adv.numpy(),
+        None if rw is None else rw.numpy(), None if gid is None else gid.numpy(), None if sw is None else sw.numpy(),
+        _opt(ref), _DTYPE_NAME[lp.dtype], grad_np, rowstats, adv_out, flat, leader,
+        _opt(roll) if kp["is_mode"] else None, _opt(rc), _opt(is_row), *kp["cpu_args"], loss_np)
     for cols in (is_cols, fold_cols):
         if cols is not None:
             rowstats[:, IS_RATIO_SUM:IS_CLIPPED + 1] = cols.numpy()
