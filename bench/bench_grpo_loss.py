@@ -15,12 +15,14 @@ lower bound. The summary prints the paper figures of the GPU shapes 512x2048 and
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cost_model  # noqa: E402
 from _harness import Row, bench_devices, emit, memcpy_ms, peak_memory_mb, quick, roofline, time_fn  # noqa: E402
 
 import mtgrpo_core as mc  # noqa: E402
@@ -65,6 +67,12 @@ def paper_roofline(n: int, t: int, s: int, provider: str = "mtgrpo-triton", **kw
     return roofline(min_bytes=n * t * min_bytes_per_token(s, kw.get("ref", False)),
                     kernel_bytes=n * t * kernel_bytes_per_token(provider, s, **kw),
                     flops=n * t * FLOPS_PER_TOKEN, tensor_core=False)
+
+
+def cpu_threads() -> int:
+    """Threads of the C++ kernels' OpenMP regions: OMP_NUM_THREADS, else every core."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else (os.cpu_count() or 1)
 
 
 def make_inputs(n: int, t: int, device: str):
@@ -120,6 +128,14 @@ def main() -> None:
                                 peak_mb=peak, extra=extra))
             mc_ms = memcpy_ms(nbytes, device=device)
             rows.append(Row("grpo_loss", case, "memcpy", device, mc_ms, mc_ms, mc_ms, gbps=nbytes / mc_ms / 1e6))
+            cpu_row = next((r for r in rows if r.case == case and r.provider == "mtgrpo-cpu"), None)
+            if cpu_row is not None:  # issue 25: against a copy of its bytes and against its compute bound
+                b = cost_model.op_bound(n, t, cpu_threads())
+                cpu_row.extra.update({"of_copy": round(mc_ms / cpu_row.median_ms, 3),
+                                      "compute_bound_ms": round(b["bound_ms"], 4),
+                                      "of_compute_bound": round(b["bound_ms"] / cpu_row.median_ms, 3),
+                                      "bound_cycles_per_token": round(b["bound_cycles_per_token"], 3),
+                                      "isa": b["isa"], "clock_ghz": round(b["ghz"], 2), "threads": cpu_threads()})
     emit(rows)
     print("# paper roofline (H200, 4.8 TB/s): GRPO loss fwd+bwd, fused advantages, token-mean, no KL")
     print("# shape        dtype  path                   min B/tok  kernel B/tok  x min  lower bound ms")
@@ -136,6 +152,14 @@ def main() -> None:
     by = {r.provider: r for r in rows if r.case == big and r.device == "cpu"}
     if "mtgrpo-cpu" in by:
         c = by["mtgrpo-cpu"]
+        if "of_copy" in c.extra:
+            e = c.extra
+            goal = ("30% of the copy" if e["compute_bound_ms"] <= 0.3 * by["memcpy"].median_ms
+                    else "1.5x of the compute bound (the bound is below 30% of the copy)")
+            print(f"# issue 25 {big} cpu fwd+bwd, {e['threads']} thread(s): {100 * e['of_copy']:.0f}% of a copy of "
+                  f"its bytes ({by['memcpy'].median_ms:.3f} ms), {100 * e['of_compute_bound']:.0f}% of its compute "
+                  f"bound ({e['compute_bound_ms']:.3f} ms = {e['bound_cycles_per_token']:.2f} cycles/token on "
+                  f"{e['isa']} at {e['clock_ghz']} GHz, bench/cost_model.py); the goal that applies: {goal}")
         print(f"# summary {big} cpu fwd+bwd: mtgrpo-cpu {c.median_ms:.3f} ms ({c.gbps:.1f} GB/s, memcpy ceiling "
               f"{by['memcpy'].gbps:.1f} GB/s); vs torch_ref {by['torch_ref'].median_ms / c.median_ms:.1f}x; vs "
               f"torch_ref-compiled {by['torch_ref-compiled'].median_ms / c.median_ms:.1f}x; peak above inputs "

@@ -1,8 +1,9 @@
 """Benchmark of the per-task masked sums and the multi-task weighted loss (``mtgrpo bench ops``).
 
 Cases: N x T in {1M, 8M} tokens (T = 1024, right-padded response masks, fp32 values, bool
-mask), K in {3, 9, 100} tasks; modes ``fwd`` (``task_masked_sum``) and ``fwd+bwd``
-(``task_weighted_loss`` + backward to the token losses). Providers: ``mtgrpo-cpu`` (C++
+mask), K in {3, 9, 100} tasks; modes ``fwd`` (``task_masked_sum``), ``bwd`` (the backward of
+``task_weighted_loss`` alone: a retained graph's backward to the token losses) and ``fwd+bwd``
+(``task_weighted_loss`` + backward). Providers: ``mtgrpo-cpu`` (C++
 path), ``torch_ref`` (the reference from ``mtgrpo_core.reference.task_accumulate``),
 ``index_add`` (fwd only: the idiomatic torch code, ``(values * mask).sum(1)`` scattered with
 ``index_add_``), ``mtgrpo-cuda`` on a GPU, and ``memcpy``: a copy of the bytes the op must
@@ -65,6 +66,8 @@ def paper_roofline(n: int, t: int, k: int, value_bytes: int, mask_bytes: int, mo
     if mode == "fwd":
         return roofline(min_bytes=fwd_min, kernel_bytes=fwd_kernel)
     bwd = n * t * (mask_bytes + value_bytes) + 8 * n + k * value_bytes
+    if mode == "bwd":
+        return roofline(min_bytes=bwd, kernel_bytes=bwd)
     return roofline(min_bytes=fwd_min + bwd, kernel_bytes=fwd_kernel + bwd)
 
 
@@ -106,7 +109,18 @@ def main() -> None:
                         0, ids, mask.sum(dim=1, dtype=torch.int64))
                     return sums, counts
 
+                # the backward alone (issue 25): one forward, then its retained graph's backward per call
+                loss_ref = task_weighted_loss_ref(x, mask, ids, weights)
+                loss_nat = mc.task_weighted_loss(x, mask, ids, weights, backend=backend) if have_native else None
+
+                def bwd_ref():
+                    return torch.autograd.grad(loss_ref, x, retain_graph=True)[0]
+
+                def bwd_native():
+                    return torch.autograd.grad(loss_nat, x, retain_graph=True)[0]
+
                 modes = {"fwd": ({"torch_ref": fwd_ref, "index_add": fwd_index_add}, fwd_native, fwd_bytes),
+                         "bwd": ({"torch_ref": bwd_ref}, bwd_native, bwd_bytes),
                          "fwd+bwd": ({"torch_ref": both_ref}, both_native, fwd_bytes + bwd_bytes)}
                 for mode, (providers, native_fn, nbytes) in modes.items():
                     if have_native:

@@ -1,38 +1,20 @@
 // Glue of the fused GRPO loss on the CPU: argument checks (ValueError naming the
 // argument), dtype dispatch, OpenMP over rows. The arithmetic is in mtgrpo/grpo_loss.h.
 // No FMA contraction: GCC contracts a * b + c into one fused multiply-add where the target
-// has FMA (the AVX2 and AVX-512 versions below) but not in the baseline x86-64 version, so
-// the same source rounded differently per ISA (token-level losses differed in the last bits
-// between avx2 and baseline). Without contraction every version computes the same bits.
+// has FMA (the AVX2 and AVX-512 versions, grpo_loss_avx2.cpp / grpo_loss_avx512.cpp) but not in the baseline x86-64
+// version, so the same source rounded differently per ISA (token-level losses differed in the last bits between avx2
+// and baseline). Without contraction every version computes the same bits.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("fp-contract=off")
 #elif defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-#include "mtgrpo/grpo_loss.h"  // also emits the float kernel for the baseline target (mtgrpo::vec)
+#include "grpo_loss_isa.h"  // the header also emits the float kernel for the baseline target (mtgrpo::vec)
 
-// The float kernel again for AVX-512 and AVX2+FMA (whole kernel compiled under the target,
-// see the header), chosen once at load time from the CPU's features: one build runs on any
-// x86-64. Elsewhere (or with Clang) only the baseline version exists.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MTGRPO_X86_DISPATCH 1
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2")
-#define MTGRPO_VEC_NS isa_avx512
-#define MTGRPO_VEC_WIDTH 16
-#include "mtgrpo/grpo_loss.h"
-#undef MTGRPO_VEC_WIDTH
-#undef MTGRPO_VEC_NS
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2")
-#define MTGRPO_VEC_NS isa_avx2
-#define MTGRPO_VEC_WIDTH 8
-#include "mtgrpo/grpo_loss.h"
-#undef MTGRPO_VEC_WIDTH
-#undef MTGRPO_VEC_NS
-#pragma GCC pop_options
-#endif
+// The float kernel for AVX-512 and AVX2+FMA lives in grpo_loss_avx512.cpp / grpo_loss_avx2.cpp
+// (whole kernel compiled under the target, see the header), chosen once at load time from the
+// CPU's features: one build runs on any x86-64. Elsewhere (or with Clang) only the baseline
+// version exists.
 
 #include <cstdlib>
 
@@ -139,14 +121,6 @@ inline __attribute__((always_inline)) void rows_in(const RowsArgs& A, int64_t r0
 }
 
 // ---- float kernel selection ------------------------------------------------------------
-using ItemsFn = void (*)(const FloatJob&, int64_t, int64_t);
-struct FloatKernels {
-  ItemsFn items;
-  ItemsFn seq_items;
-  ItemsFn coef_items;
-  const char* isa;
-};
-
 // Best version for this CPU; MTGRPO_CPU_ISA=avx512|avx2|baseline lowers the choice (tests,
 // benchmarks), never above what the CPU supports.
 FloatKernels pick_float_kernels() {
@@ -158,10 +132,8 @@ FloatKernels pick_float_kernels() {
                     __builtin_cpu_supports("bmi2");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (avx512 && (want.empty() || want == "avx512"))
-    return {isa_avx512::float_items, isa_avx512::float_seq_items, isa_avx512::float_coef_items, "avx512"};
-  if (avx2 && (want.empty() || want == "avx512" || want == "avx2"))
-    return {isa_avx2::float_items, isa_avx2::float_seq_items, isa_avx2::float_coef_items, "avx2"};
+  if (avx512 && (want.empty() || want == "avx512")) return float_kernels_avx512();
+  if (avx2 && (want.empty() || want == "avx512" || want == "avx2")) return float_kernels_avx2();
 #endif
   return {vec::float_items, vec::float_seq_items, vec::float_coef_items, "baseline"};
 }

@@ -89,6 +89,7 @@ struct AdvParams {
 };
 
 constexpr double kLogRatioClamp = 20.0;
+constexpr int kKlAny = -1;  // the float kernel's KL template argument "the kind chosen per call"
 constexpr double kKlLogClamp = 20.0;
 constexpr double kKlValueClamp = 10.0;
 
@@ -144,13 +145,13 @@ inline float vexp(float x) {
   const float fn = std::floor(x * 1.44269504088896341f + 0.5f);
   float r = x - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  // the same operations in the same order as the vector vexp (Estrin's scheme)
+  const float r2 = r * r;
+  const float q0 = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const float q1 = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const float q2 = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const float r4 = r2 * r2;
+  const float y = ((q0 + r2 * q1) + r4 * q2) * r2 + r + 1.0f;
   const int32_t e = static_cast<int32_t>(fn) + 127;
   return y * bits_to_float(static_cast<uint32_t>(e) << 23);
 }
@@ -520,6 +521,9 @@ struct FloatJob {
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors never cross a call (all inlined)
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #ifndef MTGRPO_VINL
 #define MTGRPO_VINL inline __attribute__((always_inline))
 #define MTGRPO_VLAMBDA __attribute__((always_inline))
@@ -541,6 +545,21 @@ constexpr int kW = 8;
 constexpr int kW = 4;
 #endif
 static_assert(kW == 4 || kW == 8 || kW == 16, "MTGRPO_VEC_WIDTH: 4, 8 or 16");
+// x86 intrinsics for the few operations GCC's generic vectors lower poorly (see vmin, load_mask):
+// MTGRPO_VEC_X86 = the vector width in floats on x86-64 (the baseline is SSE2: 4), 0 elsewhere.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(MTGRPO_VEC_WIDTH)
+#define MTGRPO_VEC_X86 MTGRPO_VEC_WIDTH
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define MTGRPO_VEC_X86 16
+#elif defined(__AVX2__)
+#define MTGRPO_VEC_X86 8
+#else
+#define MTGRPO_VEC_X86 4
+#endif
+#else
+#define MTGRPO_VEC_X86 0
+#endif
 constexpr int kBlock = 16;
 constexpr int kU = kBlock / kW;
 typedef float vf __attribute__((vector_size(4 * kW)));
@@ -552,18 +571,62 @@ typedef uint16_t vh __attribute__((vector_size(2 * kW)));
 MTGRPO_VINL vf splat(float x) {
   return vf{} + x;
 }
+// std::min(a, b) = b < a ? b : a and std::max(a, b) = a < b ? b : a. x86's minps(x, y) is
+// exactly x < y ? x : y (NaN and signed zeros included), so on x86 each is one instruction with
+// the operands in this order: the same bits as the generic expression, which GCC otherwise
+// lowers as a compare and a blend in some contexts.
+#if MTGRPO_VEC_X86
+MTGRPO_VINL vf vmin(vf a, vf b) {
+#if MTGRPO_VEC_X86 == 16
+  return (vf)_mm512_min_ps((__m512)b, (__m512)a);
+#elif MTGRPO_VEC_X86 == 8
+  return (vf)_mm256_min_ps((__m256)b, (__m256)a);
+#else
+  return (vf)_mm_min_ps((__m128)b, (__m128)a);
+#endif
+}
+MTGRPO_VINL vf vmax(vf a, vf b) {
+#if MTGRPO_VEC_X86 == 16
+  return (vf)_mm512_max_ps((__m512)b, (__m512)a);
+#elif MTGRPO_VEC_X86 == 8
+  return (vf)_mm256_max_ps((__m256)b, (__m256)a);
+#else
+  return (vf)_mm_max_ps((__m128)b, (__m128)a);
+#endif
+}
+#else
 MTGRPO_VINL vf vmin(vf a, vf b) {
   return b < a ? b : a;
-}  // std::min(a, b)
+}
 MTGRPO_VINL vf vmax(vf a, vf b) {
   return a < b ? b : a;
-}  // std::max(a, b)
+}
+#endif
+// The row's sign masks are loop-invariant; GCC hoists them and then rebuilds `mask & sign`
+// lane by lane from bytes in memory (about 100 scalar instructions per block). Passing them
+// through an empty asm keeps them in vector registers: one compare per use instead.
+MTGRPO_VINL void opaque(vi& x, vi& y) {
+#if MTGRPO_VEC_X86
+  asm("" : "+v"(x), "+v"(y));
+#else
+  (void)x;
+  (void)y;
+#endif
+}
 MTGRPO_VINL vf sel(vi m, vf a, vf b) {
   return m ? a : b;
 }
 MTGRPO_VINL vf ones_if(vi m) {
   return (vf)(m & (vi)splat(1.0f));
 }  // m ? 1 : 0
+// acc + (m ? v : 0), written as a select of the sum: one masked add with AVX-512. The same bits
+// as adding the zeroed value: acc is never -0 (it starts at +0 and +0 + -0 = +0), so acc + 0 = acc.
+MTGRPO_VINL void acc_add(vf& acc, vi m, vf v) {
+  acc = m ? acc + v : acc;
+}
+MTGRPO_VINL void acc_count(vf& acc, vi m) {
+  acc = m ? acc + 1.0f : acc;
+}
 
 MTGRPO_VINL vf load(const float* p) {
   vf v;
@@ -571,9 +634,15 @@ MTGRPO_VINL vf load(const float* p) {
   return v;
 }
 MTGRPO_VINL vf load(const Bf16* p) {
+#if MTGRPO_VEC_X86 == 16
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif MTGRPO_VEC_X86 == 8
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
   vh h;
   std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 MTGRPO_VINL vf load(const F16* p) {  // lane-wise f16_to_float
   vh h;
@@ -586,10 +655,16 @@ MTGRPO_VINL vf load(const F16* p) {  // lane-wise f16_to_float
   const vu bits = (((vi)em >= 0x7c00) ? special : (vu)mag) | sign;
   return (vf)bits;
 }
-MTGRPO_VINL vi load_mask(const uint8_t* p) {
+MTGRPO_VINL vi load_mask(const uint8_t* p) {  // byte != 0, widened to a lane mask (vpmovzxbd on x86)
+#if MTGRPO_VEC_X86 == 16
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))) != 0;
+#elif MTGRPO_VEC_X86 == 8
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))) != 0;
+#else
   vb m;
   std::memcpy(&m, p, sizeof m);
   return __builtin_convertvector(m, vi) != 0;
+#endif
 }
 MTGRPO_VINL void store(float* p, vf v) {
   std::memcpy(p, &v, sizeof v);
@@ -618,21 +693,30 @@ MTGRPO_VINL void store(F16* p, vf v) {
   std::memcpy(p, &h, sizeof h);
 }
 
-// Lane-wise vexp(float): floor through truncation and a fix-up (exact for |z| < 2^31).
+// Lane-wise vexp(float): floor with one rounding instruction where the ISA has one (AVX2,
+// AVX-512), else through truncation and a fix-up (exact for |z| < 2^31): the same value.
 MTGRPO_VINL vf vexp(vf x) {
   x = vmin(vmax(x, splat(-87.3f)), splat(88.0f));
-  const vf z = x * 1.44269504088896341f + 0.5f;
+  const vf z = x * 1.44269504088896341f + 0.5f;  // in [-125.5, 127.5]: never -0
+#if MTGRPO_VEC_X86 == 16
+  const vf fn = (vf)_mm512_roundscale_ps((__m512)z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#elif MTGRPO_VEC_X86 == 8
+  const vf fn = (vf)_mm256_round_ps((__m256)z, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#else
   vf fn = __builtin_convertvector(__builtin_convertvector(z, vi), vf);
   fn = fn > z ? fn - 1.0f : fn;
+#endif
   vf r = x - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  // Cephes' polynomial by Estrin's scheme (three independent pairs, then r^2 and r^4): a
+  // dependency chain of 8 operations where Horner's has 14; the chain, not the port count, was
+  // what bounded the token loop (bench/cost_model.py)
+  const vf r2 = r * r;
+  const vf q0 = r * 1.6666665459e-1f + 5.0000001201e-1f;
+  const vf q1 = r * 8.3334519073e-3f + 4.1665795894e-2f;
+  const vf q2 = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  const vf r4 = r2 * r2;
+  const vf y = ((q0 + r2 * q1) + r4 * q2) * r2 + r + 1.0f;
   const vi e = __builtin_convertvector(fn, vi) + 127;
   return y * (vf)(e << 23);
 }
@@ -640,17 +724,49 @@ MTGRPO_VINL vf vexp(vf x) {
 #include "mtgrpo/grpo_forms.h"  // the per-token forms for this ISA's vectors
 
 struct Consts {
-  vf cap, beta, w, a_row, r_seq, seq_coef, rc, is_row, is_lo, is_hi, a_neg, a_pos;
-  bool is_on, is_trunc;
+  vf cap, beta, w, a_row, r_seq, seq_coef, rc, is_row, is_lo, is_hi;
+  bool is_trunc;
+  bool k2;  // KL: the k2 estimator (one instantiation serves k1 and k2, see items_in)
+  int kl;   // the KL kind of the call (0 none, 1 k1, 2 k2, 3 k3), read with KL = kKlAny
   FormConsts<vf, vi> k;
 };
 
+// Per-lane statistics of a span. Only what the mode needs is accumulated (each is a masked add
+// per block): the KL sum and the loss + KL sum only with a KL term (without one the latter is the
+// loss sum), the IS weight sums only with a token-level IS correction (without one the weight is
+// the row's constant: its sum is that constant times the token count, taken in span()).
 struct Acc {
   vf s[kRowStats];
 };
 
-// kW tokens starting at the given pointers (grpo_token on each lane).
-template <typename In, int KL, bool TOK_ADV, bool SEQ, int F>
+// The KL penalty of a block: k1 (kl = v) or k2 (kl = v^2 / 2), c.k2 choosing; v = x - ref.
+MTGRPO_VINL void kl_k12(vf x, vf ref, const Consts& c, vf& kl, vf& g) {
+  const vf v = x - ref;
+  if (c.k2) {
+    kl = 0.5f * v * v;
+    g += c.beta * v;
+  } else {
+    kl = v;
+    g += c.beta;
+  }
+}
+
+// k3 = exp(ref - x) - (ref - x) - 1 with the log-ratio and the value clamped (grpo_token).
+MTGRPO_VINL void kl_k3(vf x, vf ref, const Consts& c, vf& kl, vf& g) {
+  const float klim_s = static_cast<float>(kKlLogClamp), kval_s = static_cast<float>(kKlValueClamp);
+  const vf klim = splat(klim_s), nklim = splat(-klim_s), kval = splat(kval_s), nkval = splat(-kval_s);
+  const vf u = ref - x;
+  const vf uc = vmin(vmax(u, nklim), klim);
+  const vf e = vexp(uc);
+  const vf k3 = e - uc - 1.0f;
+  const vf kin = ones_if((u >= nklim) & (u <= klim) & (k3 <= kval) & (k3 >= nkval));
+  kl = vmin(vmax(k3, nkval), kval);
+  g += c.beta * (1.0f - e) * kin;
+}
+
+// kW tokens starting at the given pointers (grpo_token on each lane). IS: a token-level IS
+// correction reads the rollout log-probs (a template parameter, so the loop has no branch).
+template <typename In, int KL, bool TOK_ADV, bool SEQ, int F, bool IS>
 MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                        const In* __restrict ref, const In* __restrict roll, const float* __restrict adv_tok,
                        const Consts& c, In* __restrict grad, Acc& acc) {
@@ -662,64 +778,52 @@ MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const 
   const vf d = x - o;
   const vf dc = vmin(vmax(d, nlim), lim);
   const vf din = ones_if((d >= nlim) & (d <= lim));
-  vf a;
-  vi a_neg, a_pos;
-  if constexpr (TOK_ADV) {
-    a = load(adv_tok) * c.a_row;
-    a_neg = a < 0.0f;
-    a_pos = a > 0.0f;
-  } else {
-    a = c.a_row;
-    a_neg = (vi)c.a_neg;
-    a_pos = (vi)c.a_pos;
-  }
+  const vf a = TOK_ADV ? load(adv_tok) * c.a_row : c.a_row;
+  vi a_neg = a < 0.0f, a_pos = a > 0.0f;
+  if constexpr (!TOK_ADV) opaque(a_neg, a_pos);
   vf r = SEQ ? c.r_seq : vexp(dc);
   const vf cap_grad = ones_if(r <= c.cap);
   r = vmin(r, c.cap);
   const FormArgs<vf, vi> fa{a, r, x, d, c.rc, a_neg, a_pos};
   const FormOut<vf, vi> f = PolicyForm<F>::eval(fa, c.k);
   vf g = ((SEQ && TOK_ADV && F == kFormVanilla) ? c.seq_coef : f.dldr) * r * cap_grad * din + f.dldx;  // grpo_token
-  vf wi = c.is_row, isc = vf{};
-  if (c.is_on) {  // uniform per call: the token-level IS weight exp(old - rollout), truncated or masked
+  vf wi = c.is_row;
+  vi keep = ~vi{};
+  if constexpr (IS) {  // the token-level IS weight exp(old - rollout), truncated or masked
     const vf raw = vexp(vmin(vmax(o - load(roll), nlim), lim));
-    const vi keep = (raw >= c.is_lo) & (raw <= c.is_hi);
+    keep = (raw >= c.is_lo) & (raw <= c.is_hi);
     const vf wt = c.is_trunc ? vmin(vmax(raw, c.is_lo), c.is_hi) : sel(keep, raw, vf{});
-    isc = ones_if(~keep);
     wi = wi * wt;
   }
   const vf l = f.l * wi;
   g = g * wi;
   vf kl = vf{};
-  if constexpr (KL == 1) {
-    kl = x - load(ref);
-    g += c.beta;
-  } else if constexpr (KL == 2) {
-    const vf v = x - load(ref);
-    kl = 0.5f * v * v;
-    g += c.beta * v;
+  if constexpr (KL == kKlAny) {  // the KL kind chosen per call (c.kl), the code of the cases below
+    if (c.kl == 1 || c.kl == 2)
+      kl_k12(x, load(ref), c, kl, g);
+    else if (c.kl == 3)
+      kl_k3(x, load(ref), c, kl, g);
+  } else if constexpr (KL == 1 || KL == 2) {  // k1 or k2 (c.k2), a per-call choice
+    kl_k12(x, load(ref), c, kl, g);
   } else if constexpr (KL == 3) {
-    const float klim_s = static_cast<float>(kKlLogClamp), kval_s = static_cast<float>(kKlValueClamp);
-    const vf klim = splat(klim_s), nklim = splat(-klim_s), kval = splat(kval_s), nkval = splat(-kval_s);
-    const vf u = load(ref) - x;
-    const vf uc = vmin(vmax(u, nklim), klim);
-    const vf e = vexp(uc);
-    const vf k3 = e - uc - 1.0f;
-    const vf kin = ones_if((u >= nklim) & (u <= klim) & (k3 <= kval) & (k3 >= nkval));
-    kl = vmin(vmax(k3, nkval), kval);
-    g += c.beta * (1.0f - e) * kin;
+    kl_k3(x, load(ref), c, kl, g);
   }
   store(grad, sel(on, c.w * g, vf{}));
-  acc.s[0] += sel(on, l, vf{});
-  acc.s[1] += sel(on, kl, vf{});
-  acc.s[2] += sel(on, r, vf{});
-  acc.s[3] += sel(on, -dc, vf{});
-  acc.s[4] += ones_if(on & f.clo);
-  acc.s[5] += ones_if(on & f.chi);
-  acc.s[6] += ones_if(on & f.du);
-  acc.s[7] += sel(on, l + c.beta * kl, vf{});
-  acc.s[8] += ones_if(on);
-  acc.s[9] += sel(on, wi, vf{});
-  acc.s[10] += sel(on, isc, vf{});
+  acc_add(acc.s[kPgSum], on, l);
+  acc_add(acc.s[kRatioSum], on, r);
+  acc_add(acc.s[kNegLogRatioSum], on, -dc);
+  acc_count(acc.s[kClipLow], on & f.clo);
+  acc_count(acc.s[kClipHigh], on & f.chi);
+  acc_count(acc.s[kDualClip], on & f.du);
+  acc_count(acc.s[kTokens], on);
+  if constexpr (KL != 0) {
+    acc_add(acc.s[kKlSum], on, kl);
+    acc_add(acc.s[kLossContrib], on, l + c.beta * kl);
+  }
+  if constexpr (IS) {
+    acc_add(acc.s[kIsRatioSum], on, wi);
+    acc_count(acc.s[kIsClipped], on & ~keep);
+  }
 }
 
 MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
@@ -729,8 +833,8 @@ MTGRPO_VINL double fold(vf v, double s = 0.0) {  // s + lanes 0..kW-1, in order
 
 // Tokens [t0, t1) of one row (pointers at the row start): writes grad[t0, t1) and the
 // span's statistics part[kRowStats] (part[kLossContrib] not yet multiplied by the row weight).
-// `roll` is read only with a token-level IS correction (p.is_mode != kIsOff).
-template <typename In, int KL, bool TOK_ADV, bool SEQ, int F>
+// `roll` is read only with a token-level IS correction (IS: p.is_mode != kIsOff).
+template <typename In, int KL, bool TOK_ADV, bool SEQ, int F, bool IS>
 MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const uint8_t* __restrict mk,
                       const In* __restrict ref, const In* __restrict roll, const float* __restrict adv_tok, float a_row,
                       float r_seq, float seq_coef, float rc, float is_row, int64_t t0, int64_t t1, const LossParams& p,
@@ -757,19 +861,20 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
   c.is_row = splat(is_row);
   c.is_lo = splat(static_cast<float>(p.is_lo));
   c.is_hi = splat(static_cast<float>(p.is_hi));
-  c.is_on = p.is_mode != kIsOff;
   c.is_trunc = p.is_mode == kIsTruncate;
-  c.a_neg = (vf)(c.a_row < 0.0f);
-  c.a_pos = (vf)(c.a_row > 0.0f);
-  const bool is_on = c.is_on;
+  c.k2 = p.kl_estimator == 2;
+  c.kl = ref != nullptr ? p.kl_estimator : 0;
+  if constexpr (KL == kKlAny) {  // no reference policy: read lp in its place (never used, c.kl = 0)
+    if (ref == nullptr) ref = lp;
+  }
   // Lane j of a 16-token block is lane j % kW of sub-vector j / kW; one accumulator set per
   // sub-vector (separate variables, not an array, so they stay in registers).
   Acc a0, a1, a2, a3;
   for (int k = 0; k < kRowStats; ++k) a0.s[k] = a1.s[k] = a2.s[k] = a3.s[k] = vf{};
   auto blk = [&](int64_t u, const In* lpp, const In* oldp, const uint8_t* mkp, const In* refp, const In* rollp,
                  const float* advp, In* gp, Acc& acc) MTGRPO_VLAMBDA {
-    block<In, KL, TOK_ADV, SEQ, F>(lpp + u, oldp + u, mkp + u, KL ? refp + u : nullptr, is_on ? rollp + u : nullptr,
-                                   TOK_ADV ? advp + u : nullptr, c, gp + u, acc);
+    block<In, KL, TOK_ADV, SEQ, F, IS>(lpp + u, oldp + u, mkp + u, KL ? refp + u : nullptr, IS ? rollp + u : nullptr,
+                                       TOK_ADV ? advp + u : nullptr, c, gp + u, acc);
   };
   int64_t t = t0;
   for (; t + kBlock <= t1; t += kBlock) {
@@ -797,7 +902,7 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
     std::memcpy(static_cast<void*>(oldb), old + t, n * sizeof(In));
     std::memcpy(mkb, mk + t, n);
     if constexpr (KL != 0) std::memcpy(static_cast<void*>(refb), ref + t, n * sizeof(In));
-    if (is_on) std::memcpy(static_cast<void*>(rollb), roll + t, n * sizeof(In));
+    if constexpr (IS) std::memcpy(static_cast<void*>(rollb), roll + t, n * sizeof(In));
     if constexpr (TOK_ADV) std::memcpy(advb, adv_tok + t, n * sizeof(float));
     blk(0, lpb, oldb, mkb, refb, rollb, advb, gb, a0);
     if constexpr (kU >= 2) blk(kW, lpb, oldb, mkb, refb, rollb, advb, gb, a1);
@@ -813,6 +918,14 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
     if constexpr (kU >= 2) sum = fold(a1.s[k], sum);
     if constexpr (kU >= 4) sum = fold(a3.s[k], fold(a2.s[k], sum));
     part[k] = sum;
+  }
+  if constexpr (KL == 0) {  // not accumulated (see Acc): no KL term, so the loss share is the loss sum
+    part[kKlSum] = 0.0;
+    part[kLossContrib] = part[kPgSum];
+  }
+  if constexpr (!IS) {  // every token carries the row's constant weight
+    part[kIsRatioSum] = static_cast<double>(is_row) * part[kTokens];
+    part[kIsClipped] = 0.0;
   }
 }
 
@@ -900,7 +1013,7 @@ MTGRPO_VINL void coef_span(const uint8_t* __restrict mk, const float* __restrict
 
 // Items [k0, k1) of a FloatJob (see FloatJob). Non-template entry points, so that each
 // inclusion under a `#pragma GCC target` region compiles the whole kernel for that ISA.
-template <typename In, int KL, bool TOK, bool SEQ, int F>
+template <typename In, int KL, bool TOK, bool SEQ, int F, bool IS>
 MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
   const int64_t T = J.T;
   for (int64_t k = k0; k < k1; ++k) {
@@ -908,66 +1021,73 @@ MTGRPO_VINL void items_impl(const FloatJob& J, int64_t k0, int64_t k1) {
     const int64_t t0 = (k - i * J.nseg) * J.seg;
     const int64_t t1 = std::min(T, t0 + J.seg);
     const size_t off = static_cast<size_t>(i) * static_cast<size_t>(T);
-    span<In, KL, TOK, SEQ, F>(
-        static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
-        KL ? static_cast<const In*>(J.ref) + off : nullptr, J.roll ? static_cast<const In*>(J.roll) + off : nullptr,
-        TOK ? J.adv_tok + off : nullptr, static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
-        (SEQ && TOK) ? J.seq_coef[i] : 0.0f, static_cast<float>(J.rc_row[i]), static_cast<float>(J.is_row[i]), t0, t1,
-        *J.p, static_cast<float>(J.w_row[i]), static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
+    span<In, KL, TOK, SEQ, F, IS>(static_cast<const In*>(J.lp) + off, static_cast<const In*>(J.old) + off, J.mk + off,
+                                  (KL != 0 && J.ref) ? static_cast<const In*>(J.ref) + off : nullptr,
+                                  IS ? static_cast<const In*>(J.roll) + off : nullptr, TOK ? J.adv_tok + off : nullptr,
+                                  static_cast<float>(J.a_row[i]), SEQ ? J.r_seq[i] : 1.0f,
+                                  (SEQ && TOK) ? J.seq_coef[i] : 0.0f, static_cast<float>(J.rc_row[i]),
+                                  static_cast<float>(J.is_row[i]), t0, t1, *J.p, static_cast<float>(J.w_row[i]),
+                                  static_cast<In*>(J.grad) + off, J.part + k * kRowStats);
   }
 }
 
 // The form is chosen here, once per call, outside the token loop. GSPO's sequence ratio (SEQ)
 // exists for the ratio forms "vanilla" and "cispo" only (validated in Python).
-template <typename In, int KL, bool TOK>
+template <typename In, int KL, bool TOK, bool IS>
 MTGRPO_VINL void items_form(const FloatJob& J, int64_t k0, int64_t k1) {
   switch (J.form) {
     case kFormCispo:
       if (J.seq)
-        items_impl<In, KL, TOK, true, kFormCispo>(J, k0, k1);
+        items_impl<In, KL, TOK, true, kFormCispo, IS>(J, k0, k1);
       else
-        items_impl<In, KL, TOK, false, kFormCispo>(J, k0, k1);
+        items_impl<In, KL, TOK, false, kFormCispo, IS>(J, k0, k1);
       break;
     case kFormSapo:
-      items_impl<In, KL, TOK, false, kFormSapo>(J, k0, k1);
+      items_impl<In, KL, TOK, false, kFormSapo, IS>(J, k0, k1);
       break;
     case kFormLogpWeighted:
-      items_impl<In, KL, TOK, false, kFormLogpWeighted>(J, k0, k1);
+      items_impl<In, KL, TOK, false, kFormLogpWeighted, IS>(J, k0, k1);
       break;
     case kFormGeoMean:
-      items_impl<In, KL, TOK, false, kFormGeoMean>(J, k0, k1);
+      items_impl<In, KL, TOK, false, kFormGeoMean, IS>(J, k0, k1);
       break;
     default:
       if (J.seq)
-        items_impl<In, KL, TOK, true, kFormVanilla>(J, k0, k1);
+        items_impl<In, KL, TOK, true, kFormVanilla, IS>(J, k0, k1);
       else
-        items_impl<In, KL, TOK, false, kFormVanilla>(J, k0, k1);
+        items_impl<In, KL, TOK, false, kFormVanilla, IS>(J, k0, k1);
       break;
   }
 }
 
-template <typename In, int KL>
+template <typename In, int KL, bool IS>
 MTGRPO_VINL void items_kl(const FloatJob& J, int64_t k0, int64_t k1) {
   if (J.tok_adv)
-    items_form<In, KL, true>(J, k0, k1);
+    items_form<In, KL, true, IS>(J, k0, k1);
   else
-    items_form<In, KL, false>(J, k0, k1);
+    items_form<In, KL, false, IS>(J, k0, k1);
 }
 
+// Instantiations: without a token-level IS correction one per KL kind (none, k1 / k2 sharing one
+// with a per-call flag, k3); with one, a single instantiation choosing the KL kind per block
+// (KL = kKlAny, a predictable branch): IS with a KL penalty is a rare mix, and each
+// instantiation of the token loop costs compile time (7 forms x 2 advantage kinds x 3 dtypes).
 template <typename In>
 MTGRPO_VINL void items_in(const FloatJob& J, int64_t k0, int64_t k1) {
+  if (J.p->is_mode != kIsOff) {
+    items_kl<In, kKlAny, true>(J, k0, k1);
+    return;
+  }
   switch (J.kl) {
     case 1:
-      items_kl<In, 1>(J, k0, k1);
-      break;
     case 2:
-      items_kl<In, 2>(J, k0, k1);
+      items_kl<In, 1, false>(J, k0, k1);
       break;
     case 3:
-      items_kl<In, 3>(J, k0, k1);
+      items_kl<In, 3, false>(J, k0, k1);
       break;
     default:
-      items_kl<In, 0>(J, k0, k1);
+      items_kl<In, 0, false>(J, k0, k1);
       break;
   }
 }
@@ -1028,6 +1148,7 @@ inline void float_seq_items(const FloatJob& J, int64_t k0, int64_t k1) {
 #pragma GCC diagnostic pop
 #endif
 #undef MTGRPO_VEC_EMIT
+#undef MTGRPO_VEC_X86
 #ifdef MTGRPO_VEC_NS_DEFAULTED
 #undef MTGRPO_VEC_NS
 #undef MTGRPO_VEC_NS_DEFAULTED
