@@ -13,6 +13,8 @@ from pathlib import Path
 # Benchmark groups -> scripts in the repository's bench/ folder.
 BENCH_GROUPS = {
     "ops": ["bench_grpo_loss.py", "bench_task_accumulate.py", "bench_linear_logprobs.py", "bench_small_calls.py"],
+    # the C++ loss's per-token cost model: instruction mix -> port-bound cycles vs measured (x86-64, g++, objdump)
+    "cost-model": ["cost_model.py"],
     "sampler": ["bench_sampler.py"],
     "controllers": ["bench_controllers.py"],
     # transformers vs vLLM generation; needs vLLM (.venv-vllm), so `all` leaves it out
@@ -212,8 +214,10 @@ _DESCRIPTIONS = {
             "thread count, triton, the torch, Python and platform versions. One 'key  value' line each "
             "(--json: one JSON object). Use it as the check after installing.",
     "bench": "Run the microbenchmarks in the checkout's bench/ folder (ops: GRPO loss, per-task sums, "
-             "linear log-probs; sampler; controllers; 'generation': transformers vs vLLM, from the vLLM "
-             "environment, docs/vllm.md, not part of 'all'). Prints one JSON line per (case, provider) with "
+             "linear log-probs, small calls; sampler; controllers; 'cost-model': the C++ loss's instruction mix "
+             "per 16 tokens and the cycles it implies against measured cycles and a copy, printed, no CSV; "
+             "'generation': transformers vs vLLM, from the vLLM environment, docs/vllm.md, not part of "
+             "'all'). Prints one JSON line per (case, provider) with "
              "median / p20 / p80 time, GB/s, peak memory and the speedup against the pure-PyTorch "
              "reference measured in the same run, and appends a row to bench/results/<op>.csv. Only the "
              "ratios within one run are comparable across machines.",
