@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -21,8 +22,12 @@ from mtgrpo_core.ops._aot import AOT_MODULES, REG_LIMIT, SMEM_LIMIT_BYTES
 def _compile_all(module: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silences triton 3.9's warning; fusion stays on
-    proc = subprocess.run([sys.executable, "-m", "mtgrpo_core.ops._aot", module], capture_output=True, text=True,
-                          env=env, timeout=900)
+    # an empty Triton cache: every kernel is compiled in this run, never loaded from ~/.triton
+    # (the same CPU time either way here: 27 s cold, 30 s with ~/.triton warm, under load)
+    with tempfile.TemporaryDirectory(prefix="mtgrpo-triton-aot-") as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        proc = subprocess.run([sys.executable, "-m", "mtgrpo_core.ops._aot", module], capture_output=True,
+                              text=True, env=env, timeout=900)
     rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if not rows:
         raise AssertionError(f"no compile results from {module} (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
