@@ -56,6 +56,7 @@ normalised over the local rows only, so a group split across ranks would be wron
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -1480,11 +1481,22 @@ _CONFIGS: dict[tuple, tuple] = {}
 
 
 def _cached_config(key: tuple) -> GRPOConfig | None:
+    last = _LAST_CONFIG[0]
+    # the same objects as the last validated call's (a loop passes the same values each step):
+    # 31 identity tests, no hashing
+    if last is not None and all(map(operator.is_, key, last[0])):
+        return last[1]
     try:
         hit = _CONFIGS.get(key)
     except TypeError:  # an unhashable value: GRPOConfig says what is wrong with it
         return None
-    return hit[1] if hit is not None and hit[0] == tuple(map(type, key)) else None
+    if hit is not None and hit[0] == tuple(map(type, key)):
+        _LAST_CONFIG[0] = (key, hit[1])
+        return hit[1]
+    return None
+
+
+_LAST_CONFIG: list = [None]  # [(key, GRPOConfig)] of the last keyword configuration found
 
 
 def _det(t):
