@@ -56,6 +56,7 @@ VARIANTS = {
     "fused-float-mask-on-policy": lambda c: dict(rewards=c["rewards"].double(), group_ids=c["gids"],
                                                  mask=c["mask"].float(), old=None),
     "adv[N]": lambda c: dict(advantages=c["adv"]),
+    "adv[N]-labels-ignored": lambda c: dict(advantages=c["adv"], group_ids=c["gids"]),
     "adv[N,T]-seq-weights": lambda c: dict(advantages=c["adv_tok"], seq_weights=c["sw"]),
     "fused-kl-dual-cap": lambda c: dict(rewards=c["rewards"], group_ids=c["gids"], ref_logprobs=c["ref"],
                                         kl_coef=0.1, dual_clip=3.0, ratio_cap=1.5),

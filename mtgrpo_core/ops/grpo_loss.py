@@ -1438,8 +1438,10 @@ def grpo_loss(
                              rollout_logprobs, task_ids)):
         # A plain eager CPU call: the op's implementation directly (what the op runs, without its
         # dispatch: ~50 us of a small call), autograd through _EagerGRPOLoss (the op's backward)
-        args = (_det(old_logprobs), mask, _det(advantages), _det(rewards), _det(group_ids), _det(seq_weights),
-                _det(ref_logprobs), _det(rollout_logprobs), be, fparams, iparams, kp)
+        # (labels given with advantages are ignored, as on the op path)
+        args = (_det(old_logprobs), mask, _det(advantages), _det(rewards) if fused else None,
+                _det(group_ids) if fused else None, _det(seq_weights), _det(ref_logprobs), _det(rollout_logprobs),
+                be, fparams, iparams, kp)
         if logprobs.requires_grad and torch.is_grad_enabled():
             holder = []
             apply = _EagerGRPOLoss.apply if _functorch_wrapped(logprobs) else _eager_loss_apply
