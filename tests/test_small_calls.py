@@ -356,3 +356,14 @@ def test_backend_env_variable_still_read_per_call(monkeypatch):
         resolve_backend("grpo_loss", "auto", dev)
     monkeypatch.delenv("MTGRPO_BACKEND")
     assert resolve_backend("grpo_loss", "auto", dev) == "cpu"
+
+
+def test_jit_trace_records_the_op_not_the_fast_path():
+    c = case()
+
+    def f(lp):
+        return mc.grpo_loss(lp, c["old"], c["mask"], rewards=c["rewards"], group_ids=c["gids"])[0]
+
+    traced = torch.jit.trace(f, (c["lp"],), check_trace=False)
+    assert "mtgrpo::grpo_loss" in str(traced.graph)
+    assert torch.equal(traced(c["lp"]), f(c["lp"]))

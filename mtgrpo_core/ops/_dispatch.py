@@ -126,7 +126,8 @@ def _env_values() -> tuple:
 def eager_direct(*tensors) -> bool:
     """True when a call may run its op's real implementation directly instead of through the
     ``torch.library`` custom op (whose dispatch costs ~12 us for task_masked_sum, ~50 us for
-    grpo_loss: most of a small call): eager (not traced by torch.compile), no torch-function or
+    grpo_loss: most of a small call): eager (not traced by torch.compile or torch.jit.trace: a
+    trace must record the op), no torch-function or
     dispatch mode active (FakeTensorMode, make_fx, FlopCounterMode, ...), no functorch transform
     (vmap, grad), and every argument a plain ``torch.Tensor`` (or None). Gradients are the
     caller's business (see :func:`eager_plain`). The result is the same either way: the custom
@@ -152,14 +153,16 @@ def eager_plain(*tensors: torch.Tensor) -> bool:
 
 
 def _eager_state_plain() -> bool:
-    """Not traced, no torch-function or dispatch mode, no functorch transform."""
+    """Not traced (torch.compile, torch.jit.trace), no torch-function or dispatch mode, no
+    functorch transform."""
     return not (torch.compiler.is_compiling() or _torch_function_mode_enabled() or _dispatch_stack_len()
-                or _peek_functorch() is not None)
+                or _peek_functorch() is not None or _jit_tracing_state() is not None)
 
 
 _torch_function_mode_enabled = torch._C._is_torch_function_mode_enabled
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _peek_functorch = torch._C._functorch.peek_interpreter_stack
+_jit_tracing_state = torch._C._get_tracing_state
 
 
 @torch.compiler.assume_constant_result
