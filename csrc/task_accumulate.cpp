@@ -15,10 +15,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "common.h"
 #include "mtgrpo/task_accumulate.h"
 
@@ -119,24 +115,6 @@ auto grad_rows_fn() {
   }
 #endif
   return &grad_rows_baseline<ES, MK>;
-}
-
-// Asks Linux for 2 MB pages behind a freshly allocated output of at least 4 MB that is about
-// to be written whole: the first write to each 4 KB page of a new allocation faults, and on
-// an 8M-token gradient (32 MB) those 8192 faults took longer than writing it (measured:
-// first write 40-50 ms, with MADV_HUGEPAGE 20-33 ms, a second write 20 ms). Advice only:
-// failures (another OS, THP off) are ignored, and the bytes written are the same.
-void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
 }
 
 // Below this many elements a call runs on the calling thread: waking a second OpenMP
@@ -344,7 +322,7 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
       const ES* tab = static_cast<const ES*>(tb.ptr);
       const MS* m = static_cast<const MS*>(mb.ptr);
       const auto grad_rows = grad_rows_fn<ES, MK>();
-      advise_huge_pages(o, size_t(rows) * size_t(cols) * sizeof(ES));
+      mtgrpo::advise_huge_pages(o, size_t(rows) * size_t(cols) * sizeof(ES));
       if (nt <= 1 || rows < 2 || rows * cols < kParallelMinElems) {
         grad_rows(o, m, ids, tab, cols, 0, rows);
         return;
