@@ -1,12 +1,13 @@
 """Per-token cost model of the C++ GRPO loss kernel (issue 25): instruction mix -> cycles.
 
 ``python bench/cost_model.py`` (also ``mtgrpo bench cost-model``) compiles
-``bench/cost_model/grpo_loss_probe.cpp`` -- the kernel header with the flags and per-ISA
-pragmas of ``csrc/grpo_loss.cpp``, one out-of-line function per mode -- disassembles the token
-loop of each mode, counts its instructions by the execution ports they need, and turns the
-counts into a lower bound on cycles per token (the busiest port). It then times the same loop
-on one thread and prints both, so the gap between the kernel and its compute bound is a
-measured figure, and compares it with a copy of the same bytes timed in the same run.
+``bench/cost_model/grpo_loss_probe.cpp`` -- the extension's per-ISA translation units
+(``csrc/grpo_loss_avx512.cpp``, ``_avx2.cpp``) with its flags, one out-of-line function per
+mode -- disassembles the token loop of each mode, counts its instructions by the execution
+ports they need, and turns the counts into a lower bound on cycles per token (the busiest
+port). It then times the same loop on one thread and prints both, so the gap between the
+kernel and its compute bound is a measured figure, and compares it with a copy of the same
+bytes timed in the same run.
 
 Port model (Intel Golden Cove / Sapphire and Emerald Rapids server cores, from the uops.info
 tables and Intel's optimisation manual): 512-bit vector arithmetic issues on ports 0 and 5
@@ -33,7 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBE_SRC = ROOT / "bench" / "cost_model" / "grpo_loss_probe.cpp"
-HEADERS = [ROOT / "csrc" / "include" / "mtgrpo" / "grpo_loss.h", ROOT / "csrc" / "include" / "mtgrpo" / "grpo_forms.h"]
+HEADERS = [ROOT / "csrc" / "include" / "mtgrpo" / f for f in ("grpo_loss.h", "grpo_forms.h")] + [
+    ROOT / "csrc" / f for f in ("grpo_loss_isa.h", "grpo_loss_avx512.cpp", "grpo_loss_avx2.cpp")]
 # The flags of the extension's C++ (CMakeLists.txt: -O3 -fno-math-errno) plus what a shared object needs.
 CXXFLAGS = ["-O3", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared"]
 BLOCK = 16  # tokens per block of the kernel (one zmm, two ymm)
@@ -58,7 +60,8 @@ def build_probe(out_dir: Path | None = None) -> Path:
     so = out_dir / f"grpo_loss_probe_{h.hexdigest()[:12]}.so"
     if not so.exists():
         tmp = so.with_suffix(".tmp.so")
-        subprocess.run(["g++", *CXXFLAGS, f"-I{ROOT / 'csrc' / 'include'}", str(PROBE_SRC), "-o", str(tmp)],
+        subprocess.run(["g++", *CXXFLAGS, f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}", str(PROBE_SRC), "-o",
+                        str(tmp)],
                        check=True)
         tmp.replace(so)
     return so

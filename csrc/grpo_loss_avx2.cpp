@@ -15,7 +15,9 @@
 #undef MTGRPO_VEC_NS
 #pragma GCC pop_options
 
+#ifndef MTGRPO_COST_MODEL_PROBE  // bench/cost_model: only the probe's own instantiations
 mtgrpo::FloatKernels mtgrpo::float_kernels_avx2() {
   return {isa_avx2::float_items, isa_avx2::float_seq_items, isa_avx2::float_coef_items, "avx2"};
 }
+#endif
 #endif

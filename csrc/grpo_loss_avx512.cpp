@@ -15,7 +15,9 @@
 #undef MTGRPO_VEC_NS
 #pragma GCC pop_options
 
+#ifndef MTGRPO_COST_MODEL_PROBE  // bench/cost_model: only the probe's own instantiations
 mtgrpo::FloatKernels mtgrpo::float_kernels_avx512() {
   return {isa_avx512::float_items, isa_avx512::float_seq_items, isa_avx512::float_coef_items, "avx512"};
 }
+#endif
 #endif

@@ -1,28 +1,12 @@
-// Standalone probe of the C++ GRPO loss kernel for bench/cost_model_grpo_loss.py: the same header
-// compiled with the same flags and per-ISA pragmas as csrc/grpo_loss.cpp, one out-of-line
-// function per (ISA, mode) so that each mode's token loop can be disassembled and counted, plus
-// a timing entry (the span loop over an [N, T] buffer, 1 thread) and a clock probe (a chain of
-// dependent adds: one cycle each). Built as a shared library and called through ctypes; not
-// part of the extension.
-#pragma GCC optimize("fp-contract=off")
-#include "mtgrpo/grpo_loss.h"
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2")
-#define MTGRPO_VEC_NS isa_avx512
-#define MTGRPO_VEC_WIDTH 16
-#include "mtgrpo/grpo_loss.h"
-#undef MTGRPO_VEC_WIDTH
-#undef MTGRPO_VEC_NS
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,bmi,bmi2")
-#define MTGRPO_VEC_NS isa_avx2
-#define MTGRPO_VEC_WIDTH 8
-#include "mtgrpo/grpo_loss.h"
-#undef MTGRPO_VEC_WIDTH
-#undef MTGRPO_VEC_NS
-#pragma GCC pop_options
+// Standalone probe of the C++ GRPO loss kernel for bench/cost_model.py: the extension's own
+// per-ISA translation units (csrc/grpo_loss_avx512.cpp, _avx2.cpp, included below) compiled with
+// the extension's flags, one out-of-line function per (ISA, mode) so that each mode's token loop
+// can be disassembled and counted, plus a timing entry (the span loop over an [N, T] buffer,
+// 1 thread) and a clock probe (a chain of dependent adds: one cycle each). Built as a shared
+// library and called through ctypes; not part of the extension.
+#define MTGRPO_COST_MODEL_PROBE 1
+#include "../../csrc/grpo_loss_avx2.cpp"
+#include "../../csrc/grpo_loss_avx512.cpp"
 
 #include <chrono>
 
