@@ -154,12 +154,16 @@ def main() -> None:
         c = by["mtgrpo-cpu"]
         if "of_copy" in c.extra:
             e = c.extra
-            goal = ("30% of the copy" if e["compute_bound_ms"] <= 0.3 * by["memcpy"].median_ms
-                    else "1.5x of the compute bound (the bound is below 30% of the copy)")
+            # 30% of the copy where a kernel at its compute bound could reach it, else 1.5x of the bound
+            goal = ("30% of the copy (the compute bound allows it)"
+                    if e["compute_bound_ms"] <= by["memcpy"].median_ms / 0.3
+                    else "within 1.5x of the compute bound (the bound is below 30% of the copy)")
+            met = (e["of_copy"] >= 0.3) if goal.startswith("30%") else (e["of_compute_bound"] >= 1 / 1.5)
             print(f"# issue 25 {big} cpu fwd+bwd, {e['threads']} thread(s): {100 * e['of_copy']:.0f}% of a copy of "
                   f"its bytes ({by['memcpy'].median_ms:.3f} ms), {100 * e['of_compute_bound']:.0f}% of its compute "
                   f"bound ({e['compute_bound_ms']:.3f} ms = {e['bound_cycles_per_token']:.2f} cycles/token on "
-                  f"{e['isa']} at {e['clock_ghz']} GHz, bench/cost_model.py); the goal that applies: {goal}")
+                  f"{e['isa']} at {e['clock_ghz']} GHz, bench/cost_model.py); the goal that applies: {goal}: "
+                  f"{'met' if met else 'not met'}")
         print(f"# summary {big} cpu fwd+bwd: mtgrpo-cpu {c.median_ms:.3f} ms ({c.gbps:.1f} GB/s, memcpy ceiling "
               f"{by['memcpy'].gbps:.1f} GB/s); vs torch_ref {by['torch_ref'].median_ms / c.median_ms:.1f}x; vs "
               f"torch_ref-compiled {by['torch_ref-compiled'].median_ms / c.median_ms:.1f}x; peak above inputs "

@@ -12,9 +12,6 @@
 #ifdef MTGRPO_WITH_OPENMP
 #include <omp.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 namespace mtgrpo {
 
@@ -66,24 +63,6 @@ inline ArrayView checked_view(const pybind11::array& a, const char* name, int nd
   ArrayView v{const_cast<void*>(a.data()), {1, 1}, a.itemsize(), a.size(), a.dtype().kind()};
   for (int d = 0; d < ndim; ++d) v.shape[d] = a.shape(d);
   return v;
-}
-
-// Asks Linux for 2 MB pages behind a freshly allocated output of at least 4 MB that is about
-// to be written whole (the per-task backward's gradient, the fused loss's gradient): the first write to each 4 KB page
-// of a new allocation faults, and on an 8M-token gradient (32 MB) those 8192 faults took longer than writing it
-// (measured: first write 40-50 ms, with MADV_HUGEPAGE 20-33 ms, a second write 20 ms). Advice only: failures (another
-// OS, THP off) are ignored, and the bytes written are the same.
-inline void advise_huge_pages(void* ptr, size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < 2 * kHuge) return;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(ptr);
-  const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)ptr;
-  (void)bytes;
-#endif
 }
 
 }  // namespace mtgrpo

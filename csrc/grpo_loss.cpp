@@ -427,8 +427,6 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
                      seq_part.data(),
                      coef_part.data()};
     const FloatKernels& K = float_kernels();
-    // the gradient is a new [N, T] buffer written whole: 2 MB pages where it is large (common.h)
-    mtgrpo::advise_huge_pages(gb.ptr, static_cast<size_t>(N) * static_cast<size_t>(T) * item);
     // One parallel region for all passes: waking the worker threads once per call, not once
     // per pass, matters on a busy machine (each wake-up can wait for a scheduler tick).
     // Below kParallelMinTokens the region has one thread (no wake-up at all): a 4 x 8 call

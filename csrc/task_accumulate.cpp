@@ -322,7 +322,6 @@ void py_task_weighted_grad_cpu(py::array out, const py::array& mask, int mask_ki
       const ES* tab = static_cast<const ES*>(tb.ptr);
       const MS* m = static_cast<const MS*>(mb.ptr);
       const auto grad_rows = grad_rows_fn<ES, MK>();
-      mtgrpo::advise_huge_pages(o, size_t(rows) * size_t(cols) * sizeof(ES));
       if (nt <= 1 || rows < 2 || rows * cols < kParallelMinElems) {
         grad_rows(o, m, ids, tab, cols, 0, rows);
         return;
