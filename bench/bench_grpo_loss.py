@@ -129,7 +129,7 @@ def main() -> None:
             mc_ms = memcpy_ms(nbytes, device=device)
             rows.append(Row("grpo_loss", case, "memcpy", device, mc_ms, mc_ms, mc_ms, gbps=nbytes / mc_ms / 1e6))
             cpu_row = next((r for r in rows if r.case == case and r.provider == "mtgrpo-cpu"), None)
-            if cpu_row is not None:  # issue 25: against a copy of its bytes and against its compute bound
+            if cpu_row is not None and cost_model.unavailable() is None:  # issue 25: vs a copy and the compute bound
                 b = cost_model.op_bound(n, t, cpu_threads())
                 cpu_row.extra.update({"of_copy": round(mc_ms / cpu_row.median_ms, 3),
                                       "compute_bound_ms": round(b["bound_ms"], 4),
@@ -152,6 +152,8 @@ def main() -> None:
     by = {r.provider: r for r in rows if r.case == big and r.device == "cpu"}
     if "mtgrpo-cpu" in by:
         c = by["mtgrpo-cpu"]
+        if cost_model.unavailable():
+            print(f"# issue 25: no compute bound ({cost_model.unavailable()})")
         if "of_copy" in c.extra:
             e = c.extra
             # 30% of the copy where a kernel at its compute bound could reach it, else 1.5x of the bound

@@ -6,8 +6,6 @@ per 16 tokens until issue 25), and check that the model's parts agree with each 
 """
 from __future__ import annotations
 
-import platform
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,9 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import cost_model  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    platform.machine() != "x86_64" or shutil.which("g++") is None or shutil.which("objdump") is None,
-    reason="the cost model disassembles x86-64 code built with g++ (objdump reads it)")
+pytestmark = pytest.mark.skipif(cost_model.unavailable() is not None, reason=str(cost_model.unavailable()))
 
 
 @pytest.fixture(scope="module")
