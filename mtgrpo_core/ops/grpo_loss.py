@@ -1455,7 +1455,6 @@ def grpo_loss(
         t = torch.from_numpy
         return loss, _stats_from_rows(t(rowstats), t(adv_rows), t(flat), t(leader), advantages, seq_weights, fused,
                                       ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
-    det = lambda t: None if t is None else t.detach()  # noqa: E731 - only logprobs is differentiable
     if process_group is not None:
         if not fused:
             raise ValueError("process_group: only the fused advantage path (rewards + group_ids) gathers across "
@@ -1467,13 +1466,13 @@ def grpo_loss(
         # the op with these advantages computes what its fused path computes from them (A then
         # times seq_weights, cast to the compute dtype); flat / leader come from the global groups
         loss, _grad, rowstats, adv_rows, _f, _l = torch.ops.mtgrpo.grpo_loss(
-            logprobs, det(old_logprobs), mask, adv_g.to(logprobs.device), None, None, det(seq_weights),
-            det(ref_logprobs), det(rollout_logprobs), be, fparams, iparams)
+            logprobs, _det(old_logprobs), mask, adv_g.to(logprobs.device), None, None, _det(seq_weights),
+            _det(ref_logprobs), _det(rollout_logprobs), be, fparams, iparams)
         return loss, _stats_from_rows(rowstats, adv_rows, flat_g, leader_g, None, seq_weights, True,
                                       ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
     loss, _grad, rowstats, adv_rows, flat, leader = torch.ops.mtgrpo.grpo_loss(
-        logprobs, det(old_logprobs), mask, det(advantages), det(rewards) if fused else None,
-        det(group_ids) if fused else None, det(seq_weights), det(ref_logprobs), det(rollout_logprobs), be, fparams,
+        logprobs, _det(old_logprobs), mask, _det(advantages), _det(rewards) if fused else None,
+        _det(group_ids) if fused else None, _det(seq_weights), _det(ref_logprobs), _det(rollout_logprobs), be, fparams,
         iparams)
     return loss, _stats_from_rows(rowstats, adv_rows, flat, leader, advantages, seq_weights, fused,
                                   ref_given, task_ids, num_tasks, cdt, cfg.is_correction)
