@@ -726,8 +726,8 @@ MTGRPO_VINL vf vexp(vf x) {
 struct Consts {
   vf cap, beta, w, a_row, r_seq, seq_coef, rc, is_row, is_lo, is_hi;
   bool is_trunc;
-  bool k2;  // KL: the k2 estimator (one instantiation serves k1 and k2, see items_in)
-  int kl;   // the KL kind of the call (0 none, 1 k1, 2 k2, 3 k3), read with KL = kKlAny
+  int kl;  // the KL kind of the call (0 none, 1 k1, 2 k2, 3 k3): k1 / k2 share one instantiation,
+           // and with KL = kKlAny the kind is chosen per call (see items_in)
   FormConsts<vf, vi> k;
 };
 
@@ -739,10 +739,10 @@ struct Acc {
   vf s[kRowStats];
 };
 
-// The KL penalty of a block: k1 (kl = v) or k2 (kl = v^2 / 2), c.k2 choosing; v = x - ref.
+// The KL penalty of a block: k1 (kl = v) or k2 (kl = v^2 / 2), c.kl choosing; v = x - ref.
 MTGRPO_VINL void kl_k12(vf x, vf ref, const Consts& c, vf& kl, vf& g) {
   const vf v = x - ref;
-  if (c.k2) {
+  if (c.kl == 2) {
     kl = 0.5f * v * v;
     g += c.beta * v;
   } else {
@@ -803,7 +803,7 @@ MTGRPO_VINL void block(const In* __restrict lp, const In* __restrict old, const 
       kl_k12(x, load(ref), c, kl, g);
     else if (c.kl == 3)
       kl_k3(x, load(ref), c, kl, g);
-  } else if constexpr (KL == 1 || KL == 2) {  // k1 or k2 (c.k2), a per-call choice
+  } else if constexpr (KL == 1 || KL == 2) {  // k1 or k2 (c.kl), a per-call choice
     kl_k12(x, load(ref), c, kl, g);
   } else if constexpr (KL == 3) {
     kl_k3(x, load(ref), c, kl, g);
@@ -862,7 +862,6 @@ MTGRPO_VINL void span(const In* __restrict lp, const In* __restrict old, const u
   c.is_lo = splat(static_cast<float>(p.is_lo));
   c.is_hi = splat(static_cast<float>(p.is_hi));
   c.is_trunc = p.is_mode == kIsTruncate;
-  c.k2 = p.kl_estimator == 2;
   c.kl = ref != nullptr ? p.kl_estimator : 0;
   if constexpr (KL == kKlAny) {  // no reference policy: read lp in its place (never used, c.kl = 0)
     if (ref == nullptr) ref = lp;
