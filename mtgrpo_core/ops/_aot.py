@@ -12,6 +12,11 @@ dtypes the launcher picks; :func:`compile_launch` turns one recorded launch into
 reads the cubin's registers / stack / spill / shared-memory figures with the ``cuobjdump``
 that ships inside the triton wheel.
 
+Cache: the figures read from a cubin or a PTX text are kept in :func:`aot_cache_dir` under the
+SHA-256 of those bytes, the tool and the triton version (like ccache: the same bytes through
+the same tool give the same figures), so a run whose Triton cache already holds the kernels
+starts no ``cuobjdump`` / ``ptxas`` process. ``MTGRPO_CACHE_DIR=off`` turns it off.
+
 Must run with ``TRITON_INTERPRET`` unset (under the interpreter ``@triton.jit`` builds
 interpreter objects, not compilable ones): the tests call it in a subprocess.
 """
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -28,6 +35,8 @@ from typing import Any
 from collections.abc import Iterator
 
 import torch
+
+from .._cache import cache_dir
 
 # Shared memory a block may use (opt-in maximum per block): H100/H200 227 KB, A100 163 KB
 # (CUDA C Programming Guide, "Compute capabilities", table of technical specifications).
@@ -163,8 +172,40 @@ def launch_signature(launch: Launch) -> tuple[dict, dict, dict, dict]:
     return signature, constexprs, options, attrs
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """Registers, stack, local (spill) and shared bytes of a cubin, read with cuobjdump."""
+def aot_cache_dir() -> str | None:
+    """Folder of the AOT caches: ``<cache_dir()>/triton-aot`` (None when the disk cache is off).
+    ``triton/`` under it is a Triton cache (``TRITON_CACHE_DIR``) for the test that compiles
+    every kernel; ``res/`` holds the figures read from each cubin / PTX."""
+    base = cache_dir()
+    return None if base is None else os.path.join(base, "triton-aot")
+
+
+def _figures(kind: str, data: bytes, tool: str, compute) -> dict:
+    """``compute()`` (a JSON-able dict read from ``data`` with ``tool``), cached on disk under the
+    SHA-256 of (kind, tool, triton version, data); written atomically (temp file + rename)."""
+    import triton
+
+    folder = aot_cache_dir()
+    if folder is None:
+        return compute()
+    h = hashlib.sha256(f"{kind}\0{tool}\0{triton.__version__}\0".encode())
+    h.update(data)
+    path = os.path.join(folder, "res", f"{kind}-{h.hexdigest()}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):  # absent or a torn file: compute it again
+        pass
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+    return value
+
+
+def _cuobjdump() -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -172,15 +213,25 @@ def resource_usage(cubin: bytes) -> dict:
         tool = shutil.which("cuobjdump") or ""
     if not tool:
         raise RuntimeError("cuobjdump not found (it ships in the triton wheel under backends/nvidia/bin)")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
-    if m is None:
-        raise RuntimeError(f"could not parse cuobjdump output: {out!r}")
-    reg, stack, shared, local = (int(x) for x in m.groups())
-    return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+    return tool
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack, local (spill) and shared bytes of a cubin, read with cuobjdump."""
+    tool = _cuobjdump()
+
+    def run() -> dict:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", out)
+        if m is None:
+            raise RuntimeError(f"could not parse cuobjdump output: {out!r}")
+        reg, stack, shared, local = (int(x) for x in m.groups())
+        return {"registers": reg, "stack": stack, "shared": shared, "local": local}
+
+    return _figures("res-usage", cubin, tool, run)
 
 
 def _spill_bytes(ptx: str, cc: int) -> int:
@@ -189,17 +240,21 @@ def _spill_bytes(ptx: str, cc: int) -> int:
 
     tool = get_ptxas(cc).path  # the ptxas triton itself uses for this architecture
     arch = f"sm_{cc}a" if cc == 90 else f"sm_{cc}"
-    with tempfile.TemporaryDirectory() as d:
-        src = os.path.join(d, "k.ptx")
-        with open(src, "w") as f:
-            f.write(ptx)
-        res = subprocess.run([tool, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
-                             capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
-    if not stores:
-        raise RuntimeError(f"ptxas -v printed no spill figures: {text[-500:]!r}")
-    return max(stores)
+
+    def run() -> dict:
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(ptx)
+            res = subprocess.run([tool, f"-arch={arch}", "-v", src, "-o", os.path.join(d, "k.cubin")],
+                                 capture_output=True, text=True)
+        text = res.stdout + res.stderr
+        stores = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
+        if not stores:
+            raise RuntimeError(f"ptxas -v printed no spill figures: {text[-500:]!r}")
+        return {"spill_bytes": max(stores)}
+
+    return _figures("spills", ptx.encode(), f"{tool} -arch={arch}", run)["spill_bytes"]
 
 
 def compile_launch(launch: Launch, cc: int, config: str = "") -> CompileResult:

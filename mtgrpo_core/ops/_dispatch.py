@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
 
@@ -165,9 +166,18 @@ _peek_functorch = torch._C._functorch.peek_interpreter_stack
 _jit_tracing_state = torch._C._get_tracing_state
 
 
-@torch.compiler.assume_constant_result
 def _resolve_constant(op: str, backend: str, device_type: str) -> str:
     return _resolve(op, backend, torch.device(device_type))
+
+
+# torch.compiler.assume_constant_result(_resolve_constant): a trace takes the answer as a constant.
+# The public decorator imports torch._dynamo (1.7 s at every `import mtgrpo_core.ops`, in every
+# process); what it does is set this attribute (torch/_dynamo/decorators.py, checked by
+# tests/test_small_calls.py), so it is set directly unless dynamo is already loaded.
+if "torch._dynamo" in sys.modules:
+    _resolve_constant = torch.compiler.assume_constant_result(_resolve_constant)
+else:
+    _resolve_constant._dynamo_marked_constant = True
 
 
 def _resolve(op: str, backend: str, device: torch.device) -> str:

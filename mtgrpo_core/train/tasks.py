@@ -49,6 +49,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .._cache import cache_dir
 from . import verifiers as _v
 
 __all__ = [
@@ -383,7 +384,6 @@ _CACHE_LOCK = threading.Lock()
 # ---------------------------------------------------------------------------------------
 #: Bump when the cached layout or the generation algorithm changes.
 _DISK_FORMAT = 1
-_OFF = ("", "0", "off", "none", "false")
 
 
 class _Uncacheable(Exception):
@@ -429,16 +429,6 @@ def _jdec(o):
             return np.dtype(dt).type(v)
         return {k: _jdec(v) for k, v in o.items()}
     return o
-
-
-def cache_dir() -> str | None:
-    """Folder of the generated-split cache: ``$MTGRPO_CACHE_DIR`` if set (``off``/``0``/empty
-    disables it), else ``$XDG_CACHE_HOME/mtgrpo_core`` or ``~/.cache/mtgrpo_core``."""
-    env = os.environ.get("MTGRPO_CACHE_DIR")
-    if env is not None:
-        return None if env.strip().lower() in _OFF else env
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mtgrpo_core")
 
 
 def _disk_key(spec: SuiteSpec, seed: int, train_size: int, test_size: int, lazies: dict) -> dict:
