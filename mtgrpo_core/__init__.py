@@ -19,15 +19,18 @@ __all__ = ["__version__", "build_info", *_OPS_NAMES]
 
 
 def __getattr__(name: str):
+    # the resolved object is stored in the module, so later look-ups (``mtgrpo_core.grpo_loss``
+    # in a training loop) are plain attribute reads, not this function (~1 us a call)
     if name == "build_info":
-        from ._build import build_info
-
-        return build_info
-    if name in _OPS_NAMES:
+        from ._build import build_info as value
+    elif name in _OPS_NAMES:
         from . import ops
 
-        return getattr(ops, name)
-    raise AttributeError(f"module 'mtgrpo_core' has no attribute {name!r}")
+        value = getattr(ops, name)
+    else:
+        raise AttributeError(f"module 'mtgrpo_core' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 def __dir__():

@@ -225,6 +225,40 @@ def test_every_check_fires_on_both_paths(grad, path):
                 mc.grpo_loss(lp, old, mask, backend="cpu", **kw)
 
 
+def test_plain_call_check_accepts_only_what_the_full_checks_accept():
+    """``_plain_call_valid`` (one pass of attribute reads) may say True only where the
+    per-argument checks (``_validate_args``) pass, over shapes, dtypes, devices and tensor subclasses."""
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.int64,
+              torch.int32, torch.uint8, torch.bool, torch.complex64]
+    n, t = 3, 5
+
+    def tensors(shape):
+        out = [None, 1.0, torch.nn.Parameter(torch.zeros(shape)), torch.zeros(shape, device="meta")]
+        out += [torch.zeros(shape).to(d) for d in dtypes]
+        return out
+
+    cfg = gl.GRPOConfig()
+    seen_true = seen_false = 0
+    lps = [torch.zeros(n, t).to(d) for d in dtypes[:5]] + [torch.zeros(0, t), torch.zeros(n), torch.zeros(n, t, 1)]
+    masks = [torch.ones(n, t, dtype=torch.bool), torch.ones(n, t - 1, dtype=torch.bool), torch.ones(n, t).cfloat()]
+    for lp in lps:
+        for mask in masks:
+            for old in [None, torch.zeros(n, t), torch.zeros(n, t).int(), torch.zeros(n, t + 1)]:
+                for adv in [None] + tensors((n,)) + [torch.zeros(n, t), torch.zeros(n + 1)]:
+                    for rw, gid in ([(None, None)] if adv is not None else
+                                    [(r, g) for r in tensors((n,)) + [torch.zeros(n - 1)] for g in tensors((n,))]):
+                        fast = gl._plain_call_valid(lp, old, mask, adv, rw, gid)
+                        try:
+                            gl._validate_args(lp, old, mask, adv, rw, gid, None, None, None, None, cfg)
+                            full = True
+                        except (TypeError, ValueError):
+                            full = False
+                        assert not fast or full, (lp.dtype, lp.shape, mask.shape, old, adv, rw, gid)
+                        seen_true += fast
+                        seen_false += not fast
+    assert seen_true > 100 and seen_false > 1000  # both answers were exercised
+
+
 def test_nan_at_masked_positions_is_fine_on_the_fast_path():
     c = case()
     lp = c["lp"].clone()
@@ -367,3 +401,26 @@ def test_jit_trace_records_the_op_not_the_fast_path():
     traced = torch.jit.trace(f, (c["lp"],), check_trace=False)
     assert "mtgrpo::grpo_loss" in str(traced.graph)
     assert torch.equal(traced(c["lp"]), f(c["lp"]))
+
+
+def test_backend_answer_is_a_trace_constant_without_importing_dynamo():
+    """``_resolve_constant`` carries what ``torch.compiler.assume_constant_result`` sets (checked
+    against torch's own decorator, so a torch that changes it fails here), and importing the ops
+    does not import ``torch._dynamo`` (1.7 s in every process that imports the library)."""
+    import subprocess
+    import sys
+
+    import torch._dynamo.decorators as decorators
+
+    from mtgrpo_core.ops import _dispatch
+
+    def f():
+        return 0
+
+    before = set(vars(f))
+    decorators.assume_constant_result(f)
+    assert {k: vars(f)[k] for k in set(vars(f)) - before} == {"_dynamo_marked_constant": True}
+    assert _dispatch._resolve_constant._dynamo_marked_constant is True
+    code = "import sys, mtgrpo_core.ops; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
