@@ -136,11 +136,20 @@ def main() -> None:
                     med = memcpy_ms(nbytes, device=device)
                     rows.append(Row("task_accumulate", case, "memcpy", device, med, med, med,
                                     gbps=nbytes / med / 1e6, extra={"tokens": n * t, "tasks": k, "mode": mode, **rf}))
+                    if mode == "bwd":  # what any op returning a new [N, T] tensor pays: allocate it, write it
+                        med, p20, p80 = time_fn(lambda: torch.empty_like(values).fill_(0), device=device, warmup=2,
+                                                repeats=repeats)
+                        rows.append(Row("task_accumulate", case, "alloc+fill", device, med, p20, p80,
+                                        gbps=n * t * values.element_size() / med / 1e6,
+                                        extra={"tokens": n * t, "tasks": k, "mode": mode}))
     rows += small_call_rows(devices)
     copy = {(r.case, r.device): r.median_ms for r in rows if r.provider == "memcpy"}
+    fresh = {(r.case, r.device): r.median_ms for r in rows if r.provider == "alloc+fill"}
     for r in rows:  # the bandwidth share: a copy of the same bytes in the same run / this row
-        if (r.case, r.device) in copy and r.provider != "memcpy":
+        if (r.case, r.device) in copy and r.provider not in ("memcpy", "alloc+fill"):
             r.extra["of_copy"] = round(copy[(r.case, r.device)] / r.median_ms, 3)
+            if (r.case, r.device) in fresh:  # and of allocating + writing a fresh output of its size
+                r.extra["of_alloc_fill"] = round(fresh[(r.case, r.device)] / r.median_ms, 3)
     emit(rows, csv_name="task_accumulate")
     print("# task_accumulate: native path vs torch_ref and vs a copy of the same bytes, same run "
           "(goals: >= 2x torch_ref at 1M, >= 3x at 8M tokens; >= 70% of the copy)")
@@ -149,6 +158,7 @@ def main() -> None:
             e = r.extra
             print(f"#   {r.device:4s} {r.case:24s} {r.provider:12s} {r.median_ms:9.3f} ms  {r.gbps:7.2f} GB/s  "
                   f"x{r.speedup_vs_torch_ref:.2f} vs torch_ref  {100 * e['of_copy']:5.1f}% of copy "
+                  + (f"{100 * e['of_alloc_fill']:5.1f}% of alloc+fill " if "of_alloc_fill" in e else "") +
                   f"| paper: min {e['min_bytes'] / 1e6:.1f} MB, "
                   f"kernel {e['kernel_bytes'] / 1e6:.1f} MB (x{e['bytes_over_min']}), "
                   f"{e['device_model']} lower bound {e['lower_bound_ms']:.4f} ms")

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mtgrpo_core as mc
 from mtgrpo_core import _native
@@ -30,6 +31,11 @@ pytestmark = pytest.mark.skipif(not _native.available(), reason="the C++ extensi
 
 class PassThrough(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class PassThroughDispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return func(*args, **(kwargs or {}))
 
 
@@ -376,6 +382,38 @@ def test_task_masked_sum_fast_path_gives_the_op_path_bits(dtype, mask_dtype):
         mc.task_masked_sum(v, m, torch.tensor([0.0, 2, 1, 0, 2]), 3)
     with pytest.raises(ValueError, match="mask"):
         mc.task_masked_sum(v, m[:, :3], torch.tensor([0, 2, 1, 0, 2]), 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_task_backward_scatter_runs_directly_and_gives_the_op_bits(dtype):
+    """The per-task ops' backward calls the C++ scatter directly in a plain eager backward and
+    through the ``mtgrpo::task_masked_sum_backward`` op otherwise: same gradients, bit for bit."""
+    ta = importlib.import_module("mtgrpo_core.ops.task_accumulate")
+    g = torch.Generator().manual_seed(2)
+    v = torch.randn(6, 5, generator=g).to(dtype)
+    m = torch.rand(6, 5, generator=g) > 0.3
+    ids = torch.tensor([0, 2, 1, 0, 2, 1])
+    w = torch.tensor([0.5, 2.0, 1.0])
+
+    def grads():
+        x = v.clone().requires_grad_()
+        (mc.task_masked_sum(x, m, ids, 3)[0].float() * torch.arange(1.0, 4.0)).sum().backward()
+        y = v.clone().requires_grad_()
+        mc.task_weighted_loss(y, m, ids, w).backward()
+        return x.grad, y.grad
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fast = grads()
+    assert not any("task_masked_sum_backward" in e.name for e in prof.events())
+    # a dispatch mode reaches into the backward (a torch-function mode does not: the engine runs
+    # the backward without it, so that call goes straight to the kernel as well)
+    with PassThroughDispatch():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            op = grads()
+    assert sum("task_masked_sum_backward" in e.name for e in prof.events()) >= 2
+    for a, b in zip(fast, op):
+        assert a.dtype == dtype and torch.equal(a, b)
+    assert ta._scatter_grad.__doc__  # (the one function both backwards call)
 
 
 def test_backend_env_variable_still_read_per_call(monkeypatch):
