@@ -9,12 +9,17 @@ TORCH_SPEC ?= torch==2.13.0
 BUILD_LOCK = $(VENV)/.build.lock
 # uv installs into .venv: it links the ~170 packages from its cache in seconds where pip took a
 # minute. It does not read pip's configuration, so it gets pip's find-links (where the CPU torch
-# wheel lies here). --compile-bytecode: the .pyc files at install, on both cores; left to first
-# import, the test processes compiled the same modules side by side (a fresh clone's suite took
-# 190 s against 155 s with the .pyc files there). PYTHONDONTWRITEBYTECODE is unexported so that
-# the project's own modules keep theirs too.
+# wheel lies here). Bytecode: tests/precompile.py compiles, on every core, the ~5,600 installed
+# modules the suite imports (tests/pyc-manifest.txt; 25 s for all ~19,000 with uv's
+# --compile-bytecode). Left to first import, the two test processes compiled the same modules side
+# by side (the suite took 206 s against 188 s with the .pyc files there). PRECOMPILE=0 installs
+# without bytecode (what `tests/precompile.py --record` needs), PRECOMPILE=all compiles
+# everything at install. PYTHONDONTWRITEBYTECODE is unexported so that the modules imported later
+# (and the project's own) keep their .pyc files too.
+PRECOMPILE ?= 1
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PY) -m pip config get global.find-links 2>/dev/null))
-UV_INSTALL = $(UV) pip install -q --compile-bytecode --python $(PYTHON) $(addprefix --find-links ,$(FIND_LINKS))
+UV_INSTALL = $(UV) pip install -q $(if $(filter all,$(PRECOMPILE)),--compile-bytecode) --python $(PYTHON) \
+	$(addprefix --find-links ,$(FIND_LINKS))
 unexport PYTHONDONTWRITEBYTECODE
 # From uv's cache alone first, online only where the cache lacks something: online, uv asks the
 # index again for every package, and the answers here always count as changed (8 s, and the four
@@ -33,8 +38,9 @@ $(VENV)/.torch-installed: | $(UV)
 	touch $@
 
 # the build dependencies and every dependency of .[test] (not the package itself)
-$(VENV)/.deps-installed: $(VENV)/.torch-installed pyproject.toml
+$(VENV)/.deps-installed: $(VENV)/.torch-installed pyproject.toml tests/pyc-manifest.txt
 	$(call uv_install,"scikit-build-core>=0.10" "pybind11>=2.12" ninja cmake -r pyproject.toml --extra test)
+	$(if $(filter 1,$(PRECOMPILE)),$(PYTHON) tests/precompile.py)
 	touch $@
 
 # Editable install without build isolation (build deps above) and without dependencies (above),
