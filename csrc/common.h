@@ -65,4 +65,90 @@ inline ArrayView checked_view(const pybind11::array& a, const char* name, int nd
   return v;
 }
 
+// DLPack, the tensor-exchange C ABI of torch.utils.dlpack.to_dlpack and numpy: the struct layout
+// its specification defines (dmlc/dlpack, dlpack.h), declared here. A "dltensor" capsule holds a
+// ManagedTensor, a "dltensor_versioned" capsule (DLPack >= 1.0) a ManagedTensorVersioned.
+namespace dlpack {
+struct Device {
+  int32_t device_type;  // 1 = CPU
+  int32_t device_id;
+};
+struct DataType {
+  uint8_t code;  // 0 int, 1 uint, 2 float, 4 bfloat, 5 complex, 6 bool
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; null: compact row-major
+  uint64_t byte_offset;
+};
+struct ManagedTensor {
+  Tensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensor*);
+};
+struct ManagedTensorVersioned {
+  uint32_t major, minor;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensorVersioned*);
+  uint64_t flags;  // bit 0: read-only
+  Tensor dl_tensor;
+};
+}  // namespace dlpack
+
+// The number of dimensions of a numpy array or a DLPack capsule (-1: neither).
+inline int ndim_of(const pybind11::handle& h) {
+  if (pybind11::isinstance<pybind11::array>(h))
+    return static_cast<int>(pybind11::reinterpret_borrow<pybind11::array>(h).ndim());
+  if (PyCapsule_IsValid(h.ptr(), "dltensor"))
+    return static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"))->dl_tensor.ndim;
+  if (PyCapsule_IsValid(h.ptr(), "dltensor_versioned"))
+    return static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(h.ptr(), "dltensor_versioned"))
+        ->dl_tensor.ndim;
+  return -1;
+}
+
+// checked_view for a numpy array or a DLPack capsule (what the small-call path passes: a torch
+// tensor's capsule costs ~0.2 us against ~0.6 us for Tensor.numpy()). The capsule is only read,
+// not consumed: its owner frees it. Same checks and messages as for arrays; CPU memory only.
+inline ArrayView checked_view(const pybind11::handle& h, const char* name, int ndim, bool writable = false) {
+  if (pybind11::isinstance<pybind11::array>(h))
+    return checked_view(pybind11::reinterpret_borrow<pybind11::array>(h), name, ndim, writable);
+  const dlpack::Tensor* t = nullptr;
+  if (PyCapsule_IsValid(h.ptr(), "dltensor")) {
+    t = &static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"))->dl_tensor;
+  } else if (PyCapsule_IsValid(h.ptr(), "dltensor_versioned")) {
+    auto* v = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(h.ptr(), "dltensor_versioned"));
+    if (writable && (v->flags & 1)) fail(name, ": expected a writable array");
+    t = &v->dl_tensor;
+  } else {
+    fail(name, ": expected a numpy array or a DLPack capsule (torch.utils.dlpack.to_dlpack), got ",
+         Py_TYPE(h.ptr())->tp_name);
+  }
+  if (t->device.device_type != 1)
+    fail(name, ": expected CPU memory (DLPack device type 1), got device type ", t->device.device_type);
+  if (t->ndim != ndim) fail(name, ": expected ", ndim, "-d array, got ", t->ndim, "-d");
+  if (ndim > 2) fail(name, ": at most 2-d arrays here");
+  if (t->dtype.lanes != 1 || t->dtype.bits == 0 || t->dtype.bits % 8 != 0)
+    fail(name, ": expected a scalar dtype of whole bytes, got ", int(t->dtype.bits), " bits x ", t->dtype.lanes);
+  ArrayView v{static_cast<char*>(t->data) + t->byte_offset, {1, 1}, t->dtype.bits / 8, 1, 'V'};
+  static constexpr char kKinds[] = {'i', 'u', 'f', 'V', 'f', 'c', 'b'};
+  if (t->dtype.code < sizeof(kKinds)) v.kind = kKinds[t->dtype.code];
+  int64_t expect = 1;  // elements: the stride a C-contiguous layout has at this dimension
+  for (int d = ndim - 1; d >= 0; --d) {
+    const int64_t n = t->shape[d];
+    if (n < 0) fail(name, ": negative extent ", n);
+    if (t->strides != nullptr && n > 1 && t->strides[d] != expect) fail(name, ": expected a C-contiguous array");
+    v.shape[d] = n;
+    v.size *= n;
+    expect *= n;
+  }
+  return v;
+}
+
 }  // namespace mtgrpo

@@ -159,7 +159,7 @@ size_t itemsize(DType d) {
   return d == DType::F64 ? 8 : (d == DType::F32 ? 4 : 2);
 }
 
-ArrayView check_2d(const py::array& a, const char* name, int64_t N, int64_t T, size_t item, bool out = false) {
+ArrayView check_2d(const py::handle& a, const char* name, int64_t N, int64_t T, size_t item, bool out = false) {
   auto b = checked_view(a, name, 2, out);
   if (b.shape[0] != N || b.shape[1] != T)
     fail(name, ": expected shape [", N, ", ", T, "], got [", b.shape[0], ", ", b.shape[1], "]");
@@ -167,7 +167,7 @@ ArrayView check_2d(const py::array& a, const char* name, int64_t N, int64_t T, s
   return b;
 }
 
-ArrayView check_1d(const py::array& a, const char* name, int64_t N, size_t item, bool out = false) {
+ArrayView check_1d(const py::handle& a, const char* name, int64_t N, size_t item, bool out = false) {
   auto b = checked_view(a, name, 1, out);
   if (b.shape[0] != N) fail(name, ": expected shape [", N, "], got [", b.shape[0], "]");
   if (static_cast<size_t>(b.itemsize) != item) fail(name, ": expected ", item, "-byte elements, got ", b.itemsize);
@@ -182,9 +182,9 @@ void check_finite(const R* v, int64_t n, const char* name) {
 }
 
 // Group advantages alone (backend "cpu" of group_advantages).
-void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_out, py::array row_flat,
-                          py::array row_leader, const std::string& scale, double eps, bool unbiased, bool singleton_raw,
-                          double clip) {
+void group_advantages_cpu(const py::handle& rewards, const py::handle& group_ids, const py::handle& adv_out,
+                          const py::handle& row_flat, const py::handle& row_leader, const std::string& scale,
+                          double eps, bool unbiased, bool singleton_raw, double clip) {
   auto rb = checked_view(rewards, "rewards", 1);
   const int64_t N = rb.shape[0];
   auto gb = check_1d(group_ids, "group_ids", N, 8);
@@ -230,9 +230,9 @@ void group_advantages_cpu(py::array rewards, py::array group_ids, py::array adv_
 // Returns whether every row statistic is finite (false: a NaN at an unmasked token, or a non-finite
 // loss term; the caller raises, naming the inputs). Given advantages, rewards and seq_weights are
 // checked finite here, in the pass that reads them (ValueError naming the argument).
-bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array mask, py::object advantages,
+bool grpo_loss_fwd_bwd_cpu(py::object logprobs, py::object old_logprobs, py::object mask, py::object advantages,
                            py::object rewards, py::object group_ids, py::object seq_weights, py::object ref_logprobs,
-                           const std::string& dtype, py::array grad, py::array rowstats, py::array adv_out,
+                           const std::string& dtype, py::object grad, py::array rowstats, py::array adv_out,
                            py::array row_flat, py::array row_leader, py::object rollout_logprobs, py::object row_coef,
                            py::object is_row,
                            // advantage options (fused path)
@@ -314,20 +314,20 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   const void* ref_ptr = nullptr;
   if (kl_estimator > 0) {
     if (ref_logprobs.is_none()) fail("ref_logprobs: required when kl_estimator > 0");
-    auto rb = check_2d(ref_logprobs.cast<py::array>(), "ref_logprobs", N, T, item);
+    auto rb = check_2d(ref_logprobs, "ref_logprobs", N, T, item);
     ref_ptr = rb.ptr;
   }
   const void* roll_ptr = nullptr;
   if (is_mode != kIsOff) {
     if (rollout_logprobs.is_none()) fail("rollout_logprobs: required with a token-level IS correction (is_mode > 0)");
-    auto rb = check_2d(rollout_logprobs.cast<py::array>(), "rollout_logprobs", N, T, item);
+    auto rb = check_2d(rollout_logprobs, "rollout_logprobs", N, T, item);
     roll_ptr = rb.ptr;
   }
   // Per-row constants: the form's (GMPO's ratio, VESPO's weight) and the sequence IS weight.
   std::vector<double> rc(static_cast<size_t>(N), 1.0), isw(static_cast<size_t>(N), 1.0);
   auto row_vec = [&](const py::object& o, const char* name, std::vector<double>& out) {
     if (o.is_none()) return;
-    auto b = check_1d(o.cast<py::array>(), name, N, 8);
+    auto b = check_1d(o, name, N, 8);
     const auto* v = static_cast<const double*>(b.ptr);
     for (int64_t i = 0; i < N; ++i) {
       if (!std::isfinite(v[i])) fail(name, ": non-finite value at index ", i);
@@ -344,8 +344,8 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
   if (!advantages.is_none()) {
     if (!rewards.is_none() || !group_ids.is_none())
       fail("advantages: give either advantages or rewards + group_ids, not both");
-    auto a = advantages.cast<py::array>();
-    if (a.ndim() == 2) {
+    const py::handle& a = advantages;
+    if (ndim_of(a) == 2) {
       auto tb = check_2d(a, "advantages", N, T, citem);
       if (citem == 8)
         check_finite(static_cast<const double*>(tb.ptr), N * T, "advantages");
@@ -367,11 +367,11 @@ bool grpo_loss_fwd_bwd_cpu(py::array logprobs, py::array old_logprobs, py::array
     std::memset(ldb.ptr, 0, static_cast<size_t>(N));
   } else {
     if (rewards.is_none() || group_ids.is_none()) fail("rewards: advantages=None needs rewards and group_ids");
-    group_advantages_cpu(rewards.cast<py::array>(), group_ids.cast<py::array>(), adv_out, row_flat, row_leader,
-                         adv_scale, adv_eps, adv_unbiased, adv_singleton_raw, adv_clip);
+    group_advantages_cpu(rewards, group_ids, adv_out, row_flat, row_leader, adv_scale, adv_eps, adv_unbiased,
+                         adv_singleton_raw, adv_clip);
   }
   if (!seq_weights.is_none()) {
-    auto wb = check_1d(seq_weights.cast<py::array>(), "seq_weights", N, citem);
+    auto wb = check_1d(seq_weights, "seq_weights", N, citem);
     for (int64_t i = 0; i < N; ++i) {
       const double w = citem == 8 ? static_cast<const double*>(wb.ptr)[i] : static_cast<const float*>(wb.ptr)[i];
       if (!std::isfinite(w)) fail("seq_weights: non-finite value at index ", i);

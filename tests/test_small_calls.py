@@ -360,6 +360,41 @@ def test_cpp_binding_positional_loss_out_and_finite_flag():
         C.grpo_loss_fwd_bwd_cpu(*bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_binding_reads_dlpack_capsules_as_arrays(dtype):
+    """The binding takes a tensor's DLPack capsule where it takes a numpy array: same bits, and the
+    same checks (dimensions, shape, element size, contiguity, type), naming the argument."""
+    from torch.utils.dlpack import to_dlpack
+
+    C = _native.native()
+    c = case(dtype=dtype)
+    n, t = c["lp"].shape
+    ints = {torch.bfloat16: torch.int16}.get(dtype)
+
+    def as_np(x):
+        return (x.view(ints) if ints is not None and x.dtype == dtype else x).numpy()
+
+    def run(conv, **over):
+        grad = torch.empty(n, t, dtype=dtype)
+        out = (np.zeros((n, C.GRPO_ROW_STATS)), np.zeros(n), np.zeros(n, np.uint8), np.zeros(n, np.uint8))
+        loss = np.zeros((), np.float32)
+        a = {**dict(lp=conv(c["lp"]), old=conv(c["old"]), mask=conv(c["mask"]), grad=conv(grad)), **over}
+        C.grpo_loss_fwd_bwd_cpu(a["lp"], a["old"], a["mask"], None, conv(c["rewards"]), conv(c["gids"]), None, None,
+                                {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype], a["grad"], *out,
+                                loss_out=loss)
+        return grad, out, loss
+
+    g1, o1, l1 = run(as_np)
+    g2, o2, l2 = run(to_dlpack)
+    assert torch.equal(g1, g2) and l1 == l2 and all(np.array_equal(x, y) for x, y in zip(o1, o2))
+    lp_t = c["lp"].t().contiguous().t()  # the same values, column-major
+    for over, name in [(dict(lp=to_dlpack(c["lp"][0])), "logprobs"), (dict(old=to_dlpack(c["old"][:, :4])),
+                       "old_logprobs"), (dict(mask=to_dlpack(lp_t)), "mask"), (dict(lp=to_dlpack(lp_t)), "logprobs"),
+                       (dict(old=to_dlpack(c["old"].double())), "old_logprobs"), (dict(grad=[0.0] * t), "grad")]:
+        with pytest.raises(ValueError, match=name):
+            run(to_dlpack, **over)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.float32, torch.bfloat16, torch.int32])
 def test_task_masked_sum_fast_path_gives_the_op_path_bits(dtype, mask_dtype):
