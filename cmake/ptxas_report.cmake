@@ -8,7 +8,7 @@
 # compile: ccache stores the compiler's stderr with the object and replays it on a hit, so an
 # unchanged source gives the same report in no time (it was ~8 s of every fresh build); the
 # report is the ptxas output of that identical compile. tests/test_cuda_compile.py compiles the
-# source itself, uncached, in every run.
+# source itself with the same flags (through ccache too, where installed).
 set(_args -std=c++17 -O3 --expt-relaxed-constexpr -I${INCLUDE_DIR} -I${SRC_DIR} -arch=sm_${ARCH}
           -Xptxas -v -c -o ${OUT}.o)
 set(_launch "")
