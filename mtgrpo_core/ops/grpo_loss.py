@@ -1014,7 +1014,7 @@ def _cpu_forward(lp, old, mask, advantages, rewards, group_ids, seq_weights, ref
     adv_out = np.empty(n, dtype=np.float64)
     flat = np.empty(n, dtype=np.uint8)
     leader = np.empty(n, dtype=np.uint8)
-    sw = None if seq_weights is None else _as(seq_weights, cdt)
+    sw = None if seq_weights is None else _as(seq_weights, cdt).contiguous()
     pre_flags = fold_cols = adv_rows = is_cols = rc = is_row = None
     prepass = kp["prepass"]
     if prepass:
