@@ -101,16 +101,26 @@ struct ManagedTensorVersioned {
 };
 }  // namespace dlpack
 
+// The tensor a DLPack capsule holds (null: `h` is no such capsule); `read_only` gets its flag
+// (versioned capsules only; a legacy one has none).
+inline const dlpack::Tensor* dl_tensor(const pybind11::handle& h, bool* read_only = nullptr) {
+  if (read_only != nullptr) *read_only = false;
+  if (PyCapsule_IsValid(h.ptr(), "dltensor"))
+    return &static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"))->dl_tensor;
+  if (PyCapsule_IsValid(h.ptr(), "dltensor_versioned")) {
+    auto* v = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(h.ptr(), "dltensor_versioned"));
+    if (read_only != nullptr) *read_only = (v->flags & 1) != 0;
+    return &v->dl_tensor;
+  }
+  return nullptr;
+}
+
 // The number of dimensions of a numpy array or a DLPack capsule (-1: neither).
 inline int ndim_of(const pybind11::handle& h) {
   if (pybind11::isinstance<pybind11::array>(h))
     return static_cast<int>(pybind11::reinterpret_borrow<pybind11::array>(h).ndim());
-  if (PyCapsule_IsValid(h.ptr(), "dltensor"))
-    return static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"))->dl_tensor.ndim;
-  if (PyCapsule_IsValid(h.ptr(), "dltensor_versioned"))
-    return static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(h.ptr(), "dltensor_versioned"))
-        ->dl_tensor.ndim;
-  return -1;
+  const dlpack::Tensor* t = dl_tensor(h);
+  return t == nullptr ? -1 : t->ndim;
 }
 
 // checked_view for a numpy array or a DLPack capsule (what the small-call path passes: a torch
@@ -119,17 +129,12 @@ inline int ndim_of(const pybind11::handle& h) {
 inline ArrayView checked_view(const pybind11::handle& h, const char* name, int ndim, bool writable = false) {
   if (pybind11::isinstance<pybind11::array>(h))
     return checked_view(pybind11::reinterpret_borrow<pybind11::array>(h), name, ndim, writable);
-  const dlpack::Tensor* t = nullptr;
-  if (PyCapsule_IsValid(h.ptr(), "dltensor")) {
-    t = &static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(h.ptr(), "dltensor"))->dl_tensor;
-  } else if (PyCapsule_IsValid(h.ptr(), "dltensor_versioned")) {
-    auto* v = static_cast<dlpack::ManagedTensorVersioned*>(PyCapsule_GetPointer(h.ptr(), "dltensor_versioned"));
-    if (writable && (v->flags & 1)) fail(name, ": expected a writable array");
-    t = &v->dl_tensor;
-  } else {
+  bool read_only = false;
+  const dlpack::Tensor* t = dl_tensor(h, &read_only);
+  if (t == nullptr)
     fail(name, ": expected a numpy array or a DLPack capsule (torch.utils.dlpack.to_dlpack), got ",
          Py_TYPE(h.ptr())->tp_name);
-  }
+  if (writable && read_only) fail(name, ": expected a writable array");
   if (t->device.device_type != 1)
     fail(name, ": expected CPU memory (DLPack device type 1), got device type ", t->device.device_type);
   if (t->ndim != ndim) fail(name, ": expected ", ndim, "-d array, got ", t->ndim, "-d");
