@@ -11,6 +11,7 @@ void register_grpo_loss(py::module_& m);
 void register_task_accumulate(py::module_& m);
 void register_sampler(py::module_& m);
 void register_linear_logprobs(py::module_& m);
+void register_cpu_cache(py::module_& m);
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtgrpo_core native kernels (C++ CPU path, CUDA kernels, sampler core)";
@@ -38,4 +39,5 @@ PYBIND11_MODULE(_C, m) {
   register_task_accumulate(m);
   register_sampler(m);
   register_linear_logprobs(m);
+  register_cpu_cache(m);
 }

@@ -13,7 +13,7 @@ from ._version import __version__
 # the names of mtgrpo_core.ops.__all__ (a test checks that the two lists agree)
 _OPS_NAMES = ("GRPOConfig", "GRPOLoss", "GRPOStats", "group_advantages", "grpo_loss",
               "LinearLogprobsConfig", "fused_linear_grpo_loss", "linear_logprobs",
-              "task_masked_sum", "task_weighted_loss")
+              "task_masked_sum", "task_weighted_loss", "cpu_cache_info", "empty_cpu_cache", "set_cpu_cache_limit")
 
 __all__ = ["__version__", "build_info", *_OPS_NAMES]
 

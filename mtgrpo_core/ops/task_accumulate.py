@@ -53,6 +53,7 @@ import torch
 from .. import _native
 from ..reference.task_accumulate import accumulate_dtype, task_masked_sum_ref
 from ._dispatch import eager_plain, register_op, resolve_backend
+from ._cpu_cache import cpu_empty
 
 __all__ = ["task_masked_sum", "task_weighted_loss", "MAX_TASKS", "NORMALIZE_MODES"]
 
@@ -193,13 +194,14 @@ def _scatter_grad_kernel(table: torch.Tensor, mask: torch.Tensor, task_ids: torc
     if backend == "torch":
         return torch.where(m != 0, tab[ids][:, None], torch.zeros((), dtype=tab.dtype, device=tab.device))
     C = _native.native()
-    out = torch.empty(m.shape, dtype=tab.dtype, device=m.device)
     if backend == "cuda":
+        out = torch.empty(m.shape, dtype=tab.dtype, device=m.device)
         with torch.cuda.device(m.device):
             C.task_weighted_grad_cuda(out.data_ptr(), _itemsize(tab.dtype), m.data_ptr(), _mask_kind(m.dtype),
                                       ids.data_ptr(), tab.data_ptr(), m.shape[0], m.shape[1], tab.shape[0],
                                       _cuda_stream(m.device))
         return out
+    out = cpu_empty(tuple(m.shape), tab.dtype)  # large: a reused buffer (no page faults on the write)
     ints = _INT_VIEW[_itemsize(tab.dtype)]
     C.task_weighted_grad_cpu(out.view(ints).numpy(), _np(m, _mask_np_view(m.dtype)), _mask_kind(m.dtype), ids.numpy(),
                              tab.view(ints).numpy())
