@@ -580,18 +580,20 @@ def _assert_clean(counts, failures):
 
 # ---------------------------------------------------------------------------- tests
 def test_fuzz_ops():
-    cases = _directed_op_cases()
+    directed = _directed_op_cases()
+    cases = list(directed)
     per = max(4, N_EXAMPLES)
     cases += _collect(grpo_case(), per) + _collect(grpo_case("fused_linear_grpo_loss"), per // 2)
     cases += _collect(task_case("task_masked_sum"), per // 2) + _collect(task_case("task_weighted_loss"), per // 2)
     cases += _collect(adv_case(), per // 2) + _collect(linear_case(), per)
-    counts, failures, known, _ = _run_target("ops", cases)
-    assert counts["cases"] == len(cases)
+    results = _execute(cases)
+    counts, failures, _ = _tally(cases, results)
+    _report("ops", counts, failures)
+    assert counts["cases"] == len(cases) == len(results)
     _assert_clean(counts, failures)
-    # strict: every known defect still reproduces (delete the entry once its fix is merged)
-    directed = _directed_op_cases()
-    dres = _execute(directed)
-    _, _, dknown = _tally(directed, dres)
+    # strict: every known defect still reproduces (delete the entry once its fix is merged); the
+    # directed cases ran first, in the same workers
+    _, _, dknown = _tally(directed, results[:len(directed)])
     stale = [k for k in KNOWN_OP_DEFECTS if k not in dknown]
     assert not stale, f"KNOWN_OP_DEFECTS entries that no longer fail (remove them): {stale}"
 
@@ -702,11 +704,15 @@ def test_fuzz_config():
     for c in cases:
         if c["overrides"][0] in KNOWN_CONFIG_DEFECTS:
             c["features"], c["op"] = ["known-config"], "config"
-    counts, failures, _, _ = _run_target("config", cases)
-    _assert_clean(counts, failures)      # only ValueError / TypeError, never another exception
-    # accepted-but-invalid values from the issue must be refused cleanly
+    # accepted-but-invalid values from the issue must be refused cleanly: run after the drawn
+    # cases, in the same workers
     probe = [dict(target="config", overrides=[o], algo="grpo", valid=False) for o in ISSUE_CONFIG_CASES]
-    res = _execute(probe)
+    results = _execute(cases + probe)
+    assert len(results) == len(cases) + len(probe)
+    counts, failures, _ = _tally(cases, results[:len(cases)])
+    _report("config", counts, failures)
+    _assert_clean(counts, failures)      # only ValueError / TypeError, never another exception
+    res = results[len(cases):]
     misbehaving = [p["overrides"][0] for p, r in zip(probe, res) if r["-"]["status"] != "clean"]
     print(f"[fuzz config] issue-16 probes not refused cleanly: {misbehaving}")
     assert sorted(misbehaving) == sorted(KNOWN_CONFIG_DEFECTS), (

@@ -429,19 +429,32 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("isa", ["avx2", "baseline"])
-def test_each_cpu_isa_version_matches_reference(isa):
-    # The best version for this CPU runs everywhere else in this file; the lower ones only
-    # run on older CPUs, so they are forced here (the choice is made once per process).
+@pytest.fixture(scope="module")
+def capped_isa_runs():
+    """One process per lower ISA version (the choice is made once per process, by
+    MTGRPO_CPU_ISA): it runs _ISA_SCRIPT, then _BITS_SCRIPT with 1 and then 2 OpenMP threads
+    (``torch.set_num_threads``, which is what the kernels read). isa -> its output lines."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, MTGRPO_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.split()
-    assert lines[-1] == "ok"
+    runs = {}
+    for isa in ("avx2", "baseline"):
+        env = dict(os.environ, MTGRPO_CPU_ISA=isa)
+        code = _ISA_SCRIPT + "\nfor threads in (1, 2):\n    torch.set_num_threads(threads)\n" + \
+            "".join("    " + line + "\n" for line in _BITS_SCRIPT.strip().splitlines())
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        runs[isa] = (out.returncode, out.stdout.splitlines(), out.stderr[-3000:])
+    return runs
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_each_cpu_isa_version_matches_reference(isa, capped_isa_runs):
+    # The best version for this CPU runs everywhere else in this file; the lower ones only
+    # run on older CPUs, so they are forced here (the choice is made once per process).
+    rc, lines, err = capped_isa_runs[isa]
+    assert rc == 0, err
+    assert lines[1] == "ok"
     assert lines[0] in (isa, "baseline")  # a CPU without the ISA falls back to baseline
 
 
@@ -649,21 +662,27 @@ print(" ".join(out))
 """
 
 
-def test_cpu_bits_identical_across_isa_versions_and_thread_counts():
+def test_cpu_bits_identical_across_isa_versions_and_thread_counts(capped_isa_runs):
     # Every compiled ISA version and any OpenMP thread count give the same bits (token level,
     # KL, GSPO with token advantages, bf16): fixed span plan, fixed fold order, no FMA contraction.
-    import os
-    import subprocess
-    import sys
+    import contextlib
+    import io
 
     outs = set()
-    for isa in ("avx2", "baseline"):
-        for threads in ("1", "2"):
-            env = dict(os.environ, MTGRPO_CPU_ISA=isa, OMP_NUM_THREADS=threads)
-            p = subprocess.run([sys.executable, "-c", _BITS_SCRIPT], env=env, capture_output=True, text=True,
-                               timeout=300)
-            assert p.returncode == 0, p.stderr[-3000:]
-            outs.add(p.stdout.strip())
+    for rc, lines, err in capped_isa_runs.values():  # avx2 and baseline, 1 and 2 threads each
+        assert rc == 0, err
+        assert len(lines) == 4
+        outs.update(lines[2:])
+    here = io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):  # this process: the best version the CPU has
+            torch.set_num_threads(n)
+            with contextlib.redirect_stdout(here):
+                exec(_BITS_SCRIPT, {})
+    finally:
+        torch.set_num_threads(threads)
+    outs.update(here.getvalue().splitlines())
     assert len(outs) == 1, outs
 
 
