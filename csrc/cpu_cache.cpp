@@ -40,7 +40,7 @@ struct Pool {
   std::list<Block> free_blocks;  // least recently freed first
   size_t cached = 0;             // bytes in free_blocks
   size_t limit = size_t(256) << 20;
-  size_t in_use = 0;             // bytes held by live tensors
+  size_t in_use = 0;  // bytes held by live tensors
   size_t peak_in_use = 0;
   uint64_t hits = 0, misses = 0;
 };
@@ -68,7 +68,8 @@ void* take(size_t bytes, size_t* mapped) {
     std::lock_guard<std::mutex> g(p.mu);
     auto best = p.free_blocks.end();
     for (auto it = p.free_blocks.begin(); it != p.free_blocks.end(); ++it)
-      if (it->bytes >= bytes && it->bytes - bytes <= bytes / 4 && (best == p.free_blocks.end() || it->bytes < best->bytes))
+      if (it->bytes >= bytes && it->bytes - bytes <= bytes / 4 &&
+          (best == p.free_blocks.end() || it->bytes < best->bytes))
         best = it;
     if (best != p.free_blocks.end()) {
       void* ptr = best->ptr;
@@ -224,8 +225,8 @@ void cache_reset_peak() {
 }  // namespace
 
 void register_cpu_cache(py::module_& m) {
-  m.def("cpu_cache_empty", &cache_empty, py::arg("ndim"), py::arg("n0"), py::arg("n1"), py::arg("code"), py::arg("bits"),
-        "An uninitialised CPU buffer from the output cache, as a DLPack capsule");
+  m.def("cpu_cache_empty", &cache_empty, py::arg("ndim"), py::arg("n0"), py::arg("n1"), py::arg("code"),
+        py::arg("bits"), "An uninitialised CPU buffer from the output cache, as a DLPack capsule");
   m.def("cpu_cache_info", &cache_info, "The output cache's counters");
   m.def("cpu_cache_release", &cache_release, "Unmap every kept buffer; returns the bytes released");
   m.def("cpu_cache_set_limit", &cache_set_limit, py::arg("limit_bytes"), "Bound the kept (free) bytes");
