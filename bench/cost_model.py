@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import subprocess
 import sys
@@ -51,15 +52,22 @@ _LOAD = re.compile(r"(ZMMWORD|YMMWORD|XMMWORD|QWORD|DWORD|WORD|BYTE) PTR \[")
 
 
 def build_probe(out_dir: Path | None = None) -> Path:
-    """Compile the probe (cached by the hash of its sources and flags) and return the .so path."""
-    h = hashlib.sha256(" ".join(CXXFLAGS).encode())
+    """Compile the probe and return the .so path. Cached by the hash of its sources, the flags
+    and the compiler's version, in ``<cache_dir()>/cost-model`` (the library's disk cache, shared
+    by every checkout; ``build/cost_model`` when ``MTGRPO_CACHE_DIR=off``)."""
+    from mtgrpo_core._cache import cache_dir
+
+    version = subprocess.run(["g++", "--version"], capture_output=True, text=True, check=True).stdout
+    h = hashlib.sha256((" ".join(CXXFLAGS) + "\n" + version).encode())
     for p in [PROBE_SRC, *HEADERS]:
         h.update(p.read_bytes())
-    out_dir = out_dir or ROOT / "build" / "cost_model"
+    if out_dir is None:
+        base = cache_dir()
+        out_dir = Path(base) / "cost-model" if base is not None else ROOT / "build" / "cost_model"
     out_dir.mkdir(parents=True, exist_ok=True)
-    so = out_dir / f"grpo_loss_probe_{h.hexdigest()[:12]}.so"
+    so = out_dir / f"grpo_loss_probe_{h.hexdigest()[:16]}.so"
     if not so.exists():
-        tmp = so.with_suffix(".tmp.so")
+        tmp = so.with_suffix(f".{os.getpid()}.tmp.so")  # concurrent builds each write their own, then rename
         subprocess.run(["g++", *CXXFLAGS, f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc'}", str(PROBE_SRC), "-o",
                         str(tmp)],
                        check=True)
