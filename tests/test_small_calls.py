@@ -419,6 +419,45 @@ def test_task_masked_sum_fast_path_gives_the_op_path_bits(dtype, mask_dtype):
         mc.task_masked_sum(v, m[:, :3], torch.tensor([0, 2, 1, 0, 2]), 3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("normalize", ["task-token-mean", "token-mean"])
+def test_task_weighted_loss_fast_path_gives_the_op_path_bits(dtype, normalize):
+    """A plain eager CPU call runs the op's forward and backward without its dispatch: the same
+    loss and gradients (token losses and weights) bit for bit, the same errors."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(6, 9, generator=g).to(dtype)
+    m = torch.rand(6, 9, generator=g) > 0.3
+    m[4] = False  # task 2 below has a row without tokens; task 3 has none at all
+    ids = torch.tensor([0, 2, 1, 0, 2, 1], dtype=torch.int32)
+    w0 = torch.tensor([0.5, 2.0, 1.0, 3.0])
+
+    def run(need_w):
+        x = v.clone().requires_grad_()
+        w = w0.clone().requires_grad_(need_w)
+        loss = mc.task_weighted_loss(x, m, ids, w, normalize=normalize)
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    for need_w in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fast = run(need_w)
+        assert not any("mtgrpo::task_weighted_loss" in e.name for e in prof.events())
+        with PassThrough():
+            op = run(need_w)
+        for a, b in zip(fast, op):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():  # no graph: the value alone
+        assert torch.equal(mc.task_weighted_loss(v, m, ids, w0, normalize=normalize), fast[0])
+    with pytest.raises(ValueError, match=r"task_ids.*len\(task_weights\)=4"):
+        mc.task_weighted_loss(v, m, torch.tensor([0, 4, 1, 0, 2, 1]), w0)
+    with pytest.raises(ValueError, match="task_weights: expected finite"):
+        mc.task_weighted_loss(v, m, ids, torch.tensor([0.5, float("nan"), 1.0, 1.0]))
+    bad = mc.task_weighted_loss(v, m, ids, torch.tensor([0.5, float("nan"), 1.0, 1.0]), validate=False)
+    assert bad.isnan()  # validate=False skips the check, as on the op path
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_task_backward_scatter_runs_directly_and_gives_the_op_bits(dtype):
     """The per-task ops' backward calls the C++ scatter directly in a plain eager backward and
