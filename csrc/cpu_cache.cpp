@@ -137,8 +137,9 @@ void capsule_destructor(PyObject* capsule) {
 }
 
 // An uninitialised C-contiguous CPU buffer of shape [n0] (ndim 1) or [n0, n1] (ndim 2) and
-// DLPack dtype (code, bits), as a "dltensor" capsule for torch.from_dlpack.
-py::capsule cache_empty(int ndim, int64_t n0, int64_t n1, int code, int bits) {
+// DLPack dtype (code, bits), as a "dltensor" capsule for torch.from_dlpack; None when the cache
+// is off (limit 0): the caller allocates the output itself.
+py::object cache_empty(int ndim, int64_t n0, int64_t n1, int code, int bits) {
   if (ndim != 1 && ndim != 2) mtgrpo::fail("ndim: expected 1 or 2, got ", ndim);
   const int64_t shape[2] = {n0, n1};
   if (!((code == 2 && (bits == 16 || bits == 32 || bits == 64)) || (code == 4 && bits == 16)))
@@ -149,6 +150,11 @@ py::capsule cache_empty(int ndim, int64_t n0, int64_t n1, int code, int bits) {
     if (n < 0) mtgrpo::fail("shape: negative extent ", n);
     if (n != 0 && elems > (uint64_t(1) << 56) / uint64_t(n)) mtgrpo::fail("shape: too many elements");
     elems *= uint64_t(n);
+  }
+  {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> g(p.mu);
+    if (p.limit == 0) return py::none();
   }
   const size_t bytes = std::max<size_t>(kPage, (elems * uint64_t(bits / 8) + kPage - 1) / kPage * kPage);
   size_t mapped = 0;
@@ -167,7 +173,7 @@ py::capsule cache_empty(int ndim, int64_t n0, int64_t n1, int code, int bits) {
   t.byte_offset = 0;
   o->managed.manager_ctx = o;
   o->managed.deleter = owned_deleter;
-  return py::reinterpret_steal<py::capsule>(PyCapsule_New(&o->managed, "dltensor", capsule_destructor));
+  return py::reinterpret_steal<py::object>(PyCapsule_New(&o->managed, "dltensor", capsule_destructor));
 }
 
 py::dict cache_info() {
@@ -226,7 +232,8 @@ void cache_reset_peak() {
 
 void register_cpu_cache(py::module_& m) {
   m.def("cpu_cache_empty", &cache_empty, py::arg("ndim"), py::arg("n0"), py::arg("n1"), py::arg("code"),
-        py::arg("bits"), "An uninitialised CPU buffer from the output cache, as a DLPack capsule");
+        py::arg("bits"),
+        "An uninitialised CPU buffer from the output cache, as a DLPack capsule (None: the cache is off)");
   m.def("cpu_cache_info", &cache_info, "The output cache's counters");
   m.def("cpu_cache_release", &cache_release, "Unmap every kept buffer; returns the bytes released");
   m.def("cpu_cache_set_limit", &cache_set_limit, py::arg("limit_bytes"), "Bound the kept (free) bytes");

@@ -156,6 +156,8 @@ def test_an_unconsumed_capsule_returns_its_buffer():
     assert cc.cpu_cache_info()["in_use_bytes"] == base + (2 << 20)
     del cap
     assert cc.cpu_cache_info()["in_use_bytes"] == base
+    cc.set_cpu_cache_limit(0)  # the cache off: the binding hands out nothing, the caller allocates
+    assert C.cpu_cache_empty(2, 512, 1024, 2, 32) is None
 
 
 @pytest.mark.parametrize("args,match", [
@@ -185,7 +187,7 @@ def test_limit_arguments_are_checked():
                                       ("-3", False), ("inf", False)])
 def test_environment_limit_is_read_at_first_use(value, ok, monkeypatch):
     monkeypatch.setenv("MTGRPO_CPU_CACHE_MB", value)
-    monkeypatch.setitem(cc._state, "limit", None)  # as in a fresh process: not read yet
+    monkeypatch.setitem(cc._state, "env_read", False)  # as in a fresh process: not read yet
     if not ok:
         with pytest.raises(ValueError, match="MTGRPO_CPU_CACHE_MB"):
             cc.cpu_empty(BIG, torch.float32)

@@ -27,7 +27,7 @@ DEFAULT_LIMIT_MB = 256
 # torch dtype -> DLPack (code, bits): float 2, bfloat 4
 _DL_DTYPE = {torch.float32: (2, 32), torch.float64: (2, 64), torch.float16: (2, 16), torch.bfloat16: (4, 16)}
 
-_state: dict = {"limit": None}  # bytes, once read from the environment or set
+_state = {"env_read": False}  # MTGRPO_CPU_CACHE_MB is read once, at the first use (the limit lives in C++)
 
 
 def _limit_from_env() -> int:
@@ -46,10 +46,9 @@ def _limit_from_env() -> int:
 
 def _ext():
     C = _native.native()
-    if _state["limit"] is None:
-        limit = _limit_from_env()
-        C.cpu_cache_set_limit(limit)
-        _state["limit"] = limit
+    if not _state["env_read"]:
+        C.cpu_cache_set_limit(_limit_from_env())
+        _state["env_read"] = True
     return C
 
 
@@ -61,11 +60,19 @@ def cpu_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     for s in shape:
         n *= s
     if dtype in _DL_DTYPE and n * dtype.itemsize >= MIN_BYTES and 1 <= len(shape) <= 2 and _native.available():
-        C = _ext()
-        if _state["limit"] > 0:
-            code, bits = _DL_DTYPE[dtype]
-            return torch.from_dlpack(C.cpu_cache_empty(len(shape), shape[0], shape[-1], code, bits))
+        code, bits = _DL_DTYPE[dtype]
+        capsule = _ext().cpu_cache_empty(len(shape), shape[0], shape[-1], code, bits)
+        if capsule is not None:  # None: the cache is off (limit 0)
+            return torch.from_dlpack(capsule)
     return torch.empty(shape, dtype=dtype)
+
+
+def cpu_empty_like(t: torch.Tensor) -> torch.Tensor:
+    """:func:`cpu_empty` with ``t``'s shape and dtype (``t`` contiguous); a small one is
+    ``torch.empty_like`` (~0.8 us less than ``torch.empty`` with a dtype: small calls)."""
+    if t.numel() * t.element_size() < MIN_BYTES:
+        return torch.empty_like(t)
+    return cpu_empty(tuple(t.shape), t.dtype)
 
 
 def cpu_cache_info() -> dict:
@@ -88,9 +95,8 @@ def set_cpu_cache_limit(megabytes: float) -> None:
         raise TypeError(f"megabytes: expected a number, got {type(megabytes).__name__}")
     if not megabytes >= 0 or megabytes == float("inf"):
         raise ValueError(f"megabytes: expected a finite number >= 0, got {megabytes!r}")
-    limit = int(megabytes * (1 << 20))
-    _native.native().cpu_cache_set_limit(limit)
-    _state["limit"] = limit
+    _native.native().cpu_cache_set_limit(int(megabytes * (1 << 20)))
+    _state["env_read"] = True
 
 
 def reset_cpu_cache_peak() -> None:

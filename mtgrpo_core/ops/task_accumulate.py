@@ -344,10 +344,9 @@ class _EagerWeightedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token_loss, task_weights, mask, task_ids, normalize, validate):
-        loss, coef, dw = _weighted_loss_impl(token_loss, mask, task_ids, task_weights, normalize, "cpu", validate)
-        ctx.save_for_backward(mask, task_ids, coef, dw)
-        ctx.loss_dtype, ctx.weights_dtype, ctx.backend = token_loss.dtype, task_weights.dtype, "cpu"
-        return loss
+        out = _weighted_loss_impl(token_loss, mask, task_ids, task_weights, normalize, "cpu", validate)
+        _loss_setup_context(ctx, (token_loss, mask, task_ids, task_weights, normalize, "cpu", validate), out)
+        return out[0]
 
     @staticmethod
     def backward(ctx, grad_loss):
